@@ -1,0 +1,40 @@
+# Developer entry points. Each target does its own set-up on a fresh clone.
+#   make test       venv + dependencies + build (CPU and, where nvcc is found, CUDA kernels) + all tests
+#   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
+#   make cmake      build the same sources with CMake (the LibTorch library)
+PYTHON_BOOTSTRAP ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+PYTEST_ARGS ?=
+
+.PHONY: all test build build-cpu cmake clean venv
+
+all: test
+
+$(PY):
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23" setuptools wheel
+
+$(DEPS): requirements/torch.txt requirements/dev.txt | $(PY)
+	$(PY) -m pip install -q -r requirements/torch.txt -r requirements/dev.txt
+	touch $@
+
+venv: $(DEPS)
+
+build: $(DEPS)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+build-cpu: $(DEPS)
+	STT_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m stt_kernels.backend
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+cmake: $(DEPS)
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake
+
+clean:
+	rm -rf build dist *.egg-info stt_kernels/_C*.so stt_kernels/_build_info.json

@@ -1,0 +1,193 @@
+"""Builds ``stt_kernels._C``: C++ CPU kernels always, CUDA kernels when torch is a CUDA build
+and nvcc is found, HIP kernels (hipified CUDA sources) when torch is a ROCm build.
+
+Environment:
+  STT_BUILD_CUDA=auto|0|1   GPU kernels: auto (default) builds them when possible, 0 skips
+                            them (a quick CPU-only build), 1 fails if they cannot be built.
+  TORCH_CUDA_ARCH_LIST      CUDA archs; default: the visible GPUs, else "8.0;9.0" (A100, H100).
+  PYTORCH_ROCM_ARCH         ROCm archs; default: the visible GPUs, else "gfx90a;gfx942" (MI250X, MI300X).
+  MAX_JOBS                  parallel compile jobs; default: sized from free memory.
+  STT_DEBUG=1               -O0 -g.
+  STT_PORTABLE=1            no -march=native (for binaries that move to other x86 machines).
+
+Use ``pip install --no-build-isolation .`` so the extension is built against the torch you
+run (an isolated build may fetch another torch and produce a library that will not load).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import shutil
+import site
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+
+def _find_cuda_home() -> str | None:
+    """A toolkit folder with bin/nvcc and include/cuda_runtime.h (nvcc may be a wrapper script)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+        text = Path(nvcc).read_text(errors="ignore") if os.path.getsize(nvcc) < 4096 else ""
+        candidates += [str(Path(word).parent.parent) for word in text.split() if word.endswith("/bin/nvcc")]
+    candidates.append("/usr/local/cuda")
+    for home in filter(None, candidates):
+        if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
+
+
+if "CUDA_HOME" not in os.environ and (_home := _find_cuda_home()):
+    # torch guesses CUDA_HOME from nvcc's folder, wrong when nvcc is a wrapper in /usr/local/bin.
+    os.environ["CUDA_HOME"] = _home
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _gpu_mode() -> str:
+    """'cuda', 'hip' or 'cpu': which kernels to build, following STT_BUILD_CUDA."""
+    wanted = os.environ.get("STT_BUILD_CUDA", "auto").strip().lower()
+    if wanted not in ("auto", "0", "1"):
+        sys.exit(f"STT_BUILD_CUDA must be auto, 0 or 1; got {wanted!r}")
+    if wanted == "0":
+        return "cpu"
+    if getattr(torch.version, "hip", None):
+        if cpp_extension.ROCM_HOME is None:
+            return _refuse(wanted, "torch is a ROCm build but ROCM_HOME (hipcc) was not found")
+        return "hip"
+    if torch.version.cuda is None:
+        return _refuse(wanted, f"torch {torch.__version__} is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None or _find_cuda_home() is None:
+        return _refuse(wanted, "nvcc was not found (put it on PATH or set CUDA_HOME)")
+    return "cuda"
+
+
+def _refuse(wanted: str, reason: str) -> str:
+    if wanted == "1":
+        sys.exit(f"STT_BUILD_CUDA=1 but the GPU kernels cannot be built: {reason}")
+    print(f"stt_kernels: building CPU kernels only: {reason}", file=sys.stderr)
+    return "cpu"
+
+
+def _pip_cuda_includes() -> list[str]:
+    """Headers that pip's nvidia-* wheels ship (cusparse.h, cublas_v2.h, ...), which torch's
+    CUDA headers include and a partial toolkit may lack."""
+    roots = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    found: list[str] = []
+    for root in roots:
+        for include in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if include not in found:
+                found.append(include)
+    return found
+
+
+def _default_archs(mode: str) -> None:
+    if mode == "cuda" and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    if mode == "hip" and not os.environ.get("PYTORCH_ROCM_ARCH") and not torch.cuda.is_available():
+        os.environ["PYTORCH_ROCM_ARCH"] = "gfx90a;gfx942"
+
+
+def _default_jobs(mode: str) -> None:
+    """nvcc needs ~2 GB a job with torch's headers: more jobs than memory allows thrash."""
+    if os.environ.get("MAX_JOBS"):
+        return
+    per_job = 2.5e9 if mode != "cpu" else 1.0e9
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        free = 8e9
+    os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free // per_job))))
+
+
+def sources(mode: str) -> list[str]:
+    """The same globs as CMakeLists.txt, plus the Python binding that only this build has."""
+    patterns = ["csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/python/*.cpp"]
+    if mode != "cpu":
+        patterns.append("csrc/cuda/*.cu")
+    return sorted(str(Path(p).relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
+
+
+def _archs(mode: str) -> str:
+    if mode == "cuda":
+        return "sm_" + ",sm_".join(a.replace(".", "").replace("+PTX", "") for a in
+                                   os.environ.get("TORCH_CUDA_ARCH_LIST", "native").replace(" ", ";").split(";") if a)
+    if mode == "hip":
+        return os.environ.get("PYTORCH_ROCM_ARCH", "native").replace(";", ",")
+    return ""
+
+
+def extension(mode: str):
+    debug = os.environ.get("STT_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    # No -std flag: torch picks the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
+    cxx = [*opt, *openmp, "-Wall", "-Wno-unused-function"]
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("STT_PORTABLE") != "1":
+        # Built from source on the machine that runs it: use its vector units (AVX2/AVX-512).
+        cxx.append("-march=native")
+    defines = [("STT_TORCH_VERSION", f'"{torch.__version__}"'), ("STT_ARCHS", f'"{_archs(mode)}"')]
+    kwargs = dict(
+        name="stt_kernels._C",
+        sources=sources(mode),
+        include_dirs=[str(CSRC / "include")],
+        define_macros=defines,
+        extra_link_args=openmp,
+    )
+    if mode == "cpu":
+        return cpp_extension.CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+    gpu_flags = [*opt]
+    if mode == "cuda":
+        gpu_flags += ["--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["include_dirs"] += _pip_cuda_includes()
+        defines.append(("STT_WITH_CUDA", "1"))
+    else:
+        defines.append(("STT_WITH_HIP", "1"))
+    return cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": gpu_flags}, **kwargs)
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    def build_extensions(self) -> None:
+        # A fixed build folder (pip would use a fresh temporary one) lets ninja rebuild
+        # only what changed: a one-file edit costs one compile, not the whole CUDA build.
+        self.build_temp = str(ROOT / "build" / f"temp-{MODE}-py{sys.version_info.major}{sys.version_info.minor}")
+        super().build_extensions()
+
+
+def write_build_record(mode: str) -> None:
+    """``stt_kernels/_build_info.json``: what the library is built against, so that one built
+    for another torch fails to load with a sentence instead of a symbol error."""
+    record = {
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda if mode == "cuda" else None,
+        "hip_version": getattr(torch.version, "hip", None) if mode == "hip" else None,
+        "mode": mode,
+        "archs": _archs(mode),
+    }
+    target = ROOT / "stt_kernels" / "_build_info.json"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(target)
+
+
+MODE = _gpu_mode()
+_default_archs(MODE)
+_default_jobs(MODE)
+write_build_record(MODE)
+
+setup(
+    packages=find_packages(include=["stt_kernels*", "stt_model*"]),
+    package_data={"stt_kernels": ["_build_info.json"]},
+    ext_modules=[extension(MODE)],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

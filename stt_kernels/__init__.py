@@ -1,0 +1,16 @@
+"""stt-kernels: fused split spatio-temporal attention and deformable convolution for PyTorch.
+
+Ops (``(B, T, H, W, heads, d)`` attention layout, ``(N, C, H, W)`` convolution layout):
+:func:`spatial_attention`, :func:`temporal_attention`, :func:`deform_conv2d`. Backends:
+:func:`backends` reports them, :func:`use_backend` picks one for a block of code.
+"""
+
+from .backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, use_backend
+from .ops import deform_conv2d, spatial_attention, temporal_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "use_backend",
+    "spatial_attention", "temporal_attention", "deform_conv2d", "__version__",
+]

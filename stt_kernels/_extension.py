@@ -1,0 +1,104 @@
+"""Loading the compiled library ``stt_kernels._C`` and explaining why it is missing.
+
+The compiled library registers the C++/CUDA kernels as ``torch.ops.stt.*`` when it loads.
+A library built against another torch usually fails to load with an undefined-symbol
+error; we turn that into a sentence naming both versions, read from the build record
+``_build_info.json`` that ``setup.py`` writes beside the library.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+_BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
+_REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in the source tree (or `make build`)"
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What is known about ``stt_kernels._C``: loaded or not, and what it was built with."""
+
+    loaded: bool
+    error: Optional[str]
+    info: dict[str, Any] = field(default_factory=dict)
+    broken: bool = False  # a library is there but unusable (built for another torch, bad load)
+
+    @property
+    def with_cpu(self) -> bool:
+        return self.loaded
+
+    @property
+    def with_cuda(self) -> bool:
+        return self.loaded and bool(self.info.get("with_cuda"))
+
+    @property
+    def with_hip(self) -> bool:
+        return self.loaded and bool(self.info.get("with_hip"))
+
+
+def _read_build_record() -> dict[str, Any]:
+    try:
+        return json.loads(_BUILD_INFO_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _runtime_description() -> str:
+    gpu = f"CUDA {torch.version.cuda}" if torch.version.cuda else (
+        f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else "no CUDA")
+    return f"torch {torch.__version__}, {gpu}"
+
+
+def _built_description(record: dict[str, Any]) -> str:
+    gpu = record.get("cuda_version") and f"CUDA {record['cuda_version']}" or (
+        record.get("hip_version") and f"ROCm {record['hip_version']}" or "no CUDA")
+    return f"torch {record.get('torch_version', '?')}, {gpu}"
+
+
+def _mismatch(record: dict[str, Any]) -> Optional[str]:
+    built = record.get("torch_version")
+    if built is None:
+        return None
+    # The C++ ABI follows major.minor (and the local build tag such as +cu130).
+    def key(version: str) -> tuple[str, str]:
+        public, _, local = version.partition("+")
+        return ".".join(public.split(".")[:2]), local
+    if key(built) != key(torch.__version__):
+        return (f"stt_kernels._C was built for {_built_description(record)}; "
+                f"you have {_runtime_description()}: {_REBUILD_HINT}")
+    return None
+
+
+def _load() -> Extension:
+    record = _read_build_record()
+    try:
+        module = importlib.import_module("stt_kernels._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "stt_kernels._C":
+            raise
+        return Extension(loaded=False, error=f"stt_kernels._C is not built; {_REBUILD_HINT}")
+    except ImportError as exc:
+        reason = _mismatch(record) or f"stt_kernels._C failed to load; {_REBUILD_HINT}"
+        return Extension(loaded=False, error=f"{reason} (the loader said: {exc})", broken=True)
+    info = dict(module.build_info())
+    reason = _mismatch({**record, **info})
+    if reason is not None:
+        # It loaded, but the C++ ABI of another torch version can crash later: refuse it.
+        return Extension(loaded=False, error=reason, info=info, broken=True)
+    return Extension(loaded=True, error=None, info=info)
+
+
+EXTENSION = _load()
+
+if EXTENSION.broken:
+    # A library exists but cannot be used: say so once, at import. Without any library
+    # (a plain source checkout) the backend report is enough.
+    warnings.warn(f"{EXTENSION.error}; the 'cpu' and 'cuda' backends are off, "
+                  "'reference' and 'triton' still work", RuntimeWarning, stacklevel=2)

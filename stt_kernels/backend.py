@@ -1,0 +1,170 @@
+"""Backend choice: which implementation of an op runs, and why another cannot.
+
+Precedence, first match wins: the ``backend=`` argument of a call (or of a module), the
+innermost :func:`use_backend` context, the ``STT_BACKEND`` environment variable, ``"auto"``.
+``"auto"`` picks by device: a GPU tensor gets ``triton``, else ``cuda``; a CPU tensor gets
+``cpu``, else ``reference``; in each case the first one that is available and implements
+the op. A backend asked for by name that cannot run raises :class:`BackendUnavailableError`
+saying why and how to get it; one that runs but lacks the op raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from ._extension import EXTENSION
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+_CHOICES = BACKENDS + ("auto",)
+_AUTO_GPU = ("triton", "cuda")
+_AUTO_CPU = ("cpu", "reference")
+
+_context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("stt_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One line of :func:`backends`: is the backend usable now, and if not, why."""
+
+    name: str
+    available: bool
+    reason: str
+    built: bool
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        return f"{self.name:<9} {state:<11} {self.reason}"
+
+
+def _gpu_visible() -> bool:
+    return torch.cuda.is_available()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _status(name: str) -> BackendStatus:
+    if name == "reference":
+        return BackendStatus(name, True, "plain PyTorch, runs on every device", True)
+    if name == "cpu":
+        if EXTENSION.with_cpu:
+            return BackendStatus(name, True, "C++ kernels in stt_kernels._C", True)
+        return BackendStatus(name, False, EXTENSION.error or "stt_kernels._C is not built", False)
+    if name == "cuda":
+        if not EXTENSION.loaded:
+            return BackendStatus(name, False, EXTENSION.error or "stt_kernels._C is not built", False)
+        if not (EXTENSION.with_cuda or EXTENSION.with_hip):
+            return BackendStatus(name, False, (
+                "stt_kernels._C was built without CUDA/HIP kernels: install a CUDA or ROCm build of "
+                "torch, put nvcc on PATH (or set CUDA_HOME) and rebuild with STT_BUILD_CUDA=1"), False)
+        kind = "HIP" if EXTENSION.with_hip else "CUDA"
+        archs = EXTENSION.info.get("archs", "")
+        if not _gpu_visible():
+            return BackendStatus(name, False, f"{kind} kernels compiled ({archs}) but no GPU is visible", True)
+        return BackendStatus(name, True, f"{kind} kernels compiled ({archs})", True)
+    if name == "triton":
+        if not _triton_installed():
+            return BackendStatus(name, False, "Triton is not installed: `pip install triton` "
+                                 "(on ROCm, `pytorch-triton-rocm`)", False)
+        if _gpu_visible():
+            return BackendStatus(name, True, "Triton kernels on the GPU", True)
+        if _interpreting():
+            return BackendStatus(name, True, "interpreter only (TRITON_INTERPRET=1): CPU tensors, slow, for tests", True)
+        return BackendStatus(name, False, "no GPU is visible; set TRITON_INTERPRET=1 to run the Triton "
+                             "kernels on the CPU through Triton's interpreter (slow, for tests)", True)
+    raise ValueError(f"backend must be one of {', '.join(_CHOICES)}; got {name!r}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Report every backend: ``{name: BackendStatus(available, reason, built)}``."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+def _check_name(backend: str, source: str) -> str:
+    name = backend.strip().lower()
+    if name not in _CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(_CHOICES)}; got {backend!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on ``backend`` unless a call names its own."""
+    token = _context_backend.set(_check_name(backend, "use_backend(backend)"))
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """The backend name in force for one call, before ``auto`` is resolved."""
+    if backend is not None:
+        return _check_name(backend, "backend")
+    if (name := _context_backend.get()) is not None:
+        return name
+    if env := os.environ.get("STT_BACKEND"):
+        return _check_name(env, "the STT_BACKEND environment variable")
+    return "auto"
+
+
+def _runs_on(name: str, device: torch.device) -> Optional[str]:
+    """``None`` if backend ``name`` can take tensors on ``device``, else the reason it cannot."""
+    status = _status(name)
+    if not status.available:
+        return status.reason
+    on_gpu = device.type == "cuda"
+    if name == "cpu" and on_gpu:
+        return "it runs on CPU tensors only; move the tensors with .cpu() or pick 'cuda'/'triton'"
+    if name == "cuda" and not on_gpu:
+        return "it runs on GPU tensors only; move the tensors with .cuda() or pick 'cpu'"
+    if name == "triton" and not on_gpu and not _interpreting():
+        return "it runs on GPU tensors (on the CPU only under TRITON_INTERPRET=1)"
+    if name == "triton" and on_gpu and _interpreting():
+        return "TRITON_INTERPRET=1 is set, which runs Triton on CPU tensors only"
+    if device.type not in ("cpu", "cuda", "meta") and name != "reference":
+        return f"it does not run on {device.type} tensors; use backend='reference'"
+    return None
+
+
+def resolve(backend: Optional[str], device: torch.device, op: str, implemented: frozenset[str]) -> str:
+    """Pick the concrete backend for one call of ``op`` on tensors living on ``device``.
+
+    ``implemented`` names the backends that have a kernel for ``op``.
+    """
+    name = requested_backend(backend)
+    if name == "auto":
+        for candidate in (_AUTO_GPU if device.type == "cuda" else _AUTO_CPU) + ("reference",):
+            if candidate in implemented and _runs_on(candidate, device) is None:
+                return candidate
+        raise AssertionError("the reference backend runs everywhere")  # pragma: no cover
+    why_not = _runs_on(name, device)
+    if why_not is not None:
+        raise BackendUnavailableError(f"backend '{name}' cannot run {op} on {device.type} tensors: {why_not}")
+    if name not in implemented:
+        raise NotImplementedError(
+            f"{op} has no '{name}' kernel yet; available for it: {', '.join(sorted(implemented))}")
+    return name
+
+
+if __name__ == "__main__":
+    for status in backends().values():
+        print(status)

@@ -1,0 +1,123 @@
+"""``spatial_attention`` and ``temporal_attention``: the paper's split attention (Eqs. 1, 2).
+
+Both are one kernel, attention over the sequence axis of a 5-d strided view
+``(B, Z, N, heads, d)``: spatial takes ``Z = T`` and ``N = H * W``; temporal takes
+``Z = H * W`` and ``N = T``. The views are built without copies from the packed
+``(B, T, H, W, heads, d)`` projection layout, so kernels read q, k, v in place.
+
+Each op is a ``torch.library`` custom op ``stt::<name>`` returning ``(out, lse)``, with a
+fake kernel and a backward op ``stt::<name>_backward`` (flash style: recompute from the
+saved log-sum-exp), so ``torch.compile`` traces it. ``backend='reference'`` bypasses the
+custom op and runs the plain-PyTorch spec under ordinary autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import reference
+from ..backend import resolve
+from ..validation import check_attention
+from .kernels import attention_kernels
+
+
+
+def spatial_view(x: torch.Tensor) -> torch.Tensor:
+    """``(B, T, H, W, heads, d)`` -> ``(B, T, H*W, heads, d)``, a view whenever the strides allow."""
+    return x.flatten(2, 3)
+
+
+def temporal_view(x: torch.Tensor) -> torch.Tensor:
+    """``(B, T, H, W, heads, d)`` -> ``(B, H*W, T, heads, d)``, a view whenever the strides allow."""
+    return x.flatten(2, 3).transpose(1, 2)
+
+
+def _lse_shape(view: torch.Tensor) -> tuple[int, ...]:
+    b, z, n, heads, _ = view.shape
+    return (b, z, heads, n)
+
+
+class _AttentionOp:
+    """Registers ``stt::<name>`` and ``stt::<name>_backward`` for one sequence layout."""
+
+    def __init__(self, name: str, view: Callable[[torch.Tensor], torch.Tensor]):
+        self.name = name
+        self.view = view
+        self.forward = torch.library.custom_op(f"stt::{name}", mutates_args=())(self._forward)
+        self.forward.register_fake(self._forward_fake)
+        self.backward = torch.library.custom_op(f"stt::{name}_backward", mutates_args=())(self._backward)
+        self.backward.register_fake(self._backward_fake)
+        self.forward.register_autograd(self._autograd_backward, setup_context=self._setup_context)
+
+    def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(_lse_shape(self.view(q)), dtype=torch.float32, device=q.device)
+        attention_kernels(backend).forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
+        return out, lse
+
+    def _forward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                q.new_empty(_lse_shape(self.view(q)), dtype=torch.float32))
+
+    def _backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        views = [self.view(t) for t in (q, k, v, out, grad_out)]
+        attention_kernels(backend).backward(*views, lse, scale, *(self.view(g) for g in grads))
+        return grads[0], grads[1], grads[2]
+
+    def _backward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # type: ignore[return-value]
+
+    @staticmethod
+    def _setup_context(ctx, inputs, output) -> None:
+        q, k, v, scale, backend = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.backend = scale, backend
+        ctx.mark_non_differentiable(lse)
+
+    def _autograd_backward(self, ctx, grad_out: torch.Tensor, _grad_lse: Optional[torch.Tensor]):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = self.backward(q, k, v, out, lse, grad_out, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None
+
+
+_SPATIAL = _AttentionOp("spatial_attention", spatial_view)
+_TEMPORAL = _AttentionOp("temporal_attention", temporal_view)
+
+
+def _run(op: _AttentionOp, spec: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         scale: Optional[float], backend: Optional[str]) -> torch.Tensor:
+    scale = check_attention(q, k, v, scale)
+    name = resolve(backend, q.device, op.name, attention_kernels.implemented())
+    if name == "reference":
+        return spec(q, k, v, scale)
+    return op.forward(q, k, v, scale, name)[0]
+
+
+def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """Self-attention among the ``H * W`` tokens of each slice, per ``(b, t, head)``.
+
+    ``q, k, v``: ``(B, T, H, W, heads, d)`` with any strides (views of one packed
+    ``(B, T, H, W, 3, heads, d)`` projection are read in place). ``scale`` defaults to
+    ``1 / sqrt(d)``. Returns ``(B, T, H, W, heads, d)``.
+    """
+    return _run(_SPATIAL, reference.spatial_attention, q, k, v, scale, backend)
+
+
+def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """Self-attention among the ``T`` tokens at each pixel, per ``(b, h, w, head)``.
+
+    Shapes as :func:`spatial_attention`.
+    """
+    return _run(_TEMPORAL, reference.temporal_attention, q, k, v, scale, backend)

@@ -1,0 +1,96 @@
+"""``deform_conv2d``: modulated deformable convolution (DCNv2), torchvision's numbers.
+
+A ``torch.library`` custom op ``stt::deform_conv2d`` with a fake kernel and a backward op
+``stt::deform_conv2d_backward``. Backend kernels are called as
+
+    forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, G, weight_groups) -> out
+    backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, G, weight_groups)
+        -> (grad_x, grad_offset, grad_mask, grad_weight)
+
+with ``mask``/``bias`` possibly ``None`` and ``grad_mask`` empty when ``mask`` is ``None``;
+the bias gradient is a plain sum over ``grad_out`` and is taken here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import reference
+from ..backend import resolve
+from ..validation import IntPair, check_deform_conv2d
+from .kernels import deform_conv2d_kernels
+
+
+def _output_shape(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
+    return (x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+
+
+@torch.library.custom_op("stt::deform_conv2d", mutates_args=())
+def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], offset_groups: int, backend: str) -> torch.Tensor:
+    groups = x.shape[1] // weight.shape[1]
+    return deform_conv2d_kernels(backend).forward(
+        x, offset, mask, weight, bias, *stride, *padding, *dilation, offset_groups, groups)
+
+
+@_deform_conv2d_op.register_fake
+def _(x, offset, mask, weight, bias, stride, padding, dilation, offset_groups, backend):
+    return x.new_empty(_output_shape(x, offset, weight))
+
+
+@torch.library.custom_op("stt::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(
+        grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
+        weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+        offset_groups: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups = x.shape[1] // weight.shape[1]
+    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_kernels(backend).backward(
+        grad_out, x, offset, mask, weight, *stride, *padding, *dilation, offset_groups, groups)
+    return grad_x, grad_offset, grad_mask, grad_weight
+
+
+@_deform_conv2d_backward_op.register_fake
+def _(grad_out, x, offset, mask, weight, stride, padding, dilation, offset_groups, backend):
+    grad_mask = torch.empty_like(mask) if mask is not None else x.new_empty((0,))
+    return torch.empty_like(x), torch.empty_like(offset), grad_mask, torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, offset, mask, weight, bias, stride, padding, dilation, offset_groups, backend = inputs
+    ctx.save_for_backward(x, offset, mask, weight)
+    ctx.has_bias = bias is not None
+    ctx.args = (stride, padding, dilation, offset_groups, backend)
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    x, offset, mask, weight = ctx.saved_tensors
+    grad_x, grad_offset, grad_mask, grad_weight = _deform_conv2d_backward_op(
+        grad_out, x, offset, mask, weight, *ctx.args)
+    grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias else None
+    return (grad_x, grad_offset, grad_mask if mask is not None else None, grad_weight, grad_bias,
+            None, None, None, None, None)
+
+
+_deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 1,
+                  dilation: IntPair = 1, backend: Optional[str] = None) -> torch.Tensor:
+    """Modulated deformable convolution with the numbers of ``torchvision.ops.deform_conv2d``.
+
+    ``x (N, C, H, W)``, ``offset (N, 2*G*Kh*Kw, H_out, W_out)`` (``G`` offset groups, inferred
+    from it), ``mask (N, G*Kh*Kw, H_out, W_out)`` or ``None`` (no modulation),
+    ``weight (C_out, C / weight_groups, Kh, Kw)``, ``bias (C_out,)`` or ``None``.
+    Returns ``(N, C_out, H_out, W_out)``.
+    """
+    stride, padding, dilation, offset_groups, _ = check_deform_conv2d(
+        x, offset, mask, weight, bias, stride, padding, dilation)
+    name = resolve(backend, x.device, "deform_conv2d", deform_conv2d_kernels.implemented())
+    if name == "reference":
+        return reference.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation)
+    return _deform_conv2d_op(x, offset, mask, weight, bias, list(stride), list(padding), list(dilation),
+                             offset_groups, name)

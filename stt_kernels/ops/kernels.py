@@ -1,0 +1,62 @@
+"""Which backends have a kernel for which op, and how to call it.
+
+The compiled library declares its kernels as ``torch.ops.stt._<op>_forward`` /
+``_<op>_backward`` with CPU and/or CUDA implementations; whether a backend implements an op
+is read off the dispatcher, so this table can never claim a kernel that was not built.
+Triton kernels register themselves here when their module imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .._extension import EXTENSION
+
+# Backend name -> dispatch key of the compiled kernels it runs.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One backend's forward and backward for one op, called as the op module documents."""
+
+    forward: Callable[..., object]
+    backward: Callable[..., object]
+
+
+class KernelTable:
+    """The kernels of one op, by backend. ``reference`` is not here: it needs no kernel."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self._python: dict[str, Kernels] = {}
+
+    def register(self, backend: str, kernels: Kernels) -> None:
+        self._python[backend] = kernels
+
+    def _compiled(self, backend: str) -> bool:
+        key = _DISPATCH_KEYS.get(backend)
+        if key is None or not EXTENSION.loaded:
+            return False
+        return all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::_{self.op}_{step}", key)
+            for step in ("forward", "backward"))
+
+    def implemented(self) -> frozenset[str]:
+        compiled = {name for name in _DISPATCH_KEYS if self._compiled(name)}
+        return frozenset({"reference", *self._python, *compiled})
+
+    def __call__(self, backend: str) -> Kernels:
+        if backend in self._python:
+            return self._python[backend]
+        if self._compiled(backend):
+            ops = torch.ops.stt
+            return Kernels(getattr(ops, f"_{self.op}_forward"), getattr(ops, f"_{self.op}_backward"))
+        raise NotImplementedError(f"{self.op} has no '{backend}' kernel")
+
+
+attention_kernels = KernelTable("attention")
+deform_conv2d_kernels = KernelTable("deform_conv2d")
