@@ -3,11 +3,14 @@
 The compiled library declares its kernels as ``torch.ops.stt._<op>_forward`` /
 ``_<op>_backward`` with CPU and/or CUDA implementations; whether a backend implements an op
 is read off the dispatcher, so this table can never claim a kernel that was not built.
-Triton kernels register themselves here when their module imports.
+Triton kernels live in Python modules named here with :meth:`KernelTable.register_module`;
+a module is imported on first use (importing Triton costs a second) and registers its
+kernels with :meth:`KernelTable.register`.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,9 +36,14 @@ class KernelTable:
     def __init__(self, op: str):
         self.op = op
         self._python: dict[str, Kernels] = {}
+        self._modules: dict[str, str] = {}
 
     def register(self, backend: str, kernels: Kernels) -> None:
         self._python[backend] = kernels
+
+    def register_module(self, backend: str, module: str) -> None:
+        """``module`` (imported on first use) registers ``backend``'s kernels for this op."""
+        self._modules[backend] = module
 
     def _compiled(self, backend: str) -> bool:
         key = _DISPATCH_KEYS.get(backend)
@@ -47,9 +55,11 @@ class KernelTable:
 
     def implemented(self) -> frozenset[str]:
         compiled = {name for name in _DISPATCH_KEYS if self._compiled(name)}
-        return frozenset({"reference", *self._python, *compiled})
+        return frozenset({"reference", *self._python, *self._modules, *compiled})
 
     def __call__(self, backend: str) -> Kernels:
+        if backend not in self._python and backend in self._modules:
+            importlib.import_module(self._modules[backend])
         if backend in self._python:
             return self._python[backend]
         if self._compiled(backend):
