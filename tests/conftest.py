@@ -22,6 +22,18 @@ def available(name: str) -> bool:
     return stt_kernels.backends()[name].available
 
 
+def torchvision_ops():
+    """``torchvision.ops``, or a skip saying why not: a torchvision built for another torch
+    imports but lacks its compiled ops (e.g. PyPI's torchvision beside a local torch wheel)."""
+    try:
+        import torchvision
+
+        torch.ops.torchvision.deform_conv2d.default  # noqa: B018 - raises if the ops did not load
+        return torchvision.ops
+    except (ImportError, RuntimeError, AttributeError) as exc:
+        pytest.skip(f"torchvision is missing or unusable here: {exc}", allow_module_level=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Every test draws fresh random inputs, reproducible from the test's name."""

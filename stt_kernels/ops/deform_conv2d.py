@@ -32,8 +32,9 @@ def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torc
                       bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int], offset_groups: int, backend: str) -> torch.Tensor:
     groups = x.shape[1] // weight.shape[1]
-    return deform_conv2d_kernels(backend).forward(
+    out = deform_conv2d_kernels(backend).forward(
         x, offset, mask, weight, bias, *stride, *padding, *dilation, offset_groups, groups)
+    return out.contiguous()  # the layout the fake kernel promises
 
 
 @_deform_conv2d_op.register_fake

@@ -10,6 +10,7 @@ kernels with :meth:`KernelTable.register`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -45,17 +46,22 @@ class KernelTable:
         """``module`` (imported on first use) registers ``backend``'s kernels for this op."""
         self._modules[backend] = module
 
+    @functools.cached_property
+    def _compiled_backends(self) -> frozenset[str]:
+        # Read once: registrations do not change after the library loads, and a plain
+        # set keeps backend resolution traceable by torch.compile.
+        if not EXTENSION.loaded:
+            return frozenset()
+        return frozenset(
+            name for name, key in _DISPATCH_KEYS.items()
+            if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::_{self.op}_{step}", key)
+                   for step in ("forward", "backward")))
+
     def _compiled(self, backend: str) -> bool:
-        key = _DISPATCH_KEYS.get(backend)
-        if key is None or not EXTENSION.loaded:
-            return False
-        return all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::_{self.op}_{step}", key)
-            for step in ("forward", "backward"))
+        return backend in self._compiled_backends
 
     def implemented(self) -> frozenset[str]:
-        compiled = {name for name in _DISPATCH_KEYS if self._compiled(name)}
-        return frozenset({"reference", *self._python, *self._modules, *compiled})
+        return frozenset({"reference", *self._python, *self._modules, *self._compiled_backends})
 
     def __call__(self, backend: str) -> Kernels:
         if backend not in self._python and backend in self._modules:

@@ -5,8 +5,8 @@ Kernel tap ``k = (i, j)`` of output pixel ``(y, x)`` in offset group ``g`` sampl
     py = y * stride_h - pad_h + i * dil_h + offset[:, 2 * (g * K + k)]
     px = x * stride_w - pad_w + j * dil_w + offset[:, 2 * (g * K + k) + 1]
 
-bilinearly, each of the four neighbours outside the image counting as zero, and a point
-with ``py <= -1``, ``py >= H``, ``px <= -1`` or ``px >= W`` as zero altogether; the
+bilinearly, each of the four neighbours outside the image counting as zero (so a point
+with ``py <= -1``, ``py >= H``, ``px <= -1`` or ``px >= W`` samples zero); the
 sample is multiplied by ``mask[:, g * K + k]`` and the columns go through the weight as an
 ordinary (grouped) convolution.
 """
@@ -21,7 +21,6 @@ import torch
 def _bilinear(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
     """Sample ``x (N, G, Cg, H, W)`` at points ``py, px (N, G, P)`` -> ``(N, G, Cg, P)``."""
     n, g, cg, h, w = x.shape
-    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
     y0, x0 = torch.floor(py), torch.floor(px)
     fy, fx = py - y0, px - x0  # fractional parts; their gradient is the offsets' gradient
     flat = x.reshape(n, g, cg, h * w)
@@ -30,7 +29,7 @@ def _bilinear(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tens
         for dx in (0, 1):
             yc, xc = y0 + dy, x0 + dx
             weight = (fy if dy else 1 - fy) * (fx if dx else 1 - fx)
-            valid = inside & (yc >= 0) & (yc < h) & (xc >= 0) & (xc < w)
+            valid = (yc >= 0) & (yc < h) & (xc >= 0) & (xc < w)
             index = (yc.clamp(0, h - 1) * w + xc.clamp(0, w - 1)).long()
             corner = flat.gather(3, index.unsqueeze(2).expand(n, g, cg, -1))
             out = out + corner * (weight * valid).unsqueeze(2)
