@@ -1,6 +1,7 @@
 """Backend report, selection precedence (argument > context > STT_BACKEND > auto) and the
 errors for a backend that cannot run."""
 
+import importlib.util
 import shutil
 
 import pytest
@@ -40,7 +41,11 @@ def test_cuda_compiled_without_gpu():
     assert "compiled" in status.reason and "no GPU is visible" in status.reason
 
 
+TRITON = importlib.util.find_spec("triton") is not None
+
+
 @pytest.mark.skipif(GPU, reason="checks the report of a machine without a GPU")
+@pytest.mark.skipif(not TRITON, reason="Triton is not installed")
 def test_triton_is_interpreter_only_here(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "interpreter only" in stt_kernels.backends()["triton"].reason
@@ -84,10 +89,17 @@ def test_cuda_backend_on_cpu_tensors_says_how():
 
 
 @pytest.mark.skipif(GPU, reason="without a GPU the Triton backend needs the interpreter")
+@pytest.mark.skipif(not TRITON, reason="Triton is not installed")
 def test_triton_without_interpreter_says_how(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         resolve("triton", CPU, "op", EVERYWHERE)
+
+
+@pytest.mark.skipif(TRITON, reason="checks the report of a machine without Triton")
+def test_missing_triton_says_how_to_install():
+    status = stt_kernels.backends()["triton"]
+    assert not status.available and "pip install triton" in status.reason
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):

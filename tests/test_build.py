@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import stt_kernels
 from stt_kernels._extension import _mismatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,9 @@ def test_library_for_another_torch_leaves_reference_working(tmp_path):
     """A package whose compiled library is unusable still imports; reference runs and the
     cpu backend refuses with the versions in the message."""
     package = tmp_path / "stt_kernels"
-    shutil.copytree(ROOT / "stt_kernels", package, ignore=shutil.ignore_patterns("__pycache__"))
+    installed = Path(stt_kernels.__file__).parent  # the package under test, with its library
+    shutil.copytree(installed, package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert list(package.glob("_C*.so")), "the package under test has no compiled library"
     for library in package.glob("_C*.so"):
         library.write_bytes(b"not a shared library")
     (package / "_build_info.json").write_text('{"torch_version": "2.3.0+cu121", "cuda_version": "12.1"}')
