@@ -2,15 +2,18 @@
 
 Ops (``(B, T, H, W, heads, d)`` attention layout, ``(N, C, H, W)`` convolution layout):
 :func:`spatial_attention`, :func:`temporal_attention`, :func:`deform_conv2d`. Backends:
-:func:`backends` reports them, :func:`use_backend` picks one for a block of code.
+:func:`backends` reports them, :func:`use_backend` picks one for a block of code. Modules:
+:class:`SSTAttention` (``(B, C, T, H, W)`` in and out) and its parts.
 """
 
 from .backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, use_backend
+from .nn import DeformableFusion, SpatialAttention, SSTAttention, TemporalAttention
 from .ops import deform_conv2d, spatial_attention, temporal_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "use_backend",
-    "spatial_attention", "temporal_attention", "deform_conv2d", "__version__",
+    "spatial_attention", "temporal_attention", "deform_conv2d",
+    "SSTAttention", "SpatialAttention", "TemporalAttention", "DeformableFusion", "__version__",
 ]

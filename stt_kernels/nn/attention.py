@@ -1,0 +1,74 @@
+"""The two attention branches of the SST module, as ``nn.Module`` front ends of the ops.
+
+Both take and return channels-last features ``(B, T, H, W, C)``: one packed QKV projection
+``Linear(C, 3C)`` whose output ``(B, T, H, W, 3, heads, d)`` feeds the kernels as three strided
+views (no permute copies), attention, and an output projection ``Linear(C, C)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..backend import requested_backend
+from ..ops import spatial_attention, temporal_attention
+from ..validation import MAX_HEAD_DIM
+
+
+def check_heads(dim: int, heads: int) -> int:
+    """The head dim ``dim // heads``, or a ValueError naming what is wrong."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int; got {dim!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive int; got {heads!r}")
+    if dim % heads != 0:
+        raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+    if dim // heads > MAX_HEAD_DIM:
+        raise ValueError(f"dim / heads = {dim // heads} exceeds the kernels' head dim limit {MAX_HEAD_DIM}; "
+                         "use more heads")
+    return dim // heads
+
+
+def module_backend(backend: str) -> Optional[str]:
+    """A module's ``backend`` as the ops take it: ``auto`` defers to the context and environment."""
+    name = requested_backend(backend)
+    return None if name == "auto" else name
+
+
+class _Attention(nn.Module):
+    op: Callable[..., torch.Tensor]
+
+    def __init__(self, dim: int, heads: int, *, backend: str = "auto"):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = check_heads(dim, heads)
+        self.backend = module_backend(backend)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """``u (B, T, H, W, C)`` -> ``(B, T, H, W, C)``."""
+        if u.dim() != 5 or u.shape[-1] != self.proj.in_features:
+            raise ValueError(f"{type(self).__name__} expects channels-last features (B, T, H, W, "
+                             f"C={self.proj.in_features}); got shape {tuple(u.shape)}")
+        qkv = self.qkv(u).unflatten(-1, (3, self.heads, self.head_dim))
+        q, k, v = qkv.unbind(-3)
+        out = type(self).op(q, k, v, backend=self.backend)
+        return self.proj(out.flatten(-2))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.proj.in_features}, heads={self.heads}, backend={self.backend or 'auto'}"
+
+
+class SpatialAttention(_Attention):
+    """Self-attention among the ``H * W`` tokens of each slice (paper Eq. 1)."""
+
+    op = staticmethod(spatial_attention)
+
+
+class TemporalAttention(_Attention):
+    """Self-attention among the ``T`` tokens at each pixel (paper Eq. 2)."""
+
+    op = staticmethod(temporal_attention)
