@@ -1,0 +1,221 @@
+"""Configuration: the paper's presets and a strict YAML loader.
+
+``load_config(name_or_yaml)`` takes a preset name (``mitoem-r``, ``mitoem-h``, ``lucchi``,
+``tiny-cpu``), a path to a YAML file, or a dict. A file or dict may start from a preset with
+``base: <preset>`` and override any field. Unknown keys and bad values raise ``ConfigError``
+naming the key (``model.heads``); the config travels inside every checkpoint as ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+PRESET_DIR = Path(__file__).with_name("configs")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1
+    out_channels: int = 2                      # 2: mask + contour (MitoEM); 1: mask (Lucchi)
+    channels: list[int] = field(default_factory=lambda: [28, 36, 48, 64])  # per encoder level
+    heads: list[int] = field(default_factory=lambda: [4, 4, 4, 4])
+    sst_levels: list[bool] = field(default_factory=lambda: [True, True, True, True])
+    fusion: Literal["deformable", "add", "concat"] = "deformable"
+    order: Literal["split", "spatial_temporal", "temporal_spatial"] = "split"
+    offset_groups: int = 1
+    norm: Literal["batch", "group", "instance"] = "batch"
+    interpolation: Literal["none", "joint", "frozen"] = "joint"   # the denoising network: none, trained with the rest, or frozen
+    interpolation_kernel: int = 5
+    backend: Literal["auto", "triton", "cuda", "cpu", "reference"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    patch: list[int] = field(default_factory=lambda: [32, 320, 320])   # (T, H, W)
+    foreground_bias: float = 0.5      # probability that a patch is centred on foreground
+    augment: bool = True
+    contour_width: int = 1
+
+
+@dataclass
+class LossConfig:
+    adversarial_weight: float = 0.5   # lambda of L = L_BCE + lambda * L_fg-bg
+    lambda1: float = 1.0              # weight of the D(F_gt) - D(F_pr) term of Eq. 4
+    discriminator_channels: int = 16
+    dice_weight: float = 0.0
+    contour_pos_weight: float = 1.0   # weighted BCE for the sparse contour map
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2
+    lr: float = 1e-4
+    iterations: int = 200_000
+    warmup: int = 1000
+    lr_steps: list[int] = field(default_factory=lambda: [150_000])
+    lr_gamma: float = 0.1
+    grad_clip: float = 1.0
+    amp: bool = True
+    seed: int = 0
+    val_every: int = 5000
+    checkpoint_every: int = 5000
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        m, d, t = self.model, self.data, self.train
+        levels = len(m.channels)
+        if levels < 1:
+            raise ConfigError("model.channels must name at least one level")
+        for key, values in (("model.heads", m.heads), ("model.sst_levels", m.sst_levels)):
+            if len(values) != levels:
+                raise ConfigError(f"{key} must have one entry per level ({levels}, as model.channels); "
+                                  f"got {len(values)}")
+        for level, (c, h) in enumerate(zip(m.channels, m.heads)):
+            _positive(f"model.channels[{level}]", c)
+            _positive(f"model.heads[{level}]", h)
+            if c % h:
+                raise ConfigError(f"model.heads[{level}] ({h}) must divide model.channels[{level}] ({c})")
+            if c % m.offset_groups:
+                raise ConfigError(f"model.offset_groups ({m.offset_groups}) must divide model.channels[{level}] ({c})")
+        for key in ("in_channels", "out_channels", "offset_groups"):
+            _positive(f"model.{key}", getattr(m, key))
+        if m.interpolation_kernel < 1 or m.interpolation_kernel % 2 == 0:
+            raise ConfigError(f"model.interpolation_kernel must be a positive odd int; got {m.interpolation_kernel}")
+        if len(d.patch) != 3:
+            raise ConfigError(f"data.patch must be [T, H, W]; got {d.patch}")
+        for axis, size in zip("THW", d.patch):
+            _positive(f"data.patch ({axis})", size)
+        down = 2 ** (levels - 1)
+        if d.patch[1] % down or d.patch[2] % down:
+            raise ConfigError(f"data.patch H and W must be divisible by 2**(levels-1) = {down} "
+                              f"(the 1x2x2 downsamplings); got {d.patch}")
+        if not 0 <= d.foreground_bias <= 1:
+            raise ConfigError(f"data.foreground_bias must be in [0, 1]; got {d.foreground_bias}")
+        for key in ("batch_size", "iterations", "val_every", "checkpoint_every"):
+            _positive(f"train.{key}", getattr(t, key))
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr must be positive; got {t.lr}")
+        if self.loss.adversarial_weight < 0:
+            raise ConfigError(f"loss.adversarial_weight must be >= 0; got {self.loss.adversarial_weight}")
+        return self
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1; got {value}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a dataclass field's type; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            choices = ", ".join(repr(a) for a in typing.get_args(annotation))
+            raise ConfigError(f"{key} must be one of {choices}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type {annotation} for {key}")  # pragma: no cover
+
+
+def _build(cls: type, values: Any, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping; got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}{where}: "
+                          f"{', '.join((prefix + '.' if prefix else '') + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in values.items()})
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return data if data is not None else {}
+
+
+def load_config(source: Union[str, Path, dict[str, Any], Config]) -> Config:
+    """A validated :class:`Config` from a preset name, a YAML path or a dict."""
+    if isinstance(source, Config):
+        return _build(Config, source.to_dict()).validate()
+    if isinstance(source, dict):
+        values = dict(source)
+    else:
+        path = Path(source)
+        if str(source) in presets():
+            values = _read_yaml(PRESET_DIR / f"{source}.yaml")
+        elif path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.exists():
+                raise ConfigError(f"config file {path} does not exist")
+            values = _read_yaml(path)
+        else:
+            raise ConfigError(f"unknown config {str(source)!r}: not a preset ({', '.join(presets())}) "
+                              "nor a YAML file")
+    if not isinstance(values, dict):
+        raise ConfigError(f"the config must be a mapping; got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is not None:
+        if base not in presets():
+            raise ConfigError(f"base must name a preset ({', '.join(presets())}); got {base!r}")
+        values = _merge(_read_yaml(PRESET_DIR / f"{base}.yaml"), values)
+    return _build(Config, values).validate()

@@ -1,0 +1,66 @@
+"""STT-UNET (paper Fig. 2a): interpolation network, then a 3D residual U-Net with an
+``SSTAttention`` after the block of every encoder and decoder level.
+
+``(B, in, T, H, W)`` -> logits ``(B, out, T, H, W)``; H and W must be divisible by
+``2 ** (levels - 1)``. With every ``sst_levels`` entry false it is the Res-UNET-R-style
+baseline of Table 3 (same network, no SST).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stt_kernels import SSTAttention
+
+from ..config import ModelConfig
+from .blocks import AnisotropicResBlock, Down, Up
+from .interpolation import InterpolationNet
+
+
+class STTUNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        channels, levels = cfg.channels, len(cfg.channels)
+        self.levels = levels
+        self.interpolation = InterpolationNet(cfg.interpolation_kernel) if cfg.interpolation != "none" else None
+        if cfg.interpolation == "frozen":
+            self.interpolation.requires_grad_(False)
+        self.frozen_interpolation = cfg.interpolation == "frozen"
+
+        def sst(level: int) -> nn.Module:
+            if not cfg.sst_levels[level]:
+                return nn.Identity()
+            return SSTAttention(channels[level], cfg.heads[level], offset_groups=cfg.offset_groups,
+                                fusion=cfg.fusion, order=cfg.order, backend=cfg.backend)
+
+        self.stem = AnisotropicResBlock(cfg.in_channels, channels[0], cfg.norm)
+        self.down = nn.ModuleList(Down(channels[i - 1], channels[i], cfg.norm) for i in range(1, levels))
+        self.encoder_sst = nn.ModuleList(sst(i) for i in range(levels))
+        decoder_levels = list(reversed(range(levels - 1)))
+        self.up = nn.ModuleList(Up(channels[i + 1], channels[i], cfg.norm) for i in decoder_levels)
+        self.decoder_sst = nn.ModuleList(sst(i) for i in decoder_levels)
+        self.head = nn.Conv3d(channels[0], cfg.out_channels, 1)
+
+    def train(self, mode: bool = True) -> "STTUNet":
+        super().train(mode)
+        if self.frozen_interpolation:
+            self.interpolation.eval()  # a frozen network keeps its behaviour in training too
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"STTUNet expects (B, C, T, H, W); got shape {tuple(x.shape)}")
+        down = 2 ** (self.levels - 1)
+        if x.shape[-1] % down or x.shape[-2] % down:
+            raise ValueError(f"STTUNet needs H and W divisible by {down}; got {tuple(x.shape[-2:])}")
+        if self.interpolation is not None:
+            x = self.interpolation(x)
+        h = self.encoder_sst[0](self.stem(x))
+        skips = [h]
+        for level in range(1, self.levels):
+            h = self.encoder_sst[level](self.down[level - 1](h))
+            skips.append(h)
+        for up, sst, skip in zip(self.up, self.decoder_sst, reversed(skips[:-1])):
+            h = sst(up(h, skip))
+        return self.head(h)

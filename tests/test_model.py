@@ -1,0 +1,140 @@
+"""STT-UNET: presets, shapes, parameter counts, the discriminator and the losses of Eq. 4."""
+
+import math
+
+import pytest
+import torch
+
+from stt_model.build import build_discriminator, build_model
+from stt_model.config import ConfigError, load_config, presets
+from stt_model.losses import discriminator_loss, fgbg_objective, segmentation_loss
+from stt_model.nets import InterpolationNet
+
+
+def _parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name, out", [("mitoem-r", 2), ("mitoem-h", 2), ("lucchi", 1), ("tiny-cpu", 2)])
+def test_presets_build_with_the_documented_outputs(name, out):
+    cfg = load_config(name)
+    assert cfg.name == name and cfg.model.out_channels == out
+    model = build_model(name)
+    assert len(model.encoder_sst) == 4 and len(model.up) == 3
+    sst = [type(m).__name__ for m in [*model.encoder_sst, *model.decoder_sst]]
+    expected = sum(cfg.model.sst_levels) + sum(cfg.model.sst_levels[:3])
+    assert sst.count("SSTAttention") == expected
+
+
+def test_paper_settings():
+    for name in ("mitoem-r", "mitoem-h", "lucchi"):
+        cfg = load_config(name)
+        assert cfg.data.patch == [32, 320, 320]
+        assert (cfg.train.batch_size, cfg.train.lr, cfg.train.iterations) == (2, 1e-4, 200_000)
+        assert cfg.loss.adversarial_weight == 0.5
+        assert all(cfg.model.sst_levels) and cfg.model.fusion == "deformable" and cfg.model.order == "split"
+
+
+def test_parameter_counts_are_stable():
+    """Counts pin the architecture: a change to a block shows up here."""
+    counts = {name: _parameters(build_model(name)) for name in presets()}
+    assert counts["mitoem-r"] == counts["mitoem-h"]
+    baseline = build_model({"base": "mitoem-r", "model": {"sst_levels": [False] * 4}})
+    assert _parameters(baseline) < counts["mitoem-r"]
+    assert counts["tiny-cpu"] < 200_000 < counts["mitoem-r"]
+
+
+def test_tiny_forward_backward_shapes():
+    model = build_model("tiny-cpu")
+    x = torch.randn(1, 1, 4, 32, 32)
+    logits = model(x)
+    assert logits.shape == (1, 2, 4, 32, 32)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_input_size_errors():
+    model = build_model("tiny-cpu")
+    with pytest.raises(ValueError, match=r"H and W divisible by 8"):
+        model(torch.randn(1, 1, 4, 30, 32))
+    with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
+        model(torch.randn(1, 4, 32, 32))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key in train: train.learning_rate"):
+        load_config({"base": "tiny-cpu", "train": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match=r"model.heads\[1\] \(5\) must divide model.channels\[1\] \(12\)"):
+        load_config({"base": "tiny-cpu", "model": {"heads": [2, 5, 2, 4]}})
+    with pytest.raises(ConfigError, match="model.fusion must be one of"):
+        load_config({"base": "tiny-cpu", "model": {"fusion": "sum"}})
+    with pytest.raises(ConfigError, match=r"data.patch H and W must be divisible by 2\*\*\(levels-1\) = 8"):
+        load_config({"base": "tiny-cpu", "data": {"patch": [8, 60, 64]}})
+    with pytest.raises(ConfigError, match="train.batch_size must be an integer"):
+        load_config({"base": "tiny-cpu", "train": {"batch_size": 2.5}})
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: lucchi\ntrain:\n  iterations: 10\n")
+    assert load_config(path).train.iterations == 10
+    path.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown config 'tiny'"):
+        load_config("tiny")
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = load_config("mitoem-h")
+    assert load_config(cfg.to_dict()) == cfg
+
+
+def test_fgbg_objective_by_hand():
+    real, fake = torch.tensor([0.0, 2.0]), torch.tensor([-1.0, 0.0])
+    d_real = [0.5, 1 / (1 + math.exp(-2))]
+    d_fake = [1 / (1 + math.exp(1)), 0.5]
+    expected = (sum(math.log(d) for d in d_real) / 2 + sum(math.log(1 - d) for d in d_fake) / 2
+                + 0.3 * (sum(d_real) / 2 - sum(d_fake) / 2))
+    assert fgbg_objective(real, fake, 0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert discriminator_loss(real, fake, 0.3).item() == pytest.approx(-expected, rel=1e-6)
+
+
+def test_adversarial_gradient_pushes_predictions_towards_real():
+    """Descending Eq. 4 in the prediction raises D(F_pr): the segmentation side of the game."""
+    fake = torch.tensor([-0.5], requires_grad=True)
+    fgbg_objective(torch.tensor([1.0]), fake, lambda1=1.0).backward()
+    assert fake.grad.item() < 0
+
+
+def test_discriminator_shapes_and_thin_volumes():
+    disc = build_discriminator("tiny-cpu")
+    image = torch.randn(3, 1, 1, 16, 16)
+    assert disc(image, torch.rand_like(image)).shape == (3,)
+    assert disc(torch.randn(2, 1, 8, 16, 16), torch.rand(2, 1, 8, 16, 16)).shape == (2,)
+
+
+def test_segmentation_loss_by_hand():
+    logits = torch.zeros(1, 2, 1, 1, 2)
+    target = torch.tensor([[[[[1.0, 0.0]]], [[[1.0, 0.0]]]]])
+    # BCE at logit 0 is log 2 for either label; the contour positive counts pos_weight times.
+    expected = math.log(2) + (3 * math.log(2) + math.log(2)) / 2
+    assert segmentation_loss(logits, target, contour_pos_weight=3.0).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="target must have the shape of logits"):
+        segmentation_loss(logits, target[:, :1])
+
+
+def test_interpolation_restores_a_smooth_volume_and_borders():
+    net = InterpolationNet(kernel=3, blend=1.0)
+    ramp = torch.linspace(0, 1, 5).view(1, 1, 5, 1, 1).expand(1, 1, 5, 6, 6).contiguous()
+    # A fresh network averages its neighbourhoods: interior slices of a linear ramp come back.
+    restored = net(ramp)
+    torch.testing.assert_close(restored[:, :, 1:-1, 1:-1, 1:-1], ramp[:, :, 1:-1, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+    assert net(torch.randn(2, 1, 1, 8, 8)).shape == (2, 1, 1, 8, 8)
+    loss = net.restoration_loss(torch.randn(1, 1, 4, 8, 8))
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_frozen_interpolation_is_not_trained():
+    model = build_model({"base": "tiny-cpu", "model": {"interpolation": "frozen"}})
+    model.train()
+    assert not model.interpolation.training
+    assert not any(p.requires_grad for p in model.interpolation.parameters())
