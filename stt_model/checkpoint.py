@@ -1,0 +1,61 @@
+"""Checkpoints: written atomically (a temporary file in the same folder, fsync, rename), so a
+crash never leaves a half-written file; read with ``weights_only=True``, so loading one runs
+no pickled code.
+
+A checkpoint is a dict of tensors and plain values: ``config`` (the Config as a dict),
+``model``, and whatever the trainer adds (optimisers, scheduler, step, RNG and sampler state).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .config import Config, load_config
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(f"{path} is not a readable stt checkpoint: {exc}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not an stt checkpoint (no 'model' and 'config' entries)")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any]) -> Config:
+    """The config stored in a checkpoint, validated."""
+    return load_config(state["config"])
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: Union[str, Path] = "checkpoint") -> None:
+    """Load ``state['model']`` into ``model``, or say which parameters do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not fit this model's config: {str(exc).splitlines()[0]} "
+                         "(was it trained with another config?)") from None
