@@ -146,14 +146,18 @@ def label_overlap(pred: Any, gt: Any, *, slab_voxels: int = SLAB_VOXELS) -> Labe
     TypeError
         Non-integer dtype.
     """
-    pred, gt = _check_pair(pred, gt, ("pred", "gt"))
+    return _overlap(pred, gt, slab_voxels, ("pred", "gt"))
+
+
+def _overlap(pred: Any, gt: Any, slab_voxels: int, names: tuple[str, str]) -> LabelOverlap:
+    pred, gt = _check_pair(pred, gt, names)
     pred_parts: list[tuple[np.ndarray, np.ndarray]] = []
     gt_parts: list[tuple[np.ndarray, np.ndarray]] = []
     pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for zs in _slabs(tuple(pred.shape), slab_voxels):
         p, g = _read(pred, zs), _read(gt, zs)
         p_fg, g_fg = p != 0, g != 0
-        for vals, name, acc in ((p[p_fg], "pred", pred_parts), (g[g_fg], "gt", gt_parts)):
+        for vals, name, acc in ((p[p_fg], names[0], pred_parts), (g[g_fg], names[1], gt_parts)):
             ids, cnt = np.unique(vals, return_counts=True)
             if ids.size and ids[0] < 0:
                 raise ValueError(f"{name} contains negative labels (e.g. {ids[0]}); labels must be >= 0")
@@ -327,8 +331,7 @@ def instance_ap(
     TypeError
         Non-integer dtype.
     """
-    pred_instances, gt_instances = _check_pair(pred_instances, gt_instances, ("pred_instances", "gt_instances"))
-    ov = label_overlap(pred_instances, gt_instances, slab_voxels=slab_voxels)
+    ov = _overlap(pred_instances, gt_instances, slab_voxels, ("pred_instances", "gt_instances"))
     return _ap_summary(_precision_table(ov, crumb_size, area_splits))
 
 
@@ -404,8 +407,7 @@ def evaluate(
         ``ap75_medium``, ``ap75_large`` (see :func:`instance_ap`) and ``jaccard``, ``dsc``
         (foreground = label > 0, see :func:`jaccard`).
     """
-    pred, gt = _check_pair(pred, gt, ("pred", "gt"))
-    ov = label_overlap(pred, gt, slab_voxels=slab_voxels)
+    ov = _overlap(pred, gt, slab_voxels, ("pred", "gt"))
     ap = _ap_summary(_precision_table(ov, crumb_size, area_splits))
     counts = (int(ov.pred_sizes.sum()), int(ov.gt_sizes.sum()), int(ov.pair_counts.sum()))
     return {
