@@ -309,13 +309,23 @@ def _plane_pairs(upper: np.ndarray, lower: np.ndarray, connectivity: int) -> tup
         a = upper[max(0, -dy) : ny - max(0, dy), max(0, -dx) : nx - max(0, dx)]
         b = lower[max(0, dy) : ny - max(0, -dy), max(0, dx) : nx - max(0, -dx)]
         touch = (a != 0) & (b != 0)
-        a_parts.append(a[touch])
-        b_parts.append(b[touch])
+        a, b = a[touch], b[touch]
+        # Objects cover runs of voxels: dropping repeats of the previous pair first leaves
+        # little for the sort below.
+        new = np.ones(a.size, bool)
+        new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+        a_parts.append(a[new])
+        b_parts.append(b[new])
     a, b = np.concatenate(a_parts).astype(np.int64), np.concatenate(b_parts).astype(np.int64)
-    if a.size == 0:
-        return a, b
-    pairs = np.unique(np.stack([a, b], 1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    new = np.ones(a.size, bool)
+    new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return a[new], b[new]
+
+
+def _provisional(plane: np.ndarray, offset: int) -> np.ndarray:
+    return np.where(plane != 0, plane.astype(np.int64) + offset, 0)
 
 
 def label_chunked(
@@ -328,9 +338,9 @@ def label_chunked(
 ) -> tuple[Any, int]:
     """3D connected components of a volume too large for memory, slab by slab along z.
 
-    Pass 1 labels each slab of ``slab`` z-planes on its own with ids offset past those
-    already used, writes them to ``out`` and records the pairs of ids that touch across
-    each slab border and each id's voxel count. The touching pairs are merged with a
+    Pass 1 labels each slab of ``slab`` z-planes on its own, writes these slab-local ids
+    to ``out`` and records, with ids offset past those of earlier slabs, the pairs that
+    touch across each slab border and each id's voxel count. The touching pairs are merged with a
     union-find (connected components of the id graph, ``scipy.sparse.csgraph``), small
     objects are dropped, and pass 2 rewrites ``out`` slab by slab with the final ids. The
     result equals whole-volume labelling (``scipy.ndimage.label`` with the matching
@@ -343,8 +353,8 @@ def label_chunked(
         Foreground = non-zero; anything with ``shape`` and z-slicing (numpy array,
         h5py/zarr dataset, :class:`Foreground`).
     out : (Z, Y, X) array-like of unsigned integer dtype, optional
-        Receives the labels (numpy array, h5py/zarr dataset). Its dtype must hold the
-        provisional ids (the sum of per-slab component counts). Default: a new uint32
+        Receives the labels (numpy array, h5py/zarr dataset); its dtype must hold the
+        number of components of one slab and the final count. Default: a new uint32
         numpy array.
     connectivity : {6, 18, 26}
         Voxel neighbourhood.
@@ -379,28 +389,27 @@ def label_chunked(
         raise TypeError(f"out must have an unsigned integer dtype (uint32 or uint64), got {out.dtype}")
     id_max = np.iinfo(out.dtype).max
 
-    n_ids = 0
+    # Pass 1 writes each slab's own ids 1..n; provisional id = slab offset + own id.
+    offsets = [0]
     sizes_parts = [np.zeros(1, np.int64)]
     edge_a, edge_b = [], []
     last_plane = None
     for z0 in range(0, shape[0], slab):
         zs = slice(z0, min(z0 + slab, shape[0]))
         labels, n = _label(np.asarray(mask[zs]) != 0, connectivity)
-        if n_ids + n > id_max:
-            raise ValueError(
-                f"out dtype {out.dtype} cannot hold {n_ids + n} provisional ids; pass a uint64 out"
-            )
+        if n > id_max:
+            raise ValueError(f"out dtype {out.dtype} cannot hold the {n} labels of one slab; pass a uint64 out")
         sizes_parts.append(np.bincount(labels.ravel(), minlength=n + 1)[1:])
-        labels = labels.astype(out.dtype, copy=False)
-        labels[labels != 0] += n_ids
+        first_plane = _provisional(labels[0], offsets[-1])
         if last_plane is not None:
-            a, b = _plane_pairs(last_plane, labels[0], connectivity)
+            a, b = _plane_pairs(last_plane, first_plane, connectivity)
             edge_a.append(a)
             edge_b.append(b)
-        last_plane = labels[-1].copy()
+        last_plane = _provisional(labels[-1], offsets[-1])
         out[zs] = labels
-        n_ids += n
+        offsets.append(offsets[-1] + n)
     del labels
+    n_ids = offsets[-1]
 
     a = np.concatenate(edge_a) if edge_a else np.zeros(0, np.int64)
     b = np.concatenate(edge_b) if edge_b else np.zeros(0, np.int64)
@@ -413,9 +422,14 @@ def label_chunked(
     rank[np.argsort(first)] = np.arange(n_comp)
     comp = rank[comp]  # the background (id 0) is its own component and gets rank 0
     comp_sizes = np.bincount(comp, weights=np.concatenate(sizes_parts), minlength=n_comp)
-    comp_lut = _keep_lut(comp_sizes >= min_size, out.dtype)
+    keep = comp_sizes >= min_size
+    if int(keep[1:].sum()) > id_max:
+        raise ValueError(f"out dtype {out.dtype} cannot hold {int(keep[1:].sum())} labels; pass a uint64 out")
+    comp_lut = _keep_lut(keep, out.dtype)
     lut = comp_lut[comp]
-    for z0 in range(0, shape[0], slab):
+    for k, z0 in enumerate(range(0, shape[0], slab)):
         zs = slice(z0, min(z0 + slab, shape[0]))
-        out[zs] = lut[np.asarray(out[zs])]
+        slab_lut = lut[offsets[k] : offsets[k + 1] + 1].copy()
+        slab_lut[0] = 0
+        out[zs] = slab_lut[np.asarray(out[zs])]
     return out, int(comp_lut.max()) if comp_lut.size else 0
