@@ -18,6 +18,7 @@ prints.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,7 +85,7 @@ def _check_pair(pred: Any, gt: Any, names: tuple[str, str]) -> tuple[Any, Any]:
     return pred, gt
 
 
-def _slabs(shape: tuple[int, ...], slab_voxels: int):
+def _slabs(shape: tuple[int, ...], slab_voxels: int) -> Iterator[slice]:
     depth = max(1, slab_voxels // max(1, shape[1] * shape[2]))
     for z0 in range(0, shape[0], depth):
         yield slice(z0, min(z0 + depth, shape[0]))

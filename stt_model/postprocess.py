@@ -16,6 +16,7 @@ Connected components use ``cc3d`` (connected-components-3d) when it is installed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -99,7 +100,7 @@ def _sizes(labels: np.ndarray, n: int) -> np.ndarray:
     return sizes
 
 
-def _z_slabs(shape: tuple[int, ...], slab_voxels: int):
+def _z_slabs(shape: tuple[int, ...], slab_voxels: int) -> Iterator[slice]:
     depth = max(1, slab_voxels // max(1, shape[1] * shape[2]))
     for z0 in range(0, shape[0], depth):
         yield slice(z0, min(z0 + depth, shape[0]))
@@ -115,7 +116,8 @@ def _keep_lut(keep: np.ndarray, dtype: Any = np.uint32) -> np.ndarray:
 
 
 def _remove_small_relabel(labels: np.ndarray, n: int, min_size: int) -> np.ndarray:
-    """Drop instances with fewer than ``min_size`` voxels, renumber the rest 1..N, in place."""
+    """Drop instances with fewer than ``min_size`` voxels and renumber the rest 1..N
+    (in place when ``labels`` is uint32)."""
     lut = _keep_lut(_sizes(labels, n) >= min_size)
     out = labels if labels.dtype == np.uint32 else np.empty(labels.shape, np.uint32)
     for zs in _z_slabs(labels.shape, _SLAB_VOXELS):
@@ -131,7 +133,8 @@ def binary_connected(
     Parameters
     ----------
     semantic : (Z, Y, X) bool, float or uint8 array
-        A binary mask (bool, used as is) or a foreground probability map.
+        A binary mask (bool, used as is) or a foreground probability map. A 0/1 mask
+        stored as uint8 would read as probabilities 0..255: pass it as bool.
     t_fg : float
         Foreground threshold for probability maps (baseline: 0.8).
     min_size : int
@@ -194,8 +197,10 @@ def bc_connected(
     """
     semantic, contour = _check_prob(semantic, "semantic"), _check_prob(contour, "contour")
     _check_same_shape(semantic, contour, ("semantic", "contour"))
-    _check_threshold(t_fg, "t_fg"), _check_threshold(t_contour, "t_contour")
-    _check_connectivity(connectivity), _check_size(min_size, "min_size")
+    _check_threshold(t_fg, "t_fg")
+    _check_threshold(t_contour, "t_contour")
+    _check_connectivity(connectivity)
+    _check_size(min_size, "min_size")
     if dilate_into not in ("all", "foreground"):
         raise ValueError(f'dilate_into must be "all" or "foreground", got {dilate_into!r}')
     if dilation is not None and (len(dilation) != 3 or min(dilation) < 1):
@@ -244,13 +249,14 @@ def bc_watershed(
         The watershed works on a float64 copy of ``semantic``: budget about 30 bytes per
         voxel; use :func:`label_chunked` for volumes that do not fit.
     """
-    from skimage.segmentation import watershed
+    from skimage.segmentation import watershed  # skimage is slow to import; only needed here
 
     semantic, contour = _check_prob(semantic, "semantic"), _check_prob(contour, "contour")
     _check_same_shape(semantic, contour, ("semantic", "contour"))
     for t, name in ((t_seed, "t_seed"), (t_contour, "t_contour"), (t_fg, "t_fg")):
         _check_threshold(t, name)
-    _check_size(min_seed_size, "min_seed_size"), _check_size(min_size, "min_size")
+    _check_size(min_seed_size, "min_seed_size")
+    _check_size(min_size, "min_size")
     _check_connectivity(connectivity)
     seeds, n = _label(_above(semantic, t_seed) & _below(contour, t_contour), connectivity)
     seeds = _remove_small_relabel(seeds, n, min_seed_size)
