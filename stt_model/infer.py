@@ -1,0 +1,194 @@
+"""Sliding-window inference over volumes larger than memory.
+
+Windows of the model's input size ``(T, H, W)`` tile the volume with a stride of
+``window - overlap``; each prediction is weighted by a Gaussian that peaks at the window's
+centre, and the weighted sum is normalised, so seams disappear. The volume is processed in
+output *blocks*: for each block, every window that touches it is predicted over the block's
+halo, the block's voxels are final (they have seen all their windows) and are written,
+as uint8 probabilities (``round(255 p)``), to the output array (a numpy array, an h5py or
+zarr dataset). Peak memory is set by the block and window sizes, never by the volume size;
+windows that straddle a block border are predicted once per block they touch (the price of
+that bound, ``(1 + window / block)`` per axis).
+
+Several processes (``torchrun``) split the blocks between them (block ``i`` goes to rank
+``i % world``); blocks are independent, so seams between ranks blend like any other.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .progress import Progress
+
+Triple = tuple[int, int, int]
+
+
+@dataclass
+class InferOptions:
+    window: Triple                       # (T, H, W) of one model input
+    overlap: float = 0.25                # fraction of the window shared by neighbours, per axis
+    batch_size: int = 2
+    block: Optional[Triple] = None       # output block; default: about 4 windows per axis, capped by the volume
+    flip_tta: bool = False               # average over the 4 flips of the (H, W) plane
+    amp: bool = True                     # bfloat16/float16 autocast on GPU
+    device: Optional[str] = None
+    rank: int = 0
+    world: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.window) != 3 or min(self.window) < 1:
+            raise ValueError(f"window must be three positive sizes (T, H, W); got {self.window}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1); got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank must be in [0, world); got rank {self.rank} of {self.world}")
+
+    @property
+    def stride(self) -> Triple:
+        return tuple(max(1, w - int(round(self.overlap * w))) for w in self.window)  # type: ignore[return-value]
+
+
+def gaussian_weight(window: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
+    """``(T, H, W)`` weights: a Gaussian with sigma = ``sigma_fraction`` x size per axis, scaled
+    to a peak of 1 and floored so that border voxels (seen by one window) are never 0/0."""
+    axes = []
+    for size in window:
+        x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+        sigma = max(sigma_fraction * size, 1e-3)
+        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weight /= weight.max()
+    return np.maximum(weight, 1e-3).astype(np.float32)
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts of the windows along one axis: every ``stride``, the last one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    starts.append(length - window)
+    return starts
+
+
+def _blocks(shape: Triple, block: Triple) -> list[tuple[slice, slice, slice]]:
+    ranges = [[slice(a, min(a + b, n)) for a in range(0, n, b)] for n, b in zip(shape, block)]
+    return [tuple(s) for s in itertools.product(*ranges)]  # type: ignore[misc]
+
+
+def _read_padded(volume: Any, region: Sequence[slice], window: Triple, shape: Triple) -> np.ndarray:
+    """``volume[region]`` as float32 in [0, 1], reflect-padded up to the window where the
+    volume itself is smaller."""
+    data = np.asarray(volume[tuple(region)])
+    data = data.astype(np.float32) / 255.0 if data.dtype == np.uint8 else data.astype(np.float32)
+    pad = [(0, max(0, w - n)) for w, n in zip(window, shape)]
+    if any(p[1] for p in pad):
+        data = np.pad(data, pad, mode="reflect" if min(data.shape) > 1 else "edge")
+    return data
+
+
+class SlidingWindow:
+    """Predicts probabilities for a whole volume with ``model`` (logits ``(B, C, T, H, W)``)."""
+
+    def __init__(self, model: nn.Module, options: InferOptions):
+        self.model, self.options = model, options
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.weight = torch.from_numpy(gaussian_weight(options.window)).to(self.device)
+
+    def _autocast(self):
+        use = self.options.amp and self.device.type == "cuda"
+        dtype = torch.bfloat16 if use and torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=use)
+
+    @torch.no_grad()
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, T, H, W)`` -> sigmoid probabilities ``(N, C, T, H, W)`` float32."""
+        flips: list[tuple[int, ...]] = [()]
+        if self.options.flip_tta:
+            flips += [(3,), (4,), (3, 4)]
+        total = None
+        for dims in flips:
+            x = batch.flip(dims) if dims else batch
+            with self._autocast():
+                p = torch.sigmoid(self.model(x).float())
+            p = p.flip(dims) if dims else p
+            total = p if total is None else total + p
+        return total / len(flips)
+
+    def _windows(self, block: tuple[slice, ...], shape: Triple) -> list[Triple]:
+        per_axis = []
+        for axis, s in enumerate(block):
+            w, n = self.options.window[axis], shape[axis]
+            starts = window_starts(n, w, self.options.stride[axis])
+            per_axis.append([p for p in starts if p < s.stop and p + w > s.start])
+        return list(itertools.product(*per_axis))
+
+    def predict_block(self, volume: Any, block: tuple[slice, ...], shape: Triple) -> np.ndarray:
+        """Blended probabilities of the voxels of ``block``: ``(C, *block shape)`` float32."""
+        window = self.options.window
+        starts = self._windows(block, shape)
+        lo = [min(s[axis] for s in starts) for axis in range(3)]
+        hi = [min(max(s[axis] for s in starts) + window[axis], shape[axis]) for axis in range(3)]
+        region = [slice(a, b) for a, b in zip(lo, hi)]
+        data = torch.from_numpy(_read_padded(volume, region, window, shape))
+        extent = data.shape
+        acc: Optional[torch.Tensor] = None
+        weight_sum = torch.zeros(extent, device=self.device)
+        for chunk in _batched(starts, self.options.batch_size):
+            offsets = [tuple(s[a] - lo[a] for a in range(3)) for s in chunk]
+            batch = torch.stack([data[o[0]:o[0] + window[0], o[1]:o[1] + window[1], o[2]:o[2] + window[2]]
+                                 for o in offsets])[:, None].to(self.device)
+            probs = self._probabilities(batch) * self.weight
+            if acc is None:
+                acc = torch.zeros((probs.shape[1], *extent), device=self.device)
+            for p, o in zip(probs, offsets):
+                target = (slice(o[0], o[0] + window[0]), slice(o[1], o[1] + window[1]), slice(o[2], o[2] + window[2]))
+                acc[(slice(None), *target)] += p
+                weight_sum[target] += self.weight
+        inner = tuple(slice(s.start - a, s.stop - a) for s, a in zip(block, lo))
+        return (acc[(slice(None), *inner)] / weight_sum[inner]).cpu().numpy()
+
+    def default_block(self, shape: Triple) -> Triple:
+        return self.options.block or tuple(min(n, 4 * w) for n, w in zip(shape, self.options.window))  # type: ignore[return-value]
+
+    def run(self, volume: Any, out: Any) -> Any:
+        """Predict ``volume`` (array-like ``(Z, Y, X)``, uint8 or float in [0, 1]) into ``out``
+        (array-like ``(C, Z, Y, X)`` uint8, or float32 to keep full precision)."""
+        shape = tuple(int(n) for n in volume.shape)
+        if len(shape) != 3:
+            raise ValueError(f"volume must be 3-d (Z, Y, X); got shape {shape}")
+        if tuple(out.shape[1:]) != shape:
+            raise ValueError(f"out must have shape (C, {shape[0]}, {shape[1]}, {shape[2]}); got {tuple(out.shape)}")
+        blocks = _blocks(shape, self.default_block(shape))[self.options.rank::self.options.world]
+        progress = Progress(len(blocks), "predict") if self.options.progress else None
+        self.model.eval()
+        for done, block in enumerate(blocks, 1):
+            probs = self.predict_block(volume, block, shape)
+            if probs.shape[0] != out.shape[0]:
+                raise ValueError(f"the model predicts {probs.shape[0]} channels but out has {out.shape[0]}")
+            if np.dtype(out.dtype) == np.uint8:
+                probs = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+            out[(slice(None), *block)] = probs
+            if progress is not None:
+                progress.update(done)
+        if progress is not None:
+            progress.close()
+        return out
+
+
+def _batched(items: Sequence[Triple], size: int) -> Iterator[Sequence[Triple]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def predict(model: nn.Module, volume: Any, out: Any, options: InferOptions) -> Any:
+    """Sliding-window prediction of ``volume (Z, Y, X)`` into ``out (C, Z, Y, X)``; see the module doc."""
+    return SlidingWindow(model, options).run(volume, out)
