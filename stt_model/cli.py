@@ -1,0 +1,129 @@
+"""The ``stt`` command: ``demo``, ``train``, ``predict``, ``evaluate``, ``bench``.
+
+Volumes are named as ``file.h5[:dataset]``, ``file.zarr``, ``stack.tif`` or a folder of slices.
+Every failure the user can fix prints one line, ``stt <command>: error: ...``, and exits 2
+(``STT_DEBUG=1`` shows the traceback instead);
+outputs are written under temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+EXAMPLES = {
+    "demo": """examples:
+  stt demo                                  # synthetic EM, a few minutes on 2 CPU cores -> demo_out/
+  stt demo --data lucchi_pp_train.h5 --minutes 20""",
+    "train": """examples:
+  stt train --config tiny-cpu --image train.h5:image --label train.h5:label --out runs/tiny
+  stt train --config my.yaml --image vol.h5:image --label vol.h5:label --val-z 130:165 --out runs/a
+  stt train --resume runs/a/last.pt --image vol.h5:image --label vol.h5:label --out runs/a
+  torchrun --nproc_per_node=4 -m stt_model.cli train --config mitoem-r ...""",
+    "predict": """examples:
+  stt predict --checkpoint runs/tiny/last.pt --image test.h5:image --out pred.h5
+  stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta
+  stt predict ... --instances inst.h5                     # also post-process into 3D instances""",
+    "evaluate": """examples:
+  stt evaluate --pred inst.h5:main --gt gt.h5:label
+  stt evaluate --pred inst.tif --gt gt_slices/ --json""",
+    "bench": """examples:
+  stt bench --quick --out bench_out
+  stt bench --full --out bench_h100""",
+}
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stt", description="STT-UNET: 3D mitochondria instance segmentation in EM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    demo = command("demo", "Train tiny-cpu on synthetic EM, segment a held-out volume, evaluate, write demo_out/.")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
+    demo.add_argument("--data", help="run on a real HDF5 volume with 'image' and 'label' datasets instead")
+    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    train = command("train", "Train STT-UNET on a labelled volume.")
+    train.add_argument("--config", default="tiny-cpu", help="preset name or YAML file (default: tiny-cpu)")
+    train.add_argument("--image", required=True, help="image volume")
+    train.add_argument("--label", required=True, help="label volume (instance ids, or a binary mask)")
+    train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints and train_log.csv")
+    train.add_argument("--val-z", help="slices z0:z1 held out for validation (not trained on)")
+    train.add_argument("--resume", type=Path, help="continue from a checkpoint (exactly)")
+    train.add_argument("--minutes", type=float, help="time budget; a checkpoint is written when it runs out")
+    train.add_argument("--iterations", type=int, help="override train.iterations")
+
+    predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
+    predict.add_argument("--checkpoint", type=Path, required=True)
+    predict.add_argument("--image", required=True, help="volume to segment")
+    predict.add_argument("--out", required=True, help="probabilities: out.h5[:dataset] or out.zarr (uint8)")
+    predict.add_argument("--instances", help="also write 3D instances (uint32) here")
+    predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
+    predict.add_argument("--batch-size", type=int, default=2)
+    predict.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
+    predict.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+
+    evaluate = command("evaluate", "Score instances against ground truth: MitoEM AP and Lucchi Jaccard/DSC.")
+    evaluate.add_argument("--pred", required=True, help="predicted instances (or a binary mask)")
+    evaluate.add_argument("--gt", required=True, help="ground-truth instances (or a binary mask)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = command("bench", "Benchmark the kernels against the reference and the peers.")
+    speed = bench.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="small shapes, <= 10 minutes on a CPU")
+    speed.add_argument("--full", action="store_true", help="the paper's shapes (for GPUs)")
+    bench.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .data import open_volume
+    from .metrics import evaluate
+
+    pred, gt = open_volume(args.pred), open_volume(args.gt)
+    if tuple(pred.shape) != tuple(gt.shape):
+        raise UsageError(f"--pred has shape {tuple(pred.shape)} but --gt has {tuple(gt.shape)}")
+    scores = evaluate(pred, gt)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for key, value in scores.items():
+            print(f"{key:>12}  {value:.4f}")
+    return 0
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    raise NotImplementedError(f"stt {args.command} is not implemented yet (issues 6-8)")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": _not_yet, "train": _not_yet, "predict": _not_yet, "evaluate": _evaluate, "bench": _not_yet,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, FileNotFoundError, ValueError, TypeError) as exc:
+        if os.environ.get("STT_DEBUG") == "1":
+            raise
+        print(f"stt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
