@@ -1,0 +1,314 @@
+// Modulated deformable convolution on the CPU as an implicit GEMM (schemas in ../deform_conv2d.cpp).
+//
+// The C*K x Ho*Wo column matrix of im2col never exists: the output pixels are cut into tiles of
+// P pixels, a thread samples one tile's C*K x P columns into a buffer small enough to stay in
+// cache and multiplies it by the weight straight into the output. Column rows are ordered
+// c * K + k, the order of weight.view(C_out, C / weight_groups * K), so no weight is reordered.
+//
+// Backward work items are (image, offset group): the item owns its slice of grad_x, grad_offset
+// and grad_mask, so the scatter needs no atomics and the sums run in a fixed order. The weight
+// gradient is summed per chunk of items, one chunk per thread, and the chunks are added in order:
+// the result depends on the thread count, never on scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "stt/bilinear.h"
+
+namespace stt {
+namespace {
+
+struct Geometry {
+  int64_t n, c, h, w, c_out, ho, wo, kh, kw, taps;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t groups, weight_groups;
+  int64_t c_per_group, c_per_wgroup, out_per_wgroup;
+  int64_t pixels() const { return ho * wo; }
+  int64_t wcols() const { return c_per_wgroup * taps; }  // columns of the weight matrix of one weight group
+};
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight, int64_t stride_h,
+                       int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                       int64_t offset_groups, int64_t weight_groups) {
+  TORCH_CHECK(x.dim() == 4 && offset.dim() == 4 && weight.dim() == 4,
+              "deform_conv2d: x, offset and weight must be 4-d");
+  TORCH_CHECK(offset_groups >= 1 && weight_groups >= 1, "deform_conv2d: groups must be positive");
+  Geometry g;
+  g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
+  g.c_out = weight.size(0), g.kh = weight.size(2), g.kw = weight.size(3), g.taps = g.kh * g.kw;
+  g.ho = offset.size(2), g.wo = offset.size(3);
+  g.stride_h = stride_h, g.stride_w = stride_w, g.pad_h = pad_h, g.pad_w = pad_w, g.dil_h = dil_h, g.dil_w = dil_w;
+  g.groups = offset_groups, g.weight_groups = weight_groups;
+  TORCH_CHECK(g.c % offset_groups == 0 && g.c % weight_groups == 0 && g.c_out % weight_groups == 0,
+              "deform_conv2d: the groups must divide the channels");
+  g.c_per_group = g.c / offset_groups, g.c_per_wgroup = g.c / weight_groups;
+  g.out_per_wgroup = g.c_out / weight_groups;
+  TORCH_CHECK(weight.size(1) == g.c_per_wgroup, "deform_conv2d: weight.size(1) must be C / weight_groups");
+  TORCH_CHECK(offset.size(0) == g.n && offset.size(1) == 2 * offset_groups * g.taps,
+              "deform_conv2d: offset must be (N, 2 * G * Kh * Kw, Ho, Wo)");
+  return g;
+}
+
+// x as the kernels read it: its own strides when dense (NCHW or channels-last: no copy),
+// a contiguous copy otherwise.
+at::Tensor dense_input(const at::Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous();
+}
+
+// Pixels per tile: the tile's column buffer (rows x P) is kept near 128 KiB, within L2.
+int64_t tile_pixels(int64_t rows, int64_t pixels, int64_t element_size) {
+  const int64_t budget = (int64_t{128} << 10) / element_size;
+  const int64_t p = std::max<int64_t>(64, budget / std::max<int64_t>(rows, 1) / 16 * 16);
+  return std::min(p, pixels);
+}
+
+// C (m x n, row stride ldc) = beta * C + op(A) @ op(B), with op(A) m x k and op(B) k x n given by a
+// pointer and row stride of the stored matrix (transposed when ta / tb). Goes to the BLAS through
+// addmm on views: no copies, and no dispatcher since at::cpu:: calls the CPU kernel directly.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+          double beta, T* c, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* data, int64_t rows, int64_t cols, int64_t ld, bool transposed) {
+    return transposed ? at::from_blob(const_cast<T*>(data), {rows, cols}, {1, ld}, options)
+                      : at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
+  };
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  at::cpu::addmm_out(out, out, view(a, m, k, lda, ta), view(b, k, n, ldb, tb), beta, 1.0);
+}
+
+template <typename T>
+struct Inputs {
+  const T* x;
+  int64_t sx_n, sx_c, sx_h, sx_w;
+  const T* offset;  // contiguous (N, 2 * G * K, Ho * Wo)
+  const T* mask;    // contiguous (N, G * K, Ho * Wo), or null
+  const T* weight;  // contiguous (C_out, C / weight_groups * K)
+};
+
+template <typename T>
+Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& weight) {
+  return {x.const_data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3), offset.const_data_ptr<T>(),
+          mask.defined() ? mask.const_data_ptr<T>() : nullptr, weight.const_data_ptr<T>()};
+}
+
+// The sampling point of tap k of output pixel p (flat index) of image n in offset group grp,
+// with the mask (1 without one).
+template <typename T>
+struct Tap {
+  BilinearPoint<T> point;
+  T mask;
+};
+
+template <typename T>
+Tap<T> tap(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t grp, int64_t k, int64_t p) {
+  const int64_t oy = p / g.wo, ox = p % g.wo;
+  const int64_t channel = grp * g.taps + k;
+  const T* off = in.offset + (n * 2 * g.groups * g.taps + 2 * channel) * g.pixels() + p;
+  const T y = T(oy * g.stride_h - g.pad_h + (k / g.kw) * g.dil_h) + off[0];
+  const T x = T(ox * g.stride_w - g.pad_w + (k % g.kw) * g.dil_w) + off[g.pixels()];
+  const T m = in.mask ? in.mask[(n * g.groups * g.taps + channel) * g.pixels() + p] : T(1);
+  return {bilinear_point<T>(y, x, g.h, g.w, in.sx_h, in.sx_w), m};
+}
+
+// cols (C * K x np, row c * K + k) = the masked samples of pixels [p0, p0 + np) of image n.
+template <typename T>
+void sample_tile(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t p0, int64_t np, T* cols) {
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    const int64_t c0 = grp * g.c_per_group;
+    const T* image = in.x + n * in.sx_n + c0 * in.sx_c;
+    T* rows = cols + c0 * g.taps * np;
+    for (int64_t k = 0; k < g.taps; ++k) {
+      for (int64_t j = 0; j < np; ++j) {
+        Tap<T> t = tap(g, in, n, grp, k, p0 + j);
+        for (int i = 0; i < 4; ++i) t.point.weight[i] *= t.mask;
+        const T* plane = image;
+        T* dst = rows + k * np + j;
+        for (int64_t c = 0; c < g.c_per_group; ++c, plane += in.sx_c, dst += g.taps * np) {
+          *dst = bilinear_value(plane, t.point);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_kernel(const Geometry& g, const Inputs<T>& in, const T* bias, T* out) {
+  const int64_t pixels = g.pixels();
+  const int64_t rows = g.c * g.taps;
+  const int64_t tile = tile_pixels(rows, pixels, sizeof(T));
+  const int64_t tiles = (pixels + tile - 1) / tile;
+  at::parallel_for(0, g.n * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> cols(rows * tile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles, p0 = (item % tiles) * tile, np = std::min(tile, pixels - p0);
+      sample_tile(g, in, n, p0, np, cols.data());
+      for (int64_t wg = 0; wg < g.weight_groups; ++wg) {
+        T* dst = out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0;
+        if (bias) {
+          for (int64_t o = 0; o < g.out_per_wgroup; ++o) {
+            std::fill_n(dst + o * pixels, np, bias[wg * g.out_per_wgroup + o]);
+          }
+        }
+        gemm<T>(false, false, g.out_per_wgroup, np, g.wcols(), in.weight + wg * g.out_per_wgroup * g.wcols(),
+                g.wcols(), cols.data() + wg * g.wcols() * np, np, bias ? 1.0 : 0.0, dst, pixels);
+      }
+    }
+  });
+}
+
+// One (image, offset group) of the backward: grad_x of the group's channels, grad_offset and
+// grad_mask of the group, and this item's share of grad_weight added into grad_weight_sum.
+template <typename T>
+void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, int64_t n, int64_t grp, int64_t tile,
+                   T* grad_x, T* grad_offset, T* grad_mask, T* grad_weight_sum, std::vector<T>& grad_cols,
+                   std::vector<T>& cols) {
+  const int64_t pixels = g.pixels();
+  const int64_t c_begin = grp * g.c_per_group, c_end = c_begin + g.c_per_group;
+  const T* image = in.x + n * in.sx_n + c_begin * in.sx_c;
+  T* grad_image = grad_x + n * in.sx_n + c_begin * in.sx_c;
+  for (int64_t p0 = 0; p0 < pixels; p0 += tile) {
+    const int64_t np = std::min(tile, pixels - p0);
+    // The group's channels may span several weight groups: one GEMM per overlapping piece.
+    auto for_each_piece = [&](auto&& body) {
+      for (int64_t wg = c_begin / g.c_per_wgroup; wg * g.c_per_wgroup < c_end; ++wg) {
+        const int64_t lo = std::max(c_begin, wg * g.c_per_wgroup), hi = std::min(c_end, (wg + 1) * g.c_per_wgroup);
+        body(wg, lo, hi);
+      }
+    };
+    // grad_cols (group's C * K x np) = W^T grad_out tile.
+    for_each_piece([&](int64_t wg, int64_t lo, int64_t hi) {
+      gemm<T>(true, false, (hi - lo) * g.taps, np, g.out_per_wgroup,
+              in.weight + wg * g.out_per_wgroup * g.wcols() + (lo - wg * g.c_per_wgroup) * g.taps, g.wcols(),
+              grad_out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0, pixels, 0.0,
+              grad_cols.data() + (lo - c_begin) * g.taps * np, np);
+    });
+    for (int64_t k = 0; k < g.taps; ++k) {
+      const int64_t channel = grp * g.taps + k;
+      T* go = grad_offset + (n * 2 * g.groups * g.taps + 2 * channel) * pixels + p0;
+      T* gm = grad_mask ? grad_mask + (n * g.groups * g.taps + channel) * pixels + p0 : nullptr;
+      for (int64_t j = 0; j < np; ++j) {
+        const Tap<T> t = tap(g, in, n, grp, k, p0 + j);
+        T d_value = 0, d_y = 0, d_x = 0;
+        const T* plane = image;
+        T* grad_plane = grad_image;
+        const T* gc = grad_cols.data() + k * np + j;
+        T* col = cols.data() + k * np + j;
+        for (int64_t c = 0; c < g.c_per_group;
+             ++c, plane += in.sx_c, grad_plane += in.sx_c, gc += g.taps * np, col += g.taps * np) {
+          const BilinearSample<T> s = bilinear_sample(plane, t.point);
+          d_value += *gc * s.value;
+          d_y += *gc * s.dy;
+          d_x += *gc * s.dx;
+          *col = t.mask * s.value;
+          const T scaled = *gc * t.mask;
+          for (int i = 0; i < 4; ++i) {
+            if (t.point.valid[i]) grad_plane[t.point.offset[i]] += scaled * t.point.weight[i];
+          }
+        }
+        go[j] = d_y * t.mask;
+        go[pixels + j] = d_x * t.mask;
+        if (gm) gm[j] = d_value;
+      }
+    }
+    // grad_weight += grad_out tile @ cols^T.
+    for_each_piece([&](int64_t wg, int64_t lo, int64_t hi) {
+      gemm<T>(false, true, g.out_per_wgroup, (hi - lo) * g.taps, np,
+              grad_out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0, pixels,
+              cols.data() + (lo - c_begin) * g.taps * np, np, 1.0,
+              grad_weight_sum + wg * g.out_per_wgroup * g.wcols() + (lo - wg * g.c_per_wgroup) * g.taps, g.wcols());
+    });
+  }
+}
+
+template <typename T>
+void backward_kernel(const Geometry& g, const Inputs<T>& in, const T* grad_out, T* grad_x, T* grad_offset,
+                     T* grad_mask, at::Tensor& grad_weight) {
+  const int64_t rows = g.c_per_group * g.taps;
+  // Two buffers of rows x P (gradient and sampled columns) share the cache budget.
+  const int64_t tile = tile_pixels(2 * rows, g.pixels(), sizeof(T));
+  const int64_t items = g.n * g.groups;
+  const int64_t chunks = std::min<int64_t>(items, at::get_num_threads());
+  at::Tensor partial = at::zeros({chunks, g.c_out, g.wcols()}, grad_weight.options());
+  T* partial_data = partial.mutable_data_ptr<T>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> grad_cols(rows * tile), cols(rows * tile);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      T* sum = partial_data + chunk * g.c_out * g.wcols();
+      for (int64_t item = chunk * items / chunks; item < (chunk + 1) * items / chunks; ++item) {
+        backward_item(g, in, grad_out, item / g.groups, item % g.groups, tile, grad_x, grad_offset, grad_mask, sum,
+                      grad_cols, cols);
+      }
+    }
+  });
+  at::Tensor sum = partial[0];
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) sum.add_(partial[chunk]);
+  grad_weight.copy_(sum.view_as(grad_weight));
+}
+
+void check_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "deform_conv2d on the CPU supports float32 and float64; got ", x.scalar_type());
+}
+
+at::Tensor deform_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& offset_in,
+                                     const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
+                                     const std::optional<at::Tensor>& bias_in, int64_t stride_h, int64_t stride_w,
+                                     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                                     int64_t offset_groups, int64_t weight_groups) {
+  check_dtype(x_in);
+  const Geometry g = make_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                   offset_groups, weight_groups);
+  const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.n, g.c_out, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_forward_cpu", [&] {
+    forward_kernel<scalar_t>(g, inputs<scalar_t>(x, offset, mask, weight),
+                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& offset_in,
+    const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t offset_groups, int64_t weight_groups) {
+  check_dtype(x_in);
+  const Geometry g = make_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                   offset_groups, weight_groups);
+  const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n, g.c_out, g.ho, g.wo}),
+              "deform_conv2d backward: grad_out has the wrong shape");
+  // Same strides as x (both dense), so one set of corner offsets serves both.
+  at::Tensor grad_x = at::zeros_like(x);
+  TORCH_INTERNAL_ASSERT(grad_x.strides() == x.strides());
+  at::Tensor grad_offset = at::empty_like(offset);
+  at::Tensor grad_mask = mask.defined() ? at::empty_like(mask) : at::empty({0}, x.options());
+  at::Tensor grad_weight = at::zeros_like(weight);
+  if (g.n > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_backward_cpu", [&] {
+      backward_kernel<scalar_t>(g, inputs<scalar_t>(x, offset, mask, weight), grad_out.const_data_ptr<scalar_t>(),
+                                grad_x.mutable_data_ptr<scalar_t>(), grad_offset.mutable_data_ptr<scalar_t>(),
+                                mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr, grad_weight);
+    });
+  }
+  return {grad_x, grad_offset, grad_mask, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stt, CPU, m) {
+  m.impl("_deform_conv2d_forward", &deform_conv2d_forward_cpu);
+  m.impl("_deform_conv2d_backward", &deform_conv2d_backward_cpu);
+}
+
+}  // namespace stt
