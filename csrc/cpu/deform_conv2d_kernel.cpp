@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "stt/bilinear.h"
@@ -56,8 +57,12 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, const at::
 // x as the kernels read it: its own strides when dense (NCHW or channels-last: no copy),
 // a contiguous copy otherwise.
 at::Tensor dense_input(const at::Tensor& x) {
-  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
-  return x.contiguous();
+  at::Tensor dense = x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous();
+  // The point tables hold corner offsets within a channel plane as 32-bit integers.
+  TORCH_CHECK((dense.size(2) - 1) * dense.stride(2) + (dense.size(3) - 1) * dense.stride(3) <
+                  std::numeric_limits<int32_t>::max(),
+              "deform_conv2d on the CPU: the input planes are too large (more than 2**31 elements)");
+  return dense;
 }
 
 // Pixels per tile: the tile's column buffer (rows x P) is kept near 128 KiB, within L2.
@@ -97,14 +102,14 @@ Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor
           mask.defined() ? mask.const_data_ptr<T>() : nullptr, weight.const_data_ptr<T>()};
 }
 
-// The sampling point of tap k of output pixel p (flat index) of image n in offset group grp,
-// with the mask (1 without one).
 template <typename T>
 struct Tap {
   BilinearPoint<T> point;
   T mask;
 };
 
+// The sampling point of tap k of output pixel p (flat index) of image n in offset group grp,
+// with its mask (1 without one).
 template <typename T>
 Tap<T> tap(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t grp, int64_t k, int64_t p) {
   const int64_t oy = p / g.wo, ox = p % g.wo;
@@ -116,23 +121,90 @@ Tap<T> tap(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t grp, int64
   return {bilinear_point<T>(y, x, g.h, g.w, in.sx_h, in.sx_w), m};
 }
 
-// cols (C * K x np, row c * K + k) = the masked samples of pixels [p0, p0 + np) of image n.
+// The sampling points of one tile of one offset group, resolved once for all the group's
+// channels, indexed t = k * np + j: the same order as one channel's rows of the column tile,
+// so the per-channel loops below walk the table and the columns in step. Separate arrays
+// (32-bit offsets) let those loops vectorise as gathers.
 template <typename T>
-void sample_tile(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t p0, int64_t np, T* cols) {
-  for (int64_t grp = 0; grp < g.groups; ++grp) {
-    const int64_t c0 = grp * g.c_per_group;
-    const T* image = in.x + n * in.sx_n + c0 * in.sx_c;
-    T* rows = cols + c0 * g.taps * np;
+struct PointTable {
+  std::vector<int32_t> offset[4];
+  std::vector<T> weight[4], weight_dy[4], weight_dx[4], mask;
+
+  void fill(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t grp, int64_t p0, int64_t np, bool backward) {
+    const int64_t size = g.taps * np;
+    for (int i = 0; i < 4; ++i) {
+      offset[i].resize(size);
+      weight[i].resize(size);
+      if (backward) weight_dy[i].resize(size), weight_dx[i].resize(size);
+    }
+    mask.resize(size);
     for (int64_t k = 0; k < g.taps; ++k) {
       for (int64_t j = 0; j < np; ++j) {
-        Tap<T> t = tap(g, in, n, grp, k, p0 + j);
-        for (int i = 0; i < 4; ++i) t.point.weight[i] *= t.mask;
-        const T* plane = image;
-        T* dst = rows + k * np + j;
-        for (int64_t c = 0; c < g.c_per_group; ++c, plane += in.sx_c, dst += g.taps * np) {
-          *dst = bilinear_value(plane, t.point);
+        const int64_t t = k * np + j;
+        const Tap<T> s = tap(g, in, n, grp, k, p0 + j);
+        mask[t] = s.mask;
+        for (int i = 0; i < 4; ++i) {
+          offset[i][t] = static_cast<int32_t>(s.point.offset[i]);
+          // The forward only needs the masked sample; the backward needs mask and sample apart.
+          weight[i][t] = backward ? s.point.weight[i] : s.point.weight[i] * s.mask;
+          if (backward) weight_dy[i][t] = s.point.weight_dy[i], weight_dx[i][t] = s.point.weight_dx[i];
         }
       }
+    }
+  }
+};
+
+// dst[t] = the sample of one channel plane at every point of the table.
+template <typename T>
+void sample_channel(int64_t count, const T* __restrict plane, const PointTable<T>& table, T* __restrict dst) {
+  const int32_t *__restrict o0 = table.offset[0].data(), *__restrict o1 = table.offset[1].data(),
+                *__restrict o2 = table.offset[2].data(), *__restrict o3 = table.offset[3].data();
+  const T *__restrict w0 = table.weight[0].data(), *__restrict w1 = table.weight[1].data(),
+          *__restrict w2 = table.weight[2].data(), *__restrict w3 = table.weight[3].data();
+  for (int64_t t = 0; t < count; ++t) {
+    dst[t] = w0[t] * plane[o0[t]] + w1[t] * plane[o1[t]] + w2[t] * plane[o2[t]] + w3[t] * plane[o3[t]];
+  }
+}
+
+// The backward of one channel plane over the table: scatters into grad_plane, writes the masked
+// samples (for the weight gradient) into col and adds this channel's share of the mask and
+// sampling-point gradients into the accumulators.
+template <typename T>
+void backward_channel(int64_t count, const T* __restrict plane, T* __restrict grad_plane, const T* __restrict grad_col,
+                      T* __restrict col, const PointTable<T>& table, T* __restrict acc_value, T* __restrict acc_y,
+                      T* __restrict acc_x) {
+  const T* __restrict mask = table.mask.data();
+  for (int64_t t = 0; t < count; ++t) {
+    T corner[4];
+    for (int i = 0; i < 4; ++i) corner[i] = plane[table.offset[i][t]];
+    T value = 0, dy = 0, dx = 0;
+    for (int i = 0; i < 4; ++i) {
+      value += table.weight[i][t] * corner[i];
+      dy += table.weight_dy[i][t] * corner[i];
+      dx += table.weight_dx[i][t] * corner[i];
+    }
+    const T gc = grad_col[t];
+    acc_value[t] += gc * value;
+    acc_y[t] += gc * dy;
+    acc_x[t] += gc * dx;
+    col[t] = mask[t] * value;
+    const T scaled = gc * mask[t];
+    for (int i = 0; i < 4; ++i) {
+      // Zero weights include the corners outside the image, whose offset 0 is only a safe address.
+      if (table.weight[i][t] != T(0)) grad_plane[table.offset[i][t]] += scaled * table.weight[i][t];
+    }
+  }
+}
+
+// cols (C * K x np, row c * K + k) = the masked samples of pixels [p0, p0 + np) of image n.
+template <typename T>
+void sample_tile(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t p0, int64_t np, PointTable<T>& table,
+                 T* cols) {
+  const int64_t count = g.taps * np;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    table.fill(g, in, n, grp, p0, np, false);
+    for (int64_t c = grp * g.c_per_group; c < (grp + 1) * g.c_per_group; ++c) {
+      sample_channel(count, in.x + n * in.sx_n + c * in.sx_c, table, cols + c * count);
     }
   }
 }
@@ -145,9 +217,10 @@ void forward_kernel(const Geometry& g, const Inputs<T>& in, const T* bias, T* ou
   const int64_t tiles = (pixels + tile - 1) / tile;
   at::parallel_for(0, g.n * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> cols(rows * tile);
+    PointTable<T> table;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, p0 = (item % tiles) * tile, np = std::min(tile, pixels - p0);
-      sample_tile(g, in, n, p0, np, cols.data());
+      sample_tile(g, in, n, p0, np, table, cols.data());
       for (int64_t wg = 0; wg < g.weight_groups; ++wg) {
         T* dst = out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0;
         if (bias) {
@@ -162,65 +235,63 @@ void forward_kernel(const Geometry& g, const Inputs<T>& in, const T* bias, T* ou
   });
 }
 
+// Per-thread buffers of the backward.
+template <typename T>
+struct Workspace {
+  PointTable<T> table;
+  std::vector<T> grad_cols, cols, acc_value, acc_y, acc_x;
+};
+
 // One (image, offset group) of the backward: grad_x of the group's channels, grad_offset and
 // grad_mask of the group, and this item's share of grad_weight added into grad_weight_sum.
 template <typename T>
 void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, int64_t n, int64_t grp, int64_t tile,
-                   T* grad_x, T* grad_offset, T* grad_mask, T* grad_weight_sum, std::vector<T>& grad_cols,
-                   std::vector<T>& cols) {
+                   T* grad_x, T* grad_offset, T* grad_mask, T* grad_weight_sum, Workspace<T>& ws) {
   const int64_t pixels = g.pixels();
   const int64_t c_begin = grp * g.c_per_group, c_end = c_begin + g.c_per_group;
-  const T* image = in.x + n * in.sx_n + c_begin * in.sx_c;
-  T* grad_image = grad_x + n * in.sx_n + c_begin * in.sx_c;
+  ws.grad_cols.resize(g.c_per_group * g.taps * tile);
+  ws.cols.resize(g.c_per_group * g.taps * tile);
+  // The group's channels may span several weight groups: one GEMM per overlapping piece.
+  auto for_each_piece = [&](auto&& body) {
+    for (int64_t wg = c_begin / g.c_per_wgroup; wg * g.c_per_wgroup < c_end; ++wg) {
+      body(wg, std::max(c_begin, wg * g.c_per_wgroup), std::min(c_end, (wg + 1) * g.c_per_wgroup));
+    }
+  };
   for (int64_t p0 = 0; p0 < pixels; p0 += tile) {
-    const int64_t np = std::min(tile, pixels - p0);
-    // The group's channels may span several weight groups: one GEMM per overlapping piece.
-    auto for_each_piece = [&](auto&& body) {
-      for (int64_t wg = c_begin / g.c_per_wgroup; wg * g.c_per_wgroup < c_end; ++wg) {
-        const int64_t lo = std::max(c_begin, wg * g.c_per_wgroup), hi = std::min(c_end, (wg + 1) * g.c_per_wgroup);
-        body(wg, lo, hi);
-      }
-    };
-    // grad_cols (group's C * K x np) = W^T grad_out tile.
+    const int64_t np = std::min(tile, pixels - p0), count = g.taps * np;
+    // grad_cols (the group's C * K x np) = W^T grad_out tile.
     for_each_piece([&](int64_t wg, int64_t lo, int64_t hi) {
       gemm<T>(true, false, (hi - lo) * g.taps, np, g.out_per_wgroup,
               in.weight + wg * g.out_per_wgroup * g.wcols() + (lo - wg * g.c_per_wgroup) * g.taps, g.wcols(),
               grad_out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0, pixels, 0.0,
-              grad_cols.data() + (lo - c_begin) * g.taps * np, np);
+              ws.grad_cols.data() + (lo - c_begin) * count, np);
     });
+    ws.table.fill(g, in, n, grp, p0, np, true);
+    ws.acc_value.assign(count, T(0));
+    ws.acc_y.assign(count, T(0));
+    ws.acc_x.assign(count, T(0));
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      backward_channel(count, in.x + n * in.sx_n + c * in.sx_c, grad_x + n * in.sx_n + c * in.sx_c,
+                       ws.grad_cols.data() + (c - c_begin) * count, ws.cols.data() + (c - c_begin) * count, ws.table,
+                       ws.acc_value.data(), ws.acc_y.data(), ws.acc_x.data());
+    }
     for (int64_t k = 0; k < g.taps; ++k) {
       const int64_t channel = grp * g.taps + k;
       T* go = grad_offset + (n * 2 * g.groups * g.taps + 2 * channel) * pixels + p0;
-      T* gm = grad_mask ? grad_mask + (n * g.groups * g.taps + channel) * pixels + p0 : nullptr;
       for (int64_t j = 0; j < np; ++j) {
-        const Tap<T> t = tap(g, in, n, grp, k, p0 + j);
-        T d_value = 0, d_y = 0, d_x = 0;
-        const T* plane = image;
-        T* grad_plane = grad_image;
-        const T* gc = grad_cols.data() + k * np + j;
-        T* col = cols.data() + k * np + j;
-        for (int64_t c = 0; c < g.c_per_group;
-             ++c, plane += in.sx_c, grad_plane += in.sx_c, gc += g.taps * np, col += g.taps * np) {
-          const BilinearSample<T> s = bilinear_sample(plane, t.point);
-          d_value += *gc * s.value;
-          d_y += *gc * s.dy;
-          d_x += *gc * s.dx;
-          *col = t.mask * s.value;
-          const T scaled = *gc * t.mask;
-          for (int i = 0; i < 4; ++i) {
-            if (t.point.valid[i]) grad_plane[t.point.offset[i]] += scaled * t.point.weight[i];
-          }
-        }
-        go[j] = d_y * t.mask;
-        go[pixels + j] = d_x * t.mask;
-        if (gm) gm[j] = d_value;
+        const int64_t t = k * np + j;
+        go[j] = ws.acc_y[t] * ws.table.mask[t];
+        go[pixels + j] = ws.acc_x[t] * ws.table.mask[t];
+      }
+      if (grad_mask) {
+        std::copy_n(ws.acc_value.data() + k * np, np, grad_mask + (n * g.groups * g.taps + channel) * pixels + p0);
       }
     }
     // grad_weight += grad_out tile @ cols^T.
     for_each_piece([&](int64_t wg, int64_t lo, int64_t hi) {
       gemm<T>(false, true, g.out_per_wgroup, (hi - lo) * g.taps, np,
               grad_out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0, pixels,
-              cols.data() + (lo - c_begin) * g.taps * np, np, 1.0,
+              ws.cols.data() + (lo - c_begin) * count, np, 1.0,
               grad_weight_sum + wg * g.out_per_wgroup * g.wcols() + (lo - wg * g.c_per_wgroup) * g.taps, g.wcols());
     });
   }
@@ -229,20 +300,18 @@ void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, in
 template <typename T>
 void backward_kernel(const Geometry& g, const Inputs<T>& in, const T* grad_out, T* grad_x, T* grad_offset,
                      T* grad_mask, at::Tensor& grad_weight) {
-  const int64_t rows = g.c_per_group * g.taps;
   // Two buffers of rows x P (gradient and sampled columns) share the cache budget.
-  const int64_t tile = tile_pixels(2 * rows, g.pixels(), sizeof(T));
+  const int64_t tile = tile_pixels(2 * g.c_per_group * g.taps, g.pixels(), sizeof(T));
   const int64_t items = g.n * g.groups;
   const int64_t chunks = std::min<int64_t>(items, at::get_num_threads());
   at::Tensor partial = at::zeros({chunks, g.c_out, g.wcols()}, grad_weight.options());
   T* partial_data = partial.mutable_data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> grad_cols(rows * tile), cols(rows * tile);
+    Workspace<T> ws;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       T* sum = partial_data + chunk * g.c_out * g.wcols();
       for (int64_t item = chunk * items / chunks; item < (chunk + 1) * items / chunks; ++item) {
-        backward_item(g, in, grad_out, item / g.groups, item % g.groups, tile, grad_x, grad_offset, grad_mask, sum,
-                      grad_cols, cols);
+        backward_item(g, in, grad_out, item / g.groups, item % g.groups, tile, grad_x, grad_offset, grad_mask, sum, ws);
       }
     }
   });
