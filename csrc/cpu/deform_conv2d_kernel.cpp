@@ -18,41 +18,12 @@
 #include <limits>
 #include <vector>
 
-#include "stt/bilinear.h"
+#include "stt/deform_conv2d.h"
 
 namespace stt {
 namespace {
 
-struct Geometry {
-  int64_t n, c, h, w, c_out, ho, wo, kh, kw, taps;
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t groups, weight_groups;
-  int64_t c_per_group, c_per_wgroup, out_per_wgroup;
-  int64_t pixels() const { return ho * wo; }
-  int64_t wcols() const { return c_per_wgroup * taps; }  // columns of the weight matrix of one weight group
-};
-
-Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight, int64_t stride_h,
-                       int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                       int64_t offset_groups, int64_t weight_groups) {
-  TORCH_CHECK(x.dim() == 4 && offset.dim() == 4 && weight.dim() == 4,
-              "deform_conv2d: x, offset and weight must be 4-d");
-  TORCH_CHECK(offset_groups >= 1 && weight_groups >= 1, "deform_conv2d: groups must be positive");
-  Geometry g;
-  g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
-  g.c_out = weight.size(0), g.kh = weight.size(2), g.kw = weight.size(3), g.taps = g.kh * g.kw;
-  g.ho = offset.size(2), g.wo = offset.size(3);
-  g.stride_h = stride_h, g.stride_w = stride_w, g.pad_h = pad_h, g.pad_w = pad_w, g.dil_h = dil_h, g.dil_w = dil_w;
-  g.groups = offset_groups, g.weight_groups = weight_groups;
-  TORCH_CHECK(g.c % offset_groups == 0 && g.c % weight_groups == 0 && g.c_out % weight_groups == 0,
-              "deform_conv2d: the groups must divide the channels");
-  g.c_per_group = g.c / offset_groups, g.c_per_wgroup = g.c / weight_groups;
-  g.out_per_wgroup = g.c_out / weight_groups;
-  TORCH_CHECK(weight.size(1) == g.c_per_wgroup, "deform_conv2d: weight.size(1) must be C / weight_groups");
-  TORCH_CHECK(offset.size(0) == g.n && offset.size(1) == 2 * offset_groups * g.taps,
-              "deform_conv2d: offset must be (N, 2 * G * Kh * Kw, Ho, Wo)");
-  return g;
-}
+using Geometry = DeformGeometry;
 
 // x as the kernels read it: its own strides when dense (NCHW or channels-last: no copy),
 // a contiguous copy otherwise.
@@ -102,25 +73,6 @@ Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor
           mask.defined() ? mask.const_data_ptr<T>() : nullptr, weight.const_data_ptr<T>()};
 }
 
-template <typename T>
-struct Tap {
-  BilinearPoint<T> point;
-  T mask;
-};
-
-// The sampling point of tap k of output pixel p (flat index) of image n in offset group grp,
-// with its mask (1 without one).
-template <typename T>
-Tap<T> tap(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t grp, int64_t k, int64_t p) {
-  const int64_t oy = p / g.wo, ox = p % g.wo;
-  const int64_t channel = grp * g.taps + k;
-  const T* off = in.offset + (n * 2 * g.groups * g.taps + 2 * channel) * g.pixels() + p;
-  const T y = T(oy * g.stride_h - g.pad_h + (k / g.kw) * g.dil_h) + off[0];
-  const T x = T(ox * g.stride_w - g.pad_w + (k % g.kw) * g.dil_w) + off[g.pixels()];
-  const T m = in.mask ? in.mask[(n * g.groups * g.taps + channel) * g.pixels() + p] : T(1);
-  return {bilinear_point<T>(y, x, g.h, g.w, in.sx_h, in.sx_w), m};
-}
-
 // The sampling points of one tile of one offset group, resolved once for all the group's
 // channels, indexed t = k * np + j: the same order as one channel's rows of the column tile,
 // so the per-channel loops below walk the table and the columns in step. Separate arrays
@@ -141,7 +93,7 @@ struct PointTable {
     for (int64_t k = 0; k < g.taps; ++k) {
       for (int64_t j = 0; j < np; ++j) {
         const int64_t t = k * np + j;
-        const Tap<T> s = tap(g, in, n, grp, k, p0 + j);
+        const DeformTap<T> s = deform_tap<T>(g, in.offset, in.mask, in.sx_h, in.sx_w, n, grp, k, p0 + j);
         mask[t] = s.mask;
         for (int i = 0; i < 4; ++i) {
           offset[i][t] = static_cast<int32_t>(s.point.offset[i]);
@@ -331,7 +283,7 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& o
                                      int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
                                      int64_t offset_groups, int64_t weight_groups) {
   check_dtype(x_in);
-  const Geometry g = make_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+  const Geometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                    offset_groups, weight_groups);
   const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
@@ -350,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
     const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t offset_groups, int64_t weight_groups) {
   check_dtype(x_in);
-  const Geometry g = make_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+  const Geometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                    offset_groups, weight_groups);
   const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
