@@ -106,45 +106,70 @@ struct PointTable {
   }
 };
 
-// dst[t] = the sample of one channel plane at every point of the table.
-template <typename T>
-void sample_channel(int64_t count, const T* __restrict plane, const PointTable<T>& table, T* __restrict dst) {
+// Channels go through the per-point loops B at a time, so that each table entry is loaded once
+// for B channels (the loops are bound by loads: the gathers cannot be vectorised).
+constexpr int64_t kChannelBlock = 4;
+
+// dst[i * count + t] = the sample of plane i (i < B, planes plane_stride apart) at point t.
+template <int B, typename T>
+void sample_channels(int64_t count, const T* __restrict plane, int64_t plane_stride, const PointTable<T>& table,
+                     T* __restrict dst) {
   const int32_t *__restrict o0 = table.offset[0].data(), *__restrict o1 = table.offset[1].data(),
                 *__restrict o2 = table.offset[2].data(), *__restrict o3 = table.offset[3].data();
   const T *__restrict w0 = table.weight[0].data(), *__restrict w1 = table.weight[1].data(),
           *__restrict w2 = table.weight[2].data(), *__restrict w3 = table.weight[3].data();
   for (int64_t t = 0; t < count; ++t) {
-    dst[t] = w0[t] * plane[o0[t]] + w1[t] * plane[o1[t]] + w2[t] * plane[o2[t]] + w3[t] * plane[o3[t]];
+    const int32_t a = o0[t], b = o1[t], c = o2[t], d = o3[t];
+    const T wa = w0[t], wb = w1[t], wc = w2[t], wd = w3[t];
+    for (int i = 0; i < B; ++i) {
+      const T* p = plane + i * plane_stride;
+      dst[i * count + t] = wa * p[a] + wb * p[b] + wc * p[c] + wd * p[d];
+    }
   }
 }
 
-// The backward of one channel plane over the table: scatters into grad_plane, writes the masked
-// samples (for the weight gradient) into col and adds this channel's share of the mask and
-// sampling-point gradients into the accumulators.
-template <typename T>
-void backward_channel(int64_t count, const T* __restrict plane, T* __restrict grad_plane, const T* __restrict grad_col,
-                      T* __restrict col, const PointTable<T>& table, T* __restrict acc_value, T* __restrict acc_y,
-                      T* __restrict acc_x) {
-  const T* __restrict mask = table.mask.data();
+// The backward of B channel planes over the table: scatters into their grad planes, writes the
+// masked samples (for the weight gradient) into col and adds the channels' share of the mask
+// and sampling-point gradients into the accumulators.
+template <int B, typename T>
+void backward_channels(int64_t count, const T* __restrict plane, T* __restrict grad_plane, int64_t plane_stride,
+                       const T* __restrict grad_col, T* __restrict col, const PointTable<T>& table,
+                       T* __restrict acc_value, T* __restrict acc_y, T* __restrict acc_x) {
   for (int64_t t = 0; t < count; ++t) {
-    T corner[4];
-    for (int i = 0; i < 4; ++i) corner[i] = plane[table.offset[i][t]];
-    T value = 0, dy = 0, dx = 0;
-    for (int i = 0; i < 4; ++i) {
-      value += table.weight[i][t] * corner[i];
-      dy += table.weight_dy[i][t] * corner[i];
-      dx += table.weight_dx[i][t] * corner[i];
+    int32_t offset[4];
+    T weight[4], weight_dy[4], weight_dx[4];
+    for (int j = 0; j < 4; ++j) {
+      offset[j] = table.offset[j][t];
+      weight[j] = table.weight[j][t];
+      weight_dy[j] = table.weight_dy[j][t];
+      weight_dx[j] = table.weight_dx[j][t];
     }
-    const T gc = grad_col[t];
-    acc_value[t] += gc * value;
-    acc_y[t] += gc * dy;
-    acc_x[t] += gc * dx;
-    col[t] = mask[t] * value;
-    const T scaled = gc * mask[t];
-    for (int i = 0; i < 4; ++i) {
-      // Zero weights include the corners outside the image, whose offset 0 is only a safe address.
-      if (table.weight[i][t] != T(0)) grad_plane[table.offset[i][t]] += scaled * table.weight[i][t];
+    const T mask = table.mask[t];
+    T sum_value = 0, sum_y = 0, sum_x = 0;
+    for (int i = 0; i < B; ++i) {
+      const T* p = plane + i * plane_stride;
+      T value = 0, dy = 0, dx = 0;
+      for (int j = 0; j < 4; ++j) {
+        const T corner = p[offset[j]];
+        value += weight[j] * corner;
+        dy += weight_dy[j] * corner;
+        dx += weight_dx[j] * corner;
+      }
+      const T gc = grad_col[i * count + t];
+      sum_value += gc * value;
+      sum_y += gc * dy;
+      sum_x += gc * dx;
+      col[i * count + t] = mask * value;
+      const T scaled = gc * mask;
+      T* gp = grad_plane + i * plane_stride;
+      for (int j = 0; j < 4; ++j) {
+        // Zero weights include the corners outside the image, whose offset 0 is only a safe address.
+        if (weight[j] != T(0)) gp[offset[j]] += scaled * weight[j];
+      }
     }
+    acc_value[t] += sum_value;
+    acc_y[t] += sum_y;
+    acc_x[t] += sum_x;
   }
 }
 
@@ -155,8 +180,16 @@ void sample_tile(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t p0, 
   const int64_t count = g.taps * np;
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     table.fill(g, in, n, grp, p0, np, false);
-    for (int64_t c = grp * g.c_per_group; c < (grp + 1) * g.c_per_group; ++c) {
-      sample_channel(count, in.x + n * in.sx_n + c * in.sx_c, table, cols + c * count);
+    const int64_t c_end = (grp + 1) * g.c_per_group;
+    for (int64_t c = grp * g.c_per_group; c < c_end;) {
+      const T* plane = in.x + n * in.sx_n + c * in.sx_c;
+      if (c + kChannelBlock <= c_end) {
+        sample_channels<kChannelBlock>(count, plane, in.sx_c, table, cols + c * count);
+        c += kChannelBlock;
+      } else {
+        sample_channels<1>(count, plane, in.sx_c, table, cols + c * count);
+        c += 1;
+      }
     }
   }
 }
@@ -222,10 +255,13 @@ void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, in
     ws.acc_value.assign(count, T(0));
     ws.acc_y.assign(count, T(0));
     ws.acc_x.assign(count, T(0));
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      backward_channel(count, in.x + n * in.sx_n + c * in.sx_c, grad_x + n * in.sx_n + c * in.sx_c,
-                       ws.grad_cols.data() + (c - c_begin) * count, ws.cols.data() + (c - c_begin) * count, ws.table,
-                       ws.acc_value.data(), ws.acc_y.data(), ws.acc_x.data());
+    for (int64_t c = c_begin; c < c_end;) {
+      const int64_t block = c + kChannelBlock <= c_end ? kChannelBlock : 1;
+      const int64_t at = n * in.sx_n + c * in.sx_c, row = (c - c_begin) * count;
+      (block == kChannelBlock ? backward_channels<kChannelBlock, T> : backward_channels<1, T>)(
+          count, in.x + at, grad_x + at, in.sx_c, ws.grad_cols.data() + row, ws.cols.data() + row, ws.table,
+          ws.acc_value.data(), ws.acc_y.data(), ws.acc_x.data());
+      c += block;
     }
     for (int64_t k = 0; k < g.taps; ++k) {
       const int64_t channel = grp * g.taps + k;
