@@ -75,8 +75,7 @@ Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor
 
 // The sampling points of one tile of one offset group, resolved once for all the group's
 // channels, indexed t = k * np + j: the same order as one channel's rows of the column tile,
-// so the per-channel loops below walk the table and the columns in step. Separate arrays
-// (32-bit offsets) let those loops vectorise as gathers.
+// so the per-channel loops below walk the table and the columns in step, every stream sequential.
 template <typename T>
 struct PointTable {
   std::vector<int32_t> offset[4];
@@ -107,7 +106,8 @@ struct PointTable {
 };
 
 // Channels go through the per-point loops B at a time, so that each table entry is loaded once
-// for B channels (the loops are bound by loads: the gathers cannot be vectorised).
+// for B channels: the loops are bound by loads, and their indexed reads stay scalar (compilers
+// tuned for AMD Zen do not emit gathers).
 constexpr int64_t kChannelBlock = 4;
 
 // dst[i * count + t] = the sample of plane i (i < B, planes plane_stride apart) at point t.
