@@ -200,7 +200,9 @@ void forward_kernel(const Geometry& g, const Inputs<T>& in, const T* bias, T* ou
   const int64_t rows = g.c * g.taps;
   const int64_t tile = tile_pixels(rows, pixels, sizeof(T));
   const int64_t tiles = (pixels + tile - 1) / tile;
-  at::parallel_for(0, g.n * tiles, 1, [&](int64_t begin, int64_t end) {
+  // Small problems stay on one thread: waking the pool costs more than they do.
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (rows * tile));
+  at::parallel_for(0, g.n * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> cols(rows * tile);
     PointTable<T> table;
     for (int64_t item = begin; item < end; ++item) {
@@ -291,7 +293,8 @@ void backward_kernel(const Geometry& g, const Inputs<T>& in, const T* grad_out, 
   // Two buffers of rows x P (gradient and sampled columns) share the cache budget.
   const int64_t tile = tile_pixels(2 * g.c_per_group * g.taps, g.pixels(), sizeof(T));
   const int64_t items = g.n * g.groups;
-  const int64_t chunks = std::min<int64_t>(items, at::get_num_threads());
+  const int64_t work = items * g.c_per_group * g.taps * g.pixels();
+  const int64_t chunks = std::clamp<int64_t>(work / at::internal::GRAIN_SIZE, 1, std::min<int64_t>(items, at::get_num_threads()));
   at::Tensor partial = at::zeros({chunks, g.c_out, g.wcols()}, grad_weight.options());
   T* partial_data = partial.mutable_data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
