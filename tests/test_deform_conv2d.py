@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import stt_kernels
-from conftest import available, requires_gpu
+from conftest import available, requires_gpu, torchvision_ops
 
-torchvision = pytest.importorskip("torchvision")
+tv_ops = torchvision_ops()
 
 CPU_BACKENDS = ["reference", "cpu"]
 
@@ -37,7 +37,7 @@ def make_inputs(n=2, c=6, c_out=4, h=9, w=11, kernel=(3, 3), stride=(1, 1), padd
 
 
 def torchvision_call(a):
-    return torchvision.ops.deform_conv2d(a["x"], a["offset"], a["weight"], a["bias"], stride=a["stride"],
+    return tv_ops.deform_conv2d(a["x"], a["offset"], a["weight"], a["bias"], stride=a["stride"],
                                          padding=a["padding"], dilation=a["dilation"], mask=a["mask"])
 
 
@@ -147,6 +147,16 @@ def test_offsets_all_outside_give_bias(backend):
     assert not grads["x"].any() and not grads["offset"].any() and not grads["mask"].any()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_offsets_match_torchvision(backend):
+    """Zero and whole-pixel offsets (the usual initialisation) put the border taps of a padded
+    convolution exactly on y = -1 or x = -1, where torchvision's offset gradient is one-sided."""
+    _skip_unless(backend)
+    a = make_inputs(c=4, groups=2, padding=(1, 2), dilation=(1, 2))
+    a["offset"] = torch.randint(-2, 3, a["offset"].shape, dtype=a["offset"].dtype) * (torch.rand(a["offset"].shape) < 0.5)
+    assert_matches(a, backend)
+
+
 def test_cpu_backward_is_deterministic():
     _skip_unless("cpu")
     a = make_inputs(n=4, c=8, c_out=8, h=16, w=16, groups=2, dtype=torch.float32)
@@ -209,8 +219,6 @@ def test_compile_fullgraph_custom_op():
     _compare_compiled(fn, _compile_inputs())
 
 
-@pytest.mark.xfail(strict=True, reason="KernelTable._compiled calls torch._C._dispatch_has_kernel_for_dispatch_key, "
-                   "which Dynamo cannot trace (fix: torch.compiler.assume_constant_result on it, ops/kernels.py)")
 def test_compile_fullgraph_public_function():
     _skip_unless("cpu")
 

@@ -3,8 +3,10 @@
 //
 // A point (y, x) of an H x W plane takes the value of its four neighbours (y0, x0), (y0, x0 + 1),
 // (y0 + 1, x0), (y0 + 1, x0 + 1), y0 = floor(y), x0 = floor(x), weighted bilinearly; a neighbour
-// outside the plane counts as zero, and a point with y <= -1, y >= H, x <= -1 or x >= W is zero
-// altogether (so are its derivatives). Corner order everywhere: 00, 01, 10, 11 (row, column).
+// outside the plane counts as zero, so a point with y <= -1, y >= H, x <= -1 or x >= W samples
+// zero. The derivatives follow the same corners, as torchvision's do: at y == -1 exactly (the
+// top taps of a padded convolution with zero offsets) the sample is zero but its derivative in
+// y is the row below. Corner order everywhere: 00, 01, 10, 11 (row, column).
 #pragma once
 
 #include <cmath>
@@ -33,8 +35,9 @@ template <typename T>
 STT_HOST_DEVICE BilinearPoint<T> bilinear_point(T y, T x, int64_t height, int64_t width, int64_t stride_y,
                                                 int64_t stride_x) {
   BilinearPoint<T> p;
-  // Written as a negation so that NaN coordinates fall outside too.
-  if (!(y > T(-1) && y < T(height) && x > T(-1) && x < T(width))) {
+  // Beyond one pixel past the border every corner is outside: return before floor() can
+  // overflow the integers. Written as a negation so that NaN coordinates fall outside too.
+  if (!(y > T(-2) && y < T(height + 1) && x > T(-2) && x < T(width + 1))) {
     for (int i = 0; i < 4; ++i) {
       p.offset[i] = 0;
       p.weight[i] = p.weight_dy[i] = p.weight_dx[i] = T(0);
@@ -46,8 +49,8 @@ STT_HOST_DEVICE BilinearPoint<T> bilinear_point(T y, T x, int64_t height, int64_
   const int64_t y0 = static_cast<int64_t>(y0f), x0 = static_cast<int64_t>(x0f);
   const T fy = y - y0f, fx = x - x0f;
   const T gy = T(1) - fy, gx = T(1) - fx;
-  const bool row_ok[2] = {y0 >= 0, y0 + 1 < height};
-  const bool col_ok[2] = {x0 >= 0, x0 + 1 < width};
+  const bool row_ok[2] = {y0 >= 0 && y0 < height, y0 + 1 >= 0 && y0 + 1 < height};
+  const bool col_ok[2] = {x0 >= 0 && x0 < width, x0 + 1 >= 0 && x0 + 1 < width};
   const T wy[2] = {gy, fy}, wx[2] = {gx, fx};
   const T dwy[2] = {T(-1), T(1)};
   for (int r = 0; r < 2; ++r) {
