@@ -11,9 +11,10 @@ stays 32 while H = W halves; the channels are those of the preset, 4 heads every
     3        40     64   4      16
 
 ``full`` is exactly that (for GPUs; the reference's N x N scores at level 0 do not fit anywhere
-and are recorded as OOM). ``default`` keeps the channels and T = 32 but takes H = W 4x smaller
-(80/40/20/10, batch 1): the level structure at sizes a CPU finishes in minutes. ``quick`` keeps
-two levels' channels at T = 8, H = W = 16 and 8, to smoke-test the whole engine in seconds.
+and are recorded as OOM). ``default`` keeps the channels and heads on a ``16 x 64 x 64`` patch,
+batch 1 (H = W = 64/32/16/8): the level structure at sizes where the reference still fits in a
+workstation's memory and a CPU finishes. ``quick`` keeps the first two levels' channels at
+T = 8, H = W = 16 and 8: the whole engine end to end in a few minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def levels(tier: str) -> list[Level]:
     if tier == "full":
         return [Level(i, 2, 32, 320 >> i, 320 >> i, c, _HEADS) for i, c in enumerate(_CHANNELS)]
     if tier == "default":
-        return [Level(i, 1, 32, 80 >> i, 80 >> i, c, _HEADS) for i, c in enumerate(_CHANNELS)]
+        return [Level(i, 1, 16, 64 >> i, 64 >> i, c, _HEADS) for i, c in enumerate(_CHANNELS)]
     if tier == "quick":
         return [Level(i, 1, 8, 16 >> i, 16 >> i, c, _HEADS) for i, c in enumerate(_CHANNELS[:2])]
     raise ValueError(f"tier must be one of {', '.join(TIERS)}; got {tier!r}")
