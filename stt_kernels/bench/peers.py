@@ -130,12 +130,12 @@ def _natten(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         na2d = getattr(functional, "na2d", None) or getattr(natten, "na2d", None)
         if na2d is None:
             raise Unsupported(f"natten {getattr(natten, '__version__', '?')} has no na2d")
-        out = na2d(*(t_.flatten(0, 1) for t_ in (q, k, v)), kernel_size=(h, w))
+        out = na2d(*(x.flatten(0, 1) for x in (q, k, v)), kernel_size=(h, w))
         return out.reshape(b, t, h, w, heads, d).contiguous()
     na1d = getattr(functional, "na1d", None) or getattr(natten, "na1d", None)
     if na1d is None:
         raise Unsupported(f"natten {getattr(natten, '__version__', '?')} has no na1d")
-    out = na1d(*(to_sequences(t_, op) for t_ in (q, k, v)), kernel_size=t)
+    out = na1d(*(to_sequences(x, op) for x in (q, k, v)), kernel_size=t)
     return from_sequences(out, q, op)
 
 

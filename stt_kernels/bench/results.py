@@ -11,7 +11,7 @@ One row per op x implementation x shape x dtype x pass. Times are seconds, memor
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,7 +52,6 @@ class Row:
     speedup_vs_reference: Optional[float] = None
     best_peer: Optional[str] = None
     speedup_vs_best_peer: Optional[float] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def set_timing(self, timing: Timing, ceilings: Optional[Ceilings]) -> None:
         self.time_median_s, self.time_q1_s, self.time_q3_s = timing.median, timing.q1, timing.q3
