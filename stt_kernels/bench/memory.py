@@ -4,9 +4,10 @@ GPU: the caching allocator's peak (``torch.cuda.max_memory_allocated`` after a r
 what was allocated before the inputs were made: inputs, outputs, gradients and temporaries.
 
 CPU: a process's RSS cannot be reset, so every case runs once in a fresh subprocess
-(``python -m stt_kernels.bench.worker``); its max RSS once the interpreter, torch and the
-implementation are loaded is the baseline (reported on its own), the rise above it is the
-case's peak. The subprocess also guards the run: a case over the memory cap (``RLIMIT_DATA``
+(``python -m stt_kernels.bench.worker``); its RSS once the interpreter, torch and the
+implementation are loaded and the implementation ran once on a tiny input (lazy imports,
+thread pools) is the baseline, reported on its own; the high-water mark's rise above it (the
+mark reset through ``/proc/self/clear_refs``) is the case's peak. The subprocess also guards the run: a case over the memory cap (``RLIMIT_DATA``
 set after the imports) or killed by the kernel's OOM killer is recorded as OOM there, and is
 never run in the measuring process.
 """

@@ -61,7 +61,7 @@ def header(metadata: dict[str, Any], ceilings: Optional[dict[str, Any]]) -> list
 _LEGEND = (
     "Time: median over the repeats, with the interquartile range. Peak memory: allocator peak above "
     "what was allocated before the inputs (GPU), or max RSS of a fresh process running just that case "
-    "above its RSS after loading torch (CPU); inputs, outputs and gradients included. GFLOP/s and GB/s: "
+    "above its RSS once torch and the implementation are loaded and warmed up on a tiny input (CPU); inputs, outputs and gradients included. GFLOP/s and GB/s: "
     "the work models in `stt_kernels/bench/cases.py` divided by the median time; in brackets, the share "
     "of the matmul and copy ceilings. Speedups: the reference's (resp. the fastest peer's) median time "
     "over this row's; above 1 means this row is faster.")

@@ -6,7 +6,6 @@ failures ``OOM`` rows, anything else an ``error`` row with the exception's first
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from .registry import implementations_for
 from .report import render
 from .results import Row, add_speedups, write_results
 from .results_md import update_results_md
-from .shapes import Level
+from .shapes import Level, tiny
 from .timing import measure
 from .workload import classify, prepare
 
@@ -49,11 +48,11 @@ def _declined(case: Case, implementation: Implementation, level: Level, dtype: t
     """Why ``implementation`` declines this combination, asked on a tiny input of the same
     channels and heads in this process: cheap, and it spares the CPU memory subprocess for
     combinations that cannot run at any size. Remembered per combination in ``seen``."""
-    tiny = dataclasses.replace(level, batch=1, t=2, h=4, w=4)
-    key = (implementation.name, case.name, tiny, dtype, pass_)
+    small = tiny(level)
+    key = (implementation.name, case.name, small, dtype, pass_)
     if key not in seen:
         try:
-            prepare(case, implementation, tiny, dtype, device, pass_)
+            prepare(case, implementation, small, dtype, device, pass_)
             seen[key] = None
         except Unsupported as exc:
             seen[key] = str(exc)

@@ -19,6 +19,7 @@ T = 8, H = W = 16 and 8: the whole engine end to end in a few minutes on two CPU
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 TIERS = ("quick", "default", "full")
@@ -54,3 +55,9 @@ def levels(tier: str) -> list[Level]:
     if tier == "quick":
         return [Level(i, 1, 8, 16 >> i, 16 >> i, c, _HEADS) for i, c in enumerate(_CHANNELS[:2])]
     raise ValueError(f"tier must be one of {', '.join(TIERS)}; got {tier!r}")
+
+
+def tiny(level: Level) -> Level:
+    """``level`` with its channels and heads but a handful of tokens: for asking an
+    implementation whether it runs at all, and for loading what it loads on first use."""
+    return dataclasses.replace(level, batch=1, t=2, h=4, w=4)
