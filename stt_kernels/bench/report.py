@@ -34,7 +34,7 @@ def header(metadata: dict[str, Any], ceilings: Optional[dict[str, Any]]) -> list
     gpu = metadata.get("gpu")
     device = (f"{gpu} (compute {metadata.get('compute_capability')}, driver {metadata.get('driver') or metadata.get('rocm_driver')}, "
               f"CUDA {metadata.get('cuda')}, ROCm {metadata.get('rocm')})" if gpu else
-              f"{metadata['cpu']}, {metadata['cpu_cores_usable']} usable cores, {metadata['torch_threads']} torch threads")
+              f"{metadata['cpu']}, {metadata['cpu_cores_usable']} usable cores, torch threads: {metadata['torch_threads']}")
     commit = metadata.get("commit")
     commit_text = "not a git checkout" if commit is None else (
         f"`{commit[:12]}`" + (" (uncommitted changes)" if metadata.get("dirty") else "")
