@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stt_kernels.bench import Implementation, Options, run
-from stt_kernels.bench import registry
+from stt_kernels.bench import plots, registry
 from stt_kernels.bench.cases import CASES
 from stt_kernels.bench.memory import probe_cpu
 from stt_kernels.bench.results import Row, add_speedups, read_results
@@ -73,7 +73,13 @@ def test_cpu_memory_cap_records_oom_in_the_subprocess():
     spec = {"op": "temporal_attention", "implementation": "reference", "level": level.__dict__,
             "dtype": "float32", "pass": "forward+backward", "seed": 0}
     probe = probe_cpu(spec, cap_bytes=1, timeout_s=120)
-    assert probe.status == "OOM", probe
+    assert probe.status == "OOM" and "memory cap" in probe.reason, probe
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name: None)
+    written, note = plots.write_plots(tmp_path, [_row("reference", "reference", 1.0)])
+    assert written == [] and "matplotlib is not installed" in note
 
 
 def _row(implementation: str, kind: str, seconds: float, status: str = "ok") -> Row:

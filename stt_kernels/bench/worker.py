@@ -74,6 +74,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         prepare(case, implementation, level, dtype, device, spec["pass"], spec.get("seed", 0))
     except Exception as exc:
         status, reason = classify(exc)
+        if status == "OOM" and spec.get("cap_bytes") is not None:
+            reason = f"over the memory cap of {int(spec['cap_bytes']) / 2 ** 20:.0f} MiB: {reason}"
         return {"status": status, "reason": reason}
     return {"status": "ok", "peak_bytes": _peak() - baseline, "baseline_bytes": baseline}
 
