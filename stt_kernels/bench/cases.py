@@ -3,8 +3,9 @@
 A :class:`Case` makes the inputs of one op for one :class:`~.shapes.Level` and counts its work.
 Cases live in :data:`CASES`, keyed by name; implementations (``implementations.py``) are looked
 up by the same name. The ``SSTAttention`` block and one STT-UNET training step are to be added
-here as cases of their own (with their implementations) by the issues that bring them; nothing
-else in the engine needs to change for that.
+here as cases of their own (with their implementations) by the issues that bring them; a case
+with sizes other than the SST levels (a training step on a preset's patch) overrides
+:meth:`Case.levels`. Nothing else in the engine needs to change for that.
 
 Work models (per pass; ``fwd+bwd`` counts both):
 

@@ -99,10 +99,19 @@ def _not_run(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _baselines(rows: list[Row]) -> list[str]:
+    """The CPU subprocesses' baseline RSS, which the peak memory column leaves out."""
+    cpu = [r.baseline_memory_bytes for r in rows if r.baseline_memory_bytes and r.memory_method.startswith("max RSS")]
+    if not cpu:
+        return []
+    return [f"- Baseline RSS of a measuring subprocess (interpreter, torch, the implementation warmed up), "
+            f"not in the peak memory column: {min(cpu) / _MIB:.0f}-{max(cpu) / _MIB:.0f} MiB"]
+
+
 def render(metadata: dict[str, Any], ceilings: Optional[dict[str, Any]], rows: list[Row],
            notes: list[str]) -> str:
     """The whole ``report.md``."""
-    lines = ["# stt-kernels benchmark", "", *header(metadata, ceilings), "", _LEGEND, ""]
+    lines = ["# stt-kernels benchmark", "", *header(metadata, ceilings), *_baselines(rows), "", _LEGEND, ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     for op in dict.fromkeys(r.op for r in rows):
         mine = [r for r in rows if r.op == op]
