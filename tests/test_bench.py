@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stt_kernels.bench import Implementation, Options, run
-from stt_kernels.bench import plots, registry
+from stt_kernels.bench import ceilings, plots, registry
 from stt_kernels.bench.cases import CASES
 from stt_kernels.bench.memory import probe_cpu
 from stt_kernels.bench.results import Row, add_speedups, read_results
@@ -32,7 +32,8 @@ def fake_implementations(monkeypatch):
     monkeypatch.setattr(registry, "IMPLEMENTATIONS", registry.IMPLEMENTATIONS + [oom, declines])
 
 
-def test_engine_writes_valid_results_with_oom_and_skip(tmp_path, fake_implementations):
+def test_engine_writes_valid_results_with_oom_and_skip(tmp_path, fake_implementations, monkeypatch):
+    monkeypatch.setitem(ceilings._SIZES, ("cpu", "quick"), (256, 1 << 20))  # a yardstick, not a benchmark
     options = Options(out=tmp_path / "out", tier="quick", ops=["temporal_attention"], backends=["reference"],
                       peers=["sdpa:math", "fake"], passes=["forward"], device="cpu", warmup=0, repeats=2,
                       cpu_memory=False, threads=1, progress=lambda line: None, command=["stt", "bench", "--quick"])

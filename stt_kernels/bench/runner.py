@@ -35,8 +35,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    """Give a row's GPU memory back before the next row measures its peak. (On the CPU
+    reference counting frees the tensors, and a full collection costs 0.1 s a row.)"""
     if device.type == "cuda":
+        gc.collect()  # an OOM's traceback frames hold tensors in reference cycles
         torch.cuda.empty_cache()
 
 
