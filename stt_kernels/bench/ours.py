@@ -40,10 +40,6 @@ def _unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: 
     return None
 
 
-def _call(op: Callable[..., torch.Tensor], backend: str, *args: torch.Tensor) -> torch.Tensor:
-    return op(*args, backend=backend)
-
-
 def implementations() -> list[Implementation]:
     """``ours:<backend>`` for every compiled/Triton backend, and ``reference``, for every op."""
     found = []
@@ -53,7 +49,7 @@ def implementations() -> list[Implementation]:
                 name="reference" if backend == "reference" else f"ours:{backend}",
                 op=op_name,
                 kind="reference" if backend == "reference" else "ours",
-                call=functools.partial(_call, op, backend),
+                call=functools.partial(op, backend=backend),
                 devices=devices,
                 unsupported=functools.partial(_unsupported, backend),
             ))

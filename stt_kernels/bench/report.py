@@ -48,7 +48,8 @@ def header(metadata: dict[str, Any], ceilings: Optional[dict[str, Any]]) -> list
         f"xformers {metadata.get('xformers')}, NATTEN {metadata.get('natten')}",
         f"- stt_kernels backends: {backends}",
         f"- Commit: {commit_text}",
-        f"- Date: {metadata['date']}",
+        f"- Date: {metadata['date']}" + (f", measuring took {metadata['duration_s']:.0f} s"
+                                          if "duration_s" in metadata else ""),
         f"- Command: `{metadata['command']}`",
     ]
     if ceilings:

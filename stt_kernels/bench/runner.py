@@ -144,6 +144,7 @@ def run(options: Options) -> Path:
 
 
 def _run(options: Options, device: torch.device, dtypes: list[torch.dtype]) -> Path:
+    started = time.monotonic()
     metadata = environment.collect(device, options.command)
     options.progress(f"stt bench: {options.tier} on {metadata['device']} -> {options.out}")
     cpu_cap = None
@@ -161,6 +162,7 @@ def _run(options: Options, device: torch.device, dtypes: list[torch.dtype]) -> P
             torch.cuda.set_per_process_memory_fraction(1.0, device)
     add_speedups(rows)
     metadata["load_average_end"] = environment.load_average()
+    metadata["duration_s"] = round(time.monotonic() - started, 1)
     settings = {**options.as_dict(), "memory_cap_bytes": cpu_cap or options.memory_cap_bytes}
 
     out = options.out
