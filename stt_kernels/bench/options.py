@@ -1,0 +1,115 @@
+"""What a run measures and how hard it tries: :class:`Options`, shared by the CLI, ``stt bench``
+and the tests."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .cases import PASSES
+from .shapes import TIERS
+
+OUR_BACKENDS = ("triton", "cuda", "cpu", "reference")
+GPU_DTYPES = ("float32", "float16", "bfloat16")
+CPU_DTYPES = ("float32",)
+
+# (warm-up calls, repeats at most, seconds of timed calls per row before stopping early)
+_EFFORT = {"quick": (1, 5, 1.0), "default": (2, 10, 10.0), "full": (3, 20, 20.0)}
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Options:
+    """A benchmark run. ``None`` means "the tier's / device's default".
+
+    - ``tier``: ``quick`` (smoke test, minutes on a laptop CPU), ``default``, ``full`` (the
+      paper's 32 x 320 x 320 patch; for GPUs). Sizes: ``shapes.py``.
+    - ``ops``: case names (``cases.CASES``); ``backends``: which of ours run (``triton``,
+      ``cuda``, ``cpu``, ``reference``); ``peers``: peer names or prefixes (``sdpa``,
+      ``sdpa:flash``, ``torchvision``...), ``[]`` for none.
+    - ``dtypes``: names (``float32``...); default every dtype the device's backends claim.
+    - ``memory_cap_bytes``: CPU: per-case working memory allowed above the worker's baseline
+      (default three quarters of the memory available); GPU: a per-process limit of the
+      allocator. Cases above it are recorded as OOM.
+    - ``cpu_memory``: measure CPU peak memory in a fresh subprocess per row (slower, and the
+      guard that keeps an OOM case out of this process).
+    - ``threads``: torch's CPU threads for the run and its subprocesses (default: torch's own
+      choice). On a machine shared with other work, fewer threads than cores avoids OpenMP
+      waiting for descheduled threads, which can cost whole scheduler time slices per call.
+    - ``results_md``: also update this device's section of a ``RESULTS.md``.
+    """
+
+    out: Path
+    tier: str = "default"
+    ops: Optional[Sequence[str]] = None
+    backends: Optional[Sequence[str]] = None
+    peers: Optional[Sequence[str]] = None
+    dtypes: Optional[Sequence[str]] = None
+    passes: Sequence[str] = PASSES
+    device: Optional[str] = None
+    warmup: Optional[int] = None
+    repeats: Optional[int] = None
+    budget_s: Optional[float] = None
+    memory_cap_bytes: Optional[int] = None
+    cpu_memory: bool = True
+    probe_timeout_s: float = 600.0
+    threads: Optional[int] = None
+    plots: bool = True
+    results_md: Optional[Path] = None
+    command: Optional[list[str]] = None
+    seed: int = 0
+    progress: Callable[[str], None] = field(default=_stderr, repr=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.tier not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}; got {self.tier!r}")
+        for p in self.passes:
+            if p not in PASSES:
+                raise ValueError(f"passes must be among {', '.join(PASSES)}; got {p!r}")
+        for b in self.backends or ():
+            if b not in OUR_BACKENDS:
+                raise ValueError(f"backends must be among {', '.join(OUR_BACKENDS)}; got {b!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def torch_dtypes(self, device: torch.device) -> list[torch.dtype]:
+        names = self.dtypes or (GPU_DTYPES if device.type == "cuda" else CPU_DTYPES)
+        dtypes = []
+        for name in names:
+            dtype = getattr(torch, name, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {name!r}")
+            dtypes.append(dtype)
+        return dtypes
+
+    def effort(self) -> tuple[int, int, float]:
+        """(warm-up calls, repeats, per-row time budget in seconds)."""
+        warmup, repeats, budget = _EFFORT[self.tier]
+        return (self.warmup if self.warmup is not None else warmup,
+                self.repeats if self.repeats is not None else repeats,
+                self.budget_s if self.budget_s is not None else budget)
+
+    def wants(self, implementation_name: str, kind: str) -> bool:
+        """Whether the ``backends``/``peers`` filters keep this implementation."""
+        if kind == "peer":
+            return self.peers is None or any(
+                implementation_name == p or implementation_name.startswith(p + ":") for p in self.peers)
+        backend = implementation_name.removeprefix("ours:")
+        return self.backends is None or backend in self.backends
+
+    def as_dict(self) -> dict[str, object]:
+        return {"tier": self.tier, "ops": self.ops, "backends": self.backends, "peers": self.peers,
+                "dtypes": self.dtypes, "passes": list(self.passes), "device": self.device,
+                "effort": self.effort(), "memory_cap_bytes": self.memory_cap_bytes,
+                "cpu_memory": self.cpu_memory, "threads": self.threads, "seed": self.seed}

@@ -1,0 +1,56 @@
+"""Our implementations: the public ops, once per backend, and the reference backend.
+
+Every backend is listed on the device it runs on; whether it is available (built, Triton
+installed) and has a kernel for the op is asked of ``stt_kernels`` at run time, so a
+kernel that lands later shows up without a change here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+
+import stt_kernels
+
+from .implementation import Implementation
+
+# Which tensors each compiled backend takes; the dtypes it claims per DESIGN.md section 2.
+_DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "cpu": ("cpu",), "reference": ("cpu", "cuda")}
+_DTYPES = {
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "cpu": (torch.float32, torch.float64),
+}
+_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "spatial_attention": stt_kernels.spatial_attention,
+    "temporal_attention": stt_kernels.temporal_attention,
+    "deform_conv2d": stt_kernels.deform_conv2d,
+}
+
+
+def _unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
+    status = stt_kernels.backends()[backend]
+    if not status.available:
+        return f"backend {backend!r} unavailable: {status.reason}"
+    claimed = _DTYPES.get(backend)
+    if claimed is not None and dtype not in claimed:
+        return f"backend {backend!r} does not claim {dtype}"
+    return None
+
+
+def implementations() -> list[Implementation]:
+    """``ours:<backend>`` for every compiled/Triton backend, and ``reference``, for every op."""
+    found = []
+    for op_name, op in _OPS.items():
+        for backend, devices in _DEVICES.items():
+            found.append(Implementation(
+                name="reference" if backend == "reference" else f"ours:{backend}",
+                op=op_name,
+                kind="reference" if backend == "reference" else "ours",
+                call=functools.partial(op, backend=backend),
+                devices=devices,
+                unsupported=functools.partial(_unsupported, backend),
+            ))
+    return found
