@@ -1,0 +1,312 @@
+"""Lazy readers for EM volumes (Z, Y, X): HDF5, TIFF stacks, folders of slices and zarr.
+
+``open_volume(spec)`` returns a :class:`Volume`: it knows its shape and dtype and reads only
+what a window ``volume[z0:z1, y0:y1, x0:x1]`` touches, so volumes larger than memory can be
+sampled and predicted. Specs: ``file.h5[:dataset]`` / ``file.hdf5[:dataset]``,
+``stack.tif[f]``, a folder of ``.png``/``.tif`` slices (one per z, natural sort order, MitoEM's
+layout), ``array.zarr[:path]``. Readers hold no open handle while pickled, so they can be sent
+to DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional, Protocol, Union, runtime_checkable
+
+import numpy as np
+
+from .indexing import Key, normalise_key
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+TIFF_SUFFIXES = (".tif", ".tiff")
+SLICE_SUFFIXES = (".png", ".tif", ".tiff")
+ZARR_SUFFIXES = (".zarr", ".n5")
+# Conventional names of the image dataset in EM files (CREMI/MitoEM use "main").
+DEFAULT_DATASETS = ("main", "image", "raw", "data")
+
+
+@runtime_checkable
+class Volume(Protocol):
+    """A lazily read array: ``volume[key]`` reads only the window the key selects."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def __getitem__(self, key: Key) -> np.ndarray: ...
+
+
+def split_spec(spec: Union[str, Path]) -> tuple[Path, Optional[str]]:
+    """``"a/b.h5:image"`` -> ``(Path("a/b.h5"), "image")``; the dataset part is optional.
+
+    The colon counts only after an HDF5 or zarr suffix, so other paths with colons survive.
+    """
+    text = str(spec)
+    match = re.match(r"^(.*?(?:%s))(?::(.+))?$" % "|".join(re.escape(s) for s in HDF5_SUFFIXES + ZARR_SUFFIXES),
+                     text, flags=re.IGNORECASE)
+    if match:
+        return Path(match.group(1)), match.group(2)
+    return Path(text), None
+
+
+def _pick_dataset(path: Path, requested: Optional[str], available: list[str]) -> str:
+    if requested is not None:
+        if requested.strip("/") in available:
+            return requested.strip("/")
+        raise ValueError(f"{path} has no dataset {requested!r}; available: {', '.join(available) or 'none'}")
+    if len(available) == 1:
+        return available[0]
+    for name in DEFAULT_DATASETS:
+        if name in available:
+            return name
+    raise ValueError(f"{path} holds several datasets and none is called {'/'.join(DEFAULT_DATASETS)}; "
+                     f"name one as {path}:<dataset> (available: {', '.join(available) or 'none'})")
+
+
+class HDF5Volume:
+    """A dataset of an HDF5 file; h5py reads only the chunks a window touches."""
+
+    def __init__(self, path: Path, dataset: Optional[str] = None):
+        import h5py
+
+        self.path = path
+        with h5py.File(path, "r") as f:
+            names: list[str] = []
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            self.dataset = _pick_dataset(path, dataset, names)
+            ds = f[self.dataset]
+            self._shape, self._dtype = tuple(ds.shape), ds.dtype
+            self.chunks: Optional[tuple[int, ...]] = ds.chunks
+        self._file: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        if self._file is None:
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+        return np.asarray(self._file[self.dataset][key])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None}
+
+    def __repr__(self) -> str:
+        return f"HDF5Volume('{self.path}:{self.dataset}', shape={self.shape}, dtype={self.dtype})"
+
+
+class TiffVolume:
+    """A multi-page TIFF stack (Z, Y, X): memory-mapped when uncompressed, else read page by page."""
+
+    def __init__(self, path: Path):
+        import tifffile
+
+        self.path = path
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape = tuple(series.shape)
+            self._dtype = np.dtype(series.dtype)
+            self._pages = len(series.pages) if series.pages else 1
+        if len(shape) == 2:
+            shape = (1, *shape)
+        if len(shape) != 3:
+            raise ValueError(f"{path}: expected a (Z, Y, X) grayscale stack; got shape {shape}")
+        self._shape: tuple[int, int, int] = shape  # type: ignore[assignment]
+        self._memmap: Optional[np.ndarray] = None
+        self._mappable: Optional[bool] = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def _mapped(self) -> Optional[np.ndarray]:
+        if self._mappable is None:
+            import tifffile
+
+            try:
+                self._memmap = tifffile.memmap(self.path, mode="r").reshape(self._shape)
+                self._mappable = True
+            except ValueError:  # compressed or tiled: no contiguous image data to map
+                self._mappable = False
+        return self._memmap
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        mapped = self._mapped()
+        if mapped is not None:
+            return np.array(mapped[key])
+        import tifffile
+
+        zs, rest, squeeze = normalise_key(key, self._shape)
+        with tifffile.TiffFile(self.path) as tif:
+            if self._pages == 1:  # one page holding all z (e.g. an ImageJ hyperstack without pages)
+                return tif.asarray()[key]
+            pages = [tif.pages[z].asarray()[rest] for z in zs]
+        out = np.stack(pages) if pages else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
+        return out[squeeze]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_memmap": None, "_mappable": None}
+
+    def __repr__(self) -> str:
+        return f"TiffVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+
+
+def _rest_shape(rest: tuple[slice, slice], shape: tuple[int, ...]) -> tuple[int, int]:
+    return tuple(len(range(*s.indices(n))) for s, n in zip(rest, shape[1:]))  # type: ignore[return-value]
+
+
+def natural_key(name: str) -> list[Union[int, str]]:
+    """Sort key that puts ``im2.png`` before ``im10.png``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one slice from its header alone."""
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return tuple(page.shape), np.dtype(page.dtype)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        modes = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32, "F": np.float32,
+                 "1": np.bool_, "P": np.uint8}
+        if im.mode not in modes:
+            raise ValueError(f"{path}: expected a grayscale image; got mode {im.mode}")
+        return (im.height, im.width), np.dtype(modes[im.mode])
+
+
+def _read_slice(path: Path) -> np.ndarray:
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        return tifffile.imread(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+class SliceFolderVolume:
+    """A folder of 2-d slices, one file per z in natural sort order; reads only the slices a
+    window touches."""
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()),
+                       key=lambda p: natural_key(p.name))
+        if not files:
+            raise ValueError(f"{folder} holds no {'/'.join(SLICE_SUFFIXES)} slices")
+        headers = [_slice_header(p) for p in files]
+        shapes = {h[0] for h in headers}
+        if len(shapes) > 1:
+            first = headers[0][0]
+            odd = next(p for p, h in zip(files, headers) if h[0] != first)
+            raise ValueError(f"{folder}: slices differ in shape ({files[0].name} is {first}, "
+                             f"{odd.name} is {_slice_header(odd)[0]})")
+        (plane,) = shapes
+        if len(plane) != 2:
+            raise ValueError(f"{folder}: expected grayscale slices; {files[0].name} has shape {plane}")
+        self.files = files
+        self._shape = (len(files), *plane)
+        self._dtype = headers[0][1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        zs, rest, squeeze = normalise_key(key, self._shape)
+        planes = [_read_slice(self.files[z])[rest] for z in zs]
+        out = np.stack(planes) if planes else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
+        return out[squeeze]
+
+    def __repr__(self) -> str:
+        return f"SliceFolderVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+
+
+class ZarrVolume:
+    """A zarr array (or an array inside a zarr group); zarr reads only the touched chunks."""
+
+    def __init__(self, path: Path, dataset: Optional[str] = None):
+        import zarr
+
+        self.path = path
+        node = zarr.open(str(path), mode="r")
+        if isinstance(node, zarr.Array):
+            if dataset is not None:
+                raise ValueError(f"{path} is a single zarr array; it has no dataset {dataset!r}")
+            self.dataset: Optional[str] = None
+            array = node
+        else:
+            names = sorted(name for name, _ in node.arrays())
+            self.dataset = _pick_dataset(path, dataset, names)
+            array = node[self.dataset]
+        self._shape, self._dtype = tuple(array.shape), np.dtype(array.dtype)
+        self.chunks: Optional[tuple[int, ...]] = tuple(array.chunks)
+        self._array: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        if self._array is None:
+            import zarr
+
+            node = zarr.open(str(self.path), mode="r")
+            self._array = node if self.dataset is None else node[self.dataset]
+        return np.asarray(self._array[key])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    def __repr__(self) -> str:
+        name = f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
+        return f"ZarrVolume('{name}', shape={self.shape}, dtype={self.dtype})"
+
+
+def open_volume(spec: Union[str, Path, np.ndarray, Volume]) -> Volume:
+    """A lazy :class:`Volume` for ``spec`` (see the module doc); arrays and volumes pass through."""
+    if isinstance(spec, np.ndarray) or (not isinstance(spec, (str, Path)) and isinstance(spec, Volume)):
+        return spec
+    path, dataset = split_spec(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    suffix = path.suffix.lower()
+    if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in
+                                                         ("zarr.json", ".zarray", ".zgroup"))):
+        return ZarrVolume(path, dataset)
+    if dataset is not None and suffix not in HDF5_SUFFIXES:
+        raise ValueError(f"{spec}: only HDF5 and zarr specs take a ':dataset' part")
+    if path.is_dir():
+        return SliceFolderVolume(path)
+    if suffix in HDF5_SUFFIXES:
+        return HDF5Volume(path, dataset)
+    if suffix in TIFF_SUFFIXES:
+        return TiffVolume(path)
+    raise ValueError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
+                     f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr or a folder of PNG/TIFF slices")
