@@ -47,7 +47,7 @@ class OutputVolume:
 
             self._file: Any = h5py.File(self.tmp_path, "w")
             self._array: Any = self._file.create_dataset(dataset, shape=shape, dtype=dtype, chunks=chunk_shape,
-                                                         compression="gzip", compression_level=1)
+                                                         compression="gzip", compression_opts=1)
         else:
             import zarr
 
