@@ -117,6 +117,17 @@ def test_dataset_defaults(tmp_path, array):
     assert nested.dataset == "volumes/raw"
 
 
+def test_zarr_groups(tmp_path, array):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("volumes/raw", data=array, chunks=(2, 8, 8))
+    group.create_array("volumes/labels", data=array // 3, chunks=(2, 8, 8))
+    np.testing.assert_array_equal(open_volume(f"{tmp_path / 'g.zarr'}:volumes/labels")[2:4], array[2:4] // 3)
+    with pytest.raises(ValueError, match=r"no dataset 'raw'; available: volumes/labels, volumes/raw"):
+        open_volume(f"{tmp_path / 'g.zarr'}:raw")
+
+
 def test_errors_name_the_problem(tmp_path, array):
     with pytest.raises(FileNotFoundError, match="missing.h5"):
         open_volume(tmp_path / "missing.h5")
@@ -133,6 +144,9 @@ def test_errors_name_the_problem(tmp_path, array):
     Image.fromarray(array[0, :10]).save(folder / "slice3.png")
     with pytest.raises(ValueError, match=r"slices differ in shape \(slice0.png is \(33, 45\), slice3.png is \(10, 45\)\)"):
         open_volume(folder)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
+    with pytest.raises(ValueError, match=r"rgb.tif: expected a grayscale stack"):
+        open_volume(tmp_path / "rgb.tif")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty holds no"):
         open_volume(tmp_path / "empty")

@@ -54,8 +54,7 @@ def _capsule_distance(points: np.ndarray, capsule: _Capsule) -> tuple[np.ndarray
     return np.linalg.norm(points - nearest, axis=-1), t
 
 
-def _random_capsule(rng: np.random.Generator, extent: np.ndarray, radius_range: tuple[float, float],
-                    anisotropy: float) -> _Capsule:
+def _random_capsule(rng: np.random.Generator, extent: np.ndarray, radius_range: tuple[float, float]) -> _Capsule:
     radius = rng.uniform(*radius_range)
     length = rng.uniform(1.0, 5.0) * radius
     angle = rng.uniform(0, np.pi)
@@ -97,7 +96,7 @@ def synthetic_volume(shape: Sequence[int] = (32, 256, 256), seed: int = 0, n_obj
 
     capsules: list[_Capsule] = []
     for _ in range(n_objects):
-        capsules.append(_random_capsule(rng, extent, (r_lo, r_hi), anisotropy))
+        capsules.append(_random_capsule(rng, extent, (r_lo, r_hi)))
         if rng.random() < touching:
             capsules.append(_touching_partner(rng, capsules[-1]))
 

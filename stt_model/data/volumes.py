@@ -105,7 +105,8 @@ class HDF5Volume:
 
 
 class TiffVolume:
-    """A multi-page TIFF stack (Z, Y, X): memory-mapped when uncompressed, else read page by page."""
+    """A multi-page TIFF stack (Z, Y, X), one page per z: memory-mapped when uncompressed, else read
+    page by page."""
 
     def __init__(self, path: Path):
         import tifffile
@@ -115,14 +116,15 @@ class TiffVolume:
             series = tif.series[0]
             shape = tuple(series.shape)
             self._dtype = np.dtype(series.dtype)
-            self._pages = len(series.pages) if series.pages else 1
+            pages = len(series.pages)
         if len(shape) == 2:
             shape = (1, *shape)
-        if len(shape) != 3:
-            raise ValueError(f"{path}: expected a (Z, Y, X) grayscale stack; got shape {shape}")
+        if len(shape) != 3 or pages != shape[0]:
+            raise ValueError(f"{path}: expected a grayscale stack with one page per z; "
+                             f"got shape {shape} in {pages} page(s)")
         self._shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         self._memmap: Optional[np.ndarray] = None
-        self._mappable: Optional[bool] = None
+        self._tif: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -132,33 +134,23 @@ class TiffVolume:
     def dtype(self) -> np.dtype:
         return self._dtype
 
-    def _mapped(self) -> Optional[np.ndarray]:
-        if self._mappable is None:
-            import tifffile
-
-            try:
-                self._memmap = tifffile.memmap(self.path, mode="r").reshape(self._shape)
-                self._mappable = True
-            except ValueError:  # compressed or tiled: no contiguous image data to map
-                self._mappable = False
-        return self._memmap
-
     def __getitem__(self, key: Key) -> np.ndarray:
-        mapped = self._mapped()
-        if mapped is not None:
-            return np.array(mapped[key])
         import tifffile
 
+        if self._memmap is None and self._tif is None:
+            try:
+                self._memmap = tifffile.memmap(self.path, mode="r").reshape(self._shape)
+            except ValueError:  # compressed or tiled: no contiguous image data to map
+                self._tif = tifffile.TiffFile(self.path)
+        if self._memmap is not None:
+            return np.array(self._memmap[key])
         zs, rest, squeeze = normalise_key(key, self._shape)
-        with tifffile.TiffFile(self.path) as tif:
-            if self._pages == 1:  # one page holding all z (e.g. an ImageJ hyperstack without pages)
-                return tif.asarray()[key]
-            pages = [tif.pages[z].asarray()[rest] for z in zs]
+        pages = [self._tif.pages[z].asarray()[rest] for z in zs]
         out = np.stack(pages) if pages else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
         return out[squeeze]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_memmap": None, "_mappable": None}
+        return {**self.__dict__, "_memmap": None, "_tif": None}
 
     def __repr__(self) -> str:
         return f"TiffVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
@@ -258,7 +250,7 @@ class ZarrVolume:
             self.dataset: Optional[str] = None
             array = node
         else:
-            names = sorted(name for name, _ in node.arrays())
+            names = sorted(name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array))
             self.dataset = _pick_dataset(path, dataset, names)
             array = node[self.dataset]
         self._shape, self._dtype = tuple(array.shape), np.dtype(array.dtype)
@@ -300,8 +292,6 @@ def open_volume(spec: Union[str, Path, np.ndarray, Volume]) -> Volume:
     if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in
                                                          ("zarr.json", ".zarray", ".zgroup"))):
         return ZarrVolume(path, dataset)
-    if dataset is not None and suffix not in HDF5_SUFFIXES:
-        raise ValueError(f"{spec}: only HDF5 and zarr specs take a ':dataset' part")
     if path.is_dir():
         return SliceFolderVolume(path)
     if suffix in HDF5_SUFFIXES:
