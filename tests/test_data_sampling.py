@@ -124,6 +124,23 @@ def test_lazy_volumes_from_specs(tmp_path, pair):
     assert same(from_file, in_memory)
 
 
+def test_file_backed_volumes_in_forked_workers(tmp_path, pair):
+    """Workers inherit volumes the parent has already read; each must reopen its own handle."""
+    import tifffile
+
+    path = tmp_path / "train.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("label", data=pair[1], chunks=(4, 32, 32), compression="gzip")
+    tifffile.imwrite(tmp_path / "image.tif", pair[0], compression="zlib")
+    sampler = PatchSampler((str(tmp_path / "image.tif"), f"{path}:label"), PATCH, batch_size=2, seed=5)
+    sampler.batch(0)
+    context = torch.multiprocessing.get_context("fork")
+    loader = torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=2, multiprocessing_context=context)
+    from_workers = [b for _, b in zip(range(6), loader)]
+    in_memory = PatchSampler(pair, PATCH, batch_size=2, seed=5, index_block=(4, 32, 32))
+    assert same(from_workers, take(in_memory, 6))
+
+
 def test_from_config(pair):
     config = load_config({"base": "tiny-cpu", "data": {"patch": [4, 16, 16], "augment": False}})
     sampler = PatchSampler.from_config([pair, pair], config)

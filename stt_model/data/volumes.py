@@ -4,15 +4,17 @@
 what a window ``volume[z0:z1, y0:y1, x0:x1]`` touches, so volumes larger than memory can be
 sampled and predicted. Specs: ``file.h5[:dataset]`` / ``file.hdf5[:dataset]``,
 ``stack.tif[f]``, a folder of ``.png``/``.tif`` slices (one per z, natural sort order, MitoEM's
-layout), ``array.zarr[:path]``. Readers hold no open handle while pickled, so they can be sent
-to DataLoader workers.
+layout), ``array.zarr[:path]``. Readers open their file on first use in each process (a forked
+DataLoader worker opens its own) and drop the handle when pickled.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 
@@ -37,6 +39,25 @@ class Volume(Protocol):
     def dtype(self) -> np.dtype: ...
 
     def __getitem__(self, key: Key) -> np.ndarray: ...
+
+
+class _Handle:
+    """An open file handle made on first use and remade in each new process. A forked DataLoader
+    worker must not share its parent's HDF5 handle or file offset: reads would interleave and
+    corrupt each other. Pickling drops the handle."""
+
+    def __init__(self, opener: Callable[[], Any]):
+        self._opener = opener
+        self._pid: Optional[int] = None
+        self._value: Any = None
+
+    def get(self) -> Any:
+        if self._pid != os.getpid():
+            self._value, self._pid = self._opener(), os.getpid()
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_opener": self._opener, "_pid": None, "_value": None}
 
 
 def split_spec(spec: Union[str, Path]) -> tuple[Path, Optional[str]]:
@@ -80,7 +101,7 @@ class HDF5Volume:
             ds = f[self.dataset]
             self._shape, self._dtype = tuple(ds.shape), ds.dtype
             self.chunks: Optional[tuple[int, ...]] = ds.chunks
-        self._file: Any = None
+        self._file = _Handle(functools.partial(h5py.File, path, "r"))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,14 +112,7 @@ class HDF5Volume:
         return self._dtype
 
     def __getitem__(self, key: Key) -> np.ndarray:
-        if self._file is None:
-            import h5py
-
-            self._file = h5py.File(self.path, "r")
-        return np.asarray(self._file[self.dataset][key])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_file": None}
+        return np.asarray(self._file.get()[self.dataset][key])
 
     def __repr__(self) -> str:
         return f"HDF5Volume('{self.path}:{self.dataset}', shape={self.shape}, dtype={self.dtype})"
@@ -123,8 +137,7 @@ class TiffVolume:
             raise ValueError(f"{path}: expected a grayscale stack with one page per z; "
                              f"got shape {shape} in {pages} page(s)")
         self._shape: tuple[int, int, int] = shape  # type: ignore[assignment]
-        self._memmap: Optional[np.ndarray] = None
-        self._tif: Any = None
+        self._data = _Handle(functools.partial(_open_tiff, path, shape))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,25 +148,26 @@ class TiffVolume:
         return self._dtype
 
     def __getitem__(self, key: Key) -> np.ndarray:
-        import tifffile
-
-        if self._memmap is None and self._tif is None:
-            try:
-                self._memmap = tifffile.memmap(self.path, mode="r").reshape(self._shape)
-            except ValueError:  # compressed or tiled: no contiguous image data to map
-                self._tif = tifffile.TiffFile(self.path)
-        if self._memmap is not None:
-            return np.array(self._memmap[key])
+        data = self._data.get()
+        if isinstance(data, np.ndarray):
+            return np.array(data[key])
         zs, rest, squeeze = normalise_key(key, self._shape)
-        pages = [self._tif.pages[z].asarray()[rest] for z in zs]
+        pages = [data.pages[z].asarray()[rest] for z in zs]
         out = np.stack(pages) if pages else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
         return out[squeeze]
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_memmap": None, "_tif": None}
-
     def __repr__(self) -> str:
         return f"TiffVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+
+
+def _open_tiff(path: Path, shape: tuple[int, ...]) -> Any:
+    """The stack memory-mapped, or a ``TiffFile`` to read page by page when it is compressed or tiled."""
+    import tifffile
+
+    try:
+        return tifffile.memmap(path, mode="r").reshape(shape)
+    except ValueError:  # no contiguous image data to map
+        return tifffile.TiffFile(path)
 
 
 def _rest_shape(rest: tuple[slice, slice], shape: tuple[int, ...]) -> tuple[int, int]:
@@ -255,7 +269,7 @@ class ZarrVolume:
             array = node[self.dataset]
         self._shape, self._dtype = tuple(array.shape), np.dtype(array.dtype)
         self.chunks: Optional[tuple[int, ...]] = tuple(array.chunks)
-        self._array: Any = None
+        self._array = _Handle(functools.partial(_open_zarr, path, self.dataset))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -266,19 +280,18 @@ class ZarrVolume:
         return self._dtype
 
     def __getitem__(self, key: Key) -> np.ndarray:
-        if self._array is None:
-            import zarr
-
-            node = zarr.open(str(self.path), mode="r")
-            self._array = node if self.dataset is None else node[self.dataset]
-        return np.asarray(self._array[key])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
+        return np.asarray(self._array.get()[key])
 
     def __repr__(self) -> str:
         name = f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
         return f"ZarrVolume('{name}', shape={self.shape}, dtype={self.dtype})"
+
+
+def _open_zarr(path: Path, dataset: Optional[str]) -> Any:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    return node if dataset is None else node[dataset]
 
 
 def open_volume(spec: Union[str, Path, np.ndarray, Volume]) -> Volume:
