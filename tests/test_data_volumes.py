@@ -147,6 +147,12 @@ def test_errors_name_the_problem(tmp_path, array):
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
     with pytest.raises(ValueError, match=r"rgb.tif: expected a grayscale stack"):
         open_volume(tmp_path / "rgb.tif")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match=r"junk.h5 is not a readable HDF5 file"):
+        open_volume(tmp_path / "junk.h5")
+    (tmp_path / "junk.tif").write_bytes(b"not tiff")
+    with pytest.raises(ValueError, match=r"junk.tif: not a TIFF file"):
+        open_volume(tmp_path / "junk.tif")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty holds no"):
         open_volume(tmp_path / "empty")

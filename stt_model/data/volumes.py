@@ -94,7 +94,11 @@ class HDF5Volume:
         import h5py
 
         self.path = path
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise ValueError(f"{path} is not a readable HDF5 file ({exc})") from None
+        with f:
             names: list[str] = []
             f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
             self.dataset = _pick_dataset(path, dataset, names)
@@ -126,7 +130,11 @@ class TiffVolume:
         import tifffile
 
         self.path = path
-        with tifffile.TiffFile(path) as tif:
+        try:
+            tif = tifffile.TiffFile(path)
+        except tifffile.TiffFileError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        with tif:
             series = tif.series[0]
             shape = tuple(series.shape)
             self._dtype = np.dtype(series.dtype)
@@ -184,12 +192,20 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     if path.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        try:
+            tif = tifffile.TiffFile(path)
+        except tifffile.TiffFileError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        with tif:
             page = tif.pages[0]
             return tuple(page.shape), np.dtype(page.dtype)
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not a readable image") from None
+    with im:
         modes = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32, "F": np.float32,
                  "1": np.bool_, "P": np.uint8}
         if im.mode not in modes:
