@@ -23,7 +23,8 @@ DEFAULT_OUTPUT_DATASET = "main"
 
 
 def default_chunks(shape: Sequence[int]) -> tuple[int, ...]:
-    """About 1-2 MB chunks, thin in z: windows are read and written as slabs of slices."""
+    """16 x 128 x 128 voxel chunks (one per channel), clipped to the shape: thin in z because
+    inference writes slabs of slices."""
     target = [16, 128, 128]
     lead = [1] * (len(shape) - 3)  # channel axes: one chunk per channel
     return tuple(max(1, min(int(n), c)) for n, c in zip(shape, lead + target[-min(3, len(shape)):]))
