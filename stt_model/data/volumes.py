@@ -1,0 +1,331 @@
+"""Lazy readers for EM volumes (Z, Y, X): HDF5, TIFF stacks, folders of slices and zarr.
+
+``open_volume(spec)`` returns a :class:`Volume`: it knows its shape and dtype and reads only
+what a window ``volume[z0:z1, y0:y1, x0:x1]`` touches, so volumes larger than memory can be
+sampled and predicted. Specs: ``file.h5[:dataset]`` / ``file.hdf5[:dataset]``,
+``stack.tif[f]``, a folder of ``.png``/``.tif`` slices (one per z, natural sort order, MitoEM's
+layout), ``array.zarr[:path]``. Readers open their file on first use in each process (a forked
+DataLoader worker opens its own) and drop the handle when pickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+
+import numpy as np
+
+from .indexing import Key, normalise_key
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+TIFF_SUFFIXES = (".tif", ".tiff")
+SLICE_SUFFIXES = (".png", ".tif", ".tiff")
+ZARR_SUFFIXES = (".zarr", ".n5")
+# Conventional names of the image dataset in EM files (CREMI/MitoEM use "main").
+DEFAULT_DATASETS = ("main", "image", "raw", "data")
+
+
+@runtime_checkable
+class Volume(Protocol):
+    """A lazily read array: ``volume[key]`` reads only the window the key selects."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def __getitem__(self, key: Key) -> np.ndarray: ...
+
+
+class _Handle:
+    """An open file handle made on first use and remade in each new process. A forked DataLoader
+    worker must not share its parent's HDF5 handle or file offset: reads would interleave and
+    corrupt each other. Pickling drops the handle."""
+
+    def __init__(self, opener: Callable[[], Any]):
+        self._opener = opener
+        self._pid: Optional[int] = None
+        self._value: Any = None
+
+    def get(self) -> Any:
+        if self._pid != os.getpid():
+            self._value, self._pid = self._opener(), os.getpid()
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_opener": self._opener, "_pid": None, "_value": None}
+
+
+def split_spec(spec: Union[str, Path]) -> tuple[Path, Optional[str]]:
+    """``"a/b.h5:image"`` -> ``(Path("a/b.h5"), "image")``; the dataset part is optional.
+
+    The colon counts only after an HDF5 or zarr suffix, so other paths with colons survive.
+    """
+    text = str(spec)
+    match = re.match(r"^(.*?(?:%s))(?::(.+))?$" % "|".join(re.escape(s) for s in HDF5_SUFFIXES + ZARR_SUFFIXES),
+                     text, flags=re.IGNORECASE)
+    if match:
+        return Path(match.group(1)), match.group(2)
+    return Path(text), None
+
+
+def _pick_dataset(path: Path, requested: Optional[str], available: list[str]) -> str:
+    if requested is not None:
+        if requested.strip("/") in available:
+            return requested.strip("/")
+        raise ValueError(f"{path} has no dataset {requested!r}; available: {', '.join(available) or 'none'}")
+    if len(available) == 1:
+        return available[0]
+    for name in DEFAULT_DATASETS:
+        if name in available:
+            return name
+    raise ValueError(f"{path} holds several datasets and none is called {'/'.join(DEFAULT_DATASETS)}; "
+                     f"name one as {path}:<dataset> (available: {', '.join(available) or 'none'})")
+
+
+class HDF5Volume:
+    """A dataset of an HDF5 file; h5py reads only the chunks a window touches."""
+
+    def __init__(self, path: Path, dataset: Optional[str] = None):
+        import h5py
+
+        self.path = path
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise ValueError(f"{path} is not a readable HDF5 file ({exc})") from None
+        with f:
+            names: list[str] = []
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            self.dataset = _pick_dataset(path, dataset, names)
+            ds = f[self.dataset]
+            self._shape, self._dtype = tuple(ds.shape), ds.dtype
+            self.chunks: Optional[tuple[int, ...]] = ds.chunks
+        self._file = _Handle(functools.partial(h5py.File, path, "r"))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        return np.asarray(self._file.get()[self.dataset][key])
+
+    def __repr__(self) -> str:
+        return f"HDF5Volume('{self.path}:{self.dataset}', shape={self.shape}, dtype={self.dtype})"
+
+
+class TiffVolume:
+    """A multi-page TIFF stack (Z, Y, X), one page per z: memory-mapped when uncompressed, else read
+    page by page."""
+
+    def __init__(self, path: Path):
+        import tifffile
+
+        self.path = path
+        try:
+            tif = tifffile.TiffFile(path)
+        except tifffile.TiffFileError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        with tif:
+            series = tif.series[0]
+            shape = tuple(series.shape)
+            self._dtype = np.dtype(series.dtype)
+            pages = len(series.pages)
+        if len(shape) == 2:
+            shape = (1, *shape)
+        if len(shape) != 3 or pages != shape[0]:
+            raise ValueError(f"{path}: expected a grayscale stack with one page per z; "
+                             f"got shape {shape} in {pages} page(s)")
+        self._shape: tuple[int, int, int] = shape  # type: ignore[assignment]
+        self._data = _Handle(functools.partial(_open_tiff, path, shape))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        data = self._data.get()
+        if isinstance(data, np.ndarray):
+            return np.array(data[key])
+        zs, rest, squeeze = normalise_key(key, self._shape)
+        pages = [data.pages[z].asarray()[rest] for z in zs]
+        out = np.stack(pages) if pages else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
+        return out[squeeze]
+
+    def __repr__(self) -> str:
+        return f"TiffVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+
+
+def _open_tiff(path: Path, shape: tuple[int, ...]) -> Any:
+    """The stack memory-mapped, or a ``TiffFile`` to read page by page when it is compressed or tiled."""
+    import tifffile
+
+    try:
+        return tifffile.memmap(path, mode="r").reshape(shape)
+    except ValueError:  # no contiguous image data to map
+        return tifffile.TiffFile(path)
+
+
+def _rest_shape(rest: tuple[slice, slice], shape: tuple[int, ...]) -> tuple[int, int]:
+    return tuple(len(range(*s.indices(n))) for s, n in zip(rest, shape[1:]))  # type: ignore[return-value]
+
+
+def natural_key(name: str) -> list[Union[int, str]]:
+    """Sort key that puts ``im2.png`` before ``im10.png``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one slice from its header alone."""
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        try:
+            tif = tifffile.TiffFile(path)
+        except tifffile.TiffFileError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        with tif:
+            page = tif.pages[0]
+            return tuple(page.shape), np.dtype(page.dtype)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not a readable image") from None
+    with im:
+        modes = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32, "F": np.float32,
+                 "1": np.bool_, "P": np.uint8}
+        if im.mode not in modes:
+            raise ValueError(f"{path}: expected a grayscale image; got mode {im.mode}")
+        return (im.height, im.width), np.dtype(modes[im.mode])
+
+
+def _read_slice(path: Path) -> np.ndarray:
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        return tifffile.imread(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+class SliceFolderVolume:
+    """A folder of 2-d slices, one file per z in natural sort order; reads only the slices a
+    window touches."""
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()),
+                       key=lambda p: natural_key(p.name))
+        if not files:
+            raise ValueError(f"{folder} holds no {'/'.join(SLICE_SUFFIXES)} slices")
+        headers = [_slice_header(p) for p in files]
+        shapes = {h[0] for h in headers}
+        if len(shapes) > 1:
+            first = headers[0][0]
+            odd = next(p for p, h in zip(files, headers) if h[0] != first)
+            raise ValueError(f"{folder}: slices differ in shape ({files[0].name} is {first}, "
+                             f"{odd.name} is {_slice_header(odd)[0]})")
+        (plane,) = shapes
+        if len(plane) != 2:
+            raise ValueError(f"{folder}: expected grayscale slices; {files[0].name} has shape {plane}")
+        self.files = files
+        self._shape = (len(files), *plane)
+        self._dtype = headers[0][1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        zs, rest, squeeze = normalise_key(key, self._shape)
+        planes = [_read_slice(self.files[z])[rest] for z in zs]
+        out = np.stack(planes) if planes else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
+        return out[squeeze]
+
+    def __repr__(self) -> str:
+        return f"SliceFolderVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+
+
+class ZarrVolume:
+    """A zarr array (or an array inside a zarr group); zarr reads only the touched chunks."""
+
+    def __init__(self, path: Path, dataset: Optional[str] = None):
+        import zarr
+
+        self.path = path
+        node = zarr.open(str(path), mode="r")
+        if isinstance(node, zarr.Array):
+            if dataset is not None:
+                raise ValueError(f"{path} is a single zarr array; it has no dataset {dataset!r}")
+            self.dataset: Optional[str] = None
+            array = node
+        else:
+            names = sorted(name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array))
+            self.dataset = _pick_dataset(path, dataset, names)
+            array = node[self.dataset]
+        self._shape, self._dtype = tuple(array.shape), np.dtype(array.dtype)
+        self.chunks: Optional[tuple[int, ...]] = tuple(array.chunks)
+        self._array = _Handle(functools.partial(_open_zarr, path, self.dataset))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        return np.asarray(self._array.get()[key])
+
+    def __repr__(self) -> str:
+        name = f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
+        return f"ZarrVolume('{name}', shape={self.shape}, dtype={self.dtype})"
+
+
+def _open_zarr(path: Path, dataset: Optional[str]) -> Any:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    return node if dataset is None else node[dataset]
+
+
+def open_volume(spec: Union[str, Path, np.ndarray, Volume]) -> Volume:
+    """A lazy :class:`Volume` for ``spec`` (see the module doc); arrays and volumes pass through."""
+    if isinstance(spec, np.ndarray) or (not isinstance(spec, (str, Path)) and isinstance(spec, Volume)):
+        return spec
+    path, dataset = split_spec(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    suffix = path.suffix.lower()
+    if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in
+                                                         ("zarr.json", ".zarray", ".zgroup"))):
+        return ZarrVolume(path, dataset)
+    if path.is_dir():
+        return SliceFolderVolume(path)
+    if suffix in HDF5_SUFFIXES:
+        return HDF5Volume(path, dataset)
+    if suffix in TIFF_SUFFIXES:
+        return TiffVolume(path)
+    raise ValueError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
+                     f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr or a folder of PNG/TIFF slices")

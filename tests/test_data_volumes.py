@@ -1,0 +1,223 @@
+"""Volume readers and chunked outputs: exact windows, lazy reads, errors that name the problem."""
+
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from stt_model.data import create_output, open_volume, split_spec
+from stt_model.data.volumes import HDF5Volume, SliceFolderVolume, TiffVolume, ZarrVolume
+
+LUCCHI = Path("/work/shared/data/lucchi_pp_train.h5")
+WINDOWS = [
+    (slice(2, 7), slice(5, 21), slice(3, 40)),
+    (3, slice(None), slice(10, 12)),
+    (slice(None), 4, 7),
+    (Ellipsis, slice(1, 30, 3)),
+    (slice(1, 9, 2), slice(-10, None), Ellipsis),
+    (-1,),
+]
+
+
+@pytest.fixture(scope="module")
+def array() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (9, 33, 45), dtype=np.uint8)
+
+
+def write_h5(path: Path, datasets: dict) -> Path:
+    with h5py.File(path, "w") as f:
+        for name, data in datasets.items():
+            f.create_dataset(name, data=data, chunks=(2, 8, 8))
+    return path
+
+
+def write_folder(path: Path, array: np.ndarray, suffix: str = ".png") -> Path:
+    path.mkdir()
+    for z, plane in enumerate(array):  # unpadded numbers: natural order differs from lexical order
+        if suffix == ".png":
+            Image.fromarray(plane).save(path / f"slice{z}.png")
+        else:
+            tifffile.imwrite(path / f"slice{z}.tif", plane)
+    return path
+
+
+def make(kind: str, tmp_path: Path, array: np.ndarray) -> str:
+    if kind == "h5":
+        return f"{write_h5(tmp_path / 'v.h5', {'image': array, 'label': array // 2})}:image"
+    if kind == "tiff":
+        tifffile.imwrite(tmp_path / "v.tif", array)
+        return str(tmp_path / "v.tif")
+    if kind == "tiff-compressed":
+        tifffile.imwrite(tmp_path / "v.tif", array, compression="zlib")
+        return str(tmp_path / "v.tif")
+    if kind == "png-folder":
+        return str(write_folder(tmp_path / "slices", array))
+    if kind == "tif-folder":
+        return str(write_folder(tmp_path / "slices", array, ".tif"))
+    import zarr
+
+    zarr.create_array(str(tmp_path / "v.zarr"), data=array, chunks=(2, 8, 8))
+    return str(tmp_path / "v.zarr")
+
+
+@pytest.mark.parametrize("kind", ["h5", "tiff", "tiff-compressed", "png-folder", "tif-folder", "zarr"])
+def test_windows_round_trip(kind, tmp_path, array):
+    volume = open_volume(make(kind, tmp_path, array))
+    assert tuple(volume.shape) == array.shape and volume.dtype == np.uint8
+    for key in WINDOWS:
+        np.testing.assert_array_equal(volume[key], array[key], err_msg=f"{kind} {key}")
+    again = pickle.loads(pickle.dumps(volume))  # DataLoader workers get pickled copies
+    np.testing.assert_array_equal(again[1:3], array[1:3])
+
+
+def test_slice_folder_reads_only_touched_slices(tmp_path, array, monkeypatch):
+    volume = open_volume(write_folder(tmp_path / "slices", array))
+    assert [p.name for p in volume.files][:3] == ["slice0.png", "slice1.png", "slice2.png"]
+    read = []
+    import stt_model.data.volumes as volumes
+
+    original = volumes._read_slice
+    monkeypatch.setattr(volumes, "_read_slice", lambda p: read.append(p.name) or original(p))
+    volume[4:6, :5, :5]
+    assert read == ["slice4.png", "slice5.png"]
+
+
+def test_compressed_tiff_reads_page_by_page(tmp_path, array, monkeypatch):
+    tifffile.imwrite(tmp_path / "v.tif", array, compression="zlib")
+    volume = open_volume(tmp_path / "v.tif")
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", lambda *a, **k: pytest.fail("read the whole stack"))
+    np.testing.assert_array_equal(volume[3:5, 2:4], array[3:5, 2:4])
+
+
+def test_hdf5_window_bigger_than_memory_budget(tmp_path):
+    """A 2 GiB dataset (chunked, never written, so tiny on disk) is windowed without loading it."""
+    import resource
+
+    path = tmp_path / "big.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("main", shape=(512, 2048, 2048), dtype=np.uint8, chunks=(16, 128, 128), fillvalue=7)
+    volume = open_volume(path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    window = volume[100:116, 1000:1128, 5:133]
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert window.shape == (16, 128, 128) and (window == 7).all()
+    assert grown_kib < 200 * 1024
+
+
+def test_dataset_defaults(tmp_path, array):
+    only = open_volume(write_h5(tmp_path / "one.h5", {"anything": array}))
+    assert isinstance(only, HDF5Volume) and only.dataset == "anything"
+    several = open_volume(write_h5(tmp_path / "two.hdf5", {"label": array, "image": array}))
+    assert several.dataset == "image"
+    nested = open_volume(f"{write_h5(tmp_path / 'g.h5', {'volumes/raw': array, 'x': array})}:volumes/raw")
+    assert nested.dataset == "volumes/raw"
+
+
+def test_zarr_groups(tmp_path, array):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("volumes/raw", data=array, chunks=(2, 8, 8))
+    group.create_array("volumes/labels", data=array // 3, chunks=(2, 8, 8))
+    np.testing.assert_array_equal(open_volume(f"{tmp_path / 'g.zarr'}:volumes/labels")[2:4], array[2:4] // 3)
+    with pytest.raises(ValueError, match=r"no dataset 'raw'; available: volumes/labels, volumes/raw"):
+        open_volume(f"{tmp_path / 'g.zarr'}:raw")
+
+
+def test_errors_name_the_problem(tmp_path, array):
+    with pytest.raises(FileNotFoundError, match="missing.h5"):
+        open_volume(tmp_path / "missing.h5")
+    path = write_h5(tmp_path / "v.h5", {"image": array, "label": array})
+    with pytest.raises(ValueError, match=r"no dataset 'raw'; available: image, label"):
+        open_volume(f"{path}:raw")
+    ambiguous = write_h5(tmp_path / "w.h5", {"a": array, "b": array})
+    with pytest.raises(ValueError, match=r"several datasets.*available: a, b"):
+        open_volume(ambiguous)
+    (tmp_path / "v.nii").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"v.nii: unsupported volume format .nii"):
+        open_volume(tmp_path / "v.nii")
+    folder = write_folder(tmp_path / "mixed", array[:3])
+    Image.fromarray(array[0, :10]).save(folder / "slice3.png")
+    with pytest.raises(ValueError, match=r"slices differ in shape \(slice0.png is \(33, 45\), slice3.png is \(10, 45\)\)"):
+        open_volume(folder)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
+    with pytest.raises(ValueError, match=r"rgb.tif: expected a grayscale stack"):
+        open_volume(tmp_path / "rgb.tif")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match=r"junk.h5 is not a readable HDF5 file"):
+        open_volume(tmp_path / "junk.h5")
+    (tmp_path / "junk.tif").write_bytes(b"not tiff")
+    with pytest.raises(ValueError, match=r"junk.tif: not a TIFF file"):
+        open_volume(tmp_path / "junk.tif")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no"):
+        open_volume(tmp_path / "empty")
+
+
+def test_split_spec():
+    assert split_spec("a/b.h5:image") == (Path("a/b.h5"), "image")
+    assert split_spec("a/b.H5") == (Path("a/b.H5"), None)
+    assert split_spec("c.zarr:labels/x") == (Path("c.zarr"), "labels/x")
+    assert split_spec("d.tif") == (Path("d.tif"), None)
+
+
+def test_reader_types(tmp_path, array):
+    assert isinstance(open_volume(make("tiff", tmp_path, array)), TiffVolume)
+    assert isinstance(open_volume(make("png-folder", tmp_path, array)), SliceFolderVolume)
+    assert isinstance(open_volume(make("zarr", tmp_path, array)), ZarrVolume)
+    assert open_volume(array) is array
+
+
+@pytest.mark.parametrize("name", ["out.h5:probs", "out.zarr"])
+def test_output_written_by_windows_and_published_on_close(tmp_path, name):
+    data = np.random.default_rng(1).integers(0, 255, (2, 10, 40, 50), dtype=np.uint8)
+    spec = str(tmp_path / name)
+    final = split_spec(spec)[0]
+    with create_output(spec, data.shape, np.uint8, chunks=(1, 4, 16, 16)) as out:
+        for z in range(0, 10, 4):
+            out[:, z:z + 4] = data[:, z:z + 4]
+        assert not final.exists(), "the final name appears only when the output is complete"
+    assert final.exists() and not list(tmp_path.glob(".*tmp*"))
+    back = open_volume(spec)
+    assert tuple(back.shape) == data.shape
+    np.testing.assert_array_equal(back[(slice(None),) * 4], data)
+
+
+@pytest.mark.parametrize("name", ["out.h5", "out.zarr"])
+def test_output_removed_on_failure(tmp_path, name):
+    with pytest.raises(RuntimeError):
+        with create_output(tmp_path / name, (4, 8, 8), np.float32) as out:
+            out[:2] = 1.0
+            raise RuntimeError("inference crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_output_leaves_the_previous_one(tmp_path):
+    (tmp_path / "out.h5").write_text("previous run")
+    out = create_output(tmp_path / "out.h5", (4, 8, 8), np.uint8)
+    out[:] = 3
+    out.abort()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
+    assert (tmp_path / "out.h5").read_text() == "previous run"
+
+
+def test_output_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"out.tif: outputs are written as HDF5"):
+        create_output(tmp_path / "out.tif", (2, 2, 2))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        create_output(tmp_path / "nowhere" / "out.h5", (2, 2, 2))
+
+
+@pytest.mark.skipif(not LUCCHI.exists(), reason="the Lucchi++ volume is not on this machine")
+def test_lucchi_opens_through_open_volume():
+    volume = open_volume(f"{LUCCHI}:image")
+    assert tuple(volume.shape) == (165, 768, 1024) and volume.dtype == np.uint8
+    with h5py.File(LUCCHI, "r") as f:
+        expected = f["image"][40:56, 300:428, 500:628]
+        labels = open_volume(f"{LUCCHI}:label")
+        np.testing.assert_array_equal(labels[40:56, 300:428, 500:628], f["label"][40:56, 300:428, 500:628])
+    np.testing.assert_array_equal(volume[40:56, 300:428, 500:628], expected)
