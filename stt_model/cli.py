@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+import torch
+
 EXAMPLES = {
     "demo": """examples:
   stt demo                                  # synthetic EM, a few minutes on 2 CPU cores -> demo_out/
@@ -80,11 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gt", required=True, help="ground-truth instances (or a binary mask)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
-    bench = command("bench", "Benchmark the kernels against the reference and the peers.")
-    speed = bench.add_mutually_exclusive_group()
-    speed.add_argument("--quick", action="store_true", help="small shapes, <= 10 minutes on a CPU")
-    speed.add_argument("--full", action="store_true", help="the paper's shapes (for GPUs)")
-    bench.add_argument("--out", type=Path, required=True)
+    from stt_kernels.bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(command("bench", "Benchmark the kernels against the reference and the peers."))
     return parser
 
 
@@ -104,12 +105,97 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise NotImplementedError(f"stt {args.command} is not implemented yet (issues 6-8)")
+def _z_range(text: str, depth: int) -> tuple[int, int]:
+    try:
+        z0, z1 = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--val-z must look like z0:z1 (e.g. 130:165); got {text!r}") from None
+    if not 0 <= z0 < z1 <= depth:
+        raise UsageError(f"--val-z {text} is not inside the volume's {depth} slices")
+    return z0, z1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .checkpoint import checkpoint_config, load_checkpoint
+    from .config import load_config
+    from .data import PatchSampler, ZRange, instances_from_binary, open_volume
+    from .segment import validator
+    from .train import TrainOptions, Trainer
+
+    if args.resume is not None:
+        config = checkpoint_config(load_checkpoint(args.resume))
+    else:
+        config = load_config(args.config)
+    if args.iterations is not None:
+        config.train.iterations = args.iterations
+        config.validate()
+    image, label = open_volume(args.image), open_volume(args.label)
+    if tuple(image.shape) != tuple(label.shape):
+        raise UsageError(f"--image has shape {tuple(image.shape)} but --label has {tuple(label.shape)}")
+    pairs, validate = [(image, label)], None
+    if args.val_z:
+        z0, z1 = _z_range(args.val_z, image.shape[0])
+        pairs = [(ZRange(image, a, b), ZRange(label, a, b)) for a, b in ((0, z0), (z1, image.shape[0])) if b > a]
+        gt = np.asarray(ZRange(label, z0, z1)[:])
+        gt = instances_from_binary(gt > 0) if gt.max() <= 1 else gt
+        validate = validator(config, ZRange(image, z0, z1)[:], gt)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    source = PatchSampler.from_config(pairs, config, rank=rank, world_size=world)
+    options = TrainOptions(out_dir=args.out, resume=args.resume, validate=validate,
+                           time_budget=args.minutes * 60 if args.minutes else None)
+    result = Trainer(config, source, options).run()
+    if rank == 0:
+        print(f"trained to step {result.step}; checkpoint {result.checkpoint}")
+        if result.metrics:
+            print("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .build import build_model
+    from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
+    from .data import create_output, open_volume
+    from .segment import instances, probabilities
+
+    state = load_checkpoint(args.checkpoint)
+    config = checkpoint_config(state)
+    model = build_model(config)
+    load_model_weights(model, state, args.checkpoint)
+    image = open_volume(args.image)
+    if len(image.shape) != 3:
+        raise UsageError(f"--image must be a 3-d volume (Z, Y, X); got shape {tuple(image.shape)}")
+    shape = (config.model.out_channels, *image.shape)
+    with create_output(args.out, shape, np.uint8) as out:
+        probabilities(model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), config, image, out,
+                      overlap=args.overlap, batch_size=args.batch_size, flip_tta=args.tta, device=args.device)
+    print(f"probabilities {shape} -> {args.out}")
+    if args.instances:
+        probs = open_volume(args.out)
+        labels = instances(probs[:])
+        with create_output(args.instances, labels.shape, np.uint32) as out:
+            out[:] = labels
+        print(f"{int(labels.max())} instances -> {args.instances}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, data=args.data, minutes=args.minutes, seed=args.seed)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from stt_kernels.bench import run
+    from stt_kernels.bench.cli import options_from_args
+
+    path = run(options_from_args(args, ["stt", *sys.argv[1:]]))
+    print(f"results -> {path}")
+    return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _not_yet, "train": _not_yet, "predict": _not_yet, "evaluate": _evaluate, "bench": _not_yet,
+    "demo": _demo, "train": _train, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
 }
 
 

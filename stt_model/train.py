@@ -2,8 +2,9 @@
 FG-BG adversarial game of Eq. 4, atomic resumable checkpoints and DDP through ``torchrun``.
 
 The trainer draws batches from a :class:`BatchSource` (image ``(B, 1, T, H, W)`` float32,
-targets ``(B, out, T, H, W)`` in {0, 1}); its ``state_dict`` goes into the checkpoint so a
-resumed run sees the same batches. Under ``torchrun`` every rank draws its own batches (the
+targets ``(B, out, T, H, W)`` in {0, 1}, as a pair or as ``{"image", "target"}`` like
+:class:`stt_model.data.PatchSampler` yields); its ``state_dict`` goes into the checkpoint so
+a resumed run sees the same batches. Under ``torchrun`` every rank draws its own batches (the
 source is built per rank) and only rank 0 writes logs and checkpoints.
 """
 
@@ -16,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from .progress import Progress
 
 
 class BatchSource(Protocol):
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __iter__(self) -> Iterator[Union[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -219,7 +220,8 @@ class Trainer:
         batches = iter(self.source)
         self.model.train()
         while self.step < last:
-            image, target = next(batches)
+            batch = next(batches)
+            image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch
             values = self.train_step(image, target)
             self.step += 1
             result.losses.append(values["loss"])

@@ -7,10 +7,10 @@ from .outputs import OutputVolume, create_output
 from .sampling import ForegroundIndex, PatchSampler, read_window, to_unit_range
 from .synthetic import SyntheticVolume, synthetic_volume
 from .targets import binary_mask, instance_contour, instances_from_binary, make_targets
-from .volumes import HDF5Volume, SliceFolderVolume, TiffVolume, Volume, ZarrVolume, open_volume, split_spec
+from .volumes import HDF5Volume, SliceFolderVolume, TiffVolume, Volume, ZarrVolume, ZRange, open_volume, split_spec
 
 __all__ = [
-    "Volume", "open_volume", "split_spec", "HDF5Volume", "TiffVolume", "SliceFolderVolume", "ZarrVolume",
+    "Volume", "open_volume", "split_spec", "HDF5Volume", "TiffVolume", "SliceFolderVolume", "ZarrVolume", "ZRange",
     "OutputVolume", "create_output",
     "binary_mask", "instance_contour", "instances_from_binary", "make_targets",
     "SyntheticVolume", "synthetic_volume",

@@ -329,3 +329,33 @@ def open_volume(spec: Union[str, Path, np.ndarray, Volume]) -> Volume:
         return TiffVolume(path)
     raise ValueError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
                      f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr or a folder of PNG/TIFF slices")
+
+
+class ZRange:
+    """Slices ``[z0, z1)`` of another volume, as a volume (no data copied): training on some
+    slices of a file and validating on the others."""
+
+    def __init__(self, volume: Volume, z0: int, z1: int):
+        if not 0 <= z0 < z1 <= volume.shape[0]:
+            raise ValueError(f"slice range {z0}:{z1} is not inside the volume's {volume.shape[0]} slices")
+        self.volume, self.z0, self.z1 = volume, z0, z1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.z1 - self.z0, *self.volume.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.volume.dtype
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        zs, (ys, xs), squeeze = normalise_key(key, self.shape)
+        if len(zs) == 0:
+            return np.asarray(self.volume[self.z0:self.z0, ys, xs])[squeeze]
+        step = zs.step
+        start = self.z0 + zs.start
+        stop = self.z0 + zs[-1] + (1 if step > 0 else -1)
+        return np.asarray(self.volume[start:stop if stop >= 0 else None:step, ys, xs])[squeeze]
+
+    def __repr__(self) -> str:
+        return f"ZRange({self.volume!r}, {self.z0}, {self.z1})"
