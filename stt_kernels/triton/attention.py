@@ -249,7 +249,10 @@ def _flash_backward_dkdv(
         lse2 = tl.load(lse_base + rows_m * sln, mask=m_ok, other=float("inf")) * _LOG2E
         delta = tl.load(delta_base + rows_m, mask=m_ok, other=0.0)
         # Transposed tiles (keys x queries) so that dV and dK come out without transposing them.
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
+        # score is far below 0; -inf keeps their rows free of inf and NaN.
+        p_t = tl.exp2(tl.where((offs_n < N)[:, None], s_t, float("-inf")) - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -304,9 +307,10 @@ def _flash_backward_dq(
         kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
         k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        # Padded keys are zero vectors, whose score is 0, not -inf: drop them explicitly.
-        p = tl.where((offs_n < N)[None, :], p, 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
+        # score is far below 0, which inf * 0 would turn into NaN in dQ.
+        p = tl.exp2(tl.where((offs_n < N)[None, :], s, float("-inf")) - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -412,9 +416,10 @@ def _packed_backward(
     # lse = +inf on padded query rows makes their p exactly 0, so they add nothing.
     lse2 = tl.load(lse_ptrs, mask=lse_mask, other=float("inf")) * _LOG2E
 
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, :, None])
-    # Padded keys are zero vectors, whose score is 0, not -inf: drop them explicitly.
-    p = tl.where((offs_t < N)[None, None, :], p, 0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
+    # score is far below 0, which inf * 0 would turn into NaN in dQ.
+    p = tl.exp2(tl.where((offs_t < N)[None, None, :], s, float("-inf")) - lse2[:, :, None])
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, :, None])
