@@ -26,8 +26,8 @@ OPS = {"spatial": (stt_kernels.spatial_attention, reference.spatial_attention),
 def path(request, monkeypatch):
     """Run through the packed short-sequence kernels, or force the tiled flash kernels."""
     if request.param == "tiled":
-        monkeypatch.setattr(triton_attention, "_PACKED_MAX_N_FORWARD", 0)
-        monkeypatch.setattr(triton_attention, "_PACKED_MAX_N_BACKWARD", 0)
+        monkeypatch.setattr(triton_attention, "_PACKED_BUDGET_FORWARD", 0)
+        monkeypatch.setattr(triton_attention, "_PACKED_BUDGET_BACKWARD", 0)
     return request.param
 
 
@@ -53,7 +53,8 @@ def oracle(spec, q, k, v, grad):
 
 # (B, T, H, W, heads, d): spatial N = H*W, temporal N = T; d = 24 is not a power of two.
 SHAPES = {
-    # N = 75 on the default path: packed forward, tiled backward from its lse.
+    # On the default path N = 33 takes the packed forward and the tiled backward (from the
+    # packed kernel's lse), N = 75 the tiled kernels both ways.
     "spatial": [(2, 1, 1, 1, 1, 8), (1, 3, 1, 7, 1, 24), (1, 2, 3, 11, 2, 8), (1, 1, 5, 15, 1, 8)],
     "temporal": [(1, 1, 3, 1, 2, 8), (2, 5, 1, 3, 1, 24), (1, 17, 3, 1, 1, 8)],
 }

@@ -6,9 +6,10 @@ packed ``(B, T, H, W, 3, heads, d)`` projection need no copies. Two kernel famil
 
 * tiled flash attention (any ``N``): one program per (query block, sequence) in the
   forward and the dQ pass, one per (key block, sequence) in the dK/dV pass;
-* packed short sequences (``N`` up to a few dozen, the temporal case): several whole
-  sequences per program, the ``N x N`` score tile of each held on chip, forward and the
-  whole backward in one pass each.
+* packed short sequences (the temporal case; for d <= 64 up to N = 64 forward and 32
+  backward, see the register budgets): several whole sequences per program, the
+  ``N x N`` score tile of each held on chip, forward and the whole backward in one pass
+  each.
 
 The sequences (``B * Z * heads``, up to ~10^6 for temporal attention at full resolution)
 always run along grid axis 0; axes 1 and 2 are capped at 65,535 blocks.
@@ -31,11 +32,14 @@ _HIP = torch.version.hip is not None and not _INTERPRET
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
 
-# Longest sequence the packed kernels take. The forward holds q, k, v and one fp32 score
-# tile per sequence; the backward also holds o, dO and four score-sized tiles (s, p, dp,
-# ds), which at 128 x 128 spills registers, so it hands over to the tiled kernels earlier.
-_PACKED_MAX_N_FORWARD = 128
-_PACKED_MAX_N_BACKWARD = 64
+# Register budget of the packed kernels, in units of T_PAD * (T_PAD + BLOCK_D) (a program's
+# score tiles plus its operand tiles): a sequence whose own tiles exceed it goes to the
+# tiled kernels, and SEQS is pruned to stay within twice it. Set from ptxas reports for
+# sm_80/sm_90 in bf16: at 64 x (64 + 128) the forward spills ~1.4 KB, at 128 x (128 + 32)
+# ~15 KB; the backward, which also holds o, dO and four score-sized tiles, spills from
+# 64 x (64 + 32) on, and by tens of KB at 64 x (64 + 64).
+_PACKED_BUDGET_FORWARD = 8192
+_PACKED_BUDGET_BACKWARD = 4096
 
 # tl.dot needs K >= 16 for 16-bit inputs on NVIDIA (the reduction runs over d for
 # q k^T and over the sequence for p v), so no tile dimension goes below 16.
@@ -88,14 +92,21 @@ def _packed_configs() -> list[triton.Config]:
     return _configs(cuda, hip, {"SEQS": 2})
 
 
-def _prune_packed(configs, named_args, **kwargs):
-    # Bound the on-chip working set of a program's R = SEQS * T rows: its score tiles
-    # (R x T, fp32) and operand/gradient tiles (R x d) must stay in registers, or the
-    # spilling costs more than the extra sequences save.
-    t, d = kwargs["T_PAD"], kwargs["BLOCK_D"]
-    fitting = [c for c in configs
-               if c.kwargs["SEQS"] * t <= 256 and c.kwargs["SEQS"] * t * (t + d) <= 16384]
-    return fitting or [c for c in configs if c.kwargs["SEQS"] == 1]
+def _packed_fits(n: int, d: int, budget: int) -> bool:
+    t = _tile(n)
+    return t * (t + _tile(d)) <= budget
+
+
+def _prune_packed(budget: int):
+    def prune(configs, named_args, **kwargs):
+        # A program's R = SEQS * T rows keep their score tiles (R x T, fp32) and operand
+        # tiles (R x d) in registers; past the budget spilling costs more than the extra
+        # sequences save.
+        t, d = kwargs["T_PAD"], kwargs["BLOCK_D"]
+        fitting = [c for c in configs
+                   if c.kwargs["SEQS"] * t <= 256 and c.kwargs["SEQS"] * t * (t + d) <= 2 * budget]
+        return fitting or [c for c in configs if c.kwargs["SEQS"] == 1]
+    return prune
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,7 +353,7 @@ def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, sb, sz, sh, st):
 
 
 @triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_packed})
+                 prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_FORWARD)})
 @triton.jit
 def _packed_forward(
     Q, K, V, O, LSE,
@@ -380,7 +391,7 @@ def _packed_forward(
 
 
 @triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_packed})
+                 prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_BACKWARD)})
 @triton.jit
 def _packed_backward(
     Q, K, V, O, DO, LSE, DQ, DK, DV,
@@ -469,7 +480,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride())
     meta = dict(BLOCK_D=_tile(d), PRECISION=_precision(q.dtype))
     qk_scale = scale * _LOG2E.value
-    if n <= _PACKED_MAX_N_FORWARD:
+    if _packed_fits(n, d, _PACKED_BUDGET_FORWARD):
         _packed_forward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
             q, k, v, out, lse, *strides, nseq, z, heads, n, d, qk_scale, T_PAD=_tile(n), **meta)
     else:
@@ -489,7 +500,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         return
     meta = dict(BLOCK_D=_tile(d), PRECISION=_precision(q.dtype))
     qk_scale = scale * _LOG2E.value
-    if n <= _PACKED_MAX_N_BACKWARD:
+    if _packed_fits(n, d, _PACKED_BUDGET_BACKWARD):
         _packed_backward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
             q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *lse.stride(),
