@@ -76,3 +76,4 @@ class KernelTable:
 
 attention_kernels = KernelTable("attention")
 deform_conv2d_kernels = KernelTable("deform_conv2d")
+attention_kernels.register_module("triton", "stt_kernels.triton.attention")

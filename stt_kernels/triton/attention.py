@@ -1,0 +1,529 @@
+"""Split attention in Triton: flash-style forward and backward over strided 5-d views.
+
+Every tensor is a ``(B, Z, N, heads, d)`` view (spatial: ``Z = T, N = H*W``; temporal:
+``Z = H*W, N = T``) read and written in place through its strides, so the views of the
+packed ``(B, T, H, W, 3, heads, d)`` projection need no copies. Two kernel families:
+
+* tiled flash attention (any ``N``): one program per (query block, sequence) in the
+  forward and the dQ pass, one per (key block, sequence) in the dK/dV pass;
+* packed short sequences (the temporal case; for d <= 64 up to N = 64 forward and 32
+  backward, see the register budgets): several whole sequences per program, the
+  ``N x N`` score tile of each held on chip, forward and the whole backward in one pass
+  each.
+
+The sequences (``B * Z * heads``, up to ~10^6 for temporal attention at full resolution)
+always run along grid axis 0; axes 1 and 2 are capped at 65,535 blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.kernels import Kernels, attention_kernels
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_HIP = torch.version.hip is not None and not _INTERPRET
+
+_LOG2E = tl.constexpr(math.log2(math.e))
+_LN2 = tl.constexpr(math.log(2.0))
+
+# Register budget of the packed kernels, in units of T_PAD * (T_PAD + BLOCK_D) (a program's
+# score tiles plus its operand tiles): a sequence whose own tiles exceed it goes to the
+# tiled kernels, and SEQS is pruned to stay within twice it. Set from ptxas reports for
+# sm_80/sm_90 in bf16: at 64 x (64 + 128) the forward spills ~1.4 KB, at 128 x (128 + 32)
+# ~15 KB; the backward, which also holds o, dO and four score-sized tiles, spills from
+# 64 x (64 + 32) on, and by tens of KB at 64 x (64 + 64).
+_PACKED_BUDGET_FORWARD = 8192
+_PACKED_BUDGET_BACKWARD = 4096
+
+# tl.dot needs K >= 16 for 16-bit inputs on NVIDIA (the reduction runs over d for
+# q k^T and over the sequence for p v), so no tile dimension goes below 16.
+_MIN_TILE = 16
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tile(n: int) -> int:
+    return max(_MIN_TILE, triton.next_power_of_2(n))
+
+
+def _configs(cuda: list[triton.Config], hip: list[triton.Config], interpret: dict) -> list[triton.Config]:
+    # The interpreter runs one program at a time on the CPU: tuning there costs minutes and
+    # measures nothing, so it gets a single small configuration.
+    if _INTERPRET:
+        return [triton.Config(interpret, num_warps=1, num_stages=1)]
+    return hip if _HIP else cuda
+
+
+def _flash_configs(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> list[triton.Config]:
+    # A100/H100: 64-128 row blocks with 2-4 pipeline stages (cp.async / TMA-friendly).
+    cuda = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m in block_m for n in block_n for w in (4, 8) for s in (2, 3, 4)]
+    # MI250X: 1-2 stages, as AMD's own flash-attention configs use; waves_per_eu trades
+    # registers per wave for occupancy on CDNA's 512-VGPR budget.
+    hip = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "waves_per_eu": wpe}, num_warps=w, num_stages=s)
+           for m in block_m for n in block_n for w in (4, 8) for s in (1, 2) for wpe in (0, 2)]
+    return _configs(cuda, hip, {"BLOCK_M": 16, "BLOCK_N": 16})
+
+
+def _prune_flash(configs, named_args, **kwargs):
+    # Blocks longer than the padded sequence only add masked work; keep the configs that
+    # fit, or the smallest blocks if none does.
+    n = _tile(named_args["N"])
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= n and c.kwargs["BLOCK_N"] <= n]
+    if fitting:
+        return fitting
+    smallest = min((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == smallest]
+
+
+def _packed_configs() -> list[triton.Config]:
+    seqs = (1, 2, 4, 8, 16)
+    # No loop to pipeline: the stage count does not matter, the warps per program and the
+    # number of sequences sharing them do.
+    cuda = [triton.Config({"SEQS": s}, num_warps=w, num_stages=1) for s in seqs for w in (2, 4, 8)]
+    hip = [triton.Config({"SEQS": s, "waves_per_eu": wpe}, num_warps=w, num_stages=1)
+           for s in seqs for w in (4, 8) for wpe in (0, 2)]
+    return _configs(cuda, hip, {"SEQS": 2})
+
+
+def _packed_fits(n: int, d: int, budget: int) -> bool:
+    t = _tile(n)
+    return t * (t + _tile(d)) <= budget
+
+
+def _prune_packed(budget: int):
+    def prune(configs, named_args, **kwargs):
+        # A program's R = SEQS * T rows keep their score tiles (R x T, fp32) and operand
+        # tiles (R x d) in registers; past the budget spilling costs more than the extra
+        # sequences save.
+        t, d = kwargs["T_PAD"], kwargs["BLOCK_D"]
+        fitting = [c for c in configs
+                   if c.kwargs["SEQS"] * t <= 256 and c.kwargs["SEQS"] * t * (t + d) <= 2 * budget]
+        return fitting or [c for c in configs if c.kwargs["SEQS"] == 1]
+    return prune
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@triton.jit
+def _sequence(seq, Z, HEADS):
+    """Sequence index -> (b, z, head); heads vary fastest, then z, then b."""
+    h = seq % HEADS
+    bz = seq // HEADS
+    return bz // Z, bz % Z, h
+
+
+@triton.jit
+def _offset(b, z, h, stride_b, stride_z, stride_h):
+    # int64: a packed projection at full resolution passes 2^31 elements.
+    return b.to(tl.int64) * stride_b + z.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h
+
+
+# ---------------------------------------------------------------------------------------
+# Tiled flash attention
+
+
+@triton.autotune(configs=_flash_configs((64, 128), (32, 64, 128)), key=["N", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_flash})
+@triton.jit
+def _flash_forward(
+    Q, K, V, O, LSE,
+    sqb, sqz, sqn, sqh, sqd,
+    skb, skz, skn, skh, skd,
+    svb, svz, svn, svh, svd,
+    sob, soz, son, soh, sod,
+    slb, slz, slh, sln,
+    Z, HEADS, N, D, qk_scale,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    # Query blocks of one sequence are neighbours in launch order, so they share its K/V in L2.
+    b, z, h = _sequence(pid // num_m, Z, HEADS)
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_m = offs_m.to(tl.int64)
+    d_ok = offs_d < D
+
+    q = tl.load(Q + _offset(b, z, h, sqb, sqz, sqh) + rows_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=(offs_m < N)[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + _offset(b, z, h, skb, skz, skh)
+    v_base = V + _offset(b, z, h, svb, svz, svh)
+
+    # Online softmax in base 2 (qk_scale carries log2 e): m_i the running row max,
+    # l_i the running row sum, acc the unnormalised output.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows_n = offs_n.to(tl.int64)
+        kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        # Every block holds at least one real key, so m_new is finite from the first block on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(O + _offset(b, z, h, sob, soz, soh) + rows_m[:, None] * son + offs_d[None, :] * sod,
+             acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
+    tl.store(LSE + _offset(b, z, h, slb, slz, slh) + rows_m * sln, (m_i + tl.log2(l_i)) * _LN2,
+             mask=offs_m < N)
+
+
+@triton.jit
+def _flash_delta(
+    O, DO, DELTA,
+    sob, soz, son, soh, sod,
+    sgb, sgz, sgn, sgh, sgd,
+    Z, HEADS, N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """DELTA[seq, n] = rowsum(dO * O): the softmax-backward term shared by dQ and dK."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    seq = pid // num_m
+    b, z, h = _sequence(seq, Z, HEADS)
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_m = offs_m.to(tl.int64)
+    mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + _offset(b, z, h, sob, soz, soh) + rows_m[:, None] * son + offs_d[None, :] * sod,
+                mask=mask, other=0.0)
+    do = tl.load(DO + _offset(b, z, h, sgb, sgz, sgh) + rows_m[:, None] * sgn + offs_d[None, :] * sgd,
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + seq.to(tl.int64) * N + rows_m, delta, mask=offs_m < N)
+
+
+@triton.autotune(configs=_flash_configs((32, 64, 128), (64, 128)), key=["N", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_flash})
+@triton.jit
+def _flash_backward_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqz, sqn, sqh, sqd,
+    skb, skz, skn, skh, skd,
+    svb, svz, svn, svh, svd,
+    sgb, sgz, sgn, sgh, sgd,
+    slb, slz, slh, sln,
+    sdkb, sdkz, sdkn, sdkh, sdkd,
+    sdvb, sdvz, sdvn, sdvh, sdvd,
+    Z, HEADS, N, D, scale, qk_scale,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of one key block, accumulated over all query blocks (no atomics)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    seq = pid // num_n
+    b, z, h = _sequence(seq, Z, HEADS)
+    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_n = offs_n.to(tl.int64)
+    d_ok = offs_d < D
+    kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
+    k = tl.load(K + _offset(b, z, h, skb, skz, skh) + rows_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + _offset(b, z, h, svb, svz, svh) + rows_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
+    q_base = Q + _offset(b, z, h, sqb, sqz, sqh)
+    do_base = DO + _offset(b, z, h, sgb, sgz, sgh)
+    lse_base = LSE + _offset(b, z, h, slb, slz, slh)
+    delta_base = DELTA + seq.to(tl.int64) * N
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows_m = offs_m.to(tl.int64)
+        m_ok = offs_m < N
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows_m[:, None] * sgn + offs_d[None, :] * sgd, mask=q_mask, other=0.0)
+        # lse = +inf on padded query rows makes their p exactly 0, so they add nothing.
+        lse2 = tl.load(lse_base + rows_m * sln, mask=m_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(delta_base + rows_m, mask=m_ok, other=0.0)
+        # Transposed tiles (keys x queries) so that dV and dK come out without transposing them.
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
+        # score is far below 0; -inf keeps their rows free of inf and NaN.
+        p_t = tl.exp2(tl.where((offs_n < N)[:, None], s_t, float("-inf")) - lse2[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    tl.store(DK + _offset(b, z, h, sdkb, sdkz, sdkh) + rows_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + _offset(b, z, h, sdvb, sdvz, sdvh) + rows_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_flash_configs((64, 128), (32, 64, 128)), key=["N", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_flash})
+@triton.jit
+def _flash_backward_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqz, sqn, sqh, sqd,
+    skb, skz, skn, skh, skd,
+    svb, svz, svn, svh, svd,
+    sgb, sgz, sgn, sgh, sgd,
+    slb, slz, slh, sln,
+    sdqb, sdqz, sdqn, sdqh, sdqd,
+    Z, HEADS, N, D, scale, qk_scale,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block, accumulated over all key blocks (no atomics)."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    seq = pid // num_m
+    b, z, h = _sequence(seq, Z, HEADS)
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_m = offs_m.to(tl.int64)
+    d_ok = offs_d < D
+    m_ok = offs_m < N
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + _offset(b, z, h, sqb, sqz, sqh) + rows_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + _offset(b, z, h, sgb, sgz, sgh) + rows_m[:, None] * sgn + offs_d[None, :] * sgd,
+                 mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + _offset(b, z, h, slb, slz, slh) + rows_m * sln, mask=m_ok,
+                   other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + seq.to(tl.int64) * N + rows_m, mask=m_ok, other=0.0)
+    k_base = K + _offset(b, z, h, skb, skz, skh)
+    v_base = V + _offset(b, z, h, svb, svz, svh)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows_n = offs_n.to(tl.int64)
+        kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
+        # score is far below 0, which inf * 0 would turn into NaN in dQ.
+        p = tl.exp2(tl.where((offs_n < N)[None, :], s, float("-inf")) - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(DQ + _offset(b, z, h, sdqb, sdqz, sdqh) + rows_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Packed short sequences: SEQS whole sequences per program, batched (3-d) tl.dot.
+
+
+@triton.jit
+def _packed_pointers(ptr, seq, seq_ok, offs_t, offs_d, T, D, Z, HEADS, sb, sz, st, sh, sd):
+    """Pointers and mask of a (SEQS, T_PAD, BLOCK_D) tile, one sequence per leading index."""
+    b, z, h = _sequence(seq, Z, HEADS)
+    base = _offset(b, z, h, sb, sz, sh)
+    ptrs = (ptr + base[:, None, None] + offs_t.to(tl.int64)[None, :, None] * st
+            + offs_d[None, None, :] * sd)
+    mask = seq_ok[:, None, None] & (offs_t < T)[None, :, None] & (offs_d < D)[None, None, :]
+    return ptrs, mask
+
+
+@triton.jit
+def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, sb, sz, sh, st):
+    b, z, h = _sequence(seq, Z, HEADS)
+    ptrs = ptr + _offset(b, z, h, sb, sz, sh)[:, None] + offs_t.to(tl.int64)[None, :] * st
+    return ptrs, seq_ok[:, None] & (offs_t < T)[None, :]
+
+
+@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_FORWARD)})
+@triton.jit
+def _packed_forward(
+    Q, K, V, O, LSE,
+    sqb, sqz, sqn, sqh, sqd,
+    skb, skz, skn, skh, skd,
+    svb, svz, svn, svh, svd,
+    sob, soz, son, soh, sod,
+    slb, slz, slh, sln,
+    NSEQ, Z, HEADS, N, D, qk_scale,
+    T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    SEQS: tl.constexpr,
+):
+    seq = tl.program_id(0) * SEQS + tl.arange(0, SEQS)
+    seq_ok = seq < NSEQ
+    offs_t = tl.arange(0, T_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs, mask = _packed_pointers(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sqb, sqz, sqn, sqh, sqd)
+    k_ptrs, _ = _packed_pointers(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, skb, skz, skn, skh, skd)
+    v_ptrs, _ = _packed_pointers(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, svb, svz, svn, svh, svd)
+    q = tl.load(q_ptrs, mask=mask, other=0.0)
+    k = tl.load(k_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
+
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where((offs_t < N)[None, None, :], s, float("-inf"))
+    m = tl.max(s, 2)
+    p = tl.exp2(s - m[:, :, None])
+    row_sum = tl.sum(p, 2)
+    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, :, None]
+
+    o_ptrs, _ = _packed_pointers(O, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
+    lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, slb, slz, slh, sln)
+    tl.store(lse_ptrs, (m + tl.log2(row_sum)) * _LN2, mask=lse_mask)
+
+
+@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_BACKWARD)})
+@triton.jit
+def _packed_backward(
+    Q, K, V, O, DO, LSE, DQ, DK, DV,
+    sqb, sqz, sqn, sqh, sqd,
+    skb, skz, skn, skh, skd,
+    svb, svz, svn, svh, svd,
+    sob, soz, son, soh, sod,
+    sgb, sgz, sgn, sgh, sgd,
+    slb, slz, slh, sln,
+    sdqb, sdqz, sdqn, sdqh, sdqd,
+    sdkb, sdkz, sdkn, sdkh, sdkd,
+    sdvb, sdvz, sdvn, sdvh, sdvd,
+    NSEQ, Z, HEADS, N, D, scale, qk_scale,
+    T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    SEQS: tl.constexpr,
+):
+    seq = tl.program_id(0) * SEQS + tl.arange(0, SEQS)
+    seq_ok = seq < NSEQ
+    offs_t = tl.arange(0, T_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs, mask = _packed_pointers(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sqb, sqz, sqn, sqh, sqd)
+    k_ptrs, _ = _packed_pointers(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, skb, skz, skn, skh, skd)
+    v_ptrs, _ = _packed_pointers(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, svb, svz, svn, svh, svd)
+    o_ptrs, _ = _packed_pointers(O, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
+    do_ptrs, _ = _packed_pointers(DO, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sgb, sgz, sgn, sgh, sgd)
+    q = tl.load(q_ptrs, mask=mask, other=0.0)
+    k = tl.load(k_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
+    do = tl.load(do_ptrs, mask=mask, other=0.0)
+    # The whole row is here, so rowsum(dO * O) needs no separate pass.
+    delta = tl.sum(tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32) * do.to(tl.float32), 2)
+    lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, slb, slz, slh, sln)
+    # lse = +inf on padded query rows makes their p exactly 0, so they add nothing.
+    lse2 = tl.load(lse_ptrs, mask=lse_mask, other=float("inf")) * _LOG2E
+
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
+    # score is far below 0, which inf * 0 would turn into NaN in dQ.
+    p = tl.exp2(tl.where((offs_t < N)[None, None, :], s, float("-inf")) - lse2[:, :, None])
+    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, :, None])
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+    dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * scale
+
+    dq_ptrs, _ = _packed_pointers(DQ, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdqb, sdqz, sdqn, sdqh, sdqd)
+    dk_ptrs, _ = _packed_pointers(DK, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdkb, sdkz, sdkn, sdkh, sdkd)
+    dv_ptrs, _ = _packed_pointers(DV, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdvb, sdvz, sdvn, sdvh, sdvd)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers (the kernel-table contract of stt_kernels.ops.attention)
+
+
+def _check(q: torch.Tensor) -> None:
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"the triton attention kernels take float32, float16 or bfloat16; got {q.dtype} "
+                        "(use backend='cpu' or 'reference' for float64)")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 products follow torch's own switch: TF32 (~1e-3 relative error) only when the
+    # user allowed it for matmuls, as torch.matmul does; ROCm's Triton rejects "tf32" on
+    # most GPUs. 16-bit inputs multiply natively whatever this says.
+    if dtype == torch.float32 and not _HIP and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _sizes(q: torch.Tensor) -> tuple[int, int, int, int, int]:
+    b, z, n, heads, d = q.shape
+    return b, z, n, heads, d
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            scale: float) -> None:
+    """Write ``softmax(q k^T * scale) v`` into ``out`` and the rows' natural log-sum-exp into ``lse``."""
+    _check(q)
+    b, z, n, heads, d = _sizes(q)
+    nseq = b * z * heads
+    if nseq == 0 or n == 0:
+        return
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride())
+    meta = dict(BLOCK_D=_tile(d), PRECISION=_precision(q.dtype))
+    qk_scale = scale * _LOG2E.value
+    if _packed_fits(n, d, _PACKED_BUDGET_FORWARD):
+        _packed_forward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
+            q, k, v, out, lse, *strides, nseq, z, heads, n, d, qk_scale, T_PAD=_tile(n), **meta)
+    else:
+        _flash_forward[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * nseq,)](
+            q, k, v, out, lse, *strides, z, heads, n, d, qk_scale, **meta)
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+             lse: torch.Tensor, scale: float, grad_q: torch.Tensor, grad_k: torch.Tensor,
+             grad_v: torch.Tensor) -> None:
+    """Write the gradients of q, k, v into ``grad_q``, ``grad_k``, ``grad_v``, recomputing the
+    attention weights from ``lse``."""
+    _check(q)
+    b, z, n, heads, d = _sizes(q)
+    nseq = b * z * heads
+    if nseq == 0 or n == 0:
+        return
+    meta = dict(BLOCK_D=_tile(d), PRECISION=_precision(q.dtype))
+    qk_scale = scale * _LOG2E.value
+    if _packed_fits(n, d, _PACKED_BUDGET_BACKWARD):
+        _packed_backward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
+            q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *lse.stride(),
+            *grad_q.stride(), *grad_k.stride(), *grad_v.stride(),
+            nseq, z, heads, n, d, scale, qk_scale, T_PAD=_tile(n), **meta)
+        return
+
+    # dK/dV per key block and dQ per query block, in two passes: each program owns its
+    # output rows, so there are no atomics (deterministic, no fp32 dQ scratch, and the
+    # autotuner may rerun a config without zeroing anything), at the price of computing
+    # q k^T and dO v^T twice.
+    delta = torch.empty((nseq, n), dtype=torch.float32, device=q.device)
+    block_m = 16 if _INTERPRET else 64
+    _flash_delta[(triton.cdiv(n, block_m) * nseq,)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), z, heads, n, d,
+        BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"])
+    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
+    _flash_backward_dkdv[lambda m: (triton.cdiv(n, m["BLOCK_N"]) * nseq,)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, *common, *grad_k.stride(), *grad_v.stride(),
+        z, heads, n, d, scale, qk_scale, **meta)
+    _flash_backward_dq[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * nseq,)](
+        q, k, v, grad_out, lse, delta, grad_q, *common, *grad_q.stride(),
+        z, heads, n, d, scale, qk_scale, **meta)
+
+
+attention_kernels.register("triton", Kernels(forward, backward))
