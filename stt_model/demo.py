@@ -14,14 +14,13 @@ decodes 3D instances, scores them and writes ``OUT/``:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from .atomic import atomic_write
 from .config import load_config
 from .data import PatchSampler, ZRange, create_output, instances_from_binary, open_volume, synthetic_volume
 from .segment import instances, probabilities, score
@@ -45,17 +44,6 @@ def _volumes(data: Optional[str], seed: int) -> tuple[Any, Any, np.ndarray, np.n
     return ZRange(image, 0, split), ZRange(label, 0, split), np.asarray(ZRange(image, split, image.shape[0])[:]), gt
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _montage(path: Path, image: np.ndarray, probs: np.ndarray, labels: np.ndarray, gt: np.ndarray) -> None:
     import matplotlib
 
@@ -71,7 +59,7 @@ def _montage(path: Path, image: np.ndarray, probs: np.ndarray, labels: np.ndarra
         ax.set_title(f"{title} (z = {z})")
         ax.axis("off")
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 
@@ -96,9 +84,9 @@ def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: 
     labels = instances(probs)
     with create_output(out / "instances.h5", labels.shape, np.uint32) as labels_out:
         labels_out[:] = labels
-    _write_atomic(out / "instances.tif", lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+    atomic_write(out / "instances.tif", lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
     metrics = score(probs, gt)
-    _write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1) + "\n"))
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1) + "\n"))
     _montage(out / "montage.png", np.asarray(test_image), probs, labels, gt)
 
     print(f"trained {result.step} steps (final loss {result.losses[-1]:.4f}); "
