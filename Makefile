@@ -1,5 +1,6 @@
 # Developer entry points. Each target does its own set-up on a fresh clone.
 #   make test       venv + dependencies + build (CPU and, where nvcc is found, CUDA kernels) + all tests
+#   make demo       the main job: synthetic EM -> train tiny-cpu -> segment -> evaluate -> demo_out/
 #   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
 #   make cmake      build the same sources with CMake (the LibTorch library)
 PYTHON_BOOTSTRAP ?= python3.11
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all test build build-cpu cmake clean venv
+.PHONY: all test demo build build-cpu cmake clean venv
 
 all: test
 
@@ -29,8 +30,11 @@ build-cpu: $(DEPS)
 	STT_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
-	$(PY) -m stt_kernels.backend
+	$(PY) -m stt_kernels
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m stt_model.cli demo $(DEMO_ARGS)
 
 cmake: $(DEPS)
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"

@@ -163,8 +163,3 @@ def resolve(backend: Optional[str], device: torch.device, op: str, implemented: 
         raise NotImplementedError(
             f"{op} has no '{name}' kernel yet; available for it: {', '.join(sorted(implemented))}")
     return name
-
-
-if __name__ == "__main__":
-    for status in backends().values():
-        print(status)
