@@ -28,6 +28,7 @@ from .implementation import Implementation, Unsupported
 from .options import Options
 from .registry import register_implementation
 from .runner import run
+from . import sst_block  # noqa: F401,E402  (registers the SSTAttention block case)
 
 __all__ = ["run", "Options", "CASES", "Case", "register_case", "Implementation", "Unsupported",
            "register_implementation"]
