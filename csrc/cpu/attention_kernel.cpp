@@ -1,10 +1,13 @@
 // CPU kernels of stt::_attention_forward / _attention_backward (schemas in ../attention.cpp).
 //
-// Flash style: queries and keys are tiled, a tile of scores lives in a per-thread buffer and
-// is never larger than kQTile x kKTile, so memory is O(N) per sequence. The tile products are
-// BLAS gemm calls (MKL's sgemm_/dgemm_ that torch ships, found at load time) reading q, k, v
-// in place through their row strides; the softmax in between is vectorised with at::vec.
-// float16/bfloat16 inputs are upcast to float32 (a copy): the CPU path is for float32/float64.
+// Flash style: queries and keys are tiled and a tile of scores lives in a per-thread buffer,
+// so memory is O(N) per sequence and no N x N matrix ever exists. Every tile product is one
+// register-blocked at::vec microkernel (rows of C += scalar(A) * vector rows of B) over a
+// small packed copy of the key/value tile; q, k, v themselves are read in place through their
+// strides. A BLAS call per tile was tried first: torch's MKL runs these thin (d = 32) products
+// at about a third of the FMA peak of an AVX2 core, and its call overhead dominates the short
+// temporal sequences. float16/bfloat16 inputs are upcast to float32 (a copy): the CPU path is
+// for float32 and float64.
 #include "stt/cpu_vec.h"  // first: it selects the SIMD width of at::vec
 
 #include <ATen/ATen.h>
@@ -12,100 +15,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <limits>
 #include <vector>
-
-#if !defined(_WIN32)
-#include <dlfcn.h>
-#endif
 
 #include "stt/attention_checks.h"
 #include "stt/online_softmax.h"
 
 namespace stt {
 namespace {
-
-// ---------------------------------------------------------------------------------------
-// gemm: column-major C(m x n) = alpha * op(A) op(B) + beta * C, as Fortran BLAS.
-//
-// torch's own cpublas::gemm is not exported from libtorch_cpu, but the BLAS it wraps is (MKL
-// in the official wheels). Looking the symbol up at run time instead of linking it keeps the
-// library loadable on a torch built against another BLAS; there the portable loop below runs.
-
-using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
-                          const float*, const int*, const float*, const int*, const float*, float*, const int*);
-using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
-                          const double*, const int*, const double*, const int*, const double*, double*,
-                          const int*);
-
-template <typename Fn>
-Fn find_blas(const char* name) {
-#if defined(_WIN32)
-  (void)name;
-  return nullptr;
-#else
-  return reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, name));
-#endif
-}
-
-template <typename T>
-void portable_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                   const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < m; ++i) {
-      T acc = 0;
-      for (int64_t l = 0; l < k; ++l) {
-        acc += (ta ? a[l + i * lda] : a[i + l * lda]) * (tb ? b[j + l * ldb] : b[l + j * ldb]);
-      }
-      T& dst = c[i + j * ldc];
-      dst = alpha * acc + (beta == T(0) ? T(0) : beta * dst);
-    }
-  }
-}
-
-bool fits_int(std::initializer_list<int64_t> values) {
-  return std::all_of(values.begin(), values.end(), [](int64_t x) { return x >= 0 && x <= INT_MAX; });
-}
-
-template <typename T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  static const auto blas = std::is_same_v<T, float> ? reinterpret_cast<void*>(find_blas<sgemm_fn>("sgemm_"))
-                                                    : reinterpret_cast<void*>(find_blas<dgemm_fn>("dgemm_"));
-  if (blas == nullptr || !fits_int({m, n, k, lda, ldb, ldc})) {
-    portable_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    return;
-  }
-  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
-  if constexpr (std::is_same_v<T, float>) {
-    reinterpret_cast<sgemm_fn>(blas)(&ca, &cb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-  } else {
-    reinterpret_cast<dgemm_fn>(blas)(&ca, &cb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-  }
-}
-
-// Row-major tile products, named after what they compute. `ld*` are row strides.
-// S(mq x nk) = alpha * A(mq x d) B(nk x d)^T
-template <typename T>
-void matmul_abt(int64_t mq, int64_t nk, int64_t d, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
-                T* s) {
-  gemm<T>(true, false, nk, mq, d, alpha, b, ldb, a, lda, T(0), s, nk);
-}
-
-// C(mq x d) = beta * C + alpha * P(mq x nk) B(nk x d), C dense (row stride d)
-template <typename T>
-void matmul_pb(int64_t mq, int64_t nk, int64_t d, T alpha, const T* p, const T* b, int64_t ldb, T beta, T* c) {
-  gemm<T>(false, false, d, mq, nk, alpha, b, ldb, p, nk, beta, c, d);
-}
-
-// C(nk x d) += alpha * P(mq x nk)^T A(mq x d), C dense (row stride d)
-template <typename T>
-void matmul_ptb(int64_t mq, int64_t nk, int64_t d, T alpha, const T* p, const T* a, int64_t lda, T* c) {
-  gemm<T>(false, true, d, nk, mq, alpha, a, lda, p, nk, T(1), c, d);
-}
 
 // ---------------------------------------------------------------------------------------
 // Vectorised row operations of the softmax.
@@ -173,6 +91,97 @@ void softmax_grad_inplace(const T* p, T* ds, int64_t n, T delta) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Tile products. C is row-major with a padded width n (a multiple of the vector width W);
+// B is a packed row-major tile with the same padded width; A is read element by element
+// through (row, column) strides, which covers A, A^T and strided views of q and dO alike:
+//
+//   C[r][0:n] = alpha * sum_{l < L} A(r, l) * B[l][0:n]   (+ C[r][0:n] when accumulating)
+//
+// The microkernel keeps an R x NV block of C in vector registers (R * NV <= 12 of the 16
+// AVX2 registers) and streams l, one broadcast of A and NV loads of B per FMA row.
+
+template <typename T, int R, int NV>
+void micro_tile(int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c, int64_t ldc, T alpha,
+                bool accumulate) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>(T(0));
+  for (int64_t l = 0; l < L; ++l) {
+    Vec<T> bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec<T>::loadu(b + l * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> ar(a[r * ars + l * acs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+  const Vec<T> va(alpha);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      T* dst = c + r * ldc + v * W;
+      Vec<T> out = acc[r][v] * va;
+      if (accumulate) out = out + Vec<T>::loadu(dst);
+      out.store(dst);
+    }
+  }
+}
+
+template <typename T, int R>
+void micro_row_block(int64_t n, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
+                     int64_t ldc, T alpha, bool accumulate) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t col = 0;
+  for (; col + 3 * W <= n; col += 3 * W) micro_tile<T, R, 3>(L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+  if (n - col == 2 * W) micro_tile<T, R, 2>(L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+  if (n - col == W) micro_tile<T, R, 1>(L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+}
+
+template <typename T>
+void tile_product(int64_t m, int64_t n, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
+                  int64_t ldc, T alpha, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4)
+    micro_row_block<T, 4>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
+  switch (m - r) {
+    case 3: micro_row_block<T, 3>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate); break;
+    case 2: micro_row_block<T, 2>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate); break;
+    case 1: micro_row_block<T, 1>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate); break;
+    default: break;
+  }
+}
+
+template <typename T>
+int64_t padded(int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  return (n + W - 1) / W * W;
+}
+
+// Packs rows [0, rows) x [0, d) of a strided matrix, row-major with width dp (zero padding).
+template <typename T>
+void pack_rows(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t dp) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const T* in = src + j * s_row;
+    T* out = dst + j * dp;
+    if (s_col == 1) {
+      std::copy(in, in + d, out);
+    } else {
+      for (int64_t c = 0; c < d; ++c) out[c] = in[c * s_col];
+    }
+    std::fill(out + d, out + dp, T(0));
+  }
+}
+
+// Packs the transpose: dst[c][j] = src[j][c], width np (padded key count, zero columns).
+template <typename T>
+void pack_transposed(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t np) {
+  for (int64_t c = 0; c < d; ++c) {
+    T* out = dst + c * np;
+    for (int64_t j = 0; j < rows; ++j) out[j] = src[j * s_row + c * s_col];
+    std::fill(out + rows, out + np, T(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Strided 5-d views (B, Z, N, heads, d). A sequence is one (b, z, head); s enumerates them
 // with head fastest, so consecutive tasks touch neighbouring memory in the packed layout.
 
@@ -186,11 +195,11 @@ struct View {
   T* data;
   int64_t sb, sz, sn, sh, sd;
 
-  View(const at::Tensor& t)
+  explicit View(const at::Tensor& t)
       : data(t.data_ptr<T>()), sb(t.stride(0)), sz(t.stride(1)), sn(t.stride(2)), sh(t.stride(3)),
         sd(t.stride(4)) {}
 
-  // First element of sequence s, given (Z, H) to decode it.
+  // First element of sequence s.
   T* seq(int64_t s, const Geometry& g) const {
     const int64_t h = s % g.H, bz = s / g.H, z = bz % g.Z, b = bz / g.Z;
     return data + b * sb + z * sz + h * sh;
@@ -211,19 +220,9 @@ struct LseView {
   }
 };
 
-// BLAS reads a row with unit stride along d and needs a row stride >= d; views that break
-// either (a transposed d axis, broadcast rows) are copied, everything else is read in place.
-at::Tensor readable(const at::Tensor& t, at::ScalarType compute) {
-  at::Tensor r = t.scalar_type() == compute ? t : t.to(compute);
-  const bool unit_d = r.size(4) == 1 || r.stride(4) == 1;
-  const bool rows_ok = r.size(2) == 1 || r.stride(2) >= r.size(4);
-  return unit_d && rows_ok ? r : r.contiguous();
-}
-
-// The row stride BLAS is given: any value >= d works for a single row.
-template <typename T>
-int64_t row_ld(const View<T>& v, const Geometry& g) {
-  return g.N == 1 ? g.D : v.sn;
+// The kernels read any strides; only another dtype needs a converted copy.
+at::Tensor in_compute_type(const at::Tensor& t, at::ScalarType compute) {
+  return t.scalar_type() == compute ? t : t.to(compute);
 }
 
 // Where the kernel writes `target`: itself when it has the compute dtype, else a buffer that
@@ -252,10 +251,11 @@ void store_row(T* dst, int64_t sd, const T* src, int64_t d, T factor) {
   }
 }
 
-// Tile sizes. A score tile (kQTile x kKTile) plus the accumulators fit in L2. Short sequences
-// (the temporal case) are one tile each, so a task handles a whole T x T problem in cache.
-constexpr int64_t kQTile = 64;
-constexpr int64_t kKTile = 512;
+// Tile sizes: a score tile plus the packed key/value tiles and the output accumulator stay in
+// L2; short sequences (the temporal case) are a single tile, so one task solves a whole
+// T x T problem in cache.
+constexpr int64_t kQTile = 128;
+constexpr int64_t kKTile = 256;
 constexpr int64_t kBwdQTile = 64;
 constexpr int64_t kBwdKTile = 128;
 
@@ -268,13 +268,13 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
   const View<T> q(q_t), k(k_t), v(v_t), out(out_t);
   const LseView lse(lse_t);
-  const int64_t ldq = row_ld(q, g), ldk = row_ld(k, g), ldv = row_ld(v, g);
   const int64_t q_tiles = (g.N + kQTile - 1) / kQTile;
+  const int64_t dp = padded<T>(g.D);
 
   at::parallel_for(0, g.sequences() * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    const int64_t qt_size = std::min(kQTile, g.N), kt_size = std::min(kKTile, g.N);
-    std::vector<T> scores(qt_size * kt_size), acc(qt_size * g.D);
-    std::vector<OnlineSoftmaxRow<T>> rows(qt_size);
+    const int64_t mq_max = std::min(kQTile, g.N), np_max = padded<T>(std::min(kKTile, g.N));
+    std::vector<T> scores(mq_max * np_max), kt(g.D * np_max), vp(np_max * dp), acc(mq_max * dp);
+    std::vector<OnlineSoftmaxRow<T>> rows(mq_max);
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / q_tiles, q0 = (task % q_tiles) * kQTile, mq = std::min(kQTile, g.N - q0);
@@ -284,21 +284,23 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       std::fill(rows.begin(), rows.begin() + mq, online_softmax_init<T>());
 
       for (int64_t k0 = 0; k0 < g.N; k0 += kKTile) {
-        const int64_t nk = std::min(kKTile, g.N - k0);
-        matmul_abt<T>(mq, nk, g.D, scale, qs, ldq, ks + k0 * k.sn, ldk, scores.data());
+        const int64_t nk = std::min(kKTile, g.N - k0), np = padded<T>(nk);
+        pack_transposed(ks + k0 * k.sn, k.sn, k.sd, nk, g.D, kt.data(), np);
+        pack_rows(vs + k0 * v.sn, v.sn, v.sd, nk, g.D, vp.data(), dp);
+        tile_product<T>(mq, np, g.D, qs, q.sn, q.sd, kt.data(), np, scores.data(), np, scale, false);
         for (int64_t i = 0; i < mq; ++i) {
-          T* row = scores.data() + i * nk;
+          T* row = scores.data() + i * np;
           const T new_max = online_softmax_new_max(rows[i], row_max(row, nk));
           const T alpha = online_softmax_update(rows[i], new_max, exp_sum_inplace(row, nk, new_max));
-          if (k0 > 0 && alpha != T(1)) scale_inplace(acc.data() + i * g.D, g.D, alpha);
+          if (k0 > 0 && alpha != T(1)) scale_inplace(acc.data() + i * dp, dp, alpha);
         }
-        matmul_pb<T>(mq, nk, g.D, T(1), scores.data(), vs + k0 * v.sn, ldv, k0 == 0 ? T(0) : T(1), acc.data());
+        tile_product<T>(mq, dp, nk, scores.data(), np, 1, vp.data(), dp, acc.data(), dp, T(1), k0 > 0);
       }
 
       T* os = out.seq(s, g) + q0 * out.sn;
       float* ls = lse.seq(s, g) + q0 * lse.sn;
       for (int64_t i = 0; i < mq; ++i) {
-        store_row(os + i * out.sn, out.sd, acc.data() + i * g.D, g.D, online_softmax_inv_sum(rows[i]));
+        store_row(os + i * out.sn, out.sd, acc.data() + i * dp, g.D, online_softmax_inv_sum(rows[i]));
         ls[i * lse.sn] = static_cast<float>(online_softmax_lse(rows[i]));
       }
     }
@@ -313,56 +315,70 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
 template <typename T>
 struct BackwardArgs {
   Geometry g;
-  View<T> q, k, v, grad_k, grad_v;
-  int64_t ldq, ldk, ldv, lddo;
+  View<T> q, k, v, grad_out, grad_k, grad_v;
   T scale;
 };
 
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> p, ds, dk, dv;
+  int64_t dp;
+  std::vector<T> kt, vt, kp, qp, dop, p, ds, dk, dv;
 
-  explicit BackwardScratch(const Geometry& g)
-      : p(std::min(kBwdQTile, g.N) * std::min(kBwdKTile, g.N)),
-        ds(p.size()),
-        dk(std::min(kBwdKTile, g.N) * g.D),
-        dv(dk.size()) {}
+  explicit BackwardScratch(const Geometry& g) : dp(padded<T>(g.D)) {
+    const int64_t mq = std::min(kBwdQTile, g.N), nk = std::min(kBwdKTile, g.N), np = padded<T>(nk);
+    kt.resize(g.D * np);
+    vt.resize(g.D * np);
+    kp.resize(nk * dp);
+    qp.resize(mq * dp);
+    dop.resize(mq * dp);
+    p.resize(mq * np);
+    ds.resize(mq * np);
+    dk.resize(nk * dp);
+    dv.resize(nk * dp);
+  }
 };
 
+// dq_acc: N rows of width dp.
 template <typename T>
-void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T* grad_out_seq, const T* lse_seq,
-                       const T* delta_seq, T* dq_acc, BackwardScratch<T>& w) {
+void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T* lse_seq, const T* delta_seq,
+                       T* dq_acc, BackwardScratch<T>& w) {
   const Geometry& g = a.g;
-  const int64_t nk = std::min(kBwdKTile, g.N - k0);
+  const int64_t dp = w.dp;
+  const int64_t nk = std::min(kBwdKTile, g.N - k0), np = padded<T>(nk);
   const T* qs = a.q.seq(s, g);
+  const T* dos = a.grad_out.seq(s, g);
   const T* ks = a.k.seq(s, g) + k0 * a.k.sn;
   const T* vs = a.v.seq(s, g) + k0 * a.v.sn;
-  std::fill(w.dk.begin(), w.dk.begin() + nk * g.D, T(0));
-  std::fill(w.dv.begin(), w.dv.begin() + nk * g.D, T(0));
+  pack_transposed(ks, a.k.sn, a.k.sd, nk, g.D, w.kt.data(), np);
+  pack_transposed(vs, a.v.sn, a.v.sd, nk, g.D, w.vt.data(), np);
+  pack_rows(ks, a.k.sn, a.k.sd, nk, g.D, w.kp.data(), dp);
 
   for (int64_t q0 = 0; q0 < g.N; q0 += kBwdQTile) {
     const int64_t mq = std::min(kBwdQTile, g.N - q0);
     const T* qt = qs + q0 * a.q.sn;
-    const T* dot = grad_out_seq + q0 * a.lddo;
-    matmul_abt<T>(mq, nk, g.D, a.scale, qt, a.ldq, ks, a.ldk, w.p.data());
+    const T* dot = dos + q0 * a.grad_out.sn;
+    pack_rows(qt, a.q.sn, a.q.sd, mq, g.D, w.qp.data(), dp);
+    pack_rows(dot, a.grad_out.sn, a.grad_out.sd, mq, g.D, w.dop.data(), dp);
+
+    tile_product<T>(mq, np, g.D, w.qp.data(), dp, 1, w.kt.data(), np, w.p.data(), np, a.scale, false);
     for (int64_t i = 0; i < mq; ++i) {
-      // exp(S - lse) without the sum: exp_sum_inplace's sum is simply not used.
-      exp_sum_inplace(w.p.data() + i * nk, nk, lse_seq[q0 + i]);
+      // P = exp(S - lse); the row sum exp_sum_inplace returns is not needed here.
+      exp_sum_inplace(w.p.data() + i * np, nk, lse_seq[q0 + i]);
     }
-    matmul_ptb<T>(mq, nk, g.D, T(1), w.p.data(), dot, a.lddo, w.dv.data());
-    matmul_abt<T>(mq, nk, g.D, T(1), dot, a.lddo, vs, a.ldv, w.ds.data());
+    tile_product<T>(nk, dp, mq, w.p.data(), 1, np, w.dop.data(), dp, w.dv.data(), dp, T(1), q0 > 0);
+    tile_product<T>(mq, np, g.D, w.dop.data(), dp, 1, w.vt.data(), np, w.ds.data(), np, T(1), false);
     for (int64_t i = 0; i < mq; ++i) {
-      softmax_grad_inplace(w.p.data() + i * nk, w.ds.data() + i * nk, nk, delta_seq[q0 + i]);
+      softmax_grad_inplace(w.p.data() + i * np, w.ds.data() + i * np, nk, delta_seq[q0 + i]);
     }
-    matmul_pb<T>(mq, nk, g.D, a.scale, w.ds.data(), ks, a.ldk, T(1), dq_acc + q0 * g.D);
-    matmul_ptb<T>(mq, nk, g.D, a.scale, w.ds.data(), qt, a.ldq, w.dk.data());
+    tile_product<T>(mq, dp, nk, w.ds.data(), np, 1, w.kp.data(), dp, dq_acc + q0 * dp, dp, a.scale, true);
+    tile_product<T>(nk, dp, mq, w.ds.data(), 1, np, w.qp.data(), dp, w.dk.data(), dp, a.scale, q0 > 0);
   }
 
   T* dks = a.grad_k.seq(s, g) + k0 * a.grad_k.sn;
   T* dvs = a.grad_v.seq(s, g) + k0 * a.grad_v.sn;
   for (int64_t j = 0; j < nk; ++j) {
-    store_row(dks + j * a.grad_k.sn, a.grad_k.sd, w.dk.data() + j * g.D, g.D, T(1));
-    store_row(dvs + j * a.grad_v.sn, a.grad_v.sd, w.dv.data() + j * g.D, g.D, T(1));
+    store_row(dks + j * a.grad_k.sn, a.grad_k.sd, w.dk.data() + j * dp, g.D, T(1));
+    store_row(dvs + j * a.grad_v.sn, a.grad_v.sd, w.dv.data() + j * dp, g.D, T(1));
   }
 }
 
@@ -388,20 +404,17 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
                      const at::Tensor& grad_out_t, const at::Tensor& lse_t, T scale, const at::Tensor& grad_q_t,
                      const at::Tensor& grad_k_t, const at::Tensor& grad_v_t) {
   const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
-  const View<T> out(out_t), grad_out(grad_out_t), grad_q(grad_q_t);
+  const View<T> out(out_t), grad_q(grad_q_t);
   const LseView lse(lse_t);
-  BackwardArgs<T> a{g, View<T>(q_t), View<T>(k_t), View<T>(v_t), View<T>(grad_k_t), View<T>(grad_v_t), 0, 0, 0, 0,
-                    scale};
-  a.ldq = row_ld(a.q, g);
-  a.ldk = row_ld(a.k, g);
-  a.ldv = row_ld(a.v, g);
-  a.lddo = row_ld(grad_out, g);
+  const BackwardArgs<T> a{g,           View<T>(q_t),      View<T>(k_t),      View<T>(v_t), View<T>(grad_out_t),
+                          View<T>(grad_k_t), View<T>(grad_v_t), scale};
   const int64_t k_tiles = (g.N + kBwdKTile - 1) / kBwdKTile;
   const int64_t threads = at::get_num_threads();
+  const int64_t dp = padded<T>(g.D);
 
   auto store_dq = [&](int64_t s, int64_t i0, int64_t i1, const T* dq) {
     T* dqs = grad_q.seq(s, g);
-    for (int64_t i = i0; i < i1; ++i) store_row(dqs + i * grad_q.sn, grad_q.sd, dq + i * g.D, g.D, T(1));
+    for (int64_t i = i0; i < i1; ++i) store_row(dqs + i * grad_q.sn, grad_q.sd, dq + i * dp, g.D, T(1));
   };
 
   if (g.sequences() >= 2 * threads) {
@@ -409,12 +422,12 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
     // dV are all private to it.
     at::parallel_for(0, g.sequences(), 1, [&](int64_t begin, int64_t end) {
       BackwardScratch<T> w(g);
-      std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * g.D);
+      std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * dp);
       for (int64_t s = begin; s < end; ++s) {
-        row_terms(g, out, grad_out, lse, s, delta.data(), lse_row.data());
+        row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
         std::fill(dq.begin(), dq.end(), T(0));
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
-          backward_key_tile(a, s, kt * kBwdKTile, grad_out.seq(s, g), lse_row.data(), delta.data(), dq.data(), w);
+          backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), dq.data(), w);
         }
         store_dq(s, 0, g.N, dq.data());
       }
@@ -425,21 +438,21 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
   // Few long sequences: split each one's key tiles across threads. dK/dV rows belong to one
   // key tile; dQ gathers from all of them, so every thread sums into its own dQ buffer and
   // the buffers are added up afterwards.
-  std::vector<T> delta(g.N), lse_row(g.N), dq(threads * g.N * g.D);
+  std::vector<T> delta(g.N), lse_row(g.N), dq(threads * g.N * dp);
   for (int64_t s = 0; s < g.sequences(); ++s) {
-    row_terms(g, out, grad_out, lse, s, delta.data(), lse_row.data());
+    row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
     std::fill(dq.begin(), dq.end(), T(0));
     at::parallel_for(0, k_tiles, 1, [&](int64_t begin, int64_t end) {
       BackwardScratch<T> w(g);
-      T* mine = dq.data() + at::get_thread_num() * g.N * g.D;
+      T* mine = dq.data() + at::get_thread_num() * g.N * dp;
       for (int64_t kt = begin; kt < end; ++kt) {
-        backward_key_tile(a, s, kt * kBwdKTile, grad_out.seq(s, g), lse_row.data(), delta.data(), mine, w);
+        backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), mine, w);
       }
     });
     at::parallel_for(0, g.N, 256, [&](int64_t i0, int64_t i1) {
       for (int64_t t = 1; t < threads; ++t) {
-        const T* other = dq.data() + t * g.N * g.D;
-        for (int64_t e = i0 * g.D; e < i1 * g.D; ++e) dq[e] += other[e];
+        const T* other = dq.data() + t * g.N * dp;
+        for (int64_t e = i0 * dp; e < i1 * dp; ++e) dq[e] += other[e];
       }
       store_dq(s, i0, i1, dq.data());
     });
@@ -462,10 +475,10 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   check_attention_forward(q, k, v, out, lse, scale, c10::DeviceType::CPU);
   if (empty_problem(q)) return;
   const auto compute = compute_type(q);
-  const at::Tensor qr = readable(q, compute), kr = readable(k, compute), vr = readable(v, compute);
   Output o(out, compute);
   AT_DISPATCH_FLOATING_TYPES(compute, "stt_attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(qr, kr, vr, o.buffer, lse, static_cast<scalar_t>(scale));
+    forward_kernel<scalar_t>(in_compute_type(q, compute), in_compute_type(k, compute), in_compute_type(v, compute),
+                             o.buffer, lse, static_cast<scalar_t>(scale));
   });
   o.finish();
 }
@@ -476,12 +489,11 @@ void attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::
   check_attention_backward(q, k, v, out, grad_out, lse, scale, grad_q, grad_k, grad_v, c10::DeviceType::CPU);
   if (empty_problem(q)) return;
   const auto compute = compute_type(q);
-  const at::Tensor qr = readable(q, compute), kr = readable(k, compute), vr = readable(v, compute);
-  const at::Tensor outr = readable(out, compute), gor = readable(grad_out, compute);
   Output dq(grad_q, compute), dk(grad_k, compute), dv(grad_v, compute);
   AT_DISPATCH_FLOATING_TYPES(compute, "stt_attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(qr, kr, vr, outr, gor, lse, static_cast<scalar_t>(scale), dq.buffer, dk.buffer,
-                              dv.buffer);
+    backward_kernel<scalar_t>(in_compute_type(q, compute), in_compute_type(k, compute), in_compute_type(v, compute),
+                              in_compute_type(out, compute), in_compute_type(grad_out, compute), lse,
+                              static_cast<scalar_t>(scale), dq.buffer, dk.buffer, dv.buffer);
   });
   dq.finish();
   dk.finish();
