@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "stt/attention_checks.h"
@@ -382,6 +383,28 @@ void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T*
   }
 }
 
+// The saved lse is float32 by contract, which would cap float64 gradients at about 1e-7
+// relative accuracy; a float64 backward recomputes it for the query tile at q0 instead (a
+// score pass without the PV product, about a quarter of the backward's work).
+template <typename T>
+void exact_lse_tile(const BackwardArgs<T>& a, int64_t s, int64_t q0, T* lse_row, BackwardScratch<T>& w) {
+  const Geometry& g = a.g;
+  const int64_t mq = std::min(kBwdQTile, g.N - q0);
+  pack_rows(a.q.seq(s, g) + q0 * a.q.sn, a.q.sn, a.q.sd, mq, g.D, w.qp.data(), w.dp);
+  std::vector<OnlineSoftmaxRow<T>> rows(mq, online_softmax_init<T>());
+  for (int64_t k0 = 0; k0 < g.N; k0 += kBwdKTile) {
+    const int64_t nk = std::min(kBwdKTile, g.N - k0), np = padded<T>(nk);
+    pack_transposed(a.k.seq(s, g) + k0 * a.k.sn, a.k.sn, a.k.sd, nk, g.D, w.kt.data(), np);
+    tile_product<T>(mq, np, g.D, w.qp.data(), w.dp, 1, w.kt.data(), np, w.p.data(), np, a.scale, false);
+    for (int64_t i = 0; i < mq; ++i) {
+      T* row = w.p.data() + i * np;
+      const T new_max = online_softmax_new_max(rows[i], row_max(row, nk));
+      online_softmax_update(rows[i], new_max, exp_sum_inplace(row, nk, new_max));
+    }
+  }
+  for (int64_t i = 0; i < mq; ++i) lse_row[q0 + i] = online_softmax_lse(rows[i]);
+}
+
 // delta_i = rowsum(dO_i * O_i) and the saved lse of one sequence, in the compute type.
 template <typename T>
 void row_terms(const Geometry& g, const View<T>& out, const View<T>& grad_out, const LseView& lse, int64_t s,
@@ -425,6 +448,9 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
       std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * dp);
       for (int64_t s = begin; s < end; ++s) {
         row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
+        if constexpr (std::is_same_v<T, double>) {
+          for (int64_t q0 = 0; q0 < g.N; q0 += kBwdQTile) exact_lse_tile(a, s, q0, lse_row.data(), w);
+        }
         std::fill(dq.begin(), dq.end(), T(0));
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), dq.data(), w);
@@ -441,6 +467,12 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
   std::vector<T> delta(g.N), lse_row(g.N), dq(threads * g.N * dp);
   for (int64_t s = 0; s < g.sequences(); ++s) {
     row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
+    if constexpr (std::is_same_v<T, double>) {
+      at::parallel_for(0, (g.N + kBwdQTile - 1) / kBwdQTile, 1, [&](int64_t begin, int64_t end) {
+        BackwardScratch<T> w(g);
+        for (int64_t qt = begin; qt < end; ++qt) exact_lse_tile(a, s, qt * kBwdQTile, lse_row.data(), w);
+      });
+    }
     std::fill(dq.begin(), dq.end(), T(0));
     at::parallel_for(0, k_tiles, 1, [&](int64_t begin, int64_t end) {
       BackwardScratch<T> w(g);
