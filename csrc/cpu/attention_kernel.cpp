@@ -99,7 +99,7 @@ void softmax_grad_inplace(const T* p, T* ds, int64_t n, T delta) {
 //   C[r][0:n] = alpha * sum_{l < L} A(r, l) * B[l][0:n]   (+ C[r][0:n] when accumulating)
 //
 // The microkernel keeps an R x NV block of C in vector registers (R * NV <= 12 of the 16
-// AVX2 registers) and streams l, one broadcast of A and NV loads of B per FMA row.
+// AVX2 registers) and streams l: NV loads of B and R broadcasts of A feed R * NV FMAs.
 
 template <typename T, int R, int NV>
 void micro_tile(int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c, int64_t ldc, T alpha,
@@ -127,27 +127,38 @@ void micro_tile(int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int
   }
 }
 
-template <typename T, int R>
-void micro_row_block(int64_t n, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
-                     int64_t ldc, T alpha, bool accumulate) {
-  constexpr int64_t W = Vec<T>::size();
-  int64_t col = 0;
-  for (; col + 3 * W <= n; col += 3 * W) micro_tile<T, R, 3>(L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
-  if (n - col == 2 * W) micro_tile<T, R, 2>(L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
-  if (n - col == W) micro_tile<T, R, 1>(L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+// The rows of one column block: R rows at a time, then the remaining rows in one smaller tile.
+template <typename T, int R, int NV>
+void column_block(int64_t m, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
+                  int64_t ldc, T alpha, bool accumulate) {
+  int64_t r = 0;
+  for (; r + R <= m; r += R) micro_tile<T, R, NV>(L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
+  if constexpr (R > 1) {
+    if (r < m) column_block<T, R - 1, NV>(m - r, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
+  }
 }
 
+// Column blocks of 4, 3, 2 or 1 vectors, each with as many rows as keep 8-12 accumulators;
+// a width of 4 vectors (d = 32 in float32, every score tile) splits evenly into 3 x 4 tiles.
 template <typename T>
 void tile_product(int64_t m, int64_t n, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
                   int64_t ldc, T alpha, bool accumulate) {
-  int64_t r = 0;
-  for (; r + 4 <= m; r += 4)
-    micro_row_block<T, 4>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
-  switch (m - r) {
-    case 3: micro_row_block<T, 3>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate); break;
-    case 2: micro_row_block<T, 2>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate); break;
-    case 1: micro_row_block<T, 1>(n, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate); break;
-    default: break;
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t col = 0; col < n;) {
+    const int64_t rest = n - col;
+    if (rest % (4 * W) == 0) {
+      column_block<T, 3, 4>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += 4 * W;
+    } else if (rest >= 3 * W) {
+      column_block<T, 4, 3>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += 3 * W;
+    } else if (rest == 2 * W) {
+      column_block<T, 6, 2>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += 2 * W;
+    } else {
+      column_block<T, 8, 1>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += W;
+    }
   }
 }
 
@@ -256,7 +267,7 @@ void store_row(T* dst, int64_t sd, const T* src, int64_t d, T factor) {
 // L2; short sequences (the temporal case) are a single tile, so one task solves a whole
 // T x T problem in cache.
 constexpr int64_t kQTile = 128;
-constexpr int64_t kKTile = 256;
+constexpr int64_t kKTile = 128;
 constexpr int64_t kBwdQTile = 64;
 constexpr int64_t kBwdKTile = 128;
 
