@@ -51,11 +51,14 @@ STT_HOST_DEVICE OnlineSoftmaxRow<T> online_softmax_init() {
 }
 
 // exp(old_max - new_max): the factor that moves the sum and the output accumulator of a row
-// onto a new maximum. The first block (old_max = -inf) gives 0, never NaN, because new_max is
-// finite whenever a row has any finite score.
+// onto a new maximum. The first block (old_max = -inf, nothing accumulated yet) gives 0
+// without an exponential: short sequences are a single block, and there this exp per row
+// would be a noticeable share of the work.
 template <typename T>
 STT_HOST_DEVICE T online_softmax_rescale(T old_max, T new_max) {
-  return old_max == new_max ? T(1) : softmax_exp<T>(old_max - new_max);
+  if (old_max == new_max) return T(1);
+  if (old_max == -std::numeric_limits<T>::infinity()) return T(0);
+  return softmax_exp<T>(old_max - new_max);
 }
 
 // The maximum a row moves to when a block whose largest score is block_max arrives.
