@@ -4,7 +4,7 @@ like with like: the ``cpu`` backend against torch's ``scaled_dot_product_attenti
 resident memory of forward+backward over one 320 x 320 slice (102,400 tokens) in a fresh
 subprocess.
 
-    python benchmarks/bench_attention_cpu.py [--repeats 5] [--skip-reference] [--skip-memory]
+    python benchmarks/bench_attention_cpu.py [--repeats 5] [--skip-reference] [--skip-memory | --skip-speed]
 
 Inputs are views of one packed ``(B, T, H, W, 3, heads, d)`` projection, as the model makes
 them. The SDPA peer gets ``(batch, heads, N, d)`` views of the same memory for spatial
@@ -92,19 +92,36 @@ def run_case(kind, shape, repeats, skip):
     return rows
 
 
-MEMORY_SNIPPET = """
-import resource, torch, stt_kernels
+# Peak resident memory of the process itself: VmHWM, which starts afresh at exec (ru_maxrss
+# does not on Linux: a child started from a process that once held gigabytes reports those).
+PEAK_RSS = """
+def peak_rss():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
+MEMORY_SNIPPET = PEAK_RSS + """
+import torch, stt_kernels
 x = torch.randn(1, 1, 320, 320, 3, 1, 32, requires_grad=True)
 q, k, v = x.unbind(4)
 stt_kernels.spatial_attention(q, k, v, backend="cpu").sum().backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(peak_rss())
+"""
+
+IMPORT_SNIPPET = PEAK_RSS + """
+import torch, stt_kernels
+print(peak_rss())
 """
 
 
 def peak_memory():
-    baseline = subprocess.run([sys.executable, "-c", "import resource, torch, stt_kernels; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-                              capture_output=True, text=True, check=True)
+    baseline = subprocess.run([sys.executable, "-c", IMPORT_SNIPPET], capture_output=True, text=True, check=True)
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", MEMORY_SNIPPET], capture_output=True, text=True, check=True)
     return int(run.stdout.split()[-1]), int(baseline.stdout.split()[-1]), time.perf_counter() - start
@@ -114,7 +131,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-reference", action="store_true", help="the reference takes ~15 s a repeat")
-    parser.add_argument("--skip-memory", action="store_true", help="the 102,400-token run takes about a minute")
+    parser.add_argument("--skip-memory", action="store_true", help="the 102,400-token run takes minutes")
+    parser.add_argument("--skip-speed", action="store_true", help="only the 102,400-token memory run")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -129,7 +147,7 @@ def main():
     }
     skip = {"reference"} if args.skip_reference else set()
     results = {}
-    for label, (kind, shape) in cases.items():
+    for label, (kind, shape) in ({} if args.skip_speed else cases).items():
         rows = run_case(kind, shape, args.repeats, skip)
         results[label] = rows
         print(f"\n{label} {shape} (B, T, H, W, heads, d)")

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -293,6 +294,20 @@ constexpr int64_t kKTile = 128;
 constexpr int64_t kBwdQTile = 64;
 constexpr int64_t kBwdKTile = 128;
 
+// at::parallel_for splits a range evenly up front, so a thread that loses its core for a while
+// (a shared machine; sequences of uneven cost) holds up the whole call. Here every thread takes
+// blocks of about 1/32 of its share from a shared counter until none are left; body(begin,
+// end) runs once per block, on the thread that took it.
+template <typename Body>
+void balanced_parallel_for(int64_t n, const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t block = std::max<int64_t>(1, n / (threads * 32));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(block); b < n; b = next.fetch_add(block)) body(b, std::min(n, b + block));
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward.
 
@@ -305,7 +320,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const int64_t q_tiles = (g.N + kQTile - 1) / kQTile;
   const int64_t dp = padded<T>(g.D);
 
-  at::parallel_for(0, g.sequences() * q_tiles, 1, [&](int64_t begin, int64_t end) {
+  balanced_parallel_for(g.sequences() * q_tiles, [&](int64_t begin, int64_t end) {
     const int64_t mq_max = std::min(kQTile, g.N), np_max = padded<T>(std::min(kKTile, g.N));
     std::vector<T> scores(mq_max * np_max), kt(g.D * np_max), vp(np_max * dp), acc(mq_max * dp);
     std::vector<OnlineSoftmaxRow<T>> rows(mq_max);
@@ -482,7 +497,7 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
   if (g.sequences() >= 2 * threads) {
     // Enough sequences to keep every thread busy: a task owns whole sequences, so dQ, dK and
     // dV are all private to it.
-    at::parallel_for(0, g.sequences(), 1, [&](int64_t begin, int64_t end) {
+    balanced_parallel_for(g.sequences(), [&](int64_t begin, int64_t end) {
       BackwardScratch<T> w(g);
       std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * dp);
       for (int64_t s = begin; s < end; ++s) {
@@ -515,13 +530,13 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
   for (int64_t s = 0; s < g.sequences(); ++s) {
     row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
     if constexpr (std::is_same_v<T, double>) {
-      at::parallel_for(0, (g.N + kBwdQTile - 1) / kBwdQTile, 1, [&](int64_t begin, int64_t end) {
+      balanced_parallel_for((g.N + kBwdQTile - 1) / kBwdQTile, [&](int64_t begin, int64_t end) {
         BackwardScratch<T> w(g);
         for (int64_t qt = begin; qt < end; ++qt) exact_lse_tile(a, s, qt * kBwdQTile, lse_row.data(), w);
       });
     }
     std::fill(dq.begin(), dq.end(), T(0));
-    at::parallel_for(0, k_tiles, 1, [&](int64_t begin, int64_t end) {
+    balanced_parallel_for(k_tiles, [&](int64_t begin, int64_t end) {
       BackwardScratch<T> w(g);
       T* mine = dq.data() + at::get_thread_num() * g.N * dp;
       for (int64_t kt = begin; kt < end; ++kt) {

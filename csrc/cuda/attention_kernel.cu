@@ -314,7 +314,8 @@ LaunchConfig launch_config(Kernel kernel, int64_t tasks, size_t per_warp_bytes) 
     const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
     TORCH_CHECK(smem <= optin, "stt::_attention (cuda): needs ", smem, " bytes of shared memory per block, the GPU ",
                 "allows ", optin, "; use a smaller head dim or another dtype");
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
   }
   const int64_t blocks = (tasks + warps - 1) / warps;
   TORCH_CHECK(blocks <= INT_MAX, "stt::_attention (cuda): ", tasks, " warp tasks exceed one launch grid");
