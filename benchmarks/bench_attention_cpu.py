@@ -61,35 +61,34 @@ def implementations(kind):
     }
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up: first-touch allocations, thread pool start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run_case(kind, shape, repeats, skip):
+    """Median seconds per implementation, (forward, forward+backward). The implementations take
+    turns within each repeat, so a change in the machine's load (a shared machine) falls on
+    all of them alike rather than on whichever ran last."""
     x = packed(*shape, grad=True)
     q, k, v = x.unbind(4)
     grad = torch.randn(q.shape)
-    rows = {}
-    for name, fn in implementations(kind).items():
-        if name in skip:
-            continue
+    impls = {name: fn for name, fn in implementations(kind).items() if name not in skip}
 
-        def forward():
-            with torch.no_grad():
-                fn(q, k, v)
+    def forward(fn):
+        with torch.no_grad():
+            fn(q, k, v)
 
-        def forward_backward():
-            x.grad = None
-            fn(q, k, v).backward(grad)
+    def forward_backward(fn):
+        x.grad = None
+        fn(q, k, v).backward(grad)
 
-        rows[name] = (median_time(forward, repeats), median_time(forward_backward, repeats))
-    return rows
+    times = {name: ([], []) for name in impls}
+    for fn in impls.values():  # warm-up: first-touch allocations, thread pool start
+        forward(fn)
+        forward_backward(fn)
+    for _ in range(repeats):
+        for pass_index, step in enumerate((forward, forward_backward)):
+            for name, fn in impls.items():
+                start = time.perf_counter()
+                step(fn)
+                times[name][pass_index].append(time.perf_counter() - start)
+    return {name: (statistics.median(f), statistics.median(b)) for name, (f, b) in times.items()}
 
 
 # Peak resident memory of the process itself: VmHWM, which starts afresh at exec (ru_maxrss

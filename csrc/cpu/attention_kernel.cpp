@@ -4,9 +4,9 @@
 // so memory is O(N) per sequence and no N x N matrix ever exists. Every tile product is one
 // register-blocked at::vec microkernel (rows of C += scalar(A) * vector rows of B) over a
 // small packed copy of the key/value tile; q, k, v themselves are read in place through their
-// strides. A BLAS call per tile was tried first: torch's MKL runs these thin (d = 32) products
-// at about a third of the FMA peak of an AVX2 core, and its call overhead dominates the short
-// temporal sequences. float16/bfloat16 inputs are upcast to float32 (a copy): the CPU path is
+// strides. A BLAS call per tile was tried first: on the AVX2 (Zen) machine this was tuned on,
+// torch's MKL ran these thin d = 32 products at ~10 GFLOP/s a core against 33-45 for the
+// microkernel, and a call per 32 x 32 tile is mostly overhead for the short temporal sequences. float16/bfloat16 inputs are upcast to float32 (a copy): the CPU path is
 // for float32 and float64.
 #include "stt/cpu_vec.h"  // first: it selects the SIMD width of at::vec
 
@@ -251,28 +251,6 @@ struct Output {
   }
 };
 
-// The rows of one short sequence lie a whole slice apart in the temporal view (6 MB for
-// 64 x 64 pixels, 4 heads, d = 32): every row is a cache miss the hardware prefetchers do not
-// predict, and without help the kernel waits on memory more than it computes. A task fetches
-// the rows of the next sequence before working on its own.
-template <typename T>
-void prefetch_rows(const T* p, int64_t row_stride, int64_t rows, const Geometry& g, int64_t sd, bool write) {
-#if defined(__GNUC__) || defined(__clang__)
-  if (sd != 1) return;
-  const int64_t bytes = g.D * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < rows; ++j) {
-    const char* row = reinterpret_cast<const char*>(p + j * row_stride);
-    for (int64_t off = 0; off < bytes; off += 64) {
-      if (write) {
-        __builtin_prefetch(row + off, 1);
-      } else {
-        __builtin_prefetch(row + off, 0);
-      }
-    }
-  }
-#endif
-}
-
 template <typename T>
 void store_row(T* dst, int64_t sd, const T* src, int64_t d, T factor) {
   if (sd == 1) {
@@ -330,12 +308,6 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       const T* qs = q.seq(s, g) + q0 * q.sn;
       const T* ks = k.seq(s, g);
       const T* vs = v.seq(s, g);
-      if (q_tiles == 1 && g.N <= kKTile && task + 1 < end) {
-        prefetch_rows(q.seq(s + 1, g), q.sn, g.N, g, q.sd, false);
-        prefetch_rows(k.seq(s + 1, g), k.sn, g.N, g, k.sd, false);
-        prefetch_rows(v.seq(s + 1, g), v.sn, g.N, g, v.sd, false);
-        prefetch_rows(out.seq(s + 1, g), out.sn, g.N, g, out.sd, true);
-      }
       std::fill(rows.begin(), rows.begin() + mq, online_softmax_init<T>());
 
       for (int64_t k0 = 0; k0 < g.N; k0 += kKTile) {
@@ -501,14 +473,6 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
       BackwardScratch<T> w(g);
       std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * dp);
       for (int64_t s = begin; s < end; ++s) {
-        if (k_tiles == 1 && s + 1 < end) {
-          for (const View<T>* t : {&a.q, &a.k, &a.v, &out, &a.grad_out}) {
-            prefetch_rows(t->seq(s + 1, g), t->sn, g.N, g, t->sd, false);
-          }
-          for (const View<T>* t : {&grad_q, &a.grad_k, &a.grad_v}) {
-            prefetch_rows(t->seq(s + 1, g), t->sn, g.N, g, t->sd, true);
-          }
-        }
         row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
         if constexpr (std::is_same_v<T, double>) {
           for (int64_t q0 = 0; q0 < g.N; q0 += kBwdQTile) exact_lse_tile(a, s, q0, lse_row.data(), w);

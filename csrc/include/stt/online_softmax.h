@@ -52,8 +52,8 @@ STT_HOST_DEVICE OnlineSoftmaxRow<T> online_softmax_init() {
 
 // exp(old_max - new_max): the factor that moves the sum and the output accumulator of a row
 // onto a new maximum. The first block (old_max = -inf, nothing accumulated yet) gives 0
-// without an exponential: short sequences are a single block, and there this exp per row
-// would be a noticeable share of the work.
+// without calling exp: short sequences are a single block, where that call per row would
+// be pure overhead.
 template <typename T>
 STT_HOST_DEVICE T online_softmax_rescale(T old_max, T new_max) {
   if (old_max == new_max) return T(1);
