@@ -44,7 +44,6 @@ def backend_param(name):
 
 
 BACKENDS = [backend_param(name) for name in ("reference", "cpu", "cuda", "triton")]
-CPU_BACKENDS = [backend_param(name) for name in ("reference", "cpu")]
 GPU_BACKENDS = [backend_param(name) for name in ("cuda", "triton")]
 
 
