@@ -1,0 +1,567 @@
+// CPU kernels of stt::_attention_forward / _attention_backward (schemas in ../attention.cpp).
+//
+// Flash style: queries and keys are tiled and a tile of scores lives in a per-thread buffer,
+// so memory is O(N) per sequence and no N x N matrix ever exists. Every tile product is one
+// register-blocked at::vec microkernel (rows of C += scalar(A) * vector rows of B) over a
+// small packed copy of the key/value tile; q, k, v themselves are read in place through their
+// strides. A BLAS call per tile was tried first: on the AVX2 (Zen) machine this was tuned on,
+// torch's MKL ran these thin d = 32 products at ~10 GFLOP/s a core against 33-45 for the
+// microkernel, and a call per 32 x 32 tile is mostly overhead for the short temporal sequences. float16/bfloat16 inputs are upcast to float32 (a copy): the CPU path is
+// for float32 and float64.
+#include "stt/cpu_vec.h"  // first: it selects the SIMD width of at::vec
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "stt/attention_checks.h"
+#include "stt/online_softmax.h"
+
+namespace stt {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Vectorised row operations of the softmax.
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  T best = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= W) {
+    Vec<T> m = Vec<T>::loadu(x);
+    for (j = W; j + W <= n; j += W) m = at::vec::maximum(m, Vec<T>::loadu(x + j));
+    T lanes[W];
+    m.store(lanes);
+    for (int64_t l = 0; l < W; ++l) best = std::max(best, lanes[l]);
+  }
+  for (; j < n; ++j) best = std::max(best, x[j]);
+  return best;
+}
+
+// x <- exp(x - sub); returns the sum. exp_u20 is the fast exponential SDPA's CPU kernel uses
+// (about 1e-6 relative), well inside the float32 accumulation error.
+template <typename T>
+T exp_sum_inplace(T* x, int64_t n, T sub) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vsub(sub);
+  Vec<T> acc(T(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec<T> e = (Vec<T>::loadu(x + j) - vsub).exp_u20();
+    e.store(x + j);
+    acc = acc + e;
+  }
+  T lanes[W];
+  acc.store(lanes);
+  T sum = 0;
+  for (int64_t l = 0; l < W; ++l) sum += lanes[l];
+  for (; j < n; ++j) {
+    x[j] = softmax_exp<T>(x[j] - sub);
+    sum += x[j];
+  }
+  return sum;
+}
+
+template <typename T>
+void scale_inplace(T* x, int64_t n, T factor) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> f(factor);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec<T>::loadu(x + j) * f).store(x + j);
+  for (; j < n; ++j) x[j] *= factor;
+}
+
+// ds <- p * (ds - delta), with ds holding dP on entry.
+template <typename T>
+void softmax_grad_inplace(const T* p, T* ds, int64_t n, T delta) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vd(delta);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec<T>::loadu(p + j) * (Vec<T>::loadu(ds + j) - vd)).store(ds + j);
+  for (; j < n; ++j) ds[j] = softmax_grad<T>(p[j], ds[j], delta);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile products. C is row-major with a padded width n (a multiple of the vector width W);
+// B is a packed row-major tile with the same padded width; A is read element by element
+// through (row, column) strides, which covers A, A^T and strided views of q and dO alike:
+//
+//   C[r][0:n] = alpha * sum_{l < L} A(r, l) * B[l][0:n]   (+ C[r][0:n] when accumulating)
+//
+// The microkernel keeps an R x NV block of C in vector registers (R * NV <= 12 of the 16
+// AVX2 registers) and streams l: NV loads of B and R broadcasts of A feed R * NV FMAs.
+
+template <typename T, int R, int NV>
+void micro_tile(int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c, int64_t ldc, T alpha,
+                bool accumulate) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>(T(0));
+  for (int64_t l = 0; l < L; ++l) {
+    Vec<T> bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec<T>::loadu(b + l * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> ar(a[r * ars + l * acs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+  const Vec<T> va(alpha);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      T* dst = c + r * ldc + v * W;
+      Vec<T> out = acc[r][v] * va;
+      if (accumulate) out = out + Vec<T>::loadu(dst);
+      out.store(dst);
+    }
+  }
+}
+
+// The rows of one column block: R rows at a time, then the remaining rows in one smaller tile.
+template <typename T, int R, int NV>
+void column_block(int64_t m, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
+                  int64_t ldc, T alpha, bool accumulate) {
+  int64_t r = 0;
+  for (; r + R <= m; r += R) micro_tile<T, R, NV>(L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
+  if constexpr (R > 1) {
+    if (r < m) column_block<T, R - 1, NV>(m - r, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
+  }
+}
+
+// Column blocks of 4, 3, 2 or 1 vectors, each with as many rows as keep 8-12 accumulators;
+// a width of 4 vectors (d = 32 in float32, every score tile) splits evenly into 3 x 4 tiles.
+template <typename T>
+void tile_product(int64_t m, int64_t n, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
+                  int64_t ldc, T alpha, bool accumulate) {
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t col = 0; col < n;) {
+    const int64_t rest = n - col;
+    if (rest % (4 * W) == 0) {
+      column_block<T, 3, 4>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += 4 * W;
+    } else if (rest >= 3 * W) {
+      column_block<T, 4, 3>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += 3 * W;
+    } else if (rest == 2 * W) {
+      column_block<T, 6, 2>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += 2 * W;
+    } else {
+      column_block<T, 8, 1>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      col += W;
+    }
+  }
+}
+
+template <typename T>
+int64_t padded(int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  return (n + W - 1) / W * W;
+}
+
+// Packs rows [0, rows) x [0, d) of a strided matrix, row-major with width dp (zero padding).
+template <typename T>
+void pack_rows(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t dp) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const T* in = src + j * s_row;
+    T* out = dst + j * dp;
+    if (s_col == 1) {
+      std::copy(in, in + d, out);
+    } else {
+      for (int64_t c = 0; c < d; ++c) out[c] = in[c * s_col];
+    }
+    std::fill(out + d, out + dp, T(0));
+  }
+}
+
+// Packs the transpose: dst[c][j] = src[j][c], width np (padded key count, zero columns).
+template <typename T>
+void pack_transposed(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t np) {
+  for (int64_t c = 0; c < d; ++c) {
+    T* out = dst + c * np;
+    for (int64_t j = 0; j < rows; ++j) out[j] = src[j * s_row + c * s_col];
+    std::fill(out + rows, out + np, T(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Strided 5-d views (B, Z, N, heads, d). A sequence is one (b, z, head); s enumerates them
+// with head fastest, so consecutive tasks touch neighbouring memory in the packed layout.
+
+struct Geometry {
+  int64_t B, Z, N, H, D;
+  int64_t sequences() const { return B * Z * H; }
+};
+
+template <typename T>
+struct View {
+  T* data;
+  int64_t sb, sz, sn, sh, sd;
+
+  explicit View(const at::Tensor& t)
+      : data(t.data_ptr<T>()), sb(t.stride(0)), sz(t.stride(1)), sn(t.stride(2)), sh(t.stride(3)),
+        sd(t.stride(4)) {}
+
+  // First element of sequence s.
+  T* seq(int64_t s, const Geometry& g) const {
+    const int64_t h = s % g.H, bz = s / g.H, z = bz % g.Z, b = bz / g.Z;
+    return data + b * sb + z * sz + h * sh;
+  }
+};
+
+// lse (B, Z, heads, N) float32 with any strides.
+struct LseView {
+  float* data;
+  int64_t sb, sz, sh, sn;
+
+  explicit LseView(const at::Tensor& t)
+      : data(t.data_ptr<float>()), sb(t.stride(0)), sz(t.stride(1)), sh(t.stride(2)), sn(t.stride(3)) {}
+
+  float* seq(int64_t s, const Geometry& g) const {
+    const int64_t h = s % g.H, bz = s / g.H, z = bz % g.Z, b = bz / g.Z;
+    return data + b * sb + z * sz + h * sh;
+  }
+};
+
+// The kernels read any strides; only another dtype needs a converted copy.
+at::Tensor in_compute_type(const at::Tensor& t, at::ScalarType compute) {
+  return t.scalar_type() == compute ? t : t.to(compute);
+}
+
+// Where the kernel writes `target`: itself when it has the compute dtype, else a buffer that
+// is copied back (with the dtype cast) once the kernel is done.
+struct Output {
+  at::Tensor target, buffer;
+
+  Output(const at::Tensor& t, at::ScalarType compute)
+      : target(t), buffer(t.scalar_type() == compute ? t : at::empty(t.sizes(), t.options().dtype(compute))) {}
+
+  void finish() {
+    if (!buffer.is_same(target)) target.copy_(buffer);
+  }
+};
+
+template <typename T>
+void store_row(T* dst, int64_t sd, const T* src, int64_t d, T factor) {
+  if (sd == 1) {
+    constexpr int64_t W = Vec<T>::size();
+    const Vec<T> f(factor);
+    int64_t c = 0;
+    for (; c + W <= d; c += W) (Vec<T>::loadu(src + c) * f).store(dst + c);
+    for (; c < d; ++c) dst[c] = src[c] * factor;
+  } else {
+    for (int64_t c = 0; c < d; ++c) dst[c * sd] = src[c] * factor;
+  }
+}
+
+// Tile sizes: a score tile plus the packed key/value tiles and the output accumulator stay in
+// L2; short sequences (the temporal case) are a single tile, so one task solves a whole
+// T x T problem in cache.
+constexpr int64_t kQTile = 128;
+constexpr int64_t kKTile = 128;
+constexpr int64_t kBwdQTile = 64;
+constexpr int64_t kBwdKTile = 128;
+
+// at::parallel_for splits a range evenly up front, so a thread that loses its core for a while
+// (a shared machine; sequences of uneven cost) holds up the whole call. Here every thread takes
+// blocks of about 1/32 of its share from a shared counter until none are left; body(begin,
+// end) runs once per block, on the thread that took it.
+template <typename Body>
+void balanced_parallel_for(int64_t n, const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t block = std::max<int64_t>(1, n / (threads * 32));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(block); b < n; b = next.fetch_add(block)) body(b, std::min(n, b + block));
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& out_t,
+                    const at::Tensor& lse_t, T scale) {
+  const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
+  const View<T> q(q_t), k(k_t), v(v_t), out(out_t);
+  const LseView lse(lse_t);
+  const int64_t q_tiles = (g.N + kQTile - 1) / kQTile;
+  const int64_t dp = padded<T>(g.D);
+
+  balanced_parallel_for(g.sequences() * q_tiles, [&](int64_t begin, int64_t end) {
+    const int64_t mq_max = std::min(kQTile, g.N), np_max = padded<T>(std::min(kKTile, g.N));
+    std::vector<T> scores(mq_max * np_max), kt(g.D * np_max), vp(np_max * dp), acc(mq_max * dp);
+    std::vector<OnlineSoftmaxRow<T>> rows(mq_max);
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / q_tiles, q0 = (task % q_tiles) * kQTile, mq = std::min(kQTile, g.N - q0);
+      const T* qs = q.seq(s, g) + q0 * q.sn;
+      const T* ks = k.seq(s, g);
+      const T* vs = v.seq(s, g);
+      std::fill(rows.begin(), rows.begin() + mq, online_softmax_init<T>());
+
+      for (int64_t k0 = 0; k0 < g.N; k0 += kKTile) {
+        const int64_t nk = std::min(kKTile, g.N - k0), np = padded<T>(nk);
+        pack_transposed(ks + k0 * k.sn, k.sn, k.sd, nk, g.D, kt.data(), np);
+        pack_rows(vs + k0 * v.sn, v.sn, v.sd, nk, g.D, vp.data(), dp);
+        tile_product<T>(mq, np, g.D, qs, q.sn, q.sd, kt.data(), np, scores.data(), np, scale, false);
+        for (int64_t i = 0; i < mq; ++i) {
+          T* row = scores.data() + i * np;
+          const T new_max = online_softmax_new_max(rows[i], row_max(row, nk));
+          const T alpha = online_softmax_update(rows[i], new_max, exp_sum_inplace(row, nk, new_max));
+          if (k0 > 0 && alpha != T(1)) scale_inplace(acc.data() + i * dp, dp, alpha);
+        }
+        tile_product<T>(mq, dp, nk, scores.data(), np, 1, vp.data(), dp, acc.data(), dp, T(1), k0 > 0);
+      }
+
+      T* os = out.seq(s, g) + q0 * out.sn;
+      float* ls = lse.seq(s, g) + q0 * lse.sn;
+      for (int64_t i = 0; i < mq; ++i) {
+        store_row(os + i * out.sn, out.sd, acc.data() + i * dp, g.D, online_softmax_inv_sum(rows[i]));
+        ls[i * lse.sn] = static_cast<float>(online_softmax_lse(rows[i]));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: for a key tile, loop over all query tiles, recompute P = exp(S - lse), and
+// accumulate dV = P^T dO, dK = scale * dS^T Q in the tile's own buffers (so parallel tasks
+// own disjoint rows of grad_k / grad_v) and dQ += scale * dS K into a caller-owned buffer.
+
+template <typename T>
+struct BackwardArgs {
+  Geometry g;
+  View<T> q, k, v, grad_out, grad_k, grad_v;
+  T scale;
+};
+
+template <typename T>
+struct BackwardScratch {
+  int64_t dp;
+  std::vector<T> kt, vt, kp, qp, dop, p, ds, dk, dv;
+
+  explicit BackwardScratch(const Geometry& g) : dp(padded<T>(g.D)) {
+    const int64_t mq = std::min(kBwdQTile, g.N), nk = std::min(kBwdKTile, g.N), np = padded<T>(nk);
+    kt.resize(g.D * np);
+    vt.resize(g.D * np);
+    kp.resize(nk * dp);
+    qp.resize(mq * dp);
+    dop.resize(mq * dp);
+    p.resize(mq * np);
+    ds.resize(mq * np);
+    dk.resize(nk * dp);
+    dv.resize(nk * dp);
+  }
+};
+
+// dq_acc: N rows of width dp.
+template <typename T>
+void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T* lse_seq, const T* delta_seq,
+                       T* dq_acc, BackwardScratch<T>& w) {
+  const Geometry& g = a.g;
+  const int64_t dp = w.dp;
+  const int64_t nk = std::min(kBwdKTile, g.N - k0), np = padded<T>(nk);
+  const T* qs = a.q.seq(s, g);
+  const T* dos = a.grad_out.seq(s, g);
+  const T* ks = a.k.seq(s, g) + k0 * a.k.sn;
+  const T* vs = a.v.seq(s, g) + k0 * a.v.sn;
+  pack_transposed(ks, a.k.sn, a.k.sd, nk, g.D, w.kt.data(), np);
+  pack_transposed(vs, a.v.sn, a.v.sd, nk, g.D, w.vt.data(), np);
+  pack_rows(ks, a.k.sn, a.k.sd, nk, g.D, w.kp.data(), dp);
+
+  for (int64_t q0 = 0; q0 < g.N; q0 += kBwdQTile) {
+    const int64_t mq = std::min(kBwdQTile, g.N - q0);
+    const T* qt = qs + q0 * a.q.sn;
+    const T* dot = dos + q0 * a.grad_out.sn;
+    pack_rows(qt, a.q.sn, a.q.sd, mq, g.D, w.qp.data(), dp);
+    pack_rows(dot, a.grad_out.sn, a.grad_out.sd, mq, g.D, w.dop.data(), dp);
+
+    tile_product<T>(mq, np, g.D, w.qp.data(), dp, 1, w.kt.data(), np, w.p.data(), np, a.scale, false);
+    for (int64_t i = 0; i < mq; ++i) {
+      // P = exp(S - lse); the row sum exp_sum_inplace returns is not needed here.
+      exp_sum_inplace(w.p.data() + i * np, nk, lse_seq[q0 + i]);
+    }
+    tile_product<T>(nk, dp, mq, w.p.data(), 1, np, w.dop.data(), dp, w.dv.data(), dp, T(1), q0 > 0);
+    tile_product<T>(mq, np, g.D, w.dop.data(), dp, 1, w.vt.data(), np, w.ds.data(), np, T(1), false);
+    for (int64_t i = 0; i < mq; ++i) {
+      softmax_grad_inplace(w.p.data() + i * np, w.ds.data() + i * np, nk, delta_seq[q0 + i]);
+    }
+    tile_product<T>(mq, dp, nk, w.ds.data(), np, 1, w.kp.data(), dp, dq_acc + q0 * dp, dp, a.scale, true);
+    tile_product<T>(nk, dp, mq, w.ds.data(), 1, np, w.qp.data(), dp, w.dk.data(), dp, a.scale, q0 > 0);
+  }
+
+  T* dks = a.grad_k.seq(s, g) + k0 * a.grad_k.sn;
+  T* dvs = a.grad_v.seq(s, g) + k0 * a.grad_v.sn;
+  for (int64_t j = 0; j < nk; ++j) {
+    store_row(dks + j * a.grad_k.sn, a.grad_k.sd, w.dk.data() + j * dp, g.D, T(1));
+    store_row(dvs + j * a.grad_v.sn, a.grad_v.sd, w.dv.data() + j * dp, g.D, T(1));
+  }
+}
+
+// The saved lse is float32 by contract, which would cap float64 gradients at about 1e-7
+// relative accuracy; a float64 backward recomputes it for the query tile at q0 instead (a
+// score pass without the PV product, about a quarter of the backward's work).
+template <typename T>
+void exact_lse_tile(const BackwardArgs<T>& a, int64_t s, int64_t q0, T* lse_row, BackwardScratch<T>& w) {
+  const Geometry& g = a.g;
+  const int64_t mq = std::min(kBwdQTile, g.N - q0);
+  pack_rows(a.q.seq(s, g) + q0 * a.q.sn, a.q.sn, a.q.sd, mq, g.D, w.qp.data(), w.dp);
+  std::vector<OnlineSoftmaxRow<T>> rows(mq, online_softmax_init<T>());
+  for (int64_t k0 = 0; k0 < g.N; k0 += kBwdKTile) {
+    const int64_t nk = std::min(kBwdKTile, g.N - k0), np = padded<T>(nk);
+    pack_transposed(a.k.seq(s, g) + k0 * a.k.sn, a.k.sn, a.k.sd, nk, g.D, w.kt.data(), np);
+    tile_product<T>(mq, np, g.D, w.qp.data(), w.dp, 1, w.kt.data(), np, w.p.data(), np, a.scale, false);
+    for (int64_t i = 0; i < mq; ++i) {
+      T* row = w.p.data() + i * np;
+      const T new_max = online_softmax_new_max(rows[i], row_max(row, nk));
+      online_softmax_update(rows[i], new_max, exp_sum_inplace(row, nk, new_max));
+    }
+  }
+  for (int64_t i = 0; i < mq; ++i) lse_row[q0 + i] = online_softmax_lse(rows[i]);
+}
+
+// delta_i = rowsum(dO_i * O_i) and the saved lse of one sequence, in the compute type.
+template <typename T>
+void row_terms(const Geometry& g, const View<T>& out, const View<T>& grad_out, const LseView& lse, int64_t s,
+               T* delta, T* lse_row) {
+  const T* os = out.seq(s, g);
+  const T* dos = grad_out.seq(s, g);
+  const float* ls = lse.seq(s, g);
+  for (int64_t i = 0; i < g.N; ++i) {
+    const T* o = os + i * out.sn;
+    const T* d = dos + i * grad_out.sn;
+    T acc = 0;
+    for (int64_t c = 0; c < g.D; ++c) acc += o[c * out.sd] * d[c * grad_out.sd];
+    delta[i] = acc;
+    lse_row[i] = static_cast<T>(ls[i * lse.sn]);
+  }
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& out_t,
+                     const at::Tensor& grad_out_t, const at::Tensor& lse_t, T scale, const at::Tensor& grad_q_t,
+                     const at::Tensor& grad_k_t, const at::Tensor& grad_v_t) {
+  const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
+  const View<T> out(out_t), grad_q(grad_q_t);
+  const LseView lse(lse_t);
+  const BackwardArgs<T> a{g,           View<T>(q_t),      View<T>(k_t),      View<T>(v_t), View<T>(grad_out_t),
+                          View<T>(grad_k_t), View<T>(grad_v_t), scale};
+  const int64_t k_tiles = (g.N + kBwdKTile - 1) / kBwdKTile;
+  const int64_t threads = at::get_num_threads();
+  const int64_t dp = padded<T>(g.D);
+
+  auto store_dq = [&](int64_t s, int64_t i0, int64_t i1, const T* dq) {
+    T* dqs = grad_q.seq(s, g);
+    for (int64_t i = i0; i < i1; ++i) store_row(dqs + i * grad_q.sn, grad_q.sd, dq + i * dp, g.D, T(1));
+  };
+
+  if (g.sequences() >= 2 * threads) {
+    // Enough sequences to keep every thread busy: a task owns whole sequences, so dQ, dK and
+    // dV are all private to it.
+    balanced_parallel_for(g.sequences(), [&](int64_t begin, int64_t end) {
+      BackwardScratch<T> w(g);
+      std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * dp);
+      for (int64_t s = begin; s < end; ++s) {
+        row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
+        if constexpr (std::is_same_v<T, double>) {
+          for (int64_t q0 = 0; q0 < g.N; q0 += kBwdQTile) exact_lse_tile(a, s, q0, lse_row.data(), w);
+        }
+        std::fill(dq.begin(), dq.end(), T(0));
+        for (int64_t kt = 0; kt < k_tiles; ++kt) {
+          backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), dq.data(), w);
+        }
+        store_dq(s, 0, g.N, dq.data());
+      }
+    });
+    return;
+  }
+
+  // Few long sequences: split each one's key tiles across threads. dK/dV rows belong to one
+  // key tile; dQ gathers from all of them, so every thread sums into its own dQ buffer and
+  // the buffers are added up afterwards.
+  std::vector<T> delta(g.N), lse_row(g.N), dq(threads * g.N * dp);
+  for (int64_t s = 0; s < g.sequences(); ++s) {
+    row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
+    if constexpr (std::is_same_v<T, double>) {
+      balanced_parallel_for((g.N + kBwdQTile - 1) / kBwdQTile, [&](int64_t begin, int64_t end) {
+        BackwardScratch<T> w(g);
+        for (int64_t qt = begin; qt < end; ++qt) exact_lse_tile(a, s, qt * kBwdQTile, lse_row.data(), w);
+      });
+    }
+    std::fill(dq.begin(), dq.end(), T(0));
+    balanced_parallel_for(k_tiles, [&](int64_t begin, int64_t end) {
+      BackwardScratch<T> w(g);
+      T* mine = dq.data() + at::get_thread_num() * g.N * dp;
+      for (int64_t kt = begin; kt < end; ++kt) {
+        backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), mine, w);
+      }
+    });
+    at::parallel_for(0, g.N, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t t = 1; t < threads; ++t) {
+        const T* other = dq.data() + t * g.N * dp;
+        for (int64_t e = i0 * dp; e < i1 * dp; ++e) dq[e] += other[e];
+      }
+      store_dq(s, i0, i1, dq.data());
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatcher entry points.
+
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+bool empty_problem(const at::Tensor& q) {
+  return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0;
+}
+
+void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                           const at::Tensor& lse, double scale) {
+  check_attention_forward(q, k, v, out, lse, scale, c10::DeviceType::CPU);
+  if (empty_problem(q)) return;
+  const auto compute = compute_type(q);
+  Output o(out, compute);
+  AT_DISPATCH_FLOATING_TYPES(compute, "stt_attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(in_compute_type(q, compute), in_compute_type(k, compute), in_compute_type(v, compute),
+                             o.buffer, lse, static_cast<scalar_t>(scale));
+  });
+  o.finish();
+}
+
+void attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& grad_out, const at::Tensor& lse, double scale, const at::Tensor& grad_q,
+                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  check_attention_backward(q, k, v, out, grad_out, lse, scale, grad_q, grad_k, grad_v, c10::DeviceType::CPU);
+  if (empty_problem(q)) return;
+  const auto compute = compute_type(q);
+  Output dq(grad_q, compute), dk(grad_k, compute), dv(grad_v, compute);
+  AT_DISPATCH_FLOATING_TYPES(compute, "stt_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(in_compute_type(q, compute), in_compute_type(k, compute), in_compute_type(v, compute),
+                              in_compute_type(out, compute), in_compute_type(grad_out, compute), lse,
+                              static_cast<scalar_t>(scale), dq.buffer, dk.buffer, dv.buffer);
+  });
+  dq.finish();
+  dk.finish();
+  dv.finish();
+}
+
+}  // namespace
+}  // namespace stt
+
+TORCH_LIBRARY_IMPL(stt, CPU, m) {
+  m.impl("_attention_forward", &stt::attention_forward_cpu);
+  m.impl("_attention_backward", &stt::attention_backward_cpu);
+}

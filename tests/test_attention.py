@@ -1,0 +1,212 @@
+"""spatial_attention / temporal_attention on every backend available here, against the
+reference computed in float64 (the oracle), on fresh random inputs taken as non-contiguous
+views of one packed (B, T, H, W, 3, heads, d) projection, as the model makes them.
+
+GPU backends (cuda, triton) run the same cases on a GPU machine and skip here; Triton under
+the interpreter is tested in test_attention_triton.py.
+"""
+
+import pytest
+import torch
+
+import stt_kernels
+from stt_kernels import reference
+
+from conftest import GPU, available
+
+OPS = {
+    "spatial": (stt_kernels.spatial_attention, reference.spatial_attention),
+    "temporal": (stt_kernels.temporal_attention, reference.temporal_attention),
+}
+
+# (B, T, H, W, heads, d): spatial runs over N = H*W (1, 7, 4097), temporal over N = T (1, 5).
+SHAPES = {
+    "spatial": [(2, 3, 1, 1, 2, 8), (1, 2, 7, 1, 3, 24), (2, 1, 1, 7, 1, 40), (1, 1, 17, 241, 1, 40)],
+    "temporal": [(2, 1, 3, 5, 2, 24), (1, 5, 3, 7, 3, 40), (2, 5, 4, 3, 1, 7)],
+}
+CASES = [(kind, shape) for kind, shapes in SHAPES.items() for shape in shapes]
+
+
+def device_of(backend):
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
+
+
+def backend_param(name):
+    """A backend as a test parameter: GPU backends skip without a GPU, and every backend
+    skips when it is not available here (not built, Triton missing)."""
+    marks = []
+    if name in ("cuda", "triton") and not GPU:
+        marks.append(pytest.mark.skip(reason=f"{name}: needs a CUDA or ROCm GPU (the interpreter is "
+                                      "tested in test_attention_triton.py)"))
+    elif not available(name):
+        marks.append(pytest.mark.skip(reason=f"{name}: {stt_kernels.backends()[name].reason}"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+BACKENDS = [backend_param(name) for name in ("reference", "cpu", "cuda", "triton")]
+GPU_BACKENDS = [backend_param(name) for name in ("cuda", "triton")]
+
+
+def packed_qkv(shape, dtype, device):
+    """q, k, v as views of one packed (B, T, H, W, 3, heads, d) leaf; returns (leaf, q, k, v)."""
+    b, t, h, w, heads, d = shape
+    qkv = torch.randn(b, t, h, w, 3, heads, d, dtype=dtype, device=device).requires_grad_()
+    q, k, v = qkv.unbind(4)
+    return qkv, q, k, v
+
+
+def oracle(kind, qkv, grad):
+    """The reference in float64: output and the gradient of the packed leaf."""
+    spec = OPS[kind][1]
+    x = qkv.detach().double().requires_grad_()
+    q, k, v = x.unbind(4)
+    out = spec(q, k, v, q.shape[-1] ** -0.5)
+    (dx,) = torch.autograd.grad(out, x, grad.double())
+    return out.detach(), dx
+
+
+def run(kind, backend, qkv, grad):
+    q, k, v = qkv.unbind(4)
+    out = OPS[kind][0](q, k, v, backend=backend)
+    (dx,) = torch.autograd.grad(out, qkv, grad)
+    return out.detach(), dx
+
+
+def relative_error(got, expected, scale=None):
+    """Largest error relative to the largest expected value (or to ``scale``, for parts that
+    may be all zeros, as the gradients of q and k of a single-token sequence are)."""
+    scale = expected.abs().max() if scale is None else scale
+    return ((got.double() - expected).abs().max() / scale).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind, shape", CASES, ids=[f"{k}-{'x'.join(map(str, s))}" for k, s in CASES])
+def test_values_and_gradients_match_float64_oracle(backend, dtype, tol, kind, shape):
+    qkv, q, _, _ = packed_qkv(shape, dtype, device_of(backend))
+    assert not q.is_contiguous()
+    grad = torch.randn(q.shape, dtype=dtype, device=q.device)
+    out, dx = run(kind, backend, qkv, grad)
+    want_out, want_dx = oracle(kind, qkv, grad)
+    assert out.dtype == dtype and out.shape == q.shape and dx.shape == qkv.shape
+    assert relative_error(out, want_out) <= tol
+    # The saved lse is float32 by contract: the cpu kernel recomputes it for a float64
+    # backward, the GPU kernels use it as saved, which bounds their float64 gradients at ~1e-7.
+    grad_tol = 1e-6 if dtype == torch.float64 and backend in ("cuda", "triton") else tol
+    for i, name in enumerate("qkv"):
+        assert relative_error(dx[..., i, :, :], want_dx[..., i, :, :], want_dx.abs().max()) <= grad_tol, \
+            f"grad of {name}"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 9, 15, 2, 40)), ("spatial", (1, 1, 17, 241, 1, 64)),
+                                         ("temporal", (2, 5, 4, 3, 3, 24)), ("temporal", (1, 33, 5, 4, 2, 128))],
+                         ids=["spatial-135", "spatial-4097", "temporal-5", "temporal-33-d128"])
+def test_low_precision_within_twice_the_reference_error(backend, dtype, kind, shape):
+    """Flash-attention's rule: the kernel's error against the float64 oracle is at most twice
+    that of the reference run in the same low precision (plus a little absolute slack)."""
+    qkv, q, _, _ = packed_qkv(shape, dtype, "cuda")
+    grad = torch.randn(q.shape, dtype=dtype, device=q.device)
+    want_out, want_dx = oracle(kind, qkv, grad)
+    out, dx = run(kind, backend, qkv, grad)
+    ref_out, ref_dx = run(kind, "reference", qkv, grad)
+    slack = 1e-3 if dtype == torch.float16 else 1e-2
+
+    def err(got, want):
+        return (got.double() - want).abs().max().item()
+
+    assert err(out, want_out) <= 2 * err(ref_out, want_out) + slack * want_out.abs().max().item()
+    for i, name in enumerate("qkv"):
+        got, ref, want = dx[..., i, :, :], ref_dx[..., i, :, :], want_dx[..., i, :, :]
+        assert err(got, want) <= 2 * err(ref, want) + slack * want.abs().max().item(), f"grad of {name}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_batch_zero(backend, kind):
+    qkv, q, _, _ = packed_qkv((0, 3, 4, 5, 2, 8), torch.float32, device_of(backend))
+    out, dx = run(kind, backend, qkv, torch.zeros(q.shape, device=q.device))
+    assert out.shape == q.shape and dx.shape == qkv.shape
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_strided_head_dim_and_separate_tensors(kind):
+    """Views whose d axis is not unit-stride, q/k/v from different tensors, and a custom scale."""
+    b, t, h, w, heads, d = 1, 3, 4, 5, 2, 6
+    q = torch.randn(b, t, h, w, d, heads, dtype=torch.float64).transpose(-1, -2).requires_grad_()
+    k = torch.randn(b, t, h, w, heads, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, h, w, t, heads, d, dtype=torch.float64).permute(0, 3, 1, 2, 4, 5).requires_grad_()
+    op, spec = OPS[kind]
+    out = op(q, k, v, scale=0.3, backend="cpu")
+    want = spec(q, k, v, 0.3)
+    torch.testing.assert_close(out, want)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad),
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 3, 2, 1, 3)), ("temporal", (2, 3, 1, 2, 1, 3))])
+def test_gradcheck_float64_cpu(kind, shape):
+    if not available("cpu"):
+        pytest.skip(stt_kernels.backends()["cpu"].reason)
+    _, q, k, v = packed_qkv(shape, torch.float64, "cpu")
+    op = OPS[kind][0]
+    assert torch.autograd.gradcheck(lambda q, k, v: op(q, k, v, backend="cpu"), (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["spatial_attention", "temporal_attention"])
+def test_opcheck_cpu(name):
+    if not available("cpu"):
+        pytest.skip(stt_kernels.backends()["cpu"].reason)
+    _, q, k, v = packed_qkv((1, 3, 2, 3, 2, 5), torch.float64, "cpu")
+    torch.library.opcheck(getattr(torch.ops.stt, name), (q, k, v, 0.5, "cpu"))
+
+
+def test_compile_fullgraph_matches_eager_cpu():
+    if not available("cpu"):
+        pytest.skip(stt_kernels.backends()["cpu"].reason)
+    _, q, k, v = packed_qkv((1, 3, 3, 2, 2, 8), torch.float32, "cpu")
+
+    def f(q, k, v):
+        return (stt_kernels.spatial_attention(q, k, v, backend="cpu").square().sum()
+                + stt_kernels.temporal_attention(q, k, v, backend="cpu").sum())
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    want = f(q, k, v)
+    got = compiled(q, k, v)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, (q, k, v)), torch.autograd.grad(want, (q, k, v)))
+
+
+def test_float16_on_cpu_is_upcast():
+    if not available("cpu"):
+        pytest.skip(stt_kernels.backends()["cpu"].reason)
+    qkv, q, _, _ = packed_qkv((1, 2, 3, 5, 2, 16), torch.float16, "cpu")
+    grad = torch.randn(q.shape, dtype=torch.float16)
+    out, dx = run("spatial", "cpu", qkv, grad)
+    want_out, want_dx = oracle("spatial", qkv, grad)
+    assert out.dtype == torch.float16
+    assert relative_error(out, want_out) <= 2e-3 and relative_error(dx, want_dx) <= 5e-3
+
+
+def _kernel_args(n=4, d=8, **overrides):
+    q, k, v, out = (torch.randn(2, 3, n, 2, d) for _ in range(4))
+    args = dict(q=q, k=k, v=v, out=out, lse=torch.empty(2, 3, 2, n), scale=0.5)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(lse=torch.empty(2, 3, 2, 4, dtype=torch.float64)), "lse must be float32"),
+    (dict(lse=torch.empty(2, 3, 4, 2)), "lse must have shape"),
+    (dict(k=torch.randn(2, 3, 5, 2, 8)), "k must have the shape of q"),
+    (dict(out=torch.randn(2, 3, 4, 2, 8, dtype=torch.float64)), "out must have the dtype of q"),
+    (dict(q=torch.randn(3, 4, 2, 8)), "q must be a 5-d view"),
+    (dict(scale=-1.0), "scale must be positive"),
+])
+def test_kernel_entry_checks_name_the_argument(overrides, words):
+    if not available("cpu"):
+        pytest.skip(stt_kernels.backends()["cpu"].reason)
+    with pytest.raises(RuntimeError, match=words):
+        torch.ops.stt._attention_forward(**_kernel_args(**overrides))
