@@ -155,7 +155,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .build import build_model
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from .data import create_output, open_volume
-    from .segment import instances, probabilities
+    from .segment import instances_into, probabilities
 
     state = load_checkpoint(args.checkpoint)
     config = checkpoint_config(state)
@@ -171,10 +171,9 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"probabilities {shape} -> {args.out}")
     if args.instances:
         probs = open_volume(args.out)
-        labels = instances(probs[:])
-        with create_output(args.instances, labels.shape, np.uint32) as out:
-            out[:] = labels
-        print(f"{int(labels.max())} instances -> {args.instances}")
+        with create_output(args.instances, probs.shape[1:], np.uint32) as out:
+            count, method = instances_into(probs, out)
+        print(f"{count} instances ({method}) -> {args.instances}")
     return 0
 
 
