@@ -248,9 +248,10 @@ def _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_gro
                 sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 stays IEEE (no TF32) to keep torchvision's numbers; 16-bit inputs use the default.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype):
+    # float32 stays IEEE (no TF32) to keep torchvision's numbers; 16-bit inputs take the
+    # target's default (None), which also keeps AMD, where "tf32" does not exist, working.
+    return "ieee" if dtype == torch.float32 else None
 
 
 def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
