@@ -77,3 +77,4 @@ class KernelTable:
 attention_kernels = KernelTable("attention")
 deform_conv2d_kernels = KernelTable("deform_conv2d")
 attention_kernels.register_module("triton", "stt_kernels.triton.attention")
+deform_conv2d_kernels.register_module("triton", "stt_kernels.triton.deform_conv2d")

@@ -1,0 +1,298 @@
+"""Modulated deformable convolution (DCNv2) in Triton: implicit GEMM, no column buffer.
+
+The inputs are made contiguous once (channels-last views become NCHW copies), so the
+kernels index plain NCHW / OIHW layouts. Pixels of all images are flattened into one index
+``p = n * Ho * Wo + ho * Wo + wo`` that runs along grid axis 0.
+
+* forward: a program owns (pixel block, output-channel block of one weight group) and, per
+  (tap, input-channel block), samples the columns bilinearly and multiplies them into the
+  tile with ``tl.dot``;
+* backward, x/offset/mask: a program owns (pixel block, offset group), so every
+  (pixel, group, tap) of grad_offset / grad_mask is reduced over its group's channels in one
+  program and stored without atomics; the column gradient ``W^T grad_out`` is recomputed
+  per tile and scattered into grad_x with float32 atomics (sampling points overlap);
+* backward, weight: the forward's tiling, ``grad_out^T columns`` per pixel block, summed
+  across pixel blocks with float32 atomics: a second reduction pass would need a
+  (pixel blocks x C_out x C x K) buffer, and the number of pixel blocks adding to one weight
+  element is small next to the pixels each of them reduces.
+
+Blocks are fixed (no autotuning): the atomic outputs would be accumulated once per tried
+configuration, and the interpreter gets one small configuration anyway.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.kernels import Kernels, deform_conv2d_kernels
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# tl.dot needs every tile dimension >= 16 for 16-bit inputs on NVIDIA. The interpreter also
+# gets wide pixel blocks: it vectorises a program with numpy, and its cost is per program.
+_BLOCK_P = 64
+_BLOCK_C = 16 if _INTERPRET else 32
+_BLOCK_CO = 16 if _INTERPRET else 32
+_NUM_WARPS = 1 if _INTERPRET else 4
+
+
+@triton.jit
+def _corners(y, x, H, W):
+    """Top-left corner, fractions and per-corner validity of bilinear points (torchvision's
+    zero rule). Points beyond one pixel past the border (or NaN) get no valid corner before
+    floor() could overflow the integer conversion."""
+    inside = (y > -2.0) & (y < H + 1.0) & (x > -2.0) & (x < W + 1.0)
+    y = tl.where(inside, y, 0.0)
+    x = tl.where(inside, x, 0.0)
+    y0f = tl.floor(y)
+    x0f = tl.floor(x)
+    y0 = y0f.to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    fy = y - y0f
+    fx = x - x0f
+    r0 = inside & (y0 >= 0) & (y0 < H)
+    r1 = inside & (y0 + 1 >= 0) & (y0 + 1 < H)
+    c0 = (x0 >= 0) & (x0 < W)
+    c1 = (x0 + 1 >= 0) & (x0 + 1 < W)
+    return y0, x0, fy, fx, r0 & c0, r0 & c1, r1 & c0, r1 & c1
+
+
+@triton.jit
+def _point(off_ptr, mask_ptr, n, pix, ok, g, k, ho, wo, G, K, Kw, HWo, H, W,
+           sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr):
+    """Sampling coordinates and modulation of tap k, offset group g, at the given pixels."""
+    kh = k // Kw
+    kw = k % Kw
+    och = (n * G + g) * (2 * K) + 2 * k
+    dy = tl.load(off_ptr + och.to(tl.int64) * HWo + pix, mask=ok, other=0.0).to(tl.float32)
+    dx = tl.load(off_ptr + (och + 1).to(tl.int64) * HWo + pix, mask=ok, other=0.0).to(tl.float32)
+    y = (ho * sh - ph + kh * dh).to(tl.float32) + dy
+    x = (wo * sw - pw + kw * dw).to(tl.float32) + dx
+    if HAS_MASK:
+        m = tl.load(mask_ptr + ((n * G + g) * K + k).to(tl.int64) * HWo + pix, mask=ok, other=0.0)
+        m = m.to(tl.float32)
+    else:
+        m = tl.where(ok, 1.0, 0.0)
+    return y, x, m
+
+
+@triton.jit
+def _columns(x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, c, c_ok, k, C, G, CPG, K, Kw, HWo, H, W,
+             sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr):
+    """Modulated samples (pixels x channels) of tap k: the implicit column tile."""
+    ok = p_ok & c_ok
+    y, x, m = _point(off_ptr, mask_ptr, n, pix, ok, c // CPG, k, ho, wo, G, K, Kw, HWo, H, W,
+                     sh, sw, ph, pw, dh, dw, HAS_MASK)
+    y0, x0, fy, fx, v00, v01, v10, v11 = _corners(y, x, H, W)
+    plane = x_ptr + (n * C + c).to(tl.int64) * (H * W)
+    a = y0 * W + x0
+    val = (1.0 - fy) * (1.0 - fx) * tl.load(plane + a, mask=ok & v00, other=0.0).to(tl.float32)
+    val += (1.0 - fy) * fx * tl.load(plane + a + 1, mask=ok & v01, other=0.0).to(tl.float32)
+    val += fy * (1.0 - fx) * tl.load(plane + a + W, mask=ok & v10, other=0.0).to(tl.float32)
+    val += fy * fx * tl.load(plane + a + W + 1, mask=ok & v11, other=0.0).to(tl.float32)
+    return m * val
+
+
+@triton.jit
+def _forward_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, b_ptr, out_ptr, NP, C, H, W, Ho, Wo, C_out, G, K, Kw,
+                    WG, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_CO: tl.constexpr):
+    HWo = Ho * Wo
+    CG = C // WG          # input channels per weight group
+    COG = C_out // WG     # output channels per weight group
+    CPG = C // G          # input channels per offset group
+    co_blocks = tl.cdiv(COG, BLOCK_CO)
+    wg = tl.program_id(1) // co_blocks
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    p_ok = p < NP
+    n = p // HWo
+    pix = p % HWo
+    ho = pix // Wo
+    wo = pix % Wo
+    co = (tl.program_id(1) % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
+    co_ok = co < COG
+    co = wg * COG + co
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for k in range(0, K):
+        for c0 in range(0, CG, BLOCK_C):
+            cl = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cl < CG
+            cols = _columns(x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, wg * CG + cl[None, :], c_ok[None, :],
+                            k, C, G, CPG, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK)
+            w = tl.load(w_ptr + (co * CG + cl[:, None]) * K + k, mask=co_ok & c_ok[:, None], other=0.0)
+            acc = tl.dot(cols.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
+    dst = out_ptr + (n * C_out + co).to(tl.int64) * HWo + pix
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=p_ok & co_ok)
+
+
+@triton.jit
+def _grad_weight_kernel(x_ptr, off_ptr, mask_ptr, gout_ptr, gw_ptr, NP, C, H, W, Ho, Wo, C_out, G, K, Kw,
+                        WG, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr):
+    HWo = Ho * Wo
+    CG = C // WG
+    COG = C_out // WG
+    CPG = C // G
+    co_blocks = tl.cdiv(COG, BLOCK_CO)
+    wg = tl.program_id(1) // co_blocks
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    p_ok = p < NP
+    n = p // HWo
+    pix = p % HWo
+    ho = pix // Wo
+    wo = pix % Wo
+    co = (tl.program_id(1) % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
+    co_ok = co < COG
+    co = wg * COG + co
+    gout = tl.load(gout_ptr + (n * C_out + co).to(tl.int64) * HWo + pix, mask=p_ok & co_ok, other=0.0)
+    gout_t = tl.trans(gout)
+    for k in range(0, K):
+        for c0 in range(0, CG, BLOCK_C):
+            cl = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cl < CG
+            cols = _columns(x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, wg * CG + cl[None, :], c_ok[None, :],
+                            k, C, G, CPG, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK)
+            gw = tl.dot(gout_t, cols.to(gout.dtype), input_precision=DOT_PRECISION)  # (co, c)
+            dst = gw_ptr + (tl.trans(co) * CG + cl[None, :]) * K + k
+            tl.atomic_add(dst, gw, mask=tl.trans(co_ok) & c_ok[None, :])
+
+
+@triton.jit
+def _grad_input_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmask_ptr, NP, C, H, W,
+                       Ho, Wo, C_out, G, K, Kw, WG, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_CO: tl.constexpr):
+    HWo = Ho * Wo
+    CG = C // WG
+    COG = C_out // WG
+    CPG = C // G
+    g = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < NP
+    n = p // HWo
+    pix = p % HWo
+    ho = pix // Wo
+    wo = pix % Wo
+    for k in range(0, K):
+        y, x, m = _point(off_ptr, mask_ptr, n, pix, p_ok, g, k, ho, wo, G, K, Kw, HWo, H, W,
+                         sh, sw, ph, pw, dh, dw, HAS_MASK)
+        y0, x0, fy, fx, v00, v01, v10, v11 = _corners(y, x, H, W)
+        a = (y0 * W + x0)[:, None]
+        fy = fy[:, None]
+        fx = fx[:, None]
+        ok = p_ok[:, None]
+        v00 = v00[:, None] & ok
+        v01 = v01[:, None] & ok
+        v10 = v10[:, None] & ok
+        v11 = v11[:, None] & ok
+        g_dy = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        g_dx = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        g_m = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for c0 in range(0, CPG, BLOCK_C):
+            c = g * CPG + c0 + tl.arange(0, BLOCK_C)[None, :]
+            c_ok = c < (g + 1) * CPG
+            # Column gradient W^T grad_out of these channels; a channel block may straddle
+            # weight groups, so the weights of other groups' output channels read as zero.
+            gcol = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for co0 in range(0, C_out, BLOCK_CO):
+                co = co0 + tl.arange(0, BLOCK_CO)
+                co_ok = co < C_out
+                gout = tl.load(gout_ptr + (n[:, None] * C_out + co[None, :]).to(tl.int64) * HWo + pix[:, None],
+                               mask=ok & co_ok[None, :], other=0.0)
+                same = (co[:, None] // COG) == (c // CG)
+                w = tl.load(w_ptr + (co[:, None] * CG + c % CG) * K + k, mask=co_ok[:, None] & c_ok & same,
+                            other=0.0)
+                gcol = tl.dot(gout, w, gcol, input_precision=DOT_PRECISION)
+            plane = (n[:, None] * C + c).to(tl.int64) * (H * W)
+            x00 = tl.load(x_ptr + plane + a, mask=c_ok & v00, other=0.0).to(tl.float32)
+            x01 = tl.load(x_ptr + plane + a + 1, mask=c_ok & v01, other=0.0).to(tl.float32)
+            x10 = tl.load(x_ptr + plane + a + W, mask=c_ok & v10, other=0.0).to(tl.float32)
+            x11 = tl.load(x_ptr + plane + a + W + 1, mask=c_ok & v11, other=0.0).to(tl.float32)
+            val = (1.0 - fy) * ((1.0 - fx) * x00 + fx * x01) + fy * ((1.0 - fx) * x10 + fx * x11)
+            d_y = (1.0 - fx) * (x10 - x00) + fx * (x11 - x01)
+            d_x = (1.0 - fy) * (x01 - x00) + fy * (x11 - x10)
+            g_m += tl.sum(gcol * val, axis=1)
+            gs = gcol * m[:, None]
+            g_dy += tl.sum(gs * d_y, axis=1)
+            g_dx += tl.sum(gs * d_x, axis=1)
+            tl.atomic_add(gx_ptr + plane + a, gs * (1.0 - fy) * (1.0 - fx), mask=c_ok & v00)
+            tl.atomic_add(gx_ptr + plane + a + 1, gs * (1.0 - fy) * fx, mask=c_ok & v01)
+            tl.atomic_add(gx_ptr + plane + a + W, gs * fy * (1.0 - fx), mask=c_ok & v10)
+            tl.atomic_add(gx_ptr + plane + a + W + 1, gs * fy * fx, mask=c_ok & v11)
+        och = (n * G + g) * (2 * K) + 2 * k
+        tl.store(goff_ptr + och.to(tl.int64) * HWo + pix, g_dy, mask=p_ok)
+        tl.store(goff_ptr + (och + 1).to(tl.int64) * HWo + pix, g_dx, mask=p_ok)
+        if HAS_MASK:
+            tl.store(gmask_ptr + ((n * G + g) * K + k).to(tl.int64) * HWo + pix, g_m, mask=p_ok)
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"the triton deform_conv2d kernels take float32, float16 or bfloat16; got {x.dtype} "
+                        "(use backend='cpu' or 'reference' for float64)")
+
+
+def _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    return dict(NP=n * offset.shape[2] * offset.shape[3], C=c, H=h, W=w, Ho=offset.shape[2], Wo=offset.shape[3],
+                C_out=weight.shape[0], G=offset_groups, K=kh * kw, Kw=kw, WG=weight_groups,
+                sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw)
+
+
+def _precision(dtype: torch.dtype):
+    # float32 stays IEEE (no TF32) to keep torchvision's numbers; 16-bit inputs take the
+    # target's default (None), which also keeps AMD, where "tf32" does not exist, working.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
+    _check_dtype(x)
+    x, offset, weight = x.contiguous(), offset.contiguous(), weight.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    s = _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups)
+    out = x.new_empty((x.shape[0], weight.shape[0], s["Ho"], s["Wo"]))
+    if out.numel() == 0:
+        return out
+    cog = s["C_out"] // weight_groups
+    grid = (triton.cdiv(s["NP"], _BLOCK_P), weight_groups * triton.cdiv(cog, _BLOCK_CO))
+    _forward_kernel[grid](x, offset, mask if mask is not None else offset, weight,
+                          bias.contiguous() if bias is not None else weight, out, **s,
+                          HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype),
+                          BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_CO=_BLOCK_CO, num_warps=_NUM_WARPS)
+    return out
+
+
+def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
+    _check_dtype(x)
+    x, offset, weight, grad_out = x.contiguous(), offset.contiguous(), weight.contiguous(), grad_out.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    s = _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    grad_x = torch.zeros(x.shape, **f32)
+    grad_offset = torch.zeros(offset.shape, **f32)
+    grad_mask = torch.zeros(mask.shape, **f32) if mask is not None else None
+    grad_weight = torch.zeros(weight.shape, **f32)
+    if s["NP"] > 0 and s["C_out"] > 0:
+        meta = dict(HAS_MASK=mask is not None, DOT_PRECISION=_precision(x.dtype),
+                    BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_CO=_BLOCK_CO, num_warps=_NUM_WARPS)
+        m = mask if mask is not None else offset
+        grid = (triton.cdiv(s["NP"], _BLOCK_P), offset_groups)
+        _grad_input_kernel[grid](x, offset, m, weight, grad_out, grad_x, grad_offset,
+                                 grad_mask if grad_mask is not None else grad_offset, **s, **meta)
+        cog = s["C_out"] // weight_groups
+        grid = (triton.cdiv(s["NP"], _BLOCK_P), weight_groups * triton.cdiv(cog, _BLOCK_CO))
+        _grad_weight_kernel[grid](x, offset, m, grad_out, grad_weight, **s, **meta)
+    grad_mask = grad_mask.to(x.dtype) if grad_mask is not None else x.new_empty((0,))
+    return grad_x.to(x.dtype), grad_offset.to(x.dtype), grad_mask, grad_weight.to(x.dtype)
+
+
+deform_conv2d_kernels.register("triton", Kernels(forward, backward))
