@@ -107,7 +107,10 @@ def _check_name(backend: str, source: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(backend: str) -> Iterator[None]:
-    """Run the ops inside the ``with`` block on ``backend`` unless a call names its own."""
+    """Run the ops inside the ``with`` block on ``backend`` unless a call names its own.
+
+    Under ``torch.compile`` the choice in force when a function is traced is part of its graph.
+    """
     token = _context_backend.set(_check_name(backend, "use_backend(backend)"))
     try:
         yield
@@ -115,11 +118,18 @@ def use_backend(backend: str) -> Iterator[None]:
         _context_backend.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _context_choice() -> str:
+    # torch.compile bakes the backend choice into the graph at trace time anyway; saying so
+    # also spares Dynamo the ContextVar, which torch < 2.14 cannot trace.
+    return _context_backend.get() or ""
+
+
 def requested_backend(backend: Optional[str]) -> str:
     """The backend name in force for one call, before ``auto`` is resolved."""
     if backend is not None:
         return _check_name(backend, "backend")
-    if (name := _context_backend.get()) is not None:
+    if name := _context_choice():
         return name
     if env := os.environ.get("STT_BACKEND"):
         return _check_name(env, "the STT_BACKEND environment variable")
