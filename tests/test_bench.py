@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stt_kernels.bench import Implementation, Options, run
-from stt_kernels.bench import ceilings, plots, registry
+import stt_kernels
+from stt_kernels.bench import ceilings, plots, plugins, registry
 from stt_kernels.bench.cases import CASES
 from stt_kernels.bench.memory import probe_cpu
 from stt_kernels.bench.results import Row, add_speedups, read_results
@@ -114,3 +115,42 @@ def test_results_md_keeps_other_devices(tmp_path):
     text = path.read_text()
     assert "second" in text and "first" not in text and "gpu" in text
     assert text.count("<!-- results: CPU A -->") == 1 and "## CPU A" in text
+
+
+def test_training_step_case_runs_on_every_backend_here(tmp_path, monkeypatch):
+    from stt_model import train_step_bench
+
+    case = CASES[train_step_bench.NAME]  # registered through the entry point, not imported here
+    small = case.small(case.levels("quick")[0])
+    monkeypatch.setattr(type(case), "levels", lambda self, tier: [small])
+    options = Options(out=tmp_path / "out", tier="quick", ops=[case.name], backends=["cpu", "reference"],
+                      peers=[], device="cpu", warmup=0, repeats=1, cpu_memory=False, threads=1, plots=False,
+                      progress=lambda line: None)
+    rows = read_results(run(options))["rows"]
+    expected = {("reference", "forward"), ("reference", "forward+backward")}
+    if stt_kernels.backends()["cpu"].available:
+        expected |= {("ours:cpu", "forward"), ("ours:cpu", "forward+backward")}
+    assert {(r.implementation, r.pass_) for r in rows if r.status == "ok"} == expected
+    flops = {r.pass_: r.flops for r in rows}
+    assert 0 < flops["forward"] < flops["forward+backward"]
+    assert all(r.gbytes_per_s is None and r.shape == "tiny-cpu B1 T2 16x16" for r in rows)
+    assert case.description in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_implementation_takes_either_call_or_make_step():
+    with pytest.raises(ValueError, match="exactly one of call and make_step"):
+        Implementation("neither", "temporal_attention", "peer")
+    with pytest.raises(ValueError, match="exactly one of call and make_step"):
+        Implementation("both", "temporal_attention", "peer", _raise_oom, make_step=lambda *a: None)
+
+
+def test_a_broken_plugin_warns_and_the_engine_still_loads(monkeypatch):
+    class Entry:
+        name, value = "broken", "nowhere:thing"
+
+        def load(self):
+            raise RuntimeError("plugin bug")
+
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda group: [Entry()])
+    with pytest.warns(RuntimeWarning, match="benchmark plugin 'broken'.*plugin bug"):
+        assert plugins.load_plugins() == []

@@ -16,7 +16,9 @@ median time and spread, peak memory, GFLOP/s, GB/s, speedups; plus the environme
 
 Where to extend: a new workload is a :class:`~.cases.Case` passed to
 :func:`~.cases.register_case`; its implementations are :class:`~.implementation.Implementation`
-objects passed to :func:`~.registry.register_implementation` under the case's name.
+objects passed to :func:`~.registry.register_implementation` under the case's name. Another
+package adds cases by naming the module that registers them under the ``stt_kernels.bench``
+entry-point group (``stt_model`` adds its STT-UNET training step that way).
 Module map: ``shapes`` (sizes), ``cases`` (inputs, work models), ``ours``/``peers``
 (implementations), ``workload`` (one runnable combination), ``timing``, ``memory`` +
 ``worker`` (peak memory), ``ceilings``, ``environment`` (metadata), ``results``, ``report``,
@@ -29,6 +31,9 @@ from .options import Options
 from .registry import register_implementation
 from .runner import run
 from . import sst_block  # noqa: F401,E402  (registers the SSTAttention block case)
+from .plugins import load_plugins
+
+load_plugins()
 
 __all__ = ["run", "Options", "CASES", "Case", "register_case", "Implementation", "Unsupported",
            "register_implementation"]

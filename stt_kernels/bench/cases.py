@@ -1,11 +1,10 @@
 """What is benchmarked: the ops at the STT-UNET levels, with their FLOP and byte counts.
 
 A :class:`Case` makes the inputs of one op for one :class:`~.shapes.Level` and counts its work.
-Cases live in :data:`CASES`, keyed by name; implementations (``implementations.py``) are looked
-up by the same name. The ``SSTAttention`` block and one STT-UNET training step are to be added
-here as cases of their own (with their implementations) by the issues that bring them; a case
-with sizes other than the SST levels (a training step on a preset's patch) overrides
-:meth:`Case.levels`. Nothing else in the engine needs to change for that.
+Cases live in :data:`CASES`, keyed by name; implementations (``ours.py``, ``peers.py``) are
+looked up by the same name. The ``SSTAttention`` block is ``sst_block.py``; the STT-UNET
+training step comes from ``stt_model.train_step_bench`` (a plugin: see ``plugins.py``). A case
+with sizes other than the SST levels overrides :meth:`Case.levels`.
 
 Work models (per pass; ``fwd+bwd`` counts both):
 
@@ -23,11 +22,11 @@ Work models (per pass; ``fwd+bwd`` counts both):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .shapes import Level, levels
+from .shapes import Level, levels, tiny
 
 PASSES = ("forward", "forward+backward")
 
@@ -36,9 +35,15 @@ class Case(ABC):
     """One op to benchmark. Subclasses say how to make its inputs and how much work it is."""
 
     name: str
+    description = ""   # what the rows measure, under the op's heading in report.md
 
     def levels(self, tier: str) -> list[Level]:
         return levels(tier)
+
+    def small(self, level: Level) -> Level:
+        """A few tokens of ``level``: for asking an implementation whether it runs at all, and
+        for loading what it loads on first use."""
+        return tiny(level)
 
     @staticmethod
     def label(level: Level) -> str:
@@ -63,7 +68,8 @@ class Case(ABC):
     def flops(self, level: Level, pass_: str) -> float: ...
 
     @abstractmethod
-    def bytes(self, level: Level, dtype: torch.dtype, pass_: str) -> float: ...
+    def bytes(self, level: Level, dtype: torch.dtype, pass_: str) -> Optional[float]:
+        """Compulsory memory traffic; ``None`` where no such model makes sense (a network)."""
 
 
 def _randn(shape: Sequence[int], dtype: torch.dtype, device: torch.device, generator: torch.Generator,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
+
+from .shapes import Level
 
 KINDS = ("ours", "reference", "peer")
 
@@ -26,6 +28,9 @@ class Implementation:
 
     ``call`` takes the case's arguments (``Case.arguments``) and returns the op's output in the
     op's own layout; any layout change a peer needs happens inside it, so it is timed.
+    ``make_step``, instead of ``call``, for work that is not one differentiable call (a whole
+    training step): given the level, the case's leaves and the pass, it does its set-up and
+    returns the step to time.
     ``devices``: device types it is listed for at all. ``unsupported(device, dtype, pass)``: why
     it cannot run a combination it is listed for, or ``None``. ``context``: entered around
     every call (e.g. an SDPA backend choice).
@@ -34,11 +39,14 @@ class Implementation:
     name: str
     op: str
     kind: str
-    call: Callable[..., torch.Tensor]
+    call: Optional[Callable[..., torch.Tensor]] = None
     devices: tuple[str, ...] = ("cpu", "cuda")
     unsupported: Callable[[torch.device, torch.dtype, str], Optional[str]] = _runs_everywhere
     context: Callable[[], ContextManager[object]] = field(default=contextlib.nullcontext)
+    make_step: Optional[Callable[[Level, Sequence[torch.Tensor], str], Callable[[], None]]] = None
 
     def __post_init__(self) -> None:
+        if (self.call is None) == (self.make_step is None):
+            raise ValueError(f"{self.name}: give exactly one of call and make_step")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .cases import CASES
 from .results import Row
 
 _MIB = 1 << 20
@@ -109,6 +110,11 @@ def _baselines(rows: list[Row]) -> list[str]:
             f"not in the peak memory column: {min(cpu) / _MIB:.0f}-{max(cpu) / _MIB:.0f} MiB"]
 
 
+def _description(op: str) -> str:
+    case = CASES.get(op)
+    return case.description if case is not None else ""
+
+
 def render(metadata: dict[str, Any], ceilings: Optional[dict[str, Any]], rows: list[Row],
            notes: list[str]) -> str:
     """The whole ``report.md``."""
@@ -116,7 +122,10 @@ def render(metadata: dict[str, Any], ceilings: Optional[dict[str, Any]], rows: l
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     for op in dict.fromkeys(r.op for r in rows):
         mine = [r for r in rows if r.op == op]
-        lines += [f"## {op}", "", *_table([r for r in mine if r.status != "skipped"]), ""]
+        lines += [f"## {op}", ""]
+        if description := _description(op):
+            lines += [description, ""]
+        lines += [*_table([r for r in mine if r.status != "skipped"]), ""]
         if not_run := _not_run(mine):
             lines += ["Not run:", "", *not_run, ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -44,7 +44,7 @@ class Row:
     baseline_memory_bytes: Optional[int] = None
     memory_method: str = ""
     flops: float = 0.0
-    bytes: float = 0.0
+    bytes: Optional[float] = 0.0       # None: no traffic model (a whole network)
     gflops_per_s: Optional[float] = None
     gbytes_per_s: Optional[float] = None
     flops_fraction: Optional[float] = None  # of the matmul ceiling for this dtype
@@ -57,11 +57,12 @@ class Row:
         self.time_median_s, self.time_q1_s, self.time_q3_s = timing.median, timing.q1, timing.q3
         self.time_min_s, self.time_max_s, self.repeats = timing.min, timing.max, timing.repeats
         self.gflops_per_s = self.flops / timing.median / 1e9
-        self.gbytes_per_s = self.bytes / timing.median / 1e9
+        self.gbytes_per_s = None if self.bytes is None else self.bytes / timing.median / 1e9
         if ceilings is not None:
             peak = ceilings.matmul_gflops.get(self.dtype)
             self.flops_fraction = self.gflops_per_s / peak if peak else None
-            self.bandwidth_fraction = self.gbytes_per_s / ceilings.copy_gbps if ceilings.copy_gbps else None
+            self.bandwidth_fraction = (self.gbytes_per_s / ceilings.copy_gbps
+                                       if ceilings.copy_gbps and self.gbytes_per_s is not None else None)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

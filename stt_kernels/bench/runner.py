@@ -25,7 +25,7 @@ from .registry import implementations_for
 from .report import render
 from .results import Row, add_speedups, write_results
 from .results_md import update_results_md
-from .shapes import Level, tiny
+from .shapes import Level
 from .timing import measure
 from .workload import classify, prepare
 
@@ -50,7 +50,7 @@ def _declined(case: Case, implementation: Implementation, level: Level, dtype: t
     """Why ``implementation`` declines this combination, asked on a tiny input of the same
     channels and heads in this process: cheap, and it spares the CPU memory subprocess for
     combinations that cannot run at any size. Remembered per combination in ``seen``."""
-    small = tiny(level)
+    small = case.small(level)
     key = (implementation.name, case.name, small, dtype, pass_)
     if key not in seen:
         try:

@@ -22,7 +22,7 @@ import torch
 
 from .cases import CASES
 from .registry import find
-from .shapes import Level, tiny
+from .shapes import Level
 from .workload import classify, prepare
 
 
@@ -75,7 +75,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         # What the implementation loads on first use (modules, thread pools, dispatch
         # tables) belongs to the baseline, not to the case: run it once on a tiny input.
-        prepare(case, implementation, tiny(level), dtype, device, spec["pass"])
+        prepare(case, implementation, case.small(level), dtype, device, spec["pass"])
     except Exception:
         pass  # the real call below reports what is wrong
     _release_free_memory()

@@ -65,7 +65,9 @@ def prepare(case: Case, implementation: Implementation, level: Level, dtype: tor
             return implementation.call(*case.arguments(leaves))
 
     try:
-        if not backward:
+        if implementation.make_step is not None:
+            step = implementation.make_step(level, leaves, pass_)
+        elif not backward:
             def step() -> None:
                 with torch.no_grad():
                     forward()
