@@ -30,7 +30,8 @@ EXAMPLES = {
     "predict": """examples:
   stt predict --checkpoint runs/tiny/last.pt --image test.h5:image --out pred.h5
   stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta
-  stt predict ... --instances inst.h5                     # also post-process into 3D instances""",
+  stt predict ... --instances inst.h5                     # also post-process into 3D instances
+  torchrun --nproc_per_node=4 -m stt_model.cli predict ... # ranks split the blocks, one output""",
     "evaluate": """examples:
   stt evaluate --pred inst.h5:main --gt gt.h5:label
   stt evaluate --pred inst.tif --gt gt_slices/ --json""",
@@ -75,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--instances", help="also write 3D instances (uint32) here")
     predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
     predict.add_argument("--batch-size", type=int, default=2)
+    predict.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                         help="output block predicted at a time; memory grows with it (default: 4 windows per axis)")
     predict.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
     predict.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 
@@ -152,6 +155,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from . import parallel_predict as ranks
     from .build import build_model
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from .data import create_output, open_volume
@@ -165,15 +169,31 @@ def _predict(args: argparse.Namespace) -> int:
     if len(image.shape) != 3:
         raise UsageError(f"--image must be a 3-d volume (Z, Y, X); got shape {tuple(image.shape)}")
     shape = (config.model.out_channels, *image.shape)
-    with create_output(args.out, shape, np.uint8) as out:
-        probabilities(model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), config, image, out,
-                      overlap=args.overlap, batch_size=args.batch_size, flip_tta=args.tta, device=args.device)
-    print(f"probabilities {shape} -> {args.out}")
-    if args.instances:
-        probs = open_volume(args.out)
-        with create_output(args.instances, probs.shape[1:], np.uint32) as out:
-            count, method = instances_into(probs, out)
-        print(f"{count} instances ({method}) -> {args.instances}")
+    rank, world = ranks.rank_and_world()
+    device = ranks.device_for_rank(args.device)
+    options = dict(overlap=args.overlap, batch_size=args.batch_size, flip_tta=args.tta,
+                   block=tuple(args.block) if args.block else None)
+    if world > 1:
+        ranks.start()
+    try:
+        target = args.out if world == 1 else ranks.part_spec(args.out, rank, world)
+        with create_output(target, shape, np.uint8) as out:
+            probabilities(model.to(device), config, image, out, device=device, rank=rank, world=world,
+                          progress=rank == 0, **options)
+        if world > 1:
+            ranks.barrier()
+            if rank == 0:
+                ranks.merge(args.out, shape, config.data.patch, options, world)
+            ranks.barrier()
+        if rank == 0:
+            print(f"probabilities {shape} -> {args.out}" + (f" ({world} ranks)" if world > 1 else ""))
+        if args.instances and rank == 0:
+            probs = open_volume(args.out)
+            with create_output(args.instances, probs.shape[1:], np.uint32) as out:
+                count, method = instances_into(probs, out)
+            print(f"{count} instances ({method}) -> {args.instances}")
+    finally:
+        ranks.finish()
     return 0
 
 

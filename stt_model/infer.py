@@ -47,6 +47,8 @@ class InferOptions:
             raise ValueError(f"window must be three positive sizes (T, H, W); got {self.window}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1); got {self.overlap}")
+        if self.block is not None and (len(self.block) != 3 or min(self.block) < 1):
+            raise ValueError(f"block must be three positive sizes (Z, Y, X); got {self.block}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if not 0 <= self.rank < self.world:
@@ -156,9 +158,6 @@ class SlidingWindow:
         inner = tuple(slice(s.start - a, s.stop - a) for s, a in zip(block, lo))
         return (acc[(slice(None), *inner)] / weight_sum[inner]).cpu().numpy()
 
-    def default_block(self, shape: Triple) -> Triple:
-        return self.options.block or tuple(min(n, 4 * w) for n, w in zip(shape, self.options.window))  # type: ignore[return-value]
-
     def run(self, volume: Any, out: Any) -> Any:
         """Predict ``volume`` (array-like ``(Z, Y, X)``, uint8 or float in [0, 1]) into ``out``
         (array-like ``(C, Z, Y, X)`` uint8, or float32 to keep full precision)."""
@@ -167,7 +166,7 @@ class SlidingWindow:
             raise ValueError(f"volume must be 3-d (Z, Y, X); got shape {shape}")
         if tuple(out.shape[1:]) != shape:
             raise ValueError(f"out must have shape (C, {shape[0]}, {shape[1]}, {shape[2]}); got {tuple(out.shape)}")
-        blocks = _blocks(shape, self.default_block(shape))[self.options.rank::self.options.world]
+        blocks = rank_blocks(shape, self.options)
         progress = Progress(len(blocks), "predict") if self.options.progress else None
         self.model.eval()
         for done, block in enumerate(blocks, 1):
@@ -182,6 +181,12 @@ class SlidingWindow:
         if progress is not None:
             progress.close()
         return out
+
+
+def rank_blocks(shape: Triple, options: InferOptions) -> list[tuple[slice, slice, slice]]:
+    """The output blocks of a ``shape`` volume that ``options.rank`` of ``options.world`` predicts."""
+    block = options.block or tuple(min(n, 4 * w) for n, w in zip(shape, options.window))
+    return _blocks(shape, block)[options.rank::options.world]  # type: ignore[arg-type]
 
 
 def _batched(items: Sequence[Triple], size: int) -> Iterator[Sequence[Triple]]:

@@ -2,11 +2,15 @@
 one-line errors for what users get wrong."""
 
 import json
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
 from stt_model.cli import main
 from stt_model.data import synthetic_volume
@@ -59,6 +63,30 @@ def test_train_predict_evaluate(tmp_path, volume_file, capsys):
     assert main(["evaluate", "--pred", f"{labels}:main", "--gt", f"{path}:label", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert {"ap75", "ap50", "ap", "jaccard", "dsc"} <= set(scores)
+
+
+def test_predict_under_torchrun_matches_one_process(tmp_path, volume_file):
+    path, _ = volume_file
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--image", f"{path}:image", "--label", f"{path}:label",
+                 "--out", str(run)]) == 0
+    common = ["predict", "--checkpoint", str(run / "last.pt"), "--image", f"{path}:image", "--overlap", "0.5",
+              "--block", "8", "24", "40"]  # 8 blocks, split between the ranks
+    assert main([*common, "--out", str(tmp_path / "one.h5")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "stt_model.cli", *common, "--out", str(tmp_path / "two.zarr"),
+                           "--instances", str(tmp_path / "inst.h5")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(2 ranks)" in done.stdout
+    with h5py.File(tmp_path / "one.h5") as f:
+        one = f["main"][:]
+    two = zarr.open_group(str(tmp_path / "two.zarr"), mode="r")["main"][:]
+    np.testing.assert_array_equal(one, two)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inst.h5", "one.h5", "run", "tiny.yaml", "two.zarr"]
 
 
 def test_evaluate_perfect_prediction_from_tiff(tmp_path, volume_file, capsys):

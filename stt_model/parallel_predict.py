@@ -1,0 +1,81 @@
+"""``stt predict`` as several processes (``torchrun``): one output from many ranks.
+
+Each rank predicts its share of the output blocks (:func:`stt_model.infer.rank_blocks`: block
+``i`` goes to rank ``i % world``) into a part file of its own beside the output, because an
+HDF5 file takes one writer at a time. After a barrier, rank 0 copies every part's blocks into
+the output, publishes it atomically and deletes the parts; the blocks are predicted exactly as
+one process predicts them, so the result is the same whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import create_output, open_volume
+from .data.volumes import split_spec
+from .infer import InferOptions, rank_blocks
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (``torchrun``'s variables; 0 and 1 alone)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device_for_rank(requested: str | None) -> str:
+    """``requested``, else this rank's GPU (``LOCAL_RANK``) when there is one, else the CPU."""
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def start() -> None:
+    """Join the ranks' group. Gloo even on GPUs: the ranks exchange nothing but barriers."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def part_spec(spec: str, rank: int, world: int) -> str:
+    """The part file of ``rank`` for the output ``spec`` (``out.h5[:dataset]``): hidden, beside it."""
+    path, dataset = split_spec(spec)
+    part = path.with_name(f".{path.stem}.part{rank}of{world}{path.suffix}")
+    return f"{part}:{dataset}" if dataset else str(part)
+
+
+def merge(spec: str, shape: Sequence[int], window: Sequence[int], options: dict[str, Any], world: int) -> Path:
+    """Copy every rank's blocks from its part file into the output ``spec`` ``(C, Z, Y, X)``
+    uint8, publish it, delete the parts; returns the output's path. ``options``: the
+    :class:`~stt_model.infer.InferOptions` fields the ranks ran with (they fix the blocks)."""
+    parts = [part_spec(spec, rank, world) for rank in range(world)]
+    with create_output(spec, shape, np.uint8) as out:
+        for rank, part in enumerate(parts):
+            volume = open_volume(part)
+            blocks = rank_blocks(tuple(shape[1:]), InferOptions(window=tuple(window), **options,  # type: ignore[arg-type]
+                                                                rank=rank, world=world))
+            for block in blocks:
+                out[(slice(None), *block)] = volume[(slice(None), *block)]
+    for part in parts:
+        path, _ = split_spec(part)
+        if path.is_dir():
+            shutil.rmtree(path)  # zarr
+        else:
+            path.unlink(missing_ok=True)
+    return split_spec(spec)[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
