@@ -42,6 +42,7 @@ class DataConfig:
     patch: list[int] = field(default_factory=lambda: [32, 320, 320])   # (T, H, W)
     foreground_bias: float = 0.5      # probability that a patch is centred on foreground
     augment: bool = True
+    augmentations: Literal["full", "light"] = "full"   # with augment: every EM transform, or symmetries + jitter
     contour_width: int = 1
 
 

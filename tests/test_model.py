@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from stt_model.build import build_discriminator, build_model
 from stt_model.config import ConfigError, load_config, presets
@@ -138,3 +139,25 @@ def test_frozen_interpolation_is_not_trained():
     model.train()
     assert not model.interpolation.training
     assert not any(p.requires_grad for p in model.interpolation.parameters())
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [((3, 3, 3), 1, 1), ((1, 3, 3), (1, 2, 2), (0, 1, 1)), (1, 1, 0)])
+def test_conv3d_batch_of_one_takes_onednn_and_matches_nn_conv3d(kernel, stride, padding):
+    from stt_model.nets.conv import Conv3d
+
+    torch.manual_seed(0)
+    ours = Conv3d(5, 7, kernel, stride=stride, padding=padding, bias=True)
+    plain = nn.Conv3d(5, 7, kernel, stride=stride, padding=padding, bias=True)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 5, 3, 17, 23).to(memory_format=torch.channels_last_3d).requires_grad_()
+    with torch.profiler.profile() as prof:
+        y = ours(x)
+    if torch.backends.mkldnn.is_available() and kernel != 1:  # PyTorch keeps 1x1 single-threaded off oneDNN
+        assert any(e.name == "aten::mkldnn_convolution" for e in prof.events())
+    expected = plain(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+    want = torch.autograd.grad(expected, (x, plain.weight, plain.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

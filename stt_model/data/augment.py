@@ -236,9 +236,15 @@ class Compose:
         return image, None if labels is None else np.ascontiguousarray(labels)
 
 
-def default_augmentations() -> Compose:
-    """All the transforms above: the set the MitoEM baseline (pytorch_connectomics) trains with.
-    The probabilities are ours: symmetries always, the rest often enough to matter."""
+def default_augmentations(strength: str = "full") -> Compose:
+    """``full``: all the transforms above, the set the MitoEM baseline (pytorch_connectomics)
+    trains with; the probabilities are ours: symmetries always, the rest often enough to
+    matter. ``light``: the symmetries and grayscale jitter only, for short training budgets
+    (the section artefacts and warps slow early learning) and well-aligned volumes."""
+    if strength == "light":
+        return Compose([(Flip(), 1.0), (Rotate90(), 1.0), (GrayJitter(), 0.5)])
+    if strength != "full":
+        raise ValueError(f"strength must be 'full' or 'light'; got {strength!r}")
     return Compose([
         (Flip(), 1.0),
         (Rotate90(), 1.0),

@@ -147,7 +147,7 @@ class PatchSampler(IterableDataset):
 
         data = config.data
         if augment is None and data.augment:
-            augment = default_augmentations()
+            augment = default_augmentations(data.augmentations)
         return cls(volumes, data.patch, foreground_bias=data.foreground_bias, out_channels=config.model.out_channels,
                    contour_width=data.contour_width, augment=augment, batch_size=config.train.batch_size,
                    seed=config.train.seed, rank=rank, world_size=world_size)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .conv import Conv3d
+
 
 def norm3d(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
@@ -23,7 +25,7 @@ def norm3d(kind: str, channels: int) -> nn.Module:
 class ConvNormAct(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int], norm: str, act: bool = True):
         padding = tuple(k // 2 for k in kernel)
-        layers: list[nn.Module] = [nn.Conv3d(c_in, c_out, kernel, padding=padding, bias=False), norm3d(norm, c_out)]
+        layers: list[nn.Module] = [Conv3d(c_in, c_out, kernel, padding=padding, bias=False), norm3d(norm, c_out)]
         if act:
             layers.append(nn.ELU(inplace=True))
         super().__init__(*layers)
@@ -49,7 +51,7 @@ class Down(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, norm: str):
         super().__init__()
-        self.pool = nn.Conv3d(c_in, c_in, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
+        self.pool = Conv3d(c_in, c_in, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
         self.block = AnisotropicResBlock(c_in, c_out, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,7 @@ class Up(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, norm: str):
         super().__init__()
-        self.reduce = nn.Conv3d(c_in, c_out, 1, bias=False)
+        self.reduce = Conv3d(c_in, c_out, 1, bias=False)
         self.block = AnisotropicResBlock(c_out, c_out, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from stt_kernels import SSTAttention
 
 from ..config import ModelConfig
 from .blocks import AnisotropicResBlock, Down, Up
+from .conv import Conv3d
 from .interpolation import InterpolationNet
 
 
@@ -40,7 +41,7 @@ class STTUNet(nn.Module):
         decoder_levels = list(reversed(range(levels - 1)))
         self.up = nn.ModuleList(Up(channels[i + 1], channels[i], cfg.norm) for i in decoder_levels)
         self.decoder_sst = nn.ModuleList(sst(i) for i in decoder_levels)
-        self.head = nn.Conv3d(channels[0], cfg.out_channels, 1)
+        self.head = Conv3d(channels[0], cfg.out_channels, 1)
         # Channels-last 3D: oneDNN's Conv3d is ~8x faster so on CPUs (its backward above all),
         # and the SST blocks then see (B, T, H, W, C) without a permute copy.
         for module in self.modules():
