@@ -74,6 +74,15 @@ def test_compose_seeded_and_aligned(labels):
     assert none is None and image.shape == labels.shape
 
 
+def test_light_augmentations_are_symmetries_and_jitter_only(labels):
+    light = default_augmentations("light")
+    assert [type(t).__name__ for t, _ in light.steps] == ["Flip", "Rotate90", "GrayJitter"]
+    image, moved = light(as_image(labels), labels, np.random.default_rng(3))
+    assert sorted(np.unique(moved)) == sorted(np.unique(labels)) and image.shape == moved.shape
+    with pytest.raises(ValueError, match="strength must be 'full' or 'light'"):
+        default_augmentations("heavy")
+
+
 def test_fast_on_a_training_patch(labels):
     import time
 
