@@ -5,7 +5,7 @@ median of several repeats, and each one's peak resident memory in a fresh subpro
 320 x 320), which the reference cannot run (its spatial scores alone would be
 32 x 4 x 102,400^2 floats) and which takes about half an hour on 2 CPU cores.
 
-    python benchmarks/bench_sst_attention_cpu.py [--repeats 3] [--scale]
+    python benchmarks/bench_sst_attention_cpu.py [--repeats 3] [--scale | --scale-only]
 """
 
 from __future__ import annotations
@@ -66,13 +66,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", action="store_true", help="also the full-resolution block (slow on a CPU)")
+    parser.add_argument("--scale-only", action="store_true", help="only the full-resolution block")
     args = parser.parse_args()
+    figures: dict[str, float] = {}
+    if not args.scale_only:
+        figures.update(_small(args.repeats))
+    if args.scale or args.scale_only:
+        start = time.perf_counter()
+        figures["scale_forward_peak_mib_cpu"] = _peak_mib(SCALE, "cpu", False)
+        figures["scale_forward_s_cpu"] = time.perf_counter() - start
+        print(f"scale: {SCALE}, forward on the cpu backend, {torch.get_num_threads()} threads")
+    print(json.dumps(figures, indent=1))
+
+
+def _small(repeats: int) -> dict[str, float]:
     module, x = _block(SMALL)
     figures: dict[str, float] = {}
     for backend in ("cpu", "reference"):
         _step(module, x, backend, True)
         times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             _step(module, x, backend, True)
             times.append(time.perf_counter() - start)
@@ -80,13 +93,8 @@ def main() -> None:
         figures[f"{backend}_fwd_bwd_peak_mib"] = _peak_mib(SMALL, backend, True)
     figures["speedup_vs_reference"] = figures["reference_fwd_bwd_s"] / figures["cpu_fwd_bwd_s"]
     figures["memory_vs_reference"] = figures["cpu_fwd_bwd_peak_mib"] / figures["reference_fwd_bwd_peak_mib"]
-    print(f"SSTAttention {SMALL}, forward+backward, {torch.get_num_threads()} threads, median of {args.repeats}")
-    if args.scale:
-        start = time.perf_counter()
-        figures["scale_forward_peak_mib_cpu"] = _peak_mib(SCALE, "cpu", False)
-        figures["scale_forward_s_cpu"] = time.perf_counter() - start
-        print(f"scale: {SCALE}, forward on the cpu backend")
-    print(json.dumps(figures, indent=1))
+    print(f"SSTAttention {SMALL}, forward+backward, {torch.get_num_threads()} threads, median of {repeats}")
+    return figures
 
 
 if __name__ == "__main__":
