@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # PyTorch's CPU rule (aten/src/ATen/native/Convolution.cpp, ConvParams::use_mkldnn): a batch of one
