@@ -9,21 +9,25 @@ import sys
 from pathlib import Path
 
 VARIANTS = [("baseline", "Baseline (no SST, no FG-BG)"), ("sst", "+ SST"), ("sst-fgbg", "+ SST + FG-BG")]
+EXTRAS = [("sst-fgbg-weak", "+ SST + FG-BG at lambda = 0.1")]  # rows only where they were run
 
 
 def summary(run: Path) -> dict[str, str]:
     rows = list(csv.DictReader((run / "train_log.csv").open()))
     steps = [r for r in rows if r.get("seconds")]
-    final = [r for r in rows if r.get("val_jaccard")][-1]
-    return {"steps": steps[-1]["step"], "minutes": f"{float(steps[-1]['seconds']) / 60:.1f}",
-            "jaccard": f"{float(final['val_jaccard']):.3f}", "dsc": f"{float(final['val_dsc']):.3f}"}
+    scored = [r for r in rows if r.get("val_jaccard")]
+    jaccard, dsc = (f"{float(scored[-1][k]):.3f}" for k in ("val_jaccard", "val_dsc")) if scored else ("not yet", "")
+    return {"steps": steps[-1]["step"] if steps else "0",
+            "minutes": f"{float(steps[-1]['seconds']) / 60:.1f}" if steps else "0", "jaccard": jaccard, "dsc": dsc}
 
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lucchi")
     print("| variant | steps | training min | Jaccard | DSC |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, label in VARIANTS:
+    for name, label in VARIANTS + EXTRAS:
+        if (name, label) in EXTRAS and not (root / name / "train_log.csv").exists():
+            continue
         if (root / name / "train_log.csv").exists():
             s = summary(root / name)
             print(f"| {label} | {s['steps']} | {s['minutes']} | {s['jaccard']} | {s['dsc']} |")
