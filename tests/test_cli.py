@@ -65,13 +65,19 @@ def test_train_predict_evaluate(tmp_path, volume_file, capsys):
     assert {"ap75", "ap50", "ap", "jaccard", "dsc"} <= set(scores)
 
 
-def test_predict_under_torchrun_matches_one_process(tmp_path, volume_file):
-    path, _ = volume_file
+def _train_tiny(tmp_path, path):
+    """Two steps of a tiny config on ``path``; returns the run folder (``last.pt`` inside)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_YAML)
     run = tmp_path / "run"
     assert main(["train", "--config", str(config), "--image", f"{path}:image", "--label", f"{path}:label",
                  "--out", str(run)]) == 0
+    return run
+
+
+def test_predict_under_torchrun_matches_one_process(tmp_path, volume_file):
+    path, _ = volume_file
+    run = _train_tiny(tmp_path, path)
     common = ["predict", "--checkpoint", str(run / "last.pt"), "--image", f"{path}:image", "--overlap", "0.5",
               "--block", "8", "24", "40"]  # 8 blocks, split between the ranks
     assert main([*common, "--out", str(tmp_path / "one.h5")]) == 0
@@ -126,11 +132,7 @@ def test_checkpoint_that_does_not_fit_the_config(tmp_path, volume_file, capsys):
     import torch
 
     path, _ = volume_file
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_YAML)
-    run = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--image", f"{path}:image", "--label", f"{path}:label",
-                 "--out", str(run)]) == 0
+    run = _train_tiny(tmp_path, path)
     state = torch.load(run / "last.pt", weights_only=True)
     state["config"]["model"]["channels"] = [4, 12]
     torch.save(state, tmp_path / "bad.pt")
