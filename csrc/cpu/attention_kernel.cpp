@@ -170,13 +170,18 @@ int64_t padded(int64_t n) {
 }
 
 // Packs rows [0, rows) x [0, d) of a strided matrix, row-major with width dp (zero padding).
+// Rows are short (d <= 128): an inline vector copy, where std::copy's memmove call per row
+// cost as much as the copy itself.
 template <typename T>
 void pack_rows(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t dp) {
+  constexpr int64_t W = Vec<T>::size();
   for (int64_t j = 0; j < rows; ++j) {
     const T* in = src + j * s_row;
     T* out = dst + j * dp;
     if (s_col == 1) {
-      std::copy(in, in + d, out);
+      int64_t c = 0;
+      for (; c + W <= d; c += W) Vec<T>::loadu(in + c).store(out + c);
+      for (; c < d; ++c) out[c] = in[c];
     } else {
       for (int64_t c = 0; c < d; ++c) out[c] = in[c * s_col];
     }
@@ -185,13 +190,24 @@ void pack_rows(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t
 }
 
 // Packs the transpose: dst[c][j] = src[j][c], width np (padded key count, zero columns).
+//
+// Source rows are walked in order: for q/k/v views of the packed projection the rows of one
+// sequence are far apart (a time slice apart, for temporal attention), and reading a row's d
+// contiguous elements at once touches each of its pages once instead of d times; the
+// scattered writes land in the small destination tile, which stays in L1.
+// Contiguous rows go through at::vec's 8 x 8 register transposes; the edges element-wise.
 template <typename T>
 void pack_transposed(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t np) {
-  for (int64_t c = 0; c < d; ++c) {
-    T* out = dst + c * np;
-    for (int64_t j = 0; j < rows; ++j) out[j] = src[j * s_row + c * s_col];
-    std::fill(out + rows, out + np, T(0));
+  constexpr int64_t B = 8;
+  const int64_t rows_b = s_col == 1 ? rows / B * B : 0, d_b = s_col == 1 ? d / B * B : 0;
+  for (int64_t j = 0; j < rows_b; j += B) {
+    for (int64_t c = 0; c < d_b; c += B) at::vec::transpose_mxn<T, B, B>(src + j * s_row + c, s_row, dst + c * np + j, np);
   }
+  for (int64_t j = 0; j < rows; ++j) {
+    const T* in = src + j * s_row;
+    for (int64_t c = j < rows_b ? d_b : 0; c < d; ++c) dst[c * np + j] = in[c * s_col];
+  }
+  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * np + rows, dst + (c + 1) * np, T(0));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -271,6 +287,8 @@ constexpr int64_t kQTile = 128;
 constexpr int64_t kKTile = 128;
 constexpr int64_t kBwdQTile = 64;
 constexpr int64_t kBwdKTile = 128;
+// Up to this length a sequence is one tile of transposed scores (64 KiB in float32, in L2).
+constexpr int64_t kShortSequence = 128;
 
 // at::parallel_for splits a range evenly up front, so a thread that loses its core for a while
 // (a shared machine; sequences of uneven cost) holds up the whole call. Here every thread takes
@@ -289,6 +307,97 @@ void balanced_parallel_for(int64_t n, const Body& body) {
 // ---------------------------------------------------------------------------------------
 // Forward.
 
+// Whole-sequence forward for N <= kShortSequence (every temporal sequence in training).
+//
+// A task takes a block of consecutive sequences and first copies their q, k, v rows into
+// contiguous buffers, time step by time step: in the packed (B, T, H, W, 3, heads, d) layout
+// the rows a block needs at one time step are one contiguous run, so the copies stream at
+// memory bandwidth where per-sequence reads (rows a slice apart) stall on every row. The
+// outputs go back the same way.
+//
+// Scores are computed transposed, S^T = K Q^T: a query is a column, so its max, exponentials
+// and sum are vertical vector operations over the key rows. Row-wise tiles would pay two
+// horizontal reductions and a call per query row, as much as the exponentials for T = 32.
+template <typename T>
+struct ShortForwardScratch {
+  int64_t n, np, dp, block;
+  std::vector<T> q, k, v, o, qt, st, max, sum;
+
+  ShortForwardScratch(const Geometry& g, int64_t block)
+      : n(g.N), np(padded<T>(g.N)), dp(padded<T>(g.D)), block(block), q(block * n * dp), k(block * n * dp),
+        v(block * n * dp), o(block * n * dp), qt(g.D * np), st(n * np), max(np), sum(np) {}
+
+  T* rows(std::vector<T>& buf, int64_t local) { return buf.data() + local * n * dp; }
+};
+
+// Sequences per block: their q, k, v and output rows fill about half of a 512 KiB L2.
+template <typename T>
+int64_t short_block(const Geometry& g) {
+  const int64_t bytes = 4 * g.N * padded<T>(g.D) * static_cast<int64_t>(sizeof(T));
+  return std::max<int64_t>(1, (256 << 10) / bytes);
+}
+
+// P^T <- exp(S^T - max) for every column of an n x np tile, with each column's max and sum.
+template <typename T>
+void column_softmax(T* st, int64_t n, int64_t np, T* max, T* sum) {
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t i = 0; i < np; i += W) {
+    Vec<T> m = Vec<T>::loadu(st + i);
+    for (int64_t j = 1; j < n; ++j) m = at::vec::maximum(m, Vec<T>::loadu(st + j * np + i));
+    Vec<T> acc(T(0));
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec<T> e = (Vec<T>::loadu(st + j * np + i) - m).exp_u20();
+      e.store(st + j * np + i);
+      acc = acc + e;
+    }
+    m.store(max + i);
+    acc.store(sum + i);
+  }
+}
+
+// Softmax-weighted values of one sequence whose rows are in the scratch buffers (row stride dp).
+template <typename T>
+void short_sequence(ShortForwardScratch<T>& w, int64_t local, int64_t d, T scale) {
+  const int64_t n = w.n, np = w.np, dp = w.dp;
+  pack_transposed(w.rows(w.q, local), dp, int64_t(1), n, d, w.qt.data(), np);
+  tile_product<T>(n, np, d, w.rows(w.k, local), dp, 1, w.qt.data(), np, w.st.data(), np, scale, false);
+
+  column_softmax(w.st.data(), n, np, w.max.data(), w.sum.data());
+  tile_product<T>(n, dp, n, w.st.data(), 1, np, w.rows(w.v, local), dp, w.rows(w.o, local), dp, T(1), false);
+  T* o = w.rows(w.o, local);
+  for (int64_t i = 0; i < n; ++i) {
+    const OnlineSoftmaxRow<T> row{w.max[i], w.sum[i]};
+    scale_inplace(o + i * dp, d, online_softmax_inv_sum(row));
+  }
+}
+
+template <typename T>
+void forward_short_block(const View<T>& q, const View<T>& k, const View<T>& v, const View<T>& out,
+                         const LseView& lse, const Geometry& g, int64_t s0, int64_t s1, T scale,
+                         ShortForwardScratch<T>& w) {
+  const int64_t dp = w.dp;
+  for (int64_t t = 0; t < g.N; ++t) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t row = ((s - s0) * g.N + t) * dp;
+      pack_rows(q.seq(s, g) + t * q.sn, q.sn, q.sd, 1, g.D, w.q.data() + row, dp);
+      pack_rows(k.seq(s, g) + t * k.sn, k.sn, k.sd, 1, g.D, w.k.data() + row, dp);
+      pack_rows(v.seq(s, g) + t * v.sn, v.sn, v.sd, 1, g.D, w.v.data() + row, dp);
+    }
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    short_sequence(w, s - s0, g.D, scale);
+    float* ls = lse.seq(s, g);
+    for (int64_t i = 0; i < g.N; ++i) {
+      ls[i * lse.sn] = static_cast<float>(online_softmax_lse(OnlineSoftmaxRow<T>{w.max[i], w.sum[i]}));
+    }
+  }
+  for (int64_t t = 0; t < g.N; ++t) {
+    for (int64_t s = s0; s < s1; ++s) {
+      store_row(out.seq(s, g) + t * out.sn, out.sd, w.o.data() + ((s - s0) * g.N + t) * dp, g.D, T(1));
+    }
+  }
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& out_t,
                     const at::Tensor& lse_t, T scale) {
@@ -297,6 +406,17 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const LseView lse(lse_t);
   const int64_t q_tiles = (g.N + kQTile - 1) / kQTile;
   const int64_t dp = padded<T>(g.D);
+
+  if (g.N <= kShortSequence) {
+    const int64_t block = short_block<T>(g), blocks = (g.sequences() + block - 1) / block;
+    balanced_parallel_for(blocks, [&](int64_t begin, int64_t end) {
+      ShortForwardScratch<T> w(g, block);
+      for (int64_t b = begin; b < end; ++b) {
+        forward_short_block(q, k, v, out, lse, g, b * block, std::min(g.sequences(), (b + 1) * block), scale, w);
+      }
+    });
+    return;
+  }
 
   balanced_parallel_for(g.sequences() * q_tiles, [&](int64_t begin, int64_t end) {
     const int64_t mq_max = std::min(kQTile, g.N), np_max = padded<T>(std::min(kKTile, g.N));
