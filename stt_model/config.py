@@ -49,6 +49,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     adversarial_weight: float = 0.5   # lambda of L = L_BCE + lambda * L_fg-bg
+    adversarial_warmup: int = 0       # steps over which lambda ramps linearly from 0 (0: full from step 1)
     lambda1: float = 1.0              # weight of the D(F_gt) - D(F_pr) term of Eq. 4
     discriminator_channels: int = 16
     dice_weight: float = 0.0
@@ -117,6 +118,8 @@ class Config:
             raise ConfigError(f"train.lr must be positive; got {t.lr}")
         if self.loss.adversarial_weight < 0:
             raise ConfigError(f"loss.adversarial_weight must be >= 0; got {self.loss.adversarial_weight}")
+        if self.loss.adversarial_warmup < 0:
+            raise ConfigError(f"loss.adversarial_warmup must be >= 0 steps; got {self.loss.adversarial_warmup}")
         return self
 
 

@@ -169,6 +169,14 @@ class Trainer:
         return atomic_save(self.state_dict(), self.options.out_dir / name)
 
     # -- one step ----------------------------------------------------------------------------
+    def adversarial_weight(self) -> float:
+        """lambda for the step about to be taken: an untrained discriminator's verdicts are
+        noise, so ``loss.adversarial_warmup`` ramps lambda up linearly over its first steps."""
+        loss_cfg = self.cfg.loss
+        if loss_cfg.adversarial_warmup == 0:
+            return loss_cfg.adversarial_weight
+        return loss_cfg.adversarial_weight * min(1.0, (self.step + 1) / loss_cfg.adversarial_warmup)
+
     def train_step(self, image: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         image, target = image.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
         loss_cfg = self.cfg.loss
@@ -194,7 +202,7 @@ class Trainer:
             with autocast:
                 adv = fgbg_objective(self.disc(image, mask_gt).float(), self.disc(image, mask_pred).float(),
                                      loss_cfg.lambda1)
-            loss = seg + loss_cfg.adversarial_weight * adv
+            loss = seg + self.adversarial_weight() * adv
             values.update(adv=adv.item(), d_loss=d_loss.item())
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

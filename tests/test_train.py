@@ -45,6 +45,21 @@ class RandomBlobs:
         self.generator.set_state(state["generator"])
 
 
+def test_adversarial_weight_ramps_up_over_its_warmup(tmp_path):
+    """The logged loss of every step is seg + lambda_t * adv with lambda_t = 0.5 * min(1, t / 4)."""
+    import csv
+
+    cfg = load_config({**TINY, "loss": {**TINY["loss"], "adversarial_warmup": 4}})
+    train(cfg, RandomBlobs(0), TrainOptions(tmp_path, progress=False))
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    assert len(rows) == 6
+    for row in rows:
+        step, seg, adv, loss = int(row["step"]), float(row["seg"]), float(row["adv"]), float(row["loss"])
+        assert loss == pytest.approx(seg + 0.5 * min(1.0, step / 4) * adv, rel=1e-5, abs=1e-6), step
+    with pytest.raises(ValueError, match="loss.adversarial_warmup must be >= 0"):
+        load_config({**TINY, "loss": {**TINY["loss"], "adversarial_warmup": -1}})
+
+
 def test_lr_schedule():
     assert lr_factor(0, 4, [10], 0.1) == pytest.approx(0.25)
     assert lr_factor(3, 4, [10], 0.1) == 1.0
