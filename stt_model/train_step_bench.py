@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stt_kernels.bench.cases import Case, register_case
 from stt_kernels.bench.implementation import Implementation, Unsupported
-from stt_kernels.bench.ours import _DEVICES, _unsupported
+from stt_kernels.bench.ours import BACKEND_DEVICES, backend_unsupported
 from stt_kernels.bench.registry import register_implementation
 from stt_kernels.bench.shapes import Level
 
@@ -148,11 +148,11 @@ def _make_step(backend: str, level: Level, leaves: Sequence[torch.Tensor], pass_
 def _step_unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
     if dtype != torch.float32:
         return "the network trains in float32 parameters (with the preset's AMP on GPU)"
-    return _unsupported(backend, device, dtype, pass_)
+    return backend_unsupported(backend, device, dtype, pass_)
 
 
 register_case(TrainStepCase())
-for _backend, _devices in _DEVICES.items():
+for _backend, _devices in BACKEND_DEVICES.items():
     register_implementation(Implementation(
         name="reference" if _backend == "reference" else f"ours:{_backend}", op=NAME,
         kind="reference" if _backend == "reference" else "ours", devices=_devices,

@@ -16,8 +16,8 @@ import stt_kernels
 
 from .implementation import Implementation
 
-# Which tensors each compiled backend takes; the dtypes it claims per DESIGN.md section 2.
-_DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "cpu": ("cpu",), "reference": ("cpu", "cuda")}
+# The devices each backend runs on (for cases built on our ops too); the dtypes it claims per DESIGN.md section 2.
+BACKEND_DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "cpu": ("cpu",), "reference": ("cpu", "cuda")}
 _DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
@@ -30,7 +30,9 @@ _OPS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def _unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
+def backend_unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
+    """Why ``backend`` cannot run here in ``dtype`` (unavailable, dtype not claimed), or None.
+    Benchmark cases built on our ops (the SST block, the model's training step) share it."""
     status = stt_kernels.backends()[backend]
     if not status.available:
         return f"backend {backend!r} unavailable: {status.reason}"
@@ -44,13 +46,13 @@ def implementations() -> list[Implementation]:
     """``ours:<backend>`` for every compiled/Triton backend, and ``reference``, for every op."""
     found = []
     for op_name, op in _OPS.items():
-        for backend, devices in _DEVICES.items():
+        for backend, devices in BACKEND_DEVICES.items():
             found.append(Implementation(
                 name="reference" if backend == "reference" else f"ours:{backend}",
                 op=op_name,
                 kind="reference" if backend == "reference" else "ours",
                 call=functools.partial(op, backend=backend),
                 devices=devices,
-                unsupported=functools.partial(_unsupported, backend),
+                unsupported=functools.partial(backend_unsupported, backend),
             ))
     return found

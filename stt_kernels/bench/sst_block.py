@@ -17,7 +17,7 @@ import stt_kernels
 
 from .cases import AttentionCase, Case, DeformConvCase, _randn, register_case
 from .implementation import Implementation
-from .ours import _DEVICES, _unsupported
+from .ours import BACKEND_DEVICES, backend_unsupported
 from ..ops.kernels import attention_kernels, deform_conv2d_kernels
 from .registry import register_implementation
 from .shapes import _HEADS as HEADS, Level
@@ -70,11 +70,11 @@ def _block_unsupported(backend: str, device: torch.device, dtype: torch.dtype, p
     implemented = attention_kernels.implemented() & deform_conv2d_kernels.implemented()
     if backend not in implemented:
         return f"backend {backend!r} lacks a kernel for one of the block's ops"
-    return _unsupported(backend, device, dtype, pass_)
+    return backend_unsupported(backend, device, dtype, pass_)
 
 
 register_case(SSTBlockCase())
-for _backend, _devices in _DEVICES.items():
+for _backend, _devices in BACKEND_DEVICES.items():
     register_implementation(Implementation(
         name="reference" if _backend == "reference" else f"ours:{_backend}", op=NAME,
         kind="reference" if _backend == "reference" else "ours",
