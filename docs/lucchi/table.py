@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 VARIANTS = [("baseline", "Baseline (no SST, no FG-BG)"), ("sst", "+ SST"), ("sst-fgbg", "+ SST + FG-BG")]
-EXTRAS = [("sst-fgbg-weak", "+ SST + FG-BG at lambda = 0.1")]  # rows only where they were run
+EXTRAS = [("sst-fgbg-weak", "+ SST + FG-BG at lambda = 0.1"),  # rows only where they were run
+          ("sst-p128", "+ SST, 8 x 128 x 128 patches, Dice"),
+          ("sst-fgbg-p128", "+ SST + FG-BG, 8 x 128 x 128 patches, Dice, lambda warm-up")]
 
 
 def summary(run: Path) -> dict[str, str]:
