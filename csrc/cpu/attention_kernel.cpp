@@ -190,12 +190,9 @@ void pack_rows(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t
 }
 
 // Packs the transpose: dst[c][j] = src[j][c], width np (padded key count, zero columns).
-//
-// Source rows are walked in order: for q/k/v views of the packed projection the rows of one
-// sequence are far apart (a time slice apart, for temporal attention), and reading a row's d
-// contiguous elements at once touches each of its pages once instead of d times; the
-// scattered writes land in the small destination tile, which stays in L1.
-// Contiguous rows go through at::vec's 8 x 8 register transposes; the edges element-wise.
+// Contiguous rows go through at::vec's 8 x 8 register transposes, the edges element by
+// element, row by row: the rows of one sequence can be far apart in the packed projection,
+// and reading each row's elements together touches each of its pages once.
 template <typename T>
 void pack_transposed(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t np) {
   constexpr int64_t B = 8;
@@ -320,11 +317,11 @@ void balanced_parallel_for(int64_t n, const Body& body) {
 // horizontal reductions and a call per query row, as much as the exponentials for T = 32.
 template <typename T>
 struct ShortForwardScratch {
-  int64_t n, np, dp, block;
+  int64_t n, np, dp;
   std::vector<T> q, k, v, o, qt, st, max, sum;
 
   ShortForwardScratch(const Geometry& g, int64_t block)
-      : n(g.N), np(padded<T>(g.N)), dp(padded<T>(g.D)), block(block), q(block * n * dp), k(block * n * dp),
+      : n(g.N), np(padded<T>(g.N)), dp(padded<T>(g.D)), q(block * n * dp), k(block * n * dp),
         v(block * n * dp), o(block * n * dp), qt(g.D * np), st(n * np), max(np), sum(np) {}
 
   T* rows(std::vector<T>& buf, int64_t local) { return buf.data() + local * n * dp; }
