@@ -34,6 +34,9 @@ class ModelConfig:
     norm: Literal["batch", "group", "instance"] = "batch"
     interpolation: Literal["none", "joint", "frozen"] = "joint"   # the denoising network: none, trained with the rest, or frozen
     interpolation_kernel: int = 5
+    # (T, H, W) factors: the network sees its input average-pooled by them and its logits are
+    # upsampled back (trilinear), so a patch covers that much more context at the same cost.
+    input_downsample: list[int] = field(default_factory=lambda: [1, 1, 1])
     backend: Literal["auto", "triton", "cuda", "cpu", "reference"] = "auto"
 
 
@@ -106,10 +109,17 @@ class Config:
             raise ConfigError(f"data.patch must be [T, H, W]; got {d.patch}")
         for axis, size in zip("THW", d.patch):
             _positive(f"data.patch ({axis})", size)
+        if len(m.input_downsample) != 3:
+            raise ConfigError(f"model.input_downsample must be [T, H, W] factors; got {m.input_downsample}")
+        for axis, factor in zip("THW", m.input_downsample):
+            _positive(f"model.input_downsample ({axis})", factor)
+        ft, fh, fw = m.input_downsample
         down = 2 ** (levels - 1)
-        if d.patch[1] % down or d.patch[2] % down:
-            raise ConfigError(f"data.patch H and W must be divisible by 2**(levels-1) = {down} "
-                              f"(the 1x2x2 downsamplings); got {d.patch}")
+        multiple = [ft, fh * down, fw * down]
+        if any(n % k for n, k in zip(d.patch, multiple)):
+            raise ConfigError(f"data.patch must be divisible by {multiple}: model.input_downsample "
+                              f"{m.input_downsample}, times 2**(levels-1) = {down} in H and W (the 1x2x2 "
+                              f"downsamplings); got {d.patch}")
         if not 0 <= d.foreground_bias <= 1:
             raise ConfigError(f"data.foreground_bias must be in [0, 1]; got {d.foreground_bias}")
         for key in ("batch_size", "iterations", "val_every", "checkpoint_every"):

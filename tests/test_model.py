@@ -54,10 +54,32 @@ def test_tiny_forward_backward_shapes():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_input_downsample_runs_the_unet_on_pooled_input_and_upsamples_its_logits():
+    torch.manual_seed(0)
+    cfg = {"base": "tiny-cpu", "model": {"input_downsample": [1, 2, 2]}}
+    model = build_model(cfg)
+    x = torch.rand(2, 1, 4, 32, 48, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (2, 2, 4, 32, 48)
+    coarse = model._unet(torch.nn.functional.avg_pool3d(x, (1, 2, 2)))
+    assert coarse.shape == (2, 2, 4, 16, 24)
+    # Bilinear in (H, W) between coarse voxel centres: the fine voxel (2i, 2j) lies a quarter
+    # step before coarse (i, j) on both axes, so its weights are 9/16, 3/16, 3/16, 1/16.
+    expected = (9 * coarse[..., 1:, 1:] + 3 * coarse[..., :-1, 1:] + 3 * coarse[..., 1:, :-1]
+                + coarse[..., :-1, :-1]) / 16
+    torch.testing.assert_close(logits[..., 2::2, 2::2], expected)
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_input_size_errors():
     model = build_model("tiny-cpu")
-    with pytest.raises(ValueError, match=r"H and W divisible by 8"):
+    with pytest.raises(ValueError, match=r"\(T, H, W\) divisible by \(1, 8, 8\); got \(4, 30, 32\)"):
         model(torch.randn(1, 1, 4, 30, 32))
+    coarse = build_model({"base": "tiny-cpu", "model": {"input_downsample": [2, 2, 2]}})
+    with pytest.raises(ValueError, match=r"divisible by \(2, 16, 16\); got \(4, 32, 24\)"):
+        coarse(torch.randn(1, 1, 4, 32, 24))
     with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
         model(torch.randn(1, 4, 32, 32))
 
@@ -69,8 +91,14 @@ def test_config_errors_name_the_key(tmp_path):
         load_config({"base": "tiny-cpu", "model": {"heads": [2, 5, 2, 4]}})
     with pytest.raises(ConfigError, match="model.fusion must be one of"):
         load_config({"base": "tiny-cpu", "model": {"fusion": "sum"}})
-    with pytest.raises(ConfigError, match=r"data.patch H and W must be divisible by 2\*\*\(levels-1\) = 8"):
+    with pytest.raises(ConfigError, match=r"data.patch must be divisible by \[1, 8, 8\].*got \[8, 60, 64\]"):
         load_config({"base": "tiny-cpu", "data": {"patch": [8, 60, 64]}})
+    with pytest.raises(ConfigError, match=r"data.patch must be divisible by \[1, 16, 16\].*input_downsample \[1, 2, 2\]"):
+        load_config({"base": "tiny-cpu", "model": {"input_downsample": [1, 2, 2]}, "data": {"patch": [8, 72, 64]}})
+    with pytest.raises(ConfigError, match=r"model.input_downsample \(H\) must be >= 1"):
+        load_config({"base": "tiny-cpu", "model": {"input_downsample": [1, 0, 2]}})
+    with pytest.raises(ConfigError, match=r"model.input_downsample must be \[T, H, W\] factors"):
+        load_config({"base": "tiny-cpu", "model": {"input_downsample": [2, 2]}})
     with pytest.raises(ConfigError, match="train.batch_size must be an integer"):
         load_config({"base": "tiny-cpu", "train": {"batch_size": 2.5}})
     path = tmp_path / "mine.yaml"
@@ -161,3 +189,24 @@ def test_conv3d_batch_of_one_takes_onednn_and_matches_nn_conv3d(kernel, stride, 
     want = torch.autograd.grad(expected, (x, plain.weight, plain.bias), g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_on_channels_last_input_matches_nn_group_norm_and_keeps_the_layout():
+    from stt_model.nets.blocks import GroupNorm3d
+    torch.manual_seed(0)
+    ours, plain = GroupNorm3d(3, 12), nn.GroupNorm(3, 12)
+    with torch.no_grad():
+        for p in (ours, plain):
+            p.weight.copy_(torch.linspace(0.5, 2.0, 12))
+            p.bias.copy_(torch.linspace(-1.0, 1.0, 12))
+    x = torch.randn(2, 12, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = ours(x1), plain(x2)
+    assert y1.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y1, y2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, plain.bias.grad)

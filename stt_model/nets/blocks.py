@@ -12,11 +12,26 @@ from torch import nn
 from .conv import Conv3d
 
 
+class GroupNorm3d(nn.GroupNorm):
+    """``nn.GroupNorm`` on ``(B, C, T, H, W)``, normalising in the channels-first layout.
+
+    The network's activations are channels-last (for oneDNN's convolutions), where PyTorch's
+    CPU GroupNorm backward is ~7x slower than on channels-first (8 ms against 1.2 ms at
+    2 x 8 x 8 x 64 x 64): two copies cost less than that. The output keeps the input's layout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last_3d) or x.is_contiguous():
+            return super().forward(x)
+        y = super().forward(x.contiguous())
+        return y.contiguous(memory_format=torch.channels_last_3d)
+
+
 def norm3d(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm3d(channels)
     if kind == "group":
-        return nn.GroupNorm(min(8, channels) if channels % min(8, channels) == 0 else 1, channels)
+        return GroupNorm3d(min(8, channels) if channels % min(8, channels) == 0 else 1, channels)
     if kind == "instance":
         return nn.InstanceNorm3d(channels, affine=True)
     raise ValueError(f"norm must be 'batch', 'group' or 'instance'; got {kind!r}")

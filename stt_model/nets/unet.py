@@ -2,13 +2,15 @@
 ``SSTAttention`` after the block of every encoder and decoder level.
 
 ``(B, in, T, H, W)`` -> logits ``(B, out, T, H, W)``; H and W must be divisible by
-``2 ** (levels - 1)``. With every ``sst_levels`` entry false it is the Res-UNET-R-style
+``input_downsample * 2 ** (levels - 1)`` and T by its factor. With ``input_downsample`` other than
+1 the network proper runs on the average-pooled input and its logits are upsampled back. With every ``sst_levels`` entry false it is the Res-UNET-R-style
 baseline of Table 3 (same network, no SST).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stt_kernels import SSTAttention
@@ -24,6 +26,7 @@ class STTUNet(nn.Module):
         super().__init__()
         channels, levels = cfg.channels, len(cfg.channels)
         self.levels = levels
+        self.input_downsample = tuple(cfg.input_downsample)
         self.interpolation = InterpolationNet(cfg.interpolation_kernel) if cfg.interpolation != "none" else None
         if cfg.interpolation == "frozen":
             self.interpolation.requires_grad_(False)
@@ -58,10 +61,18 @@ class STTUNet(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"STTUNet expects (B, C, T, H, W); got shape {tuple(x.shape)}")
         down = 2 ** (self.levels - 1)
-        if x.shape[-1] % down or x.shape[-2] % down:
-            raise ValueError(f"STTUNet needs H and W divisible by {down}; got {tuple(x.shape[-2:])}")
+        ft, fh, fw = self.input_downsample
+        multiple = (ft, fh * down, fw * down)
+        if any(n % m for n, m in zip(x.shape[-3:], multiple)):
+            raise ValueError(f"STTUNet needs (T, H, W) divisible by {multiple}; got {tuple(x.shape[-3:])}")
         if self.interpolation is not None:
             x = self.interpolation(x)
+        if self.input_downsample == (1, 1, 1):
+            return self._unet(x)
+        logits = self._unet(F.avg_pool3d(x, self.input_downsample))
+        return F.interpolate(logits, size=x.shape[-3:], mode="trilinear", align_corners=False)
+
+    def _unet(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder_sst[0](self.stem(x.contiguous(memory_format=torch.channels_last_3d)))
         skips = [h]
         for level in range(1, self.levels):
