@@ -6,6 +6,12 @@ with F_gt = concat(I, M_gt), F_pr = concat(I, M_pred). :func:`fgbg_objective` co
 value from the discriminator's logits; the discriminator ascends it (minimises its negative,
 with M_pred detached) and the segmentation network descends it, inside
 L = L_BCE + lambda * L_fg-bg (lambda = 0.5 in the paper).
+
+How the segmentation network descends it is :func:`generator_loss`'s choice: ``"minimax"`` is
+Eq. 4 itself, whose log(1 - D(F_pr)) has no lower bound: once D is fooled it rewards fooling it
+further without limit and can outweigh the BCE. ``"non_saturating"`` (the default) swaps that
+term for -log D(F_pr), the usual practice since Goodfellow et al. 2014: the same fixed point,
+gradients that are strong while D is right and fade once it is fooled.
 """
 
 from __future__ import annotations
@@ -20,6 +26,20 @@ def fgbg_objective(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1
     # log D = logsigmoid(z) and log(1 - D) = logsigmoid(-z), stable for large |z|.
     return (F.logsigmoid(real_logits).mean() + F.logsigmoid(-fake_logits).mean()
             + lambda1 * (d_real.mean() - d_fake.mean()))
+
+
+def generator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1: float,
+                   objective: str = "non_saturating") -> torch.Tensor:
+    """What the segmentation network minimises, D held fixed (see the module doc).
+
+    ``"minimax"``: Eq. 4's value. ``"non_saturating"``: -E[log D(F_pr)] - lambda1 E[D(F_pr)]; it
+    does not depend on ``real_logits`` (pass None to skip computing them).
+    """
+    if objective == "minimax":
+        return fgbg_objective(real_logits, fake_logits, lambda1)
+    if objective == "non_saturating":
+        return -(F.logsigmoid(fake_logits).mean() + lambda1 * torch.sigmoid(fake_logits).mean())
+    raise ValueError(f"objective must be 'non_saturating' or 'minimax'; got {objective!r}")
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from .build import build_discriminator, build_model
 from .checkpoint import atomic_save, checkpoint_config, load_checkpoint, load_model_weights
 from .config import Config
-from .losses import discriminator_loss, fgbg_objective, segmentation_loss
+from .losses import discriminator_loss, generator_loss, segmentation_loss
 from .progress import Progress
 
 
@@ -200,8 +200,9 @@ class Trainer:
             # called unwrapped: DDP must not wait for gradients D does not get here).
             self.disc.requires_grad_(False)
             with autocast:
-                adv = fgbg_objective(self.disc(image, mask_gt).float(), self.disc(image, mask_pred).float(),
-                                     loss_cfg.lambda1)
+                real = self.disc(image, mask_gt).float() if loss_cfg.adversarial_objective == "minimax" else None
+                adv = generator_loss(real, self.disc(image, mask_pred).float(), loss_cfg.lambda1,
+                                     loss_cfg.adversarial_objective)
             loss = seg + self.adversarial_weight() * adv
             values.update(adv=adv.item(), d_loss=d_loss.item())
         self.opt.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ from torch import nn
 
 from stt_model.build import build_discriminator, build_model
 from stt_model.config import ConfigError, load_config, presets
-from stt_model.losses import discriminator_loss, fgbg_objective, segmentation_loss
+from stt_model.losses import discriminator_loss, fgbg_objective, generator_loss, segmentation_loss
 from stt_model.nets import InterpolationNet
 
 
@@ -126,11 +126,32 @@ def test_fgbg_objective_by_hand():
     assert discriminator_loss(real, fake, 0.3).item() == pytest.approx(-expected, rel=1e-6)
 
 
-def test_adversarial_gradient_pushes_predictions_towards_real():
-    """Descending Eq. 4 in the prediction raises D(F_pr): the segmentation side of the game."""
+def test_generator_loss_by_hand():
+    real, fake = torch.tensor([0.0, 2.0]), torch.tensor([-1.0, 0.0])
+    d_fake = [1 / (1 + math.exp(1)), 0.5]
+    expected = -(sum(math.log(d) for d in d_fake) / 2 + 0.3 * sum(d_fake) / 2)
+    assert generator_loss(None, fake, 0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert generator_loss(real, fake, 0.3, "minimax").item() == pytest.approx(fgbg_objective(real, fake, 0.3).item())
+    with pytest.raises(ValueError, match="objective must be 'non_saturating' or 'minimax'; got 'wgan'"):
+        generator_loss(real, fake, 0.3, "wgan")
+
+
+@pytest.mark.parametrize("objective", ["non_saturating", "minimax"])
+def test_adversarial_gradient_pushes_predictions_towards_real(objective):
+    """Descending the generator loss raises D(F_pr): the segmentation side of the game."""
     fake = torch.tensor([-0.5], requires_grad=True)
-    fgbg_objective(torch.tensor([1.0]), fake, lambda1=1.0).backward()
+    generator_loss(torch.tensor([1.0]), fake, 1.0, objective).backward()
     assert fake.grad.item() < 0
+
+
+def test_non_saturating_gradient_fades_once_the_discriminator_is_fooled():
+    """Eq. 4's own term keeps growing as D(F_pr) -> 1; the non-saturating one vanishes."""
+    grads = {}
+    for objective in ("non_saturating", "minimax"):
+        fake = torch.tensor([6.0], requires_grad=True)   # D(F_pr) = 0.9975: fooled
+        generator_loss(torch.tensor([1.0]), fake, 0.0, objective).backward()
+        grads[objective] = fake.grad.abs().item()
+    assert grads["non_saturating"] < 0.01 < 0.9 < grads["minimax"]
 
 
 def test_discriminator_shapes_and_thin_volumes():
