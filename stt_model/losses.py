@@ -42,6 +42,17 @@ def generator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1
     raise ValueError(f"objective must be 'non_saturating' or 'minimax'; got {objective!r}")
 
 
+def straight_through_binary(prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``prob >= threshold`` as 0/1 values of ``prob``'s dtype, with the gradient of the identity.
+
+    The discriminator compares predicted masks with binary ground truth; shown probabilities, it
+    can tell them apart by their softness alone, and its gradient then pushes every voxel to
+    saturate, right or wrong. Binarised, a prediction differs from the truth only where it is
+    wrong, which is what the FG-BG loss is meant to judge.
+    """
+    return prob + ((prob >= threshold).to(prob.dtype) - prob).detach()
+
+
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1: float) -> torch.Tensor:
     """What the discriminator minimises: ``-Eq.4`` (pass logits of a detached prediction)."""
     return -fgbg_objective(real_logits, fake_logits, lambda1)

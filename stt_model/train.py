@@ -26,7 +26,7 @@ from torch import nn
 from .build import build_discriminator, build_model
 from .checkpoint import atomic_save, checkpoint_config, load_checkpoint, load_model_weights
 from .config import Config
-from .losses import discriminator_loss, generator_loss, segmentation_loss
+from .losses import discriminator_loss, generator_loss, segmentation_loss, straight_through_binary
 from .progress import Progress
 
 
@@ -188,6 +188,8 @@ class Trainer:
         loss = seg
         if self.disc is not None:
             mask_gt, mask_pred = target[:, :1], torch.sigmoid(logits[:, :1].float())
+            if loss_cfg.discriminator_binary:
+                mask_pred = straight_through_binary(mask_pred)
             # Discriminator: ascend Eq. 4 against a detached prediction.
             with autocast:
                 d_loss = discriminator_loss(self.disc_net(image, mask_gt).float(),

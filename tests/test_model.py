@@ -8,7 +8,8 @@ from torch import nn
 
 from stt_model.build import build_discriminator, build_model
 from stt_model.config import ConfigError, load_config, presets
-from stt_model.losses import discriminator_loss, fgbg_objective, generator_loss, segmentation_loss
+from stt_model.losses import (discriminator_loss, fgbg_objective, generator_loss, segmentation_loss,
+                               straight_through_binary)
 from stt_model.nets import InterpolationNet
 
 
@@ -142,6 +143,14 @@ def test_adversarial_gradient_pushes_predictions_towards_real(objective):
     fake = torch.tensor([-0.5], requires_grad=True)
     generator_loss(torch.tensor([1.0]), fake, 1.0, objective).backward()
     assert fake.grad.item() < 0
+
+
+def test_straight_through_binary_is_a_threshold_forward_and_the_identity_backward():
+    prob = torch.tensor([0.1, 0.5, 0.49, 0.93], requires_grad=True)
+    hard = straight_through_binary(prob)
+    assert hard.tolist() == [0.0, 1.0, 0.0, 1.0]
+    hard.backward(torch.tensor([1.0, -2.0, 3.0, 0.5]))
+    assert prob.grad.tolist() == [1.0, -2.0, 3.0, 0.5]
 
 
 def test_non_saturating_gradient_fades_once_the_discriminator_is_fooled():

@@ -60,6 +60,24 @@ def test_adversarial_weight_ramps_up_over_its_warmup(tmp_path):
         load_config({**TINY, "loss": {**TINY["loss"], "adversarial_warmup": -1}})
 
 
+@pytest.mark.parametrize("objective,binary", [("minimax", False), ("non_saturating", True)])
+def test_adversarial_variants_train_and_log_their_generator_loss(tmp_path, objective, binary):
+    """The logged adv is what the network minimised: with a binarised prediction the
+    discriminator still gets the gradient of every voxel through the straight-through path."""
+    import csv
+
+    loss = {**TINY["loss"], "adversarial_objective": objective, "discriminator_binary": binary}
+    cfg = load_config({**TINY, "loss": loss, "train": {**TINY["train"], "iterations": 3}})
+    result = train(cfg, RandomBlobs(0), TrainOptions(tmp_path, progress=False))
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    advs = [float(row["adv"]) for row in rows]
+    if objective == "non_saturating":
+        assert all(a > -1.0 for a in advs)     # -log D - lambda1 D >= -lambda1 = -1
+    with pytest.raises(ValueError, match="loss.adversarial_objective must be one of"):
+        load_config({**TINY, "loss": {**TINY["loss"], "adversarial_objective": "wgan"}})
+
+
 def test_lr_schedule():
     assert lr_factor(0, 4, [10], 0.1) == pytest.approx(0.25)
     assert lr_factor(3, 4, [10], 0.1) == 1.0
