@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 
 VARIANTS = [("baseline", "Baseline (no SST, no FG-BG)"), ("sst", "+ SST"), ("sst-fgbg", "+ SST + FG-BG")]
-EXTRAS = [("sst-fgbg-weak", "+ SST + FG-BG at lambda = 0.1"),  # rows only where they were run
-          ("sst-p128", "+ SST, 8 x 128 x 128 patches, Dice"),
-          ("sst-fgbg-p128", "+ SST + FG-BG, 8 x 128 x 128 patches, Dice, lambda warm-up")]
 
 
 def summary(run: Path) -> dict[str, str]:
@@ -27,9 +24,7 @@ def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lucchi")
     print("| variant | steps | training min | Jaccard | DSC |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, label in VARIANTS + EXTRAS:
-        if (name, label) in EXTRAS and not (root / name / "train_log.csv").exists():
-            continue
+    for name, label in VARIANTS:
         if (root / name / "train_log.csv").exists():
             s = summary(root / name)
             print(f"| {label} | {s['steps']} | {s['minutes']} | {s['jaccard']} | {s['dsc']} |")
