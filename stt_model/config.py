@@ -54,8 +54,10 @@ class LossConfig:
     adversarial_weight: float = 0.5   # lambda of L = L_BCE + lambda * L_fg-bg
     adversarial_warmup: int = 0       # steps over which lambda ramps linearly from 0 (0: full from step 1)
     lambda1: float = 1.0              # weight of the D(F_gt) - D(F_pr) term of Eq. 4
-    discriminator_binary: bool = False  # D sees the prediction thresholded at 0.5 (straight-through), like the truth
-    adversarial_objective: Literal["non_saturating", "minimax"] = "non_saturating"  # the network's side of Eq. 4 (losses.generator_loss)
+    # D sees the prediction thresholded at 0.5 (straight-through gradient), binary like the truth.
+    discriminator_binary: bool = False
+    # The segmentation network's side of Eq. 4 (losses.generator_loss); "minimax" is Eq. 4 itself.
+    adversarial_objective: Literal["non_saturating", "minimax"] = "non_saturating"
     discriminator_channels: int = 16
     dice_weight: float = 0.0
     contour_pos_weight: float = 1.0   # weighted BCE for the sparse contour map

@@ -2,9 +2,10 @@
 ``SSTAttention`` after the block of every encoder and decoder level.
 
 ``(B, in, T, H, W)`` -> logits ``(B, out, T, H, W)``; H and W must be divisible by
-``input_downsample * 2 ** (levels - 1)`` and T by its factor. With ``input_downsample`` other than
-1 the network proper runs on the average-pooled input and its logits are upsampled back. With every ``sst_levels`` entry false it is the Res-UNET-R-style
-baseline of Table 3 (same network, no SST).
+``input_downsample * 2 ** (levels - 1)`` and T by its factor. With ``input_downsample`` other
+than 1 the U-Net proper runs on the average-pooled input and its logits are upsampled back
+(trilinear). With every ``sst_levels`` entry false it is the Res-UNET-R-style baseline of
+Table 3 (same network, no SST).
 """
 
 from __future__ import annotations
