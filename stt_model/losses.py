@@ -16,6 +16,8 @@ gradients that are strong while D is right and fade once it is fooled.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,7 @@ def fgbg_objective(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1
             + lambda1 * (d_real.mean() - d_fake.mean()))
 
 
-def generator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1: float,
+def generator_loss(real_logits: Optional[torch.Tensor], fake_logits: torch.Tensor, lambda1: float,
                    objective: str = "non_saturating") -> torch.Tensor:
     """What the segmentation network minimises, D held fixed (see the module doc).
 
