@@ -17,4 +17,4 @@ def build_model(config: Union[str, dict[str, Any], Config]) -> STTUNet:
 def build_discriminator(config: Union[str, dict[str, Any], Config]) -> FgBgDiscriminator:
     """The FG-BG discriminator on ``concat(image, mask)``."""
     cfg = load_config(config)
-    return FgBgDiscriminator(cfg.model.in_channels + 1, cfg.loss.discriminator_channels)
+    return FgBgDiscriminator(cfg.model.in_channels + 1, cfg.loss.discriminator_channels, cfg.loss.discriminator_output)

@@ -59,6 +59,9 @@ class LossConfig:
     # The segmentation network's side of Eq. 4 (losses.generator_loss); "minimax" is Eq. 4 itself.
     adversarial_objective: Literal["non_saturating", "minimax"] = "non_saturating"
     discriminator_channels: int = 16
+    # D's verdict: one per volume (features averaged, then a linear head), or one per patch of
+    # its receptive field (a 1x1x1 convolution head, PatchGAN style as in pix2pix, the paper's [8]).
+    discriminator_output: Literal["volume", "patch"] = "volume"
     dice_weight: float = 0.0
     contour_pos_weight: float = 1.0   # weighted BCE for the sparse contour map
 

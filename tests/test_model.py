@@ -168,6 +168,23 @@ def test_discriminator_shapes_and_thin_volumes():
     image = torch.randn(3, 1, 1, 16, 16)
     assert disc(image, torch.rand_like(image)).shape == (3,)
     assert disc(torch.randn(2, 1, 8, 16, 16), torch.rand(2, 1, 8, 16, 16)).shape == (2,)
+    patch = build_discriminator({"base": "tiny-cpu", "loss": {"discriminator_output": "patch"}})
+    assert patch(image, torch.rand_like(image)).shape == (3, 1, 4, 4)
+    assert patch(torch.randn(2, 1, 7, 17, 16), torch.rand(2, 1, 7, 17, 16)).shape == (2, 2, 5, 4)
+    with pytest.raises(ValueError, match="loss.discriminator_output must be one of"):
+        build_discriminator({"base": "tiny-cpu", "loss": {"discriminator_output": "pixel"}})
+
+
+def test_patch_discriminator_judges_locally():
+    """A change of the mask at voxel (0, 0, 0) moves only the verdict whose receptive field
+    covers it: two stride-2 3x3x3 convolutions map voxel 0 to position 0 alone."""
+    torch.manual_seed(0)
+    patch = build_discriminator({"base": "tiny-cpu", "loss": {"discriminator_output": "patch"}})
+    image, mask = torch.randn(1, 1, 8, 16, 16), (torch.rand(1, 1, 8, 16, 16) > 0.5).float()
+    flipped = mask.clone()
+    flipped[..., 0, 0, 0] = 1 - flipped[..., 0, 0, 0]
+    moved = (patch(image, flipped) - patch(image, mask)).abs()[0] > 0
+    assert moved[0, 0, 0] and moved.sum() == 1
 
 
 def test_segmentation_loss_by_hand():

@@ -60,13 +60,15 @@ def test_adversarial_weight_ramps_up_over_its_warmup(tmp_path):
         load_config({**TINY, "loss": {**TINY["loss"], "adversarial_warmup": -1}})
 
 
-@pytest.mark.parametrize("objective,binary", [("minimax", False), ("non_saturating", True)])
-def test_adversarial_variants_train_and_log_their_generator_loss(tmp_path, objective, binary):
+@pytest.mark.parametrize("objective,binary,output", [("minimax", False, "volume"), ("non_saturating", True, "volume"),
+                                                     ("non_saturating", True, "patch")])
+def test_adversarial_variants_train_and_log_their_generator_loss(tmp_path, objective, binary, output):
     """The logged adv is what the network minimised: with a binarised prediction the
     discriminator still gets the gradient of every voxel through the straight-through path."""
     import csv
 
-    loss = {**TINY["loss"], "adversarial_objective": objective, "discriminator_binary": binary}
+    loss = {**TINY["loss"], "adversarial_objective": objective, "discriminator_binary": binary,
+            "discriminator_output": output}
     cfg = load_config({**TINY, "loss": loss, "train": {**TINY["train"], "iterations": 3}})
     result = train(cfg, RandomBlobs(0), TrainOptions(tmp_path, progress=False))
     rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
