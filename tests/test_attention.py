@@ -22,8 +22,8 @@ OPS = {
 # (B, T, H, W, heads, d): spatial runs over N = H*W (1, 7, 4097), temporal over N = T (1, 5,
 # 7, 128, 129). The CPU kernel solves sequences up to 128 long in one transposed tile, a block
 # of them per task: T = 7 over 198 sequences spans several blocks and a partial one, T = 128
-# and 129 sit on both sides of the one-tile limit. Longer sequences are solved a run of up to 4
-# query tiles of 128 at a time: N = 551 over 16 sequences is a full run and a partial one.
+# and 129 sit on both sides of the one-tile limit. Longer sequences are tiled by 128 queries and
+# keys: N = 551 over 16 sequences is four full tiles and a partial one, on many parallel tasks.
 SHAPES = {
     "spatial": [(2, 3, 1, 1, 2, 8), (1, 2, 7, 1, 3, 24), (2, 1, 1, 7, 1, 40), (1, 1, 17, 241, 1, 40),
                 (2, 4, 19, 29, 2, 8)],

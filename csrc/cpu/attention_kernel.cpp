@@ -284,9 +284,6 @@ constexpr int64_t kQTile = 128;
 constexpr int64_t kKTile = 128;
 constexpr int64_t kBwdQTile = 64;
 constexpr int64_t kBwdKTile = 128;
-// Query tiles a forward task solves together: their score tile, accumulators and the packed
-// key/value tile stay in a 512 KiB L2 (4 x 128 rows of acc: 64 KiB at d = 32 in float32).
-constexpr int64_t kQTilesPerTask = 4;
 // Up to this length a sequence is one tile of transposed scores (64 KiB in float32, in L2).
 constexpr int64_t kShortSequence = 128;
 
@@ -306,16 +303,6 @@ void balanced_parallel_for(int64_t n, const Body& body) {
 
 // ---------------------------------------------------------------------------------------
 // Forward.
-
-// kQTilesPerTask, halved while there would be fewer than 8 tasks per thread to balance (one
-// long sequence, such as a whole 320 x 320 slice, must still use every core).
-int64_t query_tiles_per_task(const Geometry& g, int64_t q_tiles) {
-  int64_t per = kQTilesPerTask;
-  while (per > 1 && g.sequences() * ((q_tiles + per - 1) / per) < 8 * static_cast<int64_t>(at::get_num_threads())) {
-    per /= 2;
-  }
-  return per;
-}
 
 // Whole-sequence forward for N <= kShortSequence (every temporal sequence in training).
 //
@@ -428,45 +415,35 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
     return;
   }
 
-  // A task is a run of query tiles of one sequence: each key/value tile is packed once for
-  // all of them, where a task per query tile repacked every key tile for every 128 queries.
-  const int64_t per_task = query_tiles_per_task(g, q_tiles), runs = (q_tiles + per_task - 1) / per_task;
-  balanced_parallel_for(g.sequences() * runs, [&](int64_t begin, int64_t end) {
-    const int64_t mq_max = std::min(kQTile, g.N), rows_max = std::min(per_task * kQTile, g.N);
-    const int64_t np_max = padded<T>(std::min(kKTile, g.N));
-    std::vector<T> scores(mq_max * np_max), kt(g.D * np_max), vp(np_max * dp), acc(rows_max * dp);
-    std::vector<OnlineSoftmaxRow<T>> rows(rows_max);
+  balanced_parallel_for(g.sequences() * q_tiles, [&](int64_t begin, int64_t end) {
+    const int64_t mq_max = std::min(kQTile, g.N), np_max = padded<T>(std::min(kKTile, g.N));
+    std::vector<T> scores(mq_max * np_max), kt(g.D * np_max), vp(np_max * dp), acc(mq_max * dp);
+    std::vector<OnlineSoftmaxRow<T>> rows(mq_max);
 
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / runs, qa = (task % runs) * per_task * kQTile;
-      const int64_t qb = std::min(g.N, qa + per_task * kQTile);
+      const int64_t s = task / q_tiles, q0 = (task % q_tiles) * kQTile, mq = std::min(kQTile, g.N - q0);
+      const T* qs = q.seq(s, g) + q0 * q.sn;
       const T* ks = k.seq(s, g);
       const T* vs = v.seq(s, g);
-      std::fill(rows.begin(), rows.begin() + (qb - qa), online_softmax_init<T>());
+      std::fill(rows.begin(), rows.begin() + mq, online_softmax_init<T>());
 
       for (int64_t k0 = 0; k0 < g.N; k0 += kKTile) {
         const int64_t nk = std::min(kKTile, g.N - k0), np = padded<T>(nk);
         pack_transposed(ks + k0 * k.sn, k.sn, k.sd, nk, g.D, kt.data(), np);
         pack_rows(vs + k0 * v.sn, v.sn, v.sd, nk, g.D, vp.data(), dp);
-        for (int64_t q0 = qa; q0 < qb; q0 += kQTile) {
-          const int64_t mq = std::min(kQTile, qb - q0);
-          OnlineSoftmaxRow<T>* tile_rows = rows.data() + (q0 - qa);
-          T* tile_acc = acc.data() + (q0 - qa) * dp;
-          tile_product<T>(mq, np, g.D, q.seq(s, g) + q0 * q.sn, q.sn, q.sd, kt.data(), np, scores.data(), np, scale,
-                          false);
-          for (int64_t i = 0; i < mq; ++i) {
-            T* row = scores.data() + i * np;
-            const T new_max = online_softmax_new_max(tile_rows[i], row_max(row, nk));
-            const T alpha = online_softmax_update(tile_rows[i], new_max, exp_sum_inplace(row, nk, new_max));
-            if (k0 > 0 && alpha != T(1)) scale_inplace(tile_acc + i * dp, dp, alpha);
-          }
-          tile_product<T>(mq, dp, nk, scores.data(), np, 1, vp.data(), dp, tile_acc, dp, T(1), k0 > 0);
+        tile_product<T>(mq, np, g.D, qs, q.sn, q.sd, kt.data(), np, scores.data(), np, scale, false);
+        for (int64_t i = 0; i < mq; ++i) {
+          T* row = scores.data() + i * np;
+          const T new_max = online_softmax_new_max(rows[i], row_max(row, nk));
+          const T alpha = online_softmax_update(rows[i], new_max, exp_sum_inplace(row, nk, new_max));
+          if (k0 > 0 && alpha != T(1)) scale_inplace(acc.data() + i * dp, dp, alpha);
         }
+        tile_product<T>(mq, dp, nk, scores.data(), np, 1, vp.data(), dp, acc.data(), dp, T(1), k0 > 0);
       }
 
-      T* os = out.seq(s, g) + qa * out.sn;
-      float* ls = lse.seq(s, g) + qa * lse.sn;
-      for (int64_t i = 0; i < qb - qa; ++i) {
+      T* os = out.seq(s, g) + q0 * out.sn;
+      float* ls = lse.seq(s, g) + q0 * lse.sn;
+      for (int64_t i = 0; i < mq; ++i) {
         store_row(os + i * out.sn, out.sd, acc.data() + i * dp, g.D, online_softmax_inv_sum(rows[i]));
         ls[i * lse.sn] = static_cast<float>(online_softmax_lse(rows[i]));
       }
