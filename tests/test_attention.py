@@ -19,7 +19,7 @@ OPS = {
     "temporal": (stt_kernels.temporal_attention, reference.temporal_attention),
 }
 
-# (B, T, H, W, heads, d): spatial runs over N = H*W (1, 7, 4097), temporal over N = T (1, 5,
+# (B, T, H, W, heads, d): spatial runs over N = H*W (1, 7, 4097, 551), temporal over N = T (1, 5,
 # 7, 128, 129). The CPU kernel solves sequences up to 128 long in one transposed tile, a block
 # of them per task: T = 7 over 198 sequences spans several blocks and a partial one, T = 128
 # and 129 sit on both sides of the one-tile limit. Longer sequences are tiled by 128 queries and
