@@ -9,6 +9,7 @@ naming the key (``model.heads``); the config travels inside every checkpoint as 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
+        _check_finite("", self)
         m, d, t = self.model, self.data, self.train
         levels = len(m.channels)
         if levels < 1:
@@ -133,11 +135,35 @@ class Config:
             _positive(f"train.{key}", getattr(t, key))
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive; got {t.lr}")
-        if self.loss.adversarial_weight < 0:
-            raise ConfigError(f"loss.adversarial_weight must be >= 0; got {self.loss.adversarial_weight}")
+        if t.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be > 0 (the largest gradient norm a step may take); "
+                              f"got {t.grad_clip}")
+        if not 0 < t.lr_gamma <= 1:
+            raise ConfigError(f"train.lr_gamma must be in (0, 1] (the LR's factor at each of train.lr_steps); "
+                              f"got {t.lr_gamma}")
+        if t.warmup < 0:
+            raise ConfigError(f"train.warmup must be >= 0 steps; got {t.warmup}")
+        for i, step in enumerate(t.lr_steps):
+            if step < 0 or (i and step <= t.lr_steps[i - 1]):
+                raise ConfigError(f"train.lr_steps must be non-negative steps in increasing order; got {t.lr_steps}")
+        for key in ("adversarial_weight", "lambda1", "dice_weight", "contour_pos_weight"):
+            if getattr(self.loss, key) < 0:
+                raise ConfigError(f"loss.{key} must be >= 0; got {getattr(self.loss, key)}")
         if self.loss.adversarial_warmup < 0:
             raise ConfigError(f"loss.adversarial_warmup must be >= 0 steps; got {self.loss.adversarial_warmup}")
         return self
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """Every float in the config, however deep, is finite: NaN passes every range check."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_finite(f"{key}.{f.name}" if key else f.name, getattr(value, f.name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(f"{key}[{i}]", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number; got {value}")
 
 
 def _positive(key: str, value: int) -> None:
