@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .data import create_output, open_volume
+from .data.outputs import output_target, reserved_bytes
 from .data.volumes import split_spec
 from .infer import InferOptions, rank_blocks
 
@@ -29,12 +30,28 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def device_for_rank(requested: str | None) -> str:
-    """``requested``, else this rank's GPU (``LOCAL_RANK``) when there is one, else the CPU."""
-    if requested:
-        return requested
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return "cpu"
+    """``requested`` (checked: ``cpu``, ``cuda`` or ``cuda:<index>``; plain ``cuda`` is this
+    rank's GPU), else this rank's GPU (``LOCAL_RANK``) when there is one, else the CPU. A device
+    that is not there is a ``ValueError`` naming ``--device``, said before any work."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not requested:
+        return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {requested!r} is not a device stt predicts on; expected cpu, cuda or cuda:<index>")
+    if device.type == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: no CUDA/ROCm GPU is visible here (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    count = torch.cuda.device_count()
+    index = local_rank % count if device.index is None else device.index
+    if index >= count:
+        raise ValueError(f"--device {requested}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return f"cuda:{index}"
 
 
 def start() -> None:
@@ -49,18 +66,25 @@ def finish() -> None:
 
 
 def part_spec(spec: str, rank: int, world: int) -> str:
-    """The part file of ``rank`` for the output ``spec`` (``out.h5[:dataset]``): hidden, beside it."""
-    path, dataset = split_spec(spec)
-    part = path.with_name(f".{path.stem}.part{rank}of{world}{path.suffix}")
-    return f"{part}:{dataset}" if dataset else str(part)
+    """The part file of ``rank`` for the output ``spec`` (``out.h5[:dataset]``): hidden, beside
+    it, a whole file of its own (dataset ``main``) even when the output is a dataset of a
+    shared file, so ranks never write into one file."""
+    path, _ = split_spec(spec)
+    return str(path.with_name(f".{path.stem}.part{rank}of{world}{path.suffix}"))
 
 
-def merge(spec: str, shape: Sequence[int], window: Sequence[int], options: dict[str, Any], world: int) -> Path:
+def part_bytes(nbytes: int, world: int) -> int:
+    """Disk to set aside for one rank's part of an ``nbytes`` output: its share of the blocks."""
+    return reserved_bytes(-(-nbytes // world))
+
+
+def merge(spec: str, shape: Sequence[int], window: Sequence[int], options: dict[str, Any], world: int,
+          overwrite: bool = True) -> Path:
     """Copy every rank's blocks from its part file into the output ``spec`` ``(C, Z, Y, X)``
     uint8, publish it, delete the parts; returns the output's path. ``options``: the
     :class:`~stt_model.infer.InferOptions` fields the ranks ran with (they fix the blocks)."""
     parts = [part_spec(spec, rank, world) for rank in range(world)]
-    with create_output(spec, shape, np.uint8) as out:
+    with create_output(spec, shape, np.uint8, overwrite=overwrite) as out:
         for rank, part in enumerate(parts):
             volume = open_volume(part)
             blocks = rank_blocks(tuple(shape[1:]), InferOptions(window=tuple(window), **options,  # type: ignore[arg-type]
@@ -68,12 +92,12 @@ def merge(spec: str, shape: Sequence[int], window: Sequence[int], options: dict[
             for block in blocks:
                 out[(slice(None), *block)] = volume[(slice(None), *block)]
     for part in parts:
-        path, _ = split_spec(part)
+        path = Path(part)
         if path.is_dir():
             shutil.rmtree(path)  # zarr
         else:
             path.unlink(missing_ok=True)
-    return split_spec(spec)[0]
+    return output_target(spec).path
 
 
 def barrier() -> None:
