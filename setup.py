@@ -10,8 +10,12 @@ Environment:
   STT_DEBUG=1               -O0 -g.
   STT_PORTABLE=1            no -march=native (for binaries that move to other x86 machines).
 
-Use ``pip install --no-build-isolation .`` so the extension is built against the torch you
-run (an isolated build may fetch another torch and produce a library that will not load).
+Only the commands that compile (build, build_ext, bdist_wheel, editable_wheel, install,
+develop) import torch; sdist, egg_info and dist_info do not, so making an sdist needs no torch.
+A compiling command stops at once, with the command to use instead, when torch cannot be
+imported or comes from a temporary build environment: the library must be built against the
+torch that will run it (``pip install torch``, then ``pip install --no-build-isolation .``).
+A built wheel pins that torch (``torch==X.Y.Z``); the sdist asks for ``torch>=2.4``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shutil
 import site
 import sys
 from pathlib import Path
+from typing import Optional
 
 from setuptools import find_packages, setup
 
@@ -46,12 +51,75 @@ def _find_cuda_home() -> str | None:
     return None
 
 
-if "CUDA_HOME" not in os.environ and (_home := _find_cuda_home()):
-    # torch guesses CUDA_HOME from nvcc's folder, wrong when nvcc is a wrapper in /usr/local/bin.
-    os.environ["CUDA_HOME"] = _home
+# Commands that compile the extension, and so need the torch it is built against.
+_COMPILING_COMMANDS = frozenset(
+    {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "install", "develop"})
 
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+# Folder names of the temporary environments that isolated builds create: pip
+# (pip-build-env-*), python -m build (build-env-*), uv (builds-v0).
+_BUILD_ENV_PREFIXES = ("pip-build-env-", "build-env-", "builds-v0")
+
+_USE_INSTALLED_TORCH = """stt-kernels: not building: {reason}.
+Its compiled kernels must be built against the torch that will run them, so the build uses
+the torch already installed and never one that an isolated build environment downloads.
+Install torch first, then build without build isolation:
+    pip install torch
+    pip install --no-build-isolation stt-kernels
+(in a source tree or an unpacked sdist: pip install --no-build-isolation .)"""
+
+
+def compiles_extension(argv: list[str]) -> bool:
+    """Whether ``setup.py argv`` compiles ``stt_kernels._C`` (and so needs torch)."""
+    return any(arg in _COMPILING_COMMANDS for arg in argv)
+
+
+def isolated_build_env(path: str) -> Optional[str]:
+    """The folder of ``path`` that marks a temporary isolated build environment, if any."""
+    for part in Path(path).parts:
+        if part.startswith(_BUILD_ENV_PREFIXES):
+            return part
+    return None
+
+
+def torch_for_build():
+    """The installed torch to compile against; exits with the command to use when it is
+    missing (an isolated build environment) or belongs to a temporary build environment."""
+    try:
+        import torch
+    except ImportError as exc:
+        sys.exit(_USE_INSTALLED_TORCH.format(reason=f"torch cannot be imported here ({exc})"))
+    env = isolated_build_env(torch.__file__)
+    if env is not None:
+        sys.exit(_USE_INSTALLED_TORCH.format(
+            reason=f"torch {torch.__version__} comes from a temporary build environment ({env}), "
+                   "not from the environment that will run it"))
+    return torch
+
+
+def torch_requirement(torch_version: Optional[str]) -> str:
+    """``torch==X.Y.Z`` for a library built against ``torch_version``, else ``torch>=2.4``.
+
+    The local label (``+cu130``, ``+cpu``) is left out: PyPI's torch carries none, and PEP 440
+    ignores candidates' labels when the specifier has none. A CPU/CUDA variant mismatch is
+    caught at import instead, by the build record.
+    """
+    if torch_version is None:
+        return "torch>=2.4"
+    return f"torch=={torch_version.partition('+')[0]}"
+
+
+COMPILING = compiles_extension(sys.argv[1:])
+if COMPILING:
+    if "CUDA_HOME" not in os.environ and (_home := _find_cuda_home()):
+        # torch guesses CUDA_HOME from nvcc's folder, wrong when nvcc is a wrapper in /usr/local/bin.
+        os.environ["CUDA_HOME"] = _home
+    torch = torch_for_build()
+    from torch.utils import cpp_extension
+
+    _TorchBuildExtension = cpp_extension.BuildExtension
+else:
+    # sdist, egg_info, dist_info: no torch. The build command class below is defined but unused.
+    from setuptools.command.build_ext import build_ext as _TorchBuildExtension
 
 
 def _gpu_mode() -> str:
@@ -156,7 +224,7 @@ def extension(mode: str):
     return cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": gpu_flags}, **kwargs)
 
 
-class BuildExtension(cpp_extension.BuildExtension):
+class BuildExtension(_TorchBuildExtension):
     def build_extensions(self) -> None:
         # A fixed build folder (pip would use a fresh temporary one) lets ninja rebuild
         # only what changed: a one-file edit costs one compile, not the whole CUDA build.
@@ -180,14 +248,16 @@ def write_build_record(mode: str) -> None:
     tmp.replace(target)
 
 
-MODE = _gpu_mode()
-_default_archs(MODE)
-_default_jobs(MODE)
-write_build_record(MODE)
+if COMPILING:
+    MODE = _gpu_mode()
+    _default_archs(MODE)
+    _default_jobs(MODE)
+    write_build_record(MODE)
 
 setup(
     packages=find_packages(include=["stt_kernels*", "stt_model*"]),
-    package_data={"stt_kernels": ["_build_info.json"]},
-    ext_modules=[extension(MODE)],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    package_data={"stt_kernels": ["_build_info.json", "py.typed"], "stt_model": ["configs/*.yaml", "py.typed"]},
+    install_requires=[torch_requirement(torch.__version__ if COMPILING else None)],
+    ext_modules=[extension(MODE)] if COMPILING else [],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if COMPILING else {},
 )

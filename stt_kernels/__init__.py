@@ -6,11 +6,17 @@ Ops (``(B, T, H, W, heads, d)`` attention layout, ``(N, C, H, W)`` convolution l
 :class:`SSTAttention` (``(B, C, T, H, W)`` in and out) and its parts.
 """
 
+from importlib import metadata as _metadata
+
 from .backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, use_backend
 from .nn import DeformableFusion, SpatialAttention, SSTAttention, TemporalAttention
 from .ops import deform_conv2d, spatial_attention, temporal_attention
 
-__version__ = "0.1.0"
+try:
+    # The one source of the version is pyproject.toml, through the installed metadata.
+    __version__ = _metadata.version("stt-kernels")
+except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "use_backend",
