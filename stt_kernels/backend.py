@@ -87,9 +87,10 @@ def _status(name: str) -> BackendStatus:
         if _gpu_visible():
             return BackendStatus(name, True, "Triton kernels on the GPU", True)
         if _interpreting():
-            return BackendStatus(name, True, "interpreter only (TRITON_INTERPRET=1): CPU tensors, slow, for tests", True)
-        return BackendStatus(name, False, "no GPU is visible; set TRITON_INTERPRET=1 to run the Triton "
-                             "kernels on the CPU through Triton's interpreter (slow, for tests)", True)
+            return BackendStatus(name, True, "interpreter only (TRITON_INTERPRET=1): CPU tensors, slow, "
+                                 "for tests, float32 only (bfloat16 is refused); use 'cpu' for real work", True)
+        return BackendStatus(name, False, "no GPU is visible; on CPU tensors use 'cpu' (Triton's interpreter, "
+                             "TRITON_INTERPRET=1, is for tests, float32 only)", True)
     raise ValueError(f"backend must be one of {', '.join(_CHOICES)}; got {name!r}")
 
 
@@ -147,7 +148,8 @@ def _runs_on(name: str, device: torch.device) -> Optional[str]:
     if name == "cuda" and not on_gpu:
         return "it runs on GPU tensors only; move the tensors with .cuda() or pick 'cpu'"
     if name == "triton" and not on_gpu and not _interpreting():
-        return "it runs on GPU tensors (on the CPU only under TRITON_INTERPRET=1)"
+        return ("it runs on GPU tensors; use 'cpu' for CPU tensors (TRITON_INTERPRET=1 runs Triton on the CPU "
+                "for tests, float32 only)")
     if name == "triton" and on_gpu and _interpreting():
         return "TRITON_INTERPRET=1 is set, which runs Triton on CPU tensors only"
     if device.type not in ("cpu", "cuda", "meta") and name != "reference":

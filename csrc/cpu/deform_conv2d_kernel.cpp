@@ -76,10 +76,12 @@ Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor
 // The sampling points of one tile of one offset group, resolved once for all the group's
 // channels, indexed t = k * np + j: the same order as one channel's rows of the column tile,
 // so the per-channel loops below walk the table and the columns in step, every stream sequential.
+// valid[t] has bit i set when corner i is inside the plane: the others read as zero.
 template <typename T>
 struct PointTable {
   std::vector<int32_t> offset[4];
   std::vector<T> weight[4], weight_dy[4], weight_dx[4], mask;
+  std::vector<uint8_t> valid;
 
   void fill(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t grp, int64_t p0, int64_t np, bool backward) {
     const int64_t size = g.taps * np;
@@ -89,12 +91,15 @@ struct PointTable {
       if (backward) weight_dy[i].resize(size), weight_dx[i].resize(size);
     }
     mask.resize(size);
+    valid.resize(size);
     for (int64_t k = 0; k < g.taps; ++k) {
       for (int64_t j = 0; j < np; ++j) {
         const int64_t t = k * np + j;
         const DeformTap<T> s = deform_tap<T>(g, in.offset, in.mask, in.sx_h, in.sx_w, n, grp, k, p0 + j);
         mask[t] = s.mask;
+        valid[t] = 0;
         for (int i = 0; i < 4; ++i) {
+          valid[t] |= s.point.valid[i] << i;
           offset[i][t] = static_cast<int32_t>(s.point.offset[i]);
           // The forward only needs the masked sample; the backward needs mask and sample apart.
           weight[i][t] = backward ? s.point.weight[i] : s.point.weight[i] * s.mask;
@@ -109,6 +114,14 @@ struct PointTable {
 // for B channels: the loops are bound by loads, and their indexed reads stay scalar (compilers
 // tuned for AMD Zen do not emit gathers).
 constexpr int64_t kChannelBlock = 4;
+constexpr uint8_t kAllCorners = 0xF;
+
+// Corner `bit` of a point read from plane p at offset o: outside the plane it is zero, never the
+// pixel at its safe address, so that a NaN there stays out of the points that do not sample it.
+template <typename T>
+inline T corner(const T* p, int32_t o, uint8_t valid, int bit) {
+  return valid >> bit & 1 ? p[o] : T(0);
+}
 
 // dst[i * count + t] = the sample of plane i (i < B, planes plane_stride apart) at point t.
 template <int B, typename T>
@@ -118,12 +131,22 @@ void sample_channels(int64_t count, const T* __restrict plane, int64_t plane_str
                 *__restrict o2 = table.offset[2].data(), *__restrict o3 = table.offset[3].data();
   const T *__restrict w0 = table.weight[0].data(), *__restrict w1 = table.weight[1].data(),
           *__restrict w2 = table.weight[2].data(), *__restrict w3 = table.weight[3].data();
+  const uint8_t* __restrict valid = table.valid.data();
   for (int64_t t = 0; t < count; ++t) {
     const int32_t a = o0[t], b = o1[t], c = o2[t], d = o3[t];
     const T wa = w0[t], wb = w1[t], wc = w2[t], wd = w3[t];
-    for (int i = 0; i < B; ++i) {
-      const T* p = plane + i * plane_stride;
-      dst[i * count + t] = wa * p[a] + wb * p[b] + wc * p[c] + wd * p[d];
+    const uint8_t v = valid[t];
+    if (v == kAllCorners) {  // most points: no corner to check
+      for (int i = 0; i < B; ++i) {
+        const T* p = plane + i * plane_stride;
+        dst[i * count + t] = wa * p[a] + wb * p[b] + wc * p[c] + wd * p[d];
+      }
+    } else {  // near the border, or a NaN point (NaN weights: its sample stays NaN)
+      for (int i = 0; i < B; ++i) {
+        const T* p = plane + i * plane_stride;
+        dst[i * count + t] = wa * corner(p, a, v, 0) + wb * corner(p, b, v, 1) + wc * corner(p, c, v, 2) +
+                             wd * corner(p, d, v, 3);
+      }
     }
   }
 }
@@ -145,15 +168,16 @@ void backward_channels(int64_t count, const T* __restrict plane, T* __restrict g
       weight_dx[j] = table.weight_dx[j][t];
     }
     const T mask = table.mask[t];
+    const uint8_t valid = table.valid[t];
     T sum_value = 0, sum_y = 0, sum_x = 0;
     for (int i = 0; i < B; ++i) {
       const T* p = plane + i * plane_stride;
       T value = 0, dy = 0, dx = 0;
       for (int j = 0; j < 4; ++j) {
-        const T corner = p[offset[j]];
-        value += weight[j] * corner;
-        dy += weight_dy[j] * corner;
-        dx += weight_dx[j] * corner;
+        const T v = corner(p, offset[j], valid, j);
+        value += weight[j] * v;
+        dy += weight_dy[j] * v;
+        dx += weight_dx[j] * v;
       }
       const T gc = grad_col[i * count + t];
       sum_value += gc * value;
@@ -163,8 +187,10 @@ void backward_channels(int64_t count, const T* __restrict plane, T* __restrict g
       const T scaled = gc * mask;
       T* gp = grad_plane + i * plane_stride;
       for (int j = 0; j < 4; ++j) {
-        // Zero weights include the corners outside the image, whose offset 0 is only a safe address.
-        if (weight[j] != T(0)) gp[offset[j]] += scaled * weight[j];
+        // Corners outside the image (offset 0 is only a safe address) and a NaN point's, which
+        // reads no pixel, take no gradient; the others do even at weight 0, as autograd gives
+        // them scaled * 0 (NaN when scaled is).
+        if (valid >> j & 1) gp[offset[j]] += scaled * weight[j];
       }
     }
     acc_value[t] += sum_value;

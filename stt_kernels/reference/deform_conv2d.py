@@ -5,10 +5,31 @@ Kernel tap ``k = (i, j)`` of output pixel ``(y, x)`` in offset group ``g`` sampl
     py = y * stride_h - pad_h + i * dil_h + offset[:, 2 * (g * K + k)]
     px = x * stride_w - pad_w + j * dil_w + offset[:, 2 * (g * K + k) + 1]
 
-bilinearly, each of the four neighbours outside the image counting as zero (so a point
-with ``py <= -1``, ``py >= H``, ``px <= -1`` or ``px >= W`` samples zero); the
-sample is multiplied by ``mask[:, g * K + k]`` and the columns go through the weight as an
-ordinary (grouped) convolution.
+bilinearly from its four neighbours ``(floor(py) + {0, 1}, floor(px) + {0, 1})``, each
+neighbour outside the image counting as zero (so a point with ``py <= -1``, ``py >= H``,
+``px <= -1`` or ``px >= W`` samples zero); the sample is multiplied by ``mask[:, g * K + k]``
+and the columns go through the weight as an ordinary (grouped) convolution.
+
+Non-finite numbers (every backend follows this; ``tests/test_reliability_numerics.py``):
+
+- NaN or +-inf in ``x``: IEEE arithmetic on the neighbours inside the image, so it reaches
+  the samples whose in-image neighbours it is, even at bilinear weight 0 (``0 * NaN`` and
+  ``0 * inf`` are NaN), and from them every output channel that reads those samples. A
+  neighbour outside the image is never read, so it brings no NaN.
+- NaN in ``offset``: the sampling point is undefined. Its sample is NaN (whatever the mask),
+  so every output channel that reads it is NaN at that pixel; it is never taken for a point
+  outside the image.
+- Finite but far, or +-inf, ``offset``: the point is outside the image and samples 0, as in
+  torchvision (an infinite coordinate with a NaN other one is a NaN point).
+- NaN or +-inf in ``mask``: multiplies the sample, so that output pixel's channels become NaN
+  or +-inf (``inf * 0`` is NaN). NaN or +-inf in ``weight`` or ``bias``: propagates into the
+  output channels it belongs to, at every pixel.
+
+Gradients are those of the same arithmetic, with one point to note: a NaN sampling point reads
+no pixel, so it adds nothing to ``grad_x``, while its own ``grad_offset`` (both coordinates),
+its ``grad_mask`` and the ``grad_weight`` entries that multiply its sample are NaN. A point
+outside the image (far or infinite offset) gets zero ``grad_offset``, adds nothing to
+``grad_x`` and contributes zero to ``grad_weight``.
 """
 
 from __future__ import annotations
@@ -18,22 +39,38 @@ from typing import Optional
 import torch
 
 
+def _undefined(nan_point: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
+    """NaN at the NaN points and 0 elsewhere, with a NaN derivative in both coordinates at
+    the NaN points (``d s**2 = 2 s``, ``s`` NaN) and 0 elsewhere: ``(N, G, P)``."""
+    s = torch.where(nan_point, py + px, 0)
+    return s * s
+
+
 def _bilinear(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
     """Sample ``x (N, G, Cg, H, W)`` at points ``py, px (N, G, P)`` -> ``(N, G, Cg, P)``."""
     n, g, cg, h, w = x.shape
-    y0, x0 = torch.floor(py), torch.floor(px)
-    fy, fx = py - y0, px - x0  # fractional parts; their gradient is the offsets' gradient
+    # Beyond one pixel past the border every neighbour is outside. Such points (also the
+    # infinite and NaN ones, for which the comparisons are false) move to 0 before floor(),
+    # whose result would not fit the index type, and sample nothing from there; where() also
+    # gives them zero gradient.
+    near = (py > -2) & (py < h + 1) & (px > -2) & (px < w + 1)
+    sy, sx = torch.where(near, py, 0), torch.where(near, px, 0)
+    y0, x0 = torch.floor(sy), torch.floor(sx)
+    fy, fx = sy - y0, sx - x0  # fractional parts; their gradient is the offsets' gradient
     flat = x.reshape(n, g, cg, h * w)
     out = x.new_zeros(n, g, cg, py.shape[-1])
     for dy in (0, 1):
         for dx in (0, 1):
             yc, xc = y0 + dy, x0 + dx
             weight = (fy if dy else 1 - fy) * (fx if dx else 1 - fx)
-            valid = (yc >= 0) & (yc < h) & (xc >= 0) & (xc < w)
+            valid = near & (yc >= 0) & (yc < h) & (xc >= 0) & (xc < w)
             index = (yc.clamp(0, h - 1) * w + xc.clamp(0, w - 1)).long()
             corner = flat.gather(3, index.unsqueeze(2).expand(n, g, cg, -1))
-            out = out + corner * (weight * valid).unsqueeze(2)
-    return out
+            # A neighbour outside the image is zero, not the clamped pixel read in its place.
+            corner = torch.where(valid.unsqueeze(2), corner, 0)
+            out = out + corner * weight.unsqueeze(2)
+    nan_point = torch.isnan(py) | torch.isnan(px)
+    return out + _undefined(nan_point, py, px).unsqueeze(2)
 
 
 def deform_conv2d(

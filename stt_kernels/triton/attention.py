@@ -48,6 +48,14 @@ _MIN_TILE = 16
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def refuse_interpreted_bfloat16(dtype: torch.dtype, op: str, advice: str) -> None:
+    """A TypeError for bfloat16 under Triton's interpreter, whose bfloat16 ``tl.dot`` is wrong
+    by ~1e9 (measured; its float16 and float32 products are right)."""
+    if _INTERPRET and dtype == torch.bfloat16:
+        raise TypeError(f"the triton {op} kernels refuse bfloat16 under TRITON_INTERPRET=1: Triton's "
+                        f"interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9); {advice}")
+
+
 def _tile(n: int) -> int:
     return max(_MIN_TILE, triton.next_power_of_2(n))
 
@@ -172,10 +180,13 @@ def _flash_forward(
         v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
-        # Every block holds at least one real key, so m_new is finite from the first block on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # A row whose scores so far are all -inf (an infinite q or k) has m_new = -inf, and
+        # -inf - -inf would make it NaN; shifted by 0 its p and alpha are 0, so it ends as
+        # plain softmax does: finite once a finite score comes, 0 / 0 = NaN if none does.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -453,6 +464,7 @@ def _check(q: torch.Tensor) -> None:
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"the triton attention kernels take float32, float16 or bfloat16; got {q.dtype} "
                         "(use backend='cpu' or 'reference' for float64)")
+    refuse_interpreted_bfloat16(q.dtype, "attention", "use backend='cpu', which takes bfloat16 CPU tensors")
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..ops.kernels import Kernels, deform_conv2d_kernels
+from .attention import refuse_interpreted_bfloat16
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,8 +45,11 @@ _NUM_WARPS = 1 if _INTERPRET else 4
 @triton.jit
 def _corners(y, x, H, W):
     """Top-left corner, fractions and per-corner validity of bilinear points (torchvision's
-    zero rule). Points beyond one pixel past the border (or NaN) get no valid corner before
-    floor() could overflow the integer conversion."""
+    zero rule; the NaN rule of stt_kernels/reference/deform_conv2d.py). Points beyond one
+    pixel past the border (also infinite and NaN ones) get no valid corner before floor()
+    could overflow the integer conversion; a NaN point's fractions are NaN, so its sample and
+    its derivatives are NaN while it reads and scatters nothing."""
+    undefined = (y != y) | (x != x)
     inside = (y > -2.0) & (y < H + 1.0) & (x > -2.0) & (x < W + 1.0)
     y = tl.where(inside, y, 0.0)
     x = tl.where(inside, x, 0.0)
@@ -53,8 +57,8 @@ def _corners(y, x, H, W):
     x0f = tl.floor(x)
     y0 = y0f.to(tl.int32)
     x0 = x0f.to(tl.int32)
-    fy = y - y0f
-    fx = x - x0f
+    fy = tl.where(undefined, float("nan"), y - y0f)
+    fx = tl.where(undefined, float("nan"), x - x0f)
     r0 = inside & (y0 >= 0) & (y0 < H)
     r1 = inside & (y0 + 1 >= 0) & (y0 + 1 < H)
     c0 = (x0 >= 0) & (x0 < W)
@@ -238,6 +242,8 @@ def _check_dtype(x: torch.Tensor) -> None:
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"the triton deform_conv2d kernels take float32, float16 or bfloat16; got {x.dtype} "
                         "(use backend='cpu' or 'reference' for float64)")
+    refuse_interpreted_bfloat16(x.dtype, "deform_conv2d",
+                                "use backend='cpu' with float32 tensors (backend='reference' takes bfloat16)")
 
 
 def _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
