@@ -48,6 +48,18 @@ class DataConfig:
     augment: bool = True
     augmentations: Literal["full", "light"] = "full"   # with augment: every EM transform, or symmetries + jitter
     contour_width: int = 1
+    # Stored intensities to [0, 1], the same in training and prediction (stt_model.data.intensity):
+    # "dtype" (integers / their dtype's maximum, floats already in [0, 1]) or [min, max] (linear, clipped).
+    intensity: Union[Literal["dtype"], list[float]] = "dtype"
+
+    def check_inputs(self) -> None:
+        """The input-normalisation fields (kept apart from ``Config.validate``'s range checks)."""
+        from .data.intensity import parse_intensity
+
+        try:
+            parse_intensity(self.intensity)
+        except ValueError as exc:
+            raise ConfigError(f"data.{exc}") from None
 
 
 @dataclass
@@ -131,6 +143,7 @@ class Config:
                               f"downsamplings); got {d.patch}")
         if not 0 <= d.foreground_bias <= 1:
             raise ConfigError(f"data.foreground_bias must be in [0, 1]; got {d.foreground_bias}")
+        d.check_inputs()
         for key in ("batch_size", "iterations", "val_every", "checkpoint_every"):
             _positive(f"train.{key}", getattr(t, key))
         if t.lr <= 0:
@@ -181,6 +194,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             choices = ", ".join(repr(a) for a in typing.get_args(annotation))
             raise ConfigError(f"{key} must be one of {choices}; got {value!r}")
         return value
+    if origin is Union:
+        options = typing.get_args(annotation)
+        # A list is checked item by item against the list option, so its message names the item.
+        fitting = [o for o in options if (typing.get_origin(o) is list) == isinstance(value, list)]
+        for option in fitting:
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                if len(fitting) == 1 and isinstance(value, list):
+                    raise
+        raise ConfigError(f"{key} must be {' or '.join(_describe(o) for o in options)}; got {value!r}")
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -203,6 +227,15 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key} must be a string; got {value!r}")
         return value
     raise AssertionError(f"unhandled config type {annotation} for {key}")  # pragma: no cover
+
+
+def _describe(annotation: Any) -> str:
+    """A config type in words, for the message of a value that fits none of a Union's options."""
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_describe(typing.get_args(annotation)[0])}s"
+    return {int: "integer", float: "number", bool: "boolean", str: "string"}.get(annotation, str(annotation))
 
 
 def _build(cls: type, values: Any, prefix: str = "") -> Any:

@@ -12,6 +12,12 @@ that bound, ``(1 + window / block)`` per axis).
 
 Several processes (``torchrun``) split the blocks between them (block ``i`` goes to rank
 ``i % world``); blocks are independent, so seams between ranks blend like any other.
+
+The input is mapped to [0, 1] by ``InferOptions.intensity``, the rule the model was trained
+with (``data.intensity``; :mod:`stt_model.data.intensity`), and checked first in one pass over
+the volume in output blocks: NaN/Inf, or values the rule cannot map, are refused with their
+location before any window runs. Probabilities that come out non-finite (a diverged model)
+are refused too, naming the block, rather than written as 0.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data.intensity import IntensitySpec, check_image, parse_intensity, to_unit_range
 from .progress import Progress
 
 Triple = tuple[int, int, int]
@@ -41,6 +48,7 @@ class InferOptions:
     rank: int = 0
     world: int = 1
     progress: bool = True
+    intensity: IntensitySpec = "dtype"   # the model's data.intensity: how stored values map to [0, 1]
 
     def __post_init__(self) -> None:
         if len(self.window) != 3 or min(self.window) < 1:
@@ -53,6 +61,7 @@ class InferOptions:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank must be in [0, world); got rank {self.rank} of {self.world}")
+        parse_intensity(self.intensity)
 
     @property
     def stride(self) -> Triple:
@@ -86,11 +95,11 @@ def _blocks(shape: Triple, block: Triple) -> list[tuple[slice, slice, slice]]:
     return [tuple(s) for s in itertools.product(*ranges)]  # type: ignore[misc]
 
 
-def _read_padded(volume: Any, region: Sequence[slice], window: Triple, shape: Triple) -> np.ndarray:
-    """``volume[region]`` as float32 in [0, 1], reflect-padded up to the window where the
-    volume itself is smaller."""
-    data = np.asarray(volume[tuple(region)])
-    data = data.astype(np.float32) / 255.0 if data.dtype == np.uint8 else data.astype(np.float32)
+def _read_padded(volume: Any, region: Sequence[slice], window: Triple, shape: Triple,
+                 intensity: IntensitySpec = "dtype") -> np.ndarray:
+    """``volume[region]`` as float32 in [0, 1] by the ``intensity`` rule (the one training
+    used), reflect-padded up to the window where the volume itself is smaller."""
+    data = to_unit_range(np.asarray(volume[tuple(region)]), intensity)
     pad = [(0, max(0, w - n)) for w, n in zip(window, shape)]
     if any(p[1] for p in pad):
         data = np.pad(data, pad, mode="reflect" if min(data.shape) > 1 else "edge")
@@ -140,7 +149,7 @@ class SlidingWindow:
         lo = [min(s[axis] for s in starts) for axis in range(3)]
         hi = [min(max(s[axis] for s in starts) + window[axis], shape[axis]) for axis in range(3)]
         region = [slice(a, b) for a, b in zip(lo, hi)]
-        data = torch.from_numpy(_read_padded(volume, region, window, shape))
+        data = torch.from_numpy(_read_padded(volume, region, window, shape, self.options.intensity))
         extent = data.shape
         acc: Optional[torch.Tensor] = None
         weight_sum = torch.zeros(extent, device=self.device)
@@ -159,13 +168,16 @@ class SlidingWindow:
         return (acc[(slice(None), *inner)] / weight_sum[inner]).cpu().numpy()
 
     def run(self, volume: Any, out: Any) -> Any:
-        """Predict ``volume`` (array-like ``(Z, Y, X)``, uint8 or float in [0, 1]) into ``out``
+        """Predict ``volume`` (array-like ``(Z, Y, X)``, mapped by ``options.intensity``) into ``out``
         (array-like ``(C, Z, Y, X)`` uint8, or float32 to keep full precision)."""
         shape = tuple(int(n) for n in volume.shape)
         if len(shape) != 3:
             raise ValueError(f"volume must be 3-d (Z, Y, X); got shape {shape}")
         if tuple(out.shape[1:]) != shape:
             raise ValueError(f"out must have shape (C, {shape[0]}, {shape[1]}, {shape[2]}); got {tuple(out.shape)}")
+        # Every rank checks the whole volume, so all of them refuse it, not just the one that
+        # holds the bad voxel; reads stay within one output block.
+        check_image(volume, self.options.intensity, block=block_size(shape, self.options), name="the image")
         blocks = rank_blocks(shape, self.options)
         progress = Progress(len(blocks), "predict") if self.options.progress else None
         self.model.eval()
@@ -173,6 +185,10 @@ class SlidingWindow:
             probs = self.predict_block(volume, block, shape)
             if probs.shape[0] != out.shape[0]:
                 raise ValueError(f"the model predicts {probs.shape[0]} channels but out has {out.shape[0]}")
+            if not np.isfinite(probs).all():
+                where = ", ".join(f"{axis} {s.start}:{s.stop}" for axis, s in zip("zyx", block))
+                raise ValueError(f"the model predicts NaN/Inf probabilities in block {where} of a finite "
+                                 "input; its weights or the numerics (e.g. float16 overflow) are broken")
             if np.dtype(out.dtype) == np.uint8:
                 probs = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
             out[(slice(None), *block)] = probs
@@ -183,10 +199,14 @@ class SlidingWindow:
         return out
 
 
+def block_size(shape: Triple, options: InferOptions) -> Triple:
+    """The output block of a ``shape`` volume: ``options.block``, else about 4 windows per axis."""
+    return options.block or tuple(min(n, 4 * w) for n, w in zip(shape, options.window))  # type: ignore[return-value]
+
+
 def rank_blocks(shape: Triple, options: InferOptions) -> list[tuple[slice, slice, slice]]:
     """The output blocks of a ``shape`` volume that ``options.rank`` of ``options.world`` predicts."""
-    block = options.block or tuple(min(n, 4 * w) for n, w in zip(shape, options.window))
-    return _blocks(shape, block)[options.rank::options.world]  # type: ignore[arg-type]
+    return _blocks(shape, block_size(shape, options))[options.rank::options.world]
 
 
 def _batched(items: Sequence[Triple], size: int) -> Iterator[Sequence[Triple]]:

@@ -37,7 +37,9 @@ class Thresholds:
 
 
 def infer_options(config: Config, **overrides: Any) -> InferOptions:
-    """Sliding-window settings for a model trained with ``config`` (its training patch size)."""
+    """Sliding-window settings for a model trained with ``config`` (its training patch size and
+    intensity rule)."""
+    overrides.setdefault("intensity", config.data.intensity)
     return InferOptions(window=tuple(config.data.patch), **overrides)  # type: ignore[arg-type]
 
 

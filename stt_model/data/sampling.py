@@ -3,9 +3,19 @@
 :class:`PatchSampler` is an infinite ``IterableDataset`` of batches, for
 ``DataLoader(sampler, batch_size=None, num_workers=N)``. Each batch is
 ``{"image": (B, 1, T, H, W) float32 in [0, 1], "target": (B, out, T, H, W) float32}``; the
-targets are the mask and, when ``out_channels`` = 2, the instance contour. Images are scaled to
-[0, 1] by their dtype's range (uint8 / 255; floats are taken as already in [0, 1]), not
-standardised: the interpolation network and the FG-BG discriminator see intensities as stored.
+targets are the mask and, when ``out_channels`` = 2, the instance contour.
+
+Normalisation: images are mapped to [0, 1] by one rule, ``intensity`` (the config's
+``data.intensity``, which the checkpoint carries, so prediction applies the same one; see
+:mod:`stt_model.data.intensity`): ``"dtype"`` divides integers by their dtype's maximum (uint8 /
+255, uint16 / 65535) and takes floats as they are, which must then lie in [0, 1]; ``[lo, hi]``
+maps ``lo`` to 0 and ``hi`` to 1, clipping only values outside that stated range. Intensities
+are not standardised: the interpolation network and the FG-BG discriminator see them as stored.
+
+Inputs are checked before the first batch, in one streaming pass over each volume: images for
+NaN/Inf and for values the rule cannot map, labels for negative or fractional ids
+(:func:`~stt_model.data.intensity.check_image`, :func:`~stt_model.data.targets.check_labels`),
+each refused with the file and the first offending voxel.
 
 Determinism: sample ``j`` of global batch ``g`` draws everything (volume, position, augmentation)
 from ``numpy.random.default_rng((seed, g, j))``, so a batch depends on nothing but its index, and
@@ -28,7 +38,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .augment import Compose
-from .targets import make_targets
+from .intensity import IntensitySpec, check_image, parse_intensity, to_unit_range
+from .targets import check_labels, make_targets
 from .volumes import Volume, open_volume
 
 if TYPE_CHECKING:
@@ -36,15 +47,6 @@ if TYPE_CHECKING:
 
 Source = Union[str, np.ndarray, Volume]
 DEFAULT_BLOCK = (16, 128, 128)
-
-
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """Image as float32 in [0, 1]: integers divided by their dtype's maximum, floats clipped."""
-    if np.issubdtype(image.dtype, np.integer):
-        return (image.astype(np.float32) / np.iinfo(image.dtype).max).astype(np.float32)
-    if image.dtype == np.bool_:
-        return image.astype(np.float32)
-    return np.clip(image, 0, 1).astype(np.float32)
 
 
 class ForegroundIndex:
@@ -94,15 +96,17 @@ class PatchSampler(IterableDataset):
 
     ``volumes``: one ``(image, labels)`` pair or a list of them (specs, arrays or volumes, each
     (Z, Y, X)); ``labels`` may be ``None`` for image-only streams (then batches have no
-    ``"target"``). Volumes are drawn in proportion to their voxel counts.
+    ``"target"``). Volumes are drawn in proportion to their voxel counts. ``intensity``: the
+    normalisation rule (module doc). Every volume is checked here, before any batch is made.
     """
 
     def __init__(self, volumes: Union[tuple[Source, Optional[Source]], Sequence[tuple[Source, Optional[Source]]]],
                  patch: Sequence[int], *, foreground_bias: float = 0.5, out_channels: int = 2,
                  contour_width: int = 1, augment: Optional[Compose] = None, batch_size: int = 1,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 index_block: Optional[Sequence[int]] = None):
+                 index_block: Optional[Sequence[int]] = None, intensity: IntensitySpec = "dtype"):
         super().__init__()
+        parse_intensity(intensity)
         single = isinstance(volumes, tuple) and len(volumes) == 2 and not isinstance(volumes[0], (tuple, list))
         pairs = [volumes] if single else list(volumes)
         if not pairs:
@@ -124,7 +128,13 @@ class PatchSampler(IterableDataset):
             raise ValueError(f"foreground_bias must be in [0, 1]; got {foreground_bias}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size = {world_size}); got {rank}")
+        for i, (image, labels) in enumerate(zip(self.images, self.labels)):
+            number = f" {i}" if len(pairs) > 1 else ""
+            check_image(image, intensity, name=f"training image{number}")
+            if labels is not None:
+                check_labels(labels, name=f"training labels{number}")
         self.patch = tuple(int(p) for p in patch)
+        self.intensity = intensity
         self.foreground_bias = foreground_bias
         self.out_channels = out_channels
         self.contour_width = contour_width
@@ -141,7 +151,8 @@ class PatchSampler(IterableDataset):
     @classmethod
     def from_config(cls, volumes: Any, config: "Config", *, rank: int = 0, world_size: int = 1,
                     augment: Optional[Compose] = None) -> "PatchSampler":
-        """A sampler with the config's patch, bias, contour width, out channels, batch size and seed;
+        """A sampler with the config's patch, bias, contour width, out channels, batch size, seed and
+        intensity rule;
         ``augment`` defaults to :func:`default_augmentations` when ``config.data.augment`` is set."""
         from .augment import default_augmentations
 
@@ -150,7 +161,7 @@ class PatchSampler(IterableDataset):
             augment = default_augmentations(data.augmentations)
         return cls(volumes, data.patch, foreground_bias=data.foreground_bias, out_channels=config.model.out_channels,
                    contour_width=data.contour_width, augment=augment, batch_size=config.train.batch_size,
-                   seed=config.train.seed, rank=rank, world_size=world_size)
+                   seed=config.train.seed, rank=rank, world_size=world_size, intensity=data.intensity)
 
     def _start(self, rng: np.random.Generator, volume: int) -> list[int]:
         shape = self.images[volume].shape
@@ -165,7 +176,7 @@ class PatchSampler(IterableDataset):
         rng = np.random.default_rng((self.seed, batch, item))
         volume = int(rng.choice(len(self.images), p=self._weights))
         start = self._start(rng, volume)
-        image = to_unit_range(read_window(self.images[volume], start, self.patch))
+        image = to_unit_range(read_window(self.images[volume], start, self.patch), self.intensity)
         labels_volume = self.labels[volume]
         labels = read_window(labels_volume, start, self.patch) if labels_volume is not None else None
         if self.augment is not None:

@@ -7,14 +7,44 @@ That marks both sides of every interface, instance against instance and instance
 background, ``w`` = ``contour_width`` voxels deep on each side. By default it is computed per
 slice in 2-d (``mode="2d"``) as the baseline does: EM volumes are anisotropic, and a 3-d window
 would mark whole slices at the top and bottom of each object. ``mode="3d"`` uses a cube.
+
+Labels are instance ids (or a binary mask): non-negative integers, 0 the background.
+:func:`check_labels` refuses anything else before training, with its location: a -1 "ignore"
+marker or a float probability map would otherwise be trained on as foreground.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from .scan import InputError, at, describe, find_first, refuse_empty
+
+
+def check_labels(volume: Any, *, block: Optional[Sequence[int]] = None, name: str = "the labels") -> None:
+    """Refuse a label volume (Z, Y, X) that is not non-negative integer ids, naming the file, the
+    first bad value and its voxel. One streaming pass (see :mod:`stt_model.data.scan`);
+    unsigned and boolean labels cannot be wrong and are not read."""
+    label, z_offset = describe(volume, name)
+    refuse_empty(volume, label)
+    dtype = np.dtype(volume.dtype)
+    if dtype == np.bool_ or np.issubdtype(dtype, np.unsignedinteger):
+        return
+    if np.issubdtype(dtype, np.signedinteger):
+        found = find_first(volume, lambda data: data < 0, block)
+        problem = "is negative"
+    elif np.issubdtype(dtype, np.floating):
+        found = find_first(volume, lambda data: ~np.isfinite(data) | (data < 0) | (data != np.round(data)), block)
+        problem = "is not a non-negative whole number"
+    else:
+        raise InputError(f"{label}: labels must be integer instance ids (or a binary mask); got dtype {dtype}")
+    if found is not None:
+        where, value = found
+        raise InputError(f"{label}: label {value} at {at(where, z_offset)} {problem}; labels must be instance ids "
+                         "(0 = background, 1, 2, ... = objects) or a binary mask. There is no ignore label: "
+                         "set such voxels to 0 or crop them out")
 
 
 def binary_mask(labels: np.ndarray) -> np.ndarray:
