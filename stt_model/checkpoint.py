@@ -4,6 +4,8 @@ no pickled code.
 
 A checkpoint is a dict of tensors and plain values: ``config`` (the Config as a dict),
 ``model``, and whatever the trainer adds (optimisers, scheduler, step, RNG and sampler state).
+A checkpoint whose model weights hold NaN/Inf is refused at load, naming the parameter: it can
+only predict garbage (all-zero probabilities, in silence).
 """
 
 from __future__ import annotations
@@ -31,7 +33,19 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         raise ValueError(f"{path} is not a readable stt checkpoint: {exc}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not an stt checkpoint (no 'model' and 'config' entries)")
+    _refuse_non_finite(state["model"], path)
     return state
+
+
+def _refuse_non_finite(weights: Any, path: Path) -> None:
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path} is not an stt checkpoint (its 'model' entry is not a state dict)")
+    for name, value in weights.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(f"{path}: model parameter {name} holds {bad} NaN/Inf value(s) of {value.numel()}; "
+                                 "the checkpoint is damaged or was saved after training diverged")
 
 
 def checkpoint_config(state: dict[str, Any]) -> Config:

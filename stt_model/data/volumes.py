@@ -6,19 +6,28 @@ sampled and predicted. Specs: ``file.h5[:dataset]`` / ``file.hdf5[:dataset]``,
 ``stack.tif[f]``, a folder of ``.png``/``.tif`` slices (one per z, natural sort order, MitoEM's
 layout), ``array.zarr[:path]``. Readers open their file on first use in each process (a forked
 DataLoader worker opens its own) and drop the handle when pickled.
+
+A volume with no voxels is refused at open. Damaged data (a truncated slice or stack, a chunk
+that fails to decompress) raises :class:`VolumeReadError`, one line naming the file and the
+window, and for chunked HDF5/zarr the first damaged chunk in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
+import logging
 import os
 import re
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Iterator, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from .indexing import Key, normalise_key
+from .scan import describe, refuse_empty
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -26,6 +35,81 @@ SLICE_SUFFIXES = (".png", ".tif", ".tiff")
 ZARR_SUFFIXES = (".zarr", ".n5")
 # Conventional names of the image dataset in EM files (CREMI/MitoEM use "main").
 DEFAULT_DATASETS = ("main", "image", "raw", "data")
+# What the readers' libraries raise for damaged or truncated data (h5py: OSError; PIL: OSError,
+# SyntaxError; tifffile: ValueError, zlib.error; codecs: RuntimeError). IndexError and
+# TypeError are the caller's key, not the data, and pass through.
+DAMAGED_DATA = (OSError, ValueError, RuntimeError, EOFError, SyntaxError, zlib.error)
+
+
+class VolumeReadError(ValueError):
+    """A window could not be read: the data on disk is damaged or truncated."""
+
+
+def _window(key: Key, shape: tuple[int, ...]) -> Optional[list[tuple[int, int]]]:
+    """The bounding ``[start, stop)`` per axis of ``key`` (ints, slices, one Ellipsis), or ``None``
+    for keys this cannot describe."""
+    items = list(key) if isinstance(key, tuple) else [key]
+    if items.count(Ellipsis) == 1:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
+    items += [slice(None)] * (len(shape) - len(items))
+    if len(items) != len(shape):
+        return None
+    bounds = []
+    for item, n in zip(items, shape):
+        if isinstance(item, slice):
+            r = range(*item.indices(n))
+            bounds.append((min(r), max(r) + 1) if len(r) else (0, 0))
+        elif isinstance(item, (int, np.integer)):
+            i = int(item) % n if n else 0
+            bounds.append((i, i + 1))
+        else:
+            return None
+    return bounds
+
+
+def _describe_window(bounds: Optional[list[tuple[int, int]]], key: Key) -> str:
+    if bounds is None:
+        return f"window {key!r}"
+    names = ["z", "y", "x"][-len(bounds):] if len(bounds) <= 3 else \
+        [f"axis {i}" for i in range(len(bounds) - 3)] + ["z", "y", "x"]
+    return ", ".join(f"{n} {a}:{b}" for n, (a, b) in zip(names, bounds))
+
+
+def _damaged(name: str, what: str, exc: BaseException) -> VolumeReadError:
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return VolumeReadError(f"{name}: cannot read {what}; the file is damaged or truncated "
+                           f"({type(exc).__name__}{': ' + reason if reason else ''})")
+
+
+def _first_bad_chunk(read: Callable[[tuple[slice, ...]], Any], bounds: list[tuple[int, int]],
+                     chunks: tuple[int, ...]) -> Optional[list[tuple[int, int]]]:
+    """The first chunk inside ``bounds`` that fails to read, or ``None`` (then the window's own
+    error is all there is to say)."""
+    grid = [range(a // c * c, b, c) for (a, b), c in zip(bounds, chunks)]
+    for corner in itertools.product(*grid):
+        region = tuple(slice(o, o + c) for o, c in zip(corner, chunks))
+        try:
+            read(region)
+        except DAMAGED_DATA:
+            return [(s.start, s.stop) for s in region]
+    return None
+
+
+def _read_chunked(name: str, read: Callable[[Key], Any], key: Key, shape: tuple[int, ...],
+                  chunks: Optional[tuple[int, ...]]) -> np.ndarray:
+    """``read(key)`` as an array, or a :class:`VolumeReadError` naming the window and, when the
+    data is chunked, the first damaged chunk in it."""
+    try:
+        return np.asarray(read(key))
+    except DAMAGED_DATA as exc:
+        bounds = _window(key, shape)
+        where = _describe_window(bounds, key)
+        bad = _first_bad_chunk(read, bounds, chunks) if bounds is not None and chunks else None
+        if bad is None and type(exc) is ValueError:
+            raise  # every chunk reads: the key, not the data, is at fault
+        what = f"chunk {_describe_window(bad, key)} (reading {where})" if bad else where
+        raise _damaged(name, what, exc) from exc
 
 
 @runtime_checkable
@@ -116,7 +200,12 @@ class HDF5Volume:
         return self._dtype
 
     def __getitem__(self, key: Key) -> np.ndarray:
-        return np.asarray(self._file.get()[self.dataset][key])
+        name = f"{self.path}:{self.dataset}"
+        try:
+            dataset = self._file.get()[self.dataset]
+        except DAMAGED_DATA as exc:
+            raise _damaged(name, "the dataset", exc) from exc
+        return _read_chunked(name, dataset.__getitem__, key, self._shape, self.chunks)
 
     def __repr__(self) -> str:
         return f"HDF5Volume('{self.path}:{self.dataset}', shape={self.shape}, dtype={self.dtype})"
@@ -130,15 +219,17 @@ class TiffVolume:
         import tifffile
 
         self.path = path
-        try:
-            tif = tifffile.TiffFile(path)
-        except tifffile.TiffFileError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        with tif:
-            series = tif.series[0]
-            shape = tuple(series.shape)
-            self._dtype = np.dtype(series.dtype)
-            pages = len(series.pages)
+        with _quiet("tifffile"):
+            try:
+                tif = tifffile.TiffFile(path)
+            except tifffile.TiffFileError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+            with tif:
+                _check_complete(tif, path)
+                series = tif.series[0]
+                shape = tuple(series.shape)
+                self._dtype = np.dtype(series.dtype)
+                pages = len(series.pages)
         if len(shape) == 2:
             shape = (1, *shape)
         if len(shape) != 3 or pages != shape[0]:
@@ -156,16 +247,68 @@ class TiffVolume:
         return self._dtype
 
     def __getitem__(self, key: Key) -> np.ndarray:
-        data = self._data.get()
+        try:
+            data = self._data.get()
+        except DAMAGED_DATA as exc:
+            raise _damaged(str(self.path), "the stack", exc) from exc
         if isinstance(data, np.ndarray):
-            return np.array(data[key])
+            try:
+                return np.array(data[key])
+            except DAMAGED_DATA as exc:
+                raise _damaged(str(self.path), _describe_window(_window(key, self._shape), key), exc) from exc
         zs, rest, squeeze = normalise_key(key, self._shape)
-        pages = [data.pages[z].asarray()[rest] for z in zs]
+        pages = []
+        for z in zs:
+            try:
+                pages.append(data.pages[z].asarray()[rest])
+            except DAMAGED_DATA as exc:
+                raise _damaged(str(self.path), f"page z={z}", exc) from exc
         out = np.stack(pages) if pages else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
         return out[squeeze]
 
     def __repr__(self) -> str:
         return f"TiffVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Hold back a library's warnings while this module checks the same things and reports them
+    in its own one-line error."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _check_complete(tif: Any, path: Path) -> None:
+    """Refuse a truncated or damaged TIFF at open. tifffile stops at the first page it cannot
+    reach and only logs it, so a cut stack would otherwise pass for a shorter one."""
+    import struct
+
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        pages = list(tif.pages)
+    except tifffile.TiffFileError as exc:
+        raise VolumeReadError(f"{path}: damaged or truncated TIFF ({exc})") from None
+    for z, page in enumerate(pages):
+        end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+        if end > size:
+            raise VolumeReadError(f"{path}: truncated: page z={z} needs bytes up to {end} but the file has {size}")
+    last, fmt = pages[-1], tif.tiff
+    fh = tif.filehandle
+    fh.seek(last.offset)
+    (count,) = struct.unpack(tif.byteorder + fmt.tagnoformat[-1], fh.read(fmt.tagnosize))
+    fh.seek(last.offset + fmt.tagnosize + count * fmt.tagsize)
+    raw = fh.read(fmt.offsetsize)
+    following = struct.unpack(tif.byteorder + fmt.offsetformat[-1], raw)[0] if len(raw) == fmt.offsetsize else -1
+    if following != 0:
+        raise VolumeReadError(f"{path}: truncated or damaged: page z={len(pages) - 1} is the last one readable, but it "
+                         f"points to another at byte {following} of a {size}-byte file")
 
 
 def _open_tiff(path: Path, shape: tuple[int, ...]) -> Any:
@@ -258,7 +401,12 @@ class SliceFolderVolume:
 
     def __getitem__(self, key: Key) -> np.ndarray:
         zs, rest, squeeze = normalise_key(key, self._shape)
-        planes = [_read_slice(self.files[z])[rest] for z in zs]
+        planes = []
+        for z in zs:
+            try:
+                planes.append(_read_slice(self.files[z])[rest])
+            except DAMAGED_DATA as exc:
+                raise _damaged(str(self.files[z]), f"slice z={z} of {self.path}", exc) from exc
         out = np.stack(planes) if planes else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
         return out[squeeze]
 
@@ -296,7 +444,12 @@ class ZarrVolume:
         return self._dtype
 
     def __getitem__(self, key: Key) -> np.ndarray:
-        return np.asarray(self._array.get()[key])
+        name = f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
+        try:
+            array = self._array.get()
+        except DAMAGED_DATA as exc:
+            raise _damaged(name, "the array", exc) from exc
+        return _read_chunked(name, array.__getitem__, key, self._shape, self.chunks)
 
     def __repr__(self) -> str:
         name = f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
@@ -314,6 +467,12 @@ def open_volume(spec: Union[str, Path, np.ndarray, Volume]) -> Volume:
     """A lazy :class:`Volume` for ``spec`` (see the module doc); arrays and volumes pass through."""
     if isinstance(spec, np.ndarray) or (not isinstance(spec, (str, Path)) and isinstance(spec, Volume)):
         return spec
+    volume = _open_file(spec)
+    refuse_empty(volume, describe(volume)[0])
+    return volume
+
+
+def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFolderVolume, ZarrVolume]:
     path, dataset = split_spec(spec)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
