@@ -9,11 +9,15 @@ decodes 3D instances, scores them and writes ``OUT/``:
   ((Z, Y, X) uint32), ``metrics.json`` (the ``stt evaluate --json`` keys), ``montage.png``
   (image / probability / instances / ground truth of the middle slice), ``run/`` (checkpoint
   and training log).
+
+An ``OUT/`` that holds an earlier demo's outputs is refused before any work unless
+``overwrite`` (``--overwrite``) is given; other files in ``OUT/`` are never touched.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -23,9 +27,12 @@ import numpy as np
 from .atomic import atomic_write
 from .config import load_config
 from .data import PatchSampler, ZRange, create_output, instances_from_binary, open_volume, synthetic_volume
+from .data.outputs import OutputError, check_target, output_target
 from .segment import instances, probabilities, score
 from .train import Trainer, TrainOptions
 
+# Everything the demo writes into its folder; an earlier demo's are replaced only with --overwrite.
+DEMO_OUTPUTS = ("probabilities.h5", "instances.h5", "instances.tif", "metrics.json", "montage.png", "run")
 TRAIN_SHAPE = (48, 256, 256)
 TEST_SHAPE = (32, 256, 256)
 
@@ -63,11 +70,42 @@ def _montage(path: Path, image: np.ndarray, probs: np.ndarray, labels: np.ndarra
     plt.close(fig)
 
 
-def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: int = 0) -> dict[str, float]:
+def check_demo_folder(out: Path, overwrite: bool = False) -> None:
+    """Refuse (:class:`OutputError`), before any work, an ``--out`` that is not a folder, or that
+    holds an earlier demo's outputs, unless ``overwrite``; other files in it are never touched."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder; the demo writes a folder of outputs")
+    if not out.exists():
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"--out {out}: cannot create it, {parent} is not writable")
+        return
+    existing = [name for name in DEMO_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    if existing and not overwrite:
+        raise OutputError(f"--out {out} already holds a demo's outputs ({', '.join(existing)}); --overwrite replaces "
+                          f"them (other files there are left alone)")
+    for name in existing:
+        if (out / name).is_dir() != (name == "run"):
+            raise OutputError(f"--out {out}: {out / name} is a {'file' if name == 'run' else 'folder'}, not a demo "
+                              f"output; it is left alone (move it or choose another --out)")
+    for name in ("probabilities.h5", "instances.h5"):
+        check_target(output_target(out / name), overwrite=True)
+    try:
+        (out / f".stt-probe-{os.getpid()}").mkdir()
+        (out / f".stt-probe-{os.getpid()}").rmdir()
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write there: {exc.strerror or exc}") from None
+
+
+def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: int = 0,
+             overwrite: bool = False) -> dict[str, float]:
+    """The whole demo into the folder ``out`` (see the module doc); ``overwrite`` replaces the
+    outputs of an earlier demo there, which are refused otherwise."""
     import tifffile
 
     started = time.monotonic()
     out = Path(out)
+    check_demo_folder(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     config = load_config("tiny-cpu")
     config.train.seed = seed
