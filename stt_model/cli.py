@@ -26,12 +26,12 @@ EXAMPLES = {
   stt train --config tiny-cpu --image train.h5:image --label train.h5:label --out runs/tiny
   stt train --config my.yaml --image vol.h5:image --label vol.h5:label --val-z 130:165 --out runs/a
   stt train --resume runs/a/last.pt --image vol.h5:image --label vol.h5:label --out runs/a
+  stt train --config my.yaml --image vol.h5:image --label vol.h5:label --out runs/a --overwrite
   torchrun --nproc_per_node=4 -m stt_model.cli train --config mitoem-r ...""",
     "predict": """examples:
   stt predict --checkpoint runs/tiny/last.pt --image test.h5:image --out pred.h5
   stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta
   stt predict ... --instances inst.h5                     # also post-process into 3D instances
-  stt predict ... --image vol.h5:image --out vol.h5:probs --instances vol.h5:inst  # add both to vol.h5
   torchrun --nproc_per_node=4 -m stt_model.cli predict ... # ranks split the blocks, one output""",
     "evaluate": """examples:
   stt evaluate --pred inst.h5:main --gt gt.h5:label
@@ -59,29 +59,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="run on a real HDF5 volume with 'image' and 'label' datasets instead")
     demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--overwrite", action="store_true",
-                      help="replace the outputs of an earlier demo in --out (other files there are left alone)")
 
     train = command("train", "Train STT-UNET on a labelled volume.")
-    train.add_argument("--config", default="tiny-cpu", help="preset name or YAML file (default: tiny-cpu)")
+    train.add_argument("--config", help="preset name or YAML file (default: tiny-cpu; with --resume, the "
+                       "checkpoint's own config, which a different --config may not change)")
     train.add_argument("--image", required=True, help="image volume")
     train.add_argument("--label", required=True, help="label volume (instance ids, or a binary mask)")
-    train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints and train_log.csv")
+    train.add_argument("--out", type=Path, required=True,
+                       help="run folder: last.pt and train_log.csv of one run (locked while training)")
     train.add_argument("--val-z", help="slices z0:z1 held out for validation (not trained on)")
-    train.add_argument("--resume", type=Path, help="continue from a checkpoint (exactly)")
-    train.add_argument("--minutes", type=float, help="time budget; a checkpoint is written when it runs out")
+    train.add_argument("--resume", type=Path, help="continue from a checkpoint (exactly); its rows after the "
+                       "checkpoint's step are dropped from train_log.csv")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out; the old last.pt and train_log.csv stay until "
+                            "the new run's first checkpoint replaces them")
+    train.add_argument("--minutes", type=float, help="time budget (> 0); a checkpoint is written when it runs out")
     train.add_argument("--iterations", type=int, help="override train.iterations")
 
     predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
     predict.add_argument("--checkpoint", type=Path, required=True)
     predict.add_argument("--image", required=True, help="volume to segment")
-    predict.add_argument("--out", required=True,
-                         help="probabilities (uint8): out.h5 or out.zarr (a whole file), or out.h5:name / "
-                              "out.zarr:name (a dataset added to the file, the rest of it kept)")
-    predict.add_argument("--instances", help="also write 3D instances (uint32) here (the same forms)")
-    predict.add_argument("--overwrite", action="store_true",
-                         help="replace an existing --out/--instances: the named dataset, or the whole file when "
-                              "none is named (without it, existing outputs are refused)")
+    predict.add_argument("--out", required=True, help="probabilities: out.h5[:dataset] or out.zarr (uint8)")
+    predict.add_argument("--instances", help="also write 3D instances (uint32) here")
     predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
     predict.add_argument("--batch-size", type=int, default=2)
     predict.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"),
@@ -126,35 +125,76 @@ def _z_range(text: str, depth: int) -> tuple[int, int]:
     return z0, z1
 
 
+def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two ``Config.to_dict()`` trees."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _config_differences(a[key], b[key], f"{name}.")
+        elif a.get(key) != b.get(key):
+            keys.append(name)
+    return keys
+
+
 def _train(args: argparse.Namespace) -> int:
+    import contextlib
+    import math
+
     from .checkpoint import checkpoint_config, load_checkpoint
     from .config import load_config
     from .data import PatchSampler, ZRange, instances_from_binary, open_volume
+    from .run_folder import RunFolder
     from .segment import validator
-    from .train import TrainOptions, Trainer
+    from .train import TrainOptions, Trainer, check_backend, check_resumable, training_device
 
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise UsageError(f"--minutes must be a time budget > 0 minutes; got {args.minutes:g}")
+    if args.iterations is not None and args.iterations < 1:
+        raise UsageError(f"--iterations must be >= 1; got {args.iterations}")
     if args.resume is not None:
-        config = checkpoint_config(load_checkpoint(args.resume))
+        state = load_checkpoint(args.resume)
+        check_resumable(state, args.resume)
+        config = checkpoint_config(state)
+        del state
     else:
-        config = load_config(args.config)
+        config = load_config(args.config or "tiny-cpu")
     if args.iterations is not None:
         config.train.iterations = args.iterations
         config.validate()
-    image, label = open_volume(args.image), open_volume(args.label)
-    if tuple(image.shape) != tuple(label.shape):
-        raise UsageError(f"--image has shape {tuple(image.shape)} but --label has {tuple(label.shape)}")
-    pairs, validate = [(image, label)], None
-    if args.val_z:
-        z0, z1 = _z_range(args.val_z, image.shape[0])
-        pairs = [(ZRange(image, a, b), ZRange(label, a, b)) for a, b in ((0, z0), (z1, image.shape[0])) if b > a]
-        gt = np.asarray(ZRange(label, z0, z1)[:])
-        gt = instances_from_binary(gt > 0) if gt.max() <= 1 else gt
-        validate = validator(config, ZRange(image, z0, z1)[:], gt)
+    if args.resume is not None and args.config is not None:
+        # The checkpoint's config is the one resumed (its optimiser state belongs to it); a
+        # --config that agrees with it is harmless, one that does not would be ignored.
+        given = load_config(args.config)
+        if args.iterations is not None:
+            given.train.iterations = args.iterations
+        differ = [k for k in _config_differences(given.to_dict(), config.to_dict()) if k != "name"]
+        if differ:
+            raise UsageError(f"--config {args.config} differs from the config stored in {args.resume} "
+                             f"({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}); a resumed run "
+                             "keeps its checkpoint's config: drop --config, or start a new run")
+    check_backend(config, training_device(None))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    source = PatchSampler.from_config(pairs, config, rank=rank, world_size=world)
-    options = TrainOptions(out_dir=args.out, resume=args.resume, validate=validate,
-                           time_budget=args.minutes * 60 if args.minutes else None)
-    result = Trainer(config, source, options).run()
+    # Rank 0 alone writes the run folder, so it alone claims it, before any data is read.
+    claim = RunFolder(args.out, resume=args.resume, overwrite=args.overwrite) if rank == 0 else None
+    with claim if claim is not None else contextlib.nullcontext() as folder:
+        if folder is not None and folder.removed:
+            print(f"stt train: removed {len(folder.removed)} temporary file(s) a killed run left in {args.out}: "
+                  + ", ".join(p.name for p in folder.removed), file=sys.stderr)
+        image, label = open_volume(args.image), open_volume(args.label)
+        if tuple(image.shape) != tuple(label.shape):
+            raise UsageError(f"--image has shape {tuple(image.shape)} but --label has {tuple(label.shape)}")
+        pairs, validate = [(image, label)], None
+        if args.val_z:
+            z0, z1 = _z_range(args.val_z, image.shape[0])
+            pairs = [(ZRange(image, a, b), ZRange(label, a, b)) for a, b in ((0, z0), (z1, image.shape[0])) if b > a]
+            gt = np.asarray(ZRange(label, z0, z1)[:])
+            gt = instances_from_binary(gt > 0) if gt.max() <= 1 else gt
+            validate = validator(config, ZRange(image, z0, z1)[:], gt)
+        source = PatchSampler.from_config(pairs, config, rank=rank, world_size=world)
+        options = TrainOptions(out_dir=args.out, resume=args.resume, overwrite=args.overwrite, validate=validate,
+                               time_budget=args.minutes * 60 if args.minutes else None, folder=folder)
+        result = Trainer(config, source, options).run()
     if rank == 0:
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}")
         if result.metrics:
@@ -163,90 +203,52 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from . import parallel_predict as ranks
     from .build import build_model
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from .data import create_output, open_volume
-    from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
     from .segment import instances_into, probabilities
 
-    # Everything that can be refused is refused here, before the model is built or a window runs.
-    _check_predict_options(args)
-    device = ranks.device_for_rank(args.device)
+    state = load_checkpoint(args.checkpoint)
+    config = checkpoint_config(state)
+    model = build_model(config)
+    load_model_weights(model, state, args.checkpoint)
     image = open_volume(args.image)
     if len(image.shape) != 3:
         raise UsageError(f"--image must be a 3-d volume (Z, Y, X); got shape {tuple(image.shape)}")
-    named = {"--out": args.out, **({"--instances": args.instances} if args.instances else {})}
-    targets = check_outputs(named, {"--image": image}, overwrite=args.overwrite)
-    state = load_checkpoint(args.checkpoint)
-    config = checkpoint_config(state)
     shape = (config.model.out_channels, *image.shape)
     rank, world = ranks.rank_and_world()
-    voxels = int(np.prod(image.shape))
-    plans = [("--out", targets["--out"], shape[0] * voxels)]
-    if world > 1:
-        plans.insert(0, (f"the {world} ranks' parts", output_target(ranks.part_spec(args.out, 0, world)),
-                         shape[0] * voxels))
-    if args.instances:
-        plans.append(("--instances", targets["--instances"], 4 * voxels))
-    if rank == 0:
-        cleaned = [line for target in targets.values() for line in remove_leftovers(target)]
-        if cleaned:
-            print(f"stt predict: left by killed runs: {'; '.join(cleaned)}", file=sys.stderr)
-    check_space(plans)
-    model = build_model(config)
-    load_model_weights(model, state, args.checkpoint)
+    device = ranks.device_for_rank(args.device)
     options = dict(overlap=args.overlap, batch_size=args.batch_size, flip_tta=args.tta,
                    block=tuple(args.block) if args.block else None)
     if world > 1:
         ranks.start()
-    writing = args.out
     try:
-        if world == 1:
-            spec, where = args.out, dict(overwrite=args.overwrite)
-        else:
-            spec, where = ranks.part_spec(args.out, rank, world), dict(reserve=ranks.part_bytes(shape[0] * voxels, world))
-        with create_output(spec, shape, np.uint8, **where) as out:
+        target = args.out if world == 1 else ranks.part_spec(args.out, rank, world)
+        with create_output(target, shape, np.uint8) as out:
             probabilities(model.to(device), config, image, out, device=device, rank=rank, world=world,
                           progress=rank == 0, **options)
         if world > 1:
             ranks.barrier()
             if rank == 0:
-                ranks.merge(args.out, shape, config.data.patch, options, world, overwrite=args.overwrite)
+                ranks.merge(args.out, shape, config.data.patch, options, world)
             ranks.barrier()
         if rank == 0:
             print(f"probabilities {shape} -> {args.out}" + (f" ({world} ranks)" if world > 1 else ""))
         if args.instances and rank == 0:
-            writing = args.instances
             probs = open_volume(args.out)
-            with create_output(args.instances, probs.shape[1:], np.uint32, overwrite=args.overwrite) as out:
+            with create_output(args.instances, probs.shape[1:], np.uint32) as out:
                 count, method = instances_into(probs, out)
             print(f"{count} instances ({method}) -> {args.instances}")
-    except OSError as exc:
-        if exc.errno not in DISK_ERRNOS:
-            raise
-        raise UsageError(f"cannot write {writing}: {exc.strerror or exc}; it is left as it was and the "
-                         f"temporary file is removed") from None
     finally:
         ranks.finish()
     return 0
 
 
-def _check_predict_options(args: argparse.Namespace) -> None:
-    if not 0 <= args.overlap < 1:  # NaN fails too
-        raise UsageError(f"--overlap must be a fraction in [0, 1); got {args.overlap}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.block is not None and min(args.block) < 1:
-        raise UsageError(f"--block must be three positive sizes Z Y X; got {' '.join(map(str, args.block))}")
-
-
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, minutes=args.minutes, seed=args.seed, overwrite=args.overwrite)
+    run_demo(args.out, data=args.data, minutes=args.minutes, seed=args.seed)
     return 0
 
 
@@ -264,15 +266,45 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error as one line; an OSError names its path (``path: No space left on device``)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        text = f"{paths}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one ``stt`` command; returns the exit status: 0, 2 for an error the user can fix (one
+    line on stderr), 130 for Ctrl-C and 143 for SIGTERM (``stt <cmd>: interrupted (...)``)."""
+    from stt_kernels import BackendUnavailableError
+
+    from .config import ConfigError
+    from .interrupts import describe, exit_code, raising_on_sigterm
+    from .run_folder import RunFolderError
+    from .train import NonFiniteError
+
     parser = _parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get("STT_DEBUG") == "1"
     try:
-        return COMMANDS[args.command](args)
-    except (UsageError, FileNotFoundError, ValueError, TypeError) as exc:
-        if os.environ.get("STT_DEBUG") == "1":
+        # SIGTERM unwinds like Ctrl-C, so every command's with/finally clean-up runs for both.
+        with raising_on_sigterm():
+            return COMMANDS[args.command](args)
+    except KeyboardInterrupt as exc:
+        if debug:
             raise
-        print(f"stt {args.command}: error: {exc}", file=sys.stderr)
+        notes = "; ".join(getattr(exc, "__notes__", []))
+        print(f"stt {args.command}: interrupted ({describe(exc)})" + (f"; {notes}" if notes else ""),
+              file=sys.stderr)
+        return exit_code(exc)
+    except (UsageError, ConfigError, RunFolderError, BackendUnavailableError, NonFiniteError, OSError,
+            ValueError, TypeError) as exc:
+        if debug:
+            raise
+        print(f"stt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
