@@ -32,6 +32,7 @@ EXAMPLES = {
   stt predict --checkpoint runs/tiny/last.pt --image test.h5:image --out pred.h5
   stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta
   stt predict ... --instances inst.h5                     # also post-process into 3D instances
+  stt predict ... --image vol.h5:image --out vol.h5:probs --instances vol.h5:inst  # add both to vol.h5
   torchrun --nproc_per_node=4 -m stt_model.cli predict ... # ranks split the blocks, one output""",
     "evaluate": """examples:
   stt evaluate --pred inst.h5:main --gt gt.h5:label
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="run on a real HDF5 volume with 'image' and 'label' datasets instead")
     demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the outputs of an earlier demo in --out (other files there are left alone)")
 
     train = command("train", "Train STT-UNET on a labelled volume.")
     train.add_argument("--config", help="preset name or YAML file (default: tiny-cpu; with --resume, the "
@@ -79,8 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
     predict.add_argument("--checkpoint", type=Path, required=True)
     predict.add_argument("--image", required=True, help="volume to segment")
-    predict.add_argument("--out", required=True, help="probabilities: out.h5[:dataset] or out.zarr (uint8)")
-    predict.add_argument("--instances", help="also write 3D instances (uint32) here")
+    predict.add_argument("--out", required=True,
+                         help="probabilities (uint8): out.h5 or out.zarr (a whole file), or out.h5:name / "
+                              "out.zarr:name (a dataset added to the file, the rest of it kept)")
+    predict.add_argument("--instances", help="also write 3D instances (uint32) here (the same forms)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --out/--instances: the named dataset, or the whole file when "
+                              "none is named (without it, existing outputs are refused)")
     predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
     predict.add_argument("--batch-size", type=int, default=2)
     predict.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"),
@@ -203,52 +211,90 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from . import parallel_predict as ranks
     from .build import build_model
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from .data import create_output, open_volume
+    from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
     from .segment import instances_into, probabilities
 
-    state = load_checkpoint(args.checkpoint)
-    config = checkpoint_config(state)
-    model = build_model(config)
-    load_model_weights(model, state, args.checkpoint)
+    # Everything that can be refused is refused here, before the model is built or a window runs.
+    _check_predict_options(args)
+    device = ranks.device_for_rank(args.device)
     image = open_volume(args.image)
     if len(image.shape) != 3:
         raise UsageError(f"--image must be a 3-d volume (Z, Y, X); got shape {tuple(image.shape)}")
+    named = {"--out": args.out, **({"--instances": args.instances} if args.instances else {})}
+    targets = check_outputs(named, {"--image": image}, overwrite=args.overwrite)
+    state = load_checkpoint(args.checkpoint)
+    config = checkpoint_config(state)
     shape = (config.model.out_channels, *image.shape)
     rank, world = ranks.rank_and_world()
-    device = ranks.device_for_rank(args.device)
+    voxels = int(np.prod(image.shape))
+    plans = [("--out", targets["--out"], shape[0] * voxels)]
+    if world > 1:
+        plans.insert(0, (f"the {world} ranks' parts", output_target(ranks.part_spec(args.out, 0, world)),
+                         shape[0] * voxels))
+    if args.instances:
+        plans.append(("--instances", targets["--instances"], 4 * voxels))
+    if rank == 0:
+        cleaned = [line for target in targets.values() for line in remove_leftovers(target)]
+        if cleaned:
+            print(f"stt predict: left by killed runs: {'; '.join(cleaned)}", file=sys.stderr)
+    check_space(plans)
+    model = build_model(config)
+    load_model_weights(model, state, args.checkpoint)
     options = dict(overlap=args.overlap, batch_size=args.batch_size, flip_tta=args.tta,
                    block=tuple(args.block) if args.block else None)
     if world > 1:
         ranks.start()
+    writing = args.out
     try:
-        target = args.out if world == 1 else ranks.part_spec(args.out, rank, world)
-        with create_output(target, shape, np.uint8) as out:
+        if world == 1:
+            spec, where = args.out, dict(overwrite=args.overwrite)
+        else:
+            spec, where = ranks.part_spec(args.out, rank, world), dict(reserve=ranks.part_bytes(shape[0] * voxels, world))
+        with create_output(spec, shape, np.uint8, **where) as out:
             probabilities(model.to(device), config, image, out, device=device, rank=rank, world=world,
                           progress=rank == 0, **options)
         if world > 1:
             ranks.barrier()
             if rank == 0:
-                ranks.merge(args.out, shape, config.data.patch, options, world)
+                ranks.merge(args.out, shape, config.data.patch, options, world, overwrite=args.overwrite)
             ranks.barrier()
         if rank == 0:
             print(f"probabilities {shape} -> {args.out}" + (f" ({world} ranks)" if world > 1 else ""))
         if args.instances and rank == 0:
+            writing = args.instances
             probs = open_volume(args.out)
-            with create_output(args.instances, probs.shape[1:], np.uint32) as out:
+            with create_output(args.instances, probs.shape[1:], np.uint32, overwrite=args.overwrite) as out:
                 count, method = instances_into(probs, out)
             print(f"{count} instances ({method}) -> {args.instances}")
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        raise UsageError(f"cannot write {writing}: {exc.strerror or exc}; it is left as it was and the "
+                         f"temporary file is removed") from None
     finally:
         ranks.finish()
     return 0
 
 
+def _check_predict_options(args: argparse.Namespace) -> None:
+    if not 0 <= args.overlap < 1:  # NaN fails too
+        raise UsageError(f"--overlap must be a fraction in [0, 1); got {args.overlap}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.block is not None and min(args.block) < 1:
+        raise UsageError(f"--block must be three positive sizes Z Y X; got {' '.join(map(str, args.block))}")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, minutes=args.minutes, seed=args.seed)
+    run_demo(args.out, data=args.data, minutes=args.minutes, seed=args.seed, overwrite=args.overwrite)
     return 0
 
 
