@@ -162,6 +162,12 @@ def test_zarr_array_replaced_in_place_of_the_old_one(tmp_path):
     assert sorted(zarr.open_group(str(store), mode="r").array_keys()) == ["image", "label"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
     assert not [p for p in store.iterdir() if p.name.startswith(".")], "no backup left in the store"
+    with pytest.raises(OutputError, match="already exists; --overwrite replaces it"):
+        create_output(store, (2, 2, 2), overwrite=False)
+    with create_output(store, (2, 2, 2), overwrite=True) as out:  # the whole store, as told
+        out[:] = 1
+    assert sorted(zarr.open_group(str(store), mode="r").array_keys()) == ["main"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 
 
 # --- 2. refusals before any work: one line, exit 2, nothing touched ---------------------------
@@ -406,7 +412,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, checkpoint, capsys):
     new = _read(f"{reference}:main")
     reference.unlink()
     rng = np.random.default_rng(15)
-    moments = [-1.0, *rng.uniform(0, duration, 3)]  # -1: before the temporary exists (start-up)
+    moments = [-1.0, *rng.uniform(0, duration, 2)]  # -1: before the temporary exists (start-up)
     leftovers = 0
     for moment in moments:
         run = _spawn(checkpoint, f"{vol}:image", f"{vol}:pred", "--overwrite", "--tta")
@@ -463,3 +469,22 @@ def test_demo_folder_checks(tmp_path):
     (tmp_path / "others" / "probabilities.h5").mkdir()
     with pytest.raises(OutputError, match="probabilities.h5 is a folder, not a demo output"):
         check_demo_folder(tmp_path / "others", overwrite=True)
+
+
+def test_ranks_parts_merge_into_a_dataset_of_an_existing_file(tmp_path):
+    from stt_model import parallel_predict as ranks
+    from stt_model.infer import InferOptions, rank_blocks
+
+    vol = tmp_path / "x.h5"
+    volume = _volume_file(vol)
+    shape, window = (2, 8, 40, 40), (4, 16, 16)
+    options = dict(overlap=0.25, batch_size=1, flip_tta=False, block=(4, 16, 16))
+    for rank in range(2):  # each rank fills its own blocks with its rank + 1
+        with create_output(ranks.part_spec(f"{vol}:pred", rank, 2), shape, np.uint8) as part:
+            for block in rank_blocks(shape[1:], InferOptions(window=window, rank=rank, world=2, **options)):
+                part[(slice(None), *block)] = rank + 1
+    ranks.merge(f"{vol}:pred", shape, window, options, 2, overwrite=False)
+    pred = _read(f"{vol}:pred")
+    assert set(np.unique(pred)) == {1, 2}, "every voxel from one rank or the other"
+    np.testing.assert_array_equal(_read(f"{vol}:image"), volume.image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"], "parts deleted"
