@@ -39,6 +39,20 @@ from typing import Optional
 import torch
 
 
+class _Moved(torch.autograd.Function):
+    """``where(keep, v, 0)`` with derivative 1 everywhere. A point moved to 0 reads no pixel
+    there, so the gradient that reaches it is 0 times its upstream, as IEEE arithmetic gives
+    (0, or NaN where the mask or grad_out is NaN); where()'s derivative would drop it."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, v, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 def _undefined(nan_point: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
     """NaN at the NaN points and 0 elsewhere, with a NaN derivative in both coordinates at
     the NaN points (``d s**2 = 2 s``, ``s`` NaN) and 0 elsewhere: ``(N, G, P)``."""
@@ -51,10 +65,9 @@ def _bilinear(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tens
     n, g, cg, h, w = x.shape
     # Beyond one pixel past the border every neighbour is outside. Such points (also the
     # infinite and NaN ones, for which the comparisons are false) move to 0 before floor(),
-    # whose result would not fit the index type, and sample nothing from there; where() also
-    # gives them zero gradient.
+    # whose result would not fit the index type, and sample nothing from there.
     near = (py > -2) & (py < h + 1) & (px > -2) & (px < w + 1)
-    sy, sx = torch.where(near, py, 0), torch.where(near, px, 0)
+    sy, sx = _Moved.apply(py, near), _Moved.apply(px, near)
     y0, x0 = torch.floor(sy), torch.floor(sx)
     fy, fx = sy - y0, sx - x0  # fractional parts; their gradient is the offsets' gradient
     flat = x.reshape(n, g, cg, h * w)
