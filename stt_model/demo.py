@@ -27,7 +27,7 @@ import numpy as np
 from .atomic import atomic_write
 from .config import load_config
 from .data import PatchSampler, ZRange, create_output, instances_from_binary, open_volume, synthetic_volume
-from .data.outputs import OutputError, check_target, output_target
+from .data.outputs import OutputError, check_target, output_target, remove_leftovers
 from .segment import instances, probabilities, score
 from .train import Trainer, TrainOptions
 
@@ -107,12 +107,17 @@ def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: 
     out = Path(out)
     check_demo_folder(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    cleaned = [line for name in ("probabilities.h5", "instances.h5")
+               for line in remove_leftovers(output_target(out / name))]
+    if cleaned:
+        print(f"stt demo: left by killed runs: {'; '.join(cleaned)}")
     config = load_config("tiny-cpu")
     config.train.seed = seed
     print(f"stt demo: {'synthetic EM' if data is None else data}, tiny-cpu, {minutes:g} min of training -> {out}/")
     train_image, train_labels, test_image, gt = _volumes(data, seed)
     sampler = PatchSampler.from_config([(train_image, train_labels)], config)
-    trainer = Trainer(config, sampler, TrainOptions(out_dir=out / "run", time_budget=minutes * 60))
+    trainer = Trainer(config, sampler, TrainOptions(out_dir=out / "run", time_budget=minutes * 60,
+                                                    overwrite=overwrite))
     result = trainer.run()
 
     shape = (config.model.out_channels, *test_image.shape)

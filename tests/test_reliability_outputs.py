@@ -488,3 +488,19 @@ def test_ranks_parts_merge_into_a_dataset_of_an_existing_file(tmp_path):
     assert set(np.unique(pred)) == {1, 2}, "every voxel from one rank or the other"
     np.testing.assert_array_equal(_read(f"{vol}:image"), volume.image)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"], "parts deleted"
+
+
+def test_demo_removes_leftovers_of_a_killed_demo(tmp_path, monkeypatch, capsys):
+    from stt_model import demo
+
+    dead = _dead_pid()
+    (tmp_path / f".probabilities.h5.tmp-{dead}").write_bytes(b"x")
+    monkeypatch.setattr(demo, "load_config", _no_demo_work)  # the first step after the checks
+    with pytest.raises(AssertionError, match="stop here"):
+        demo.run_demo(tmp_path)
+    assert f"removed {tmp_path}/.probabilities.h5.tmp-{dead}" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def _no_demo_work(*args, **kwargs):
+    raise AssertionError("stop here")

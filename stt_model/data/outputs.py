@@ -183,7 +183,8 @@ def check_target(target: OutputTarget, overwrite: bool = False) -> None:
     if kind == "dataset" and not overwrite:
         raise OutputError(f"{path} already holds dataset {target.dataset!r}; {hint}")
     if not os.access(path, os.W_OK):
-        raise OutputError(f"{path} is read-only; its dataset {target.dataset!r} cannot be written")
+        raise OutputError(f"{path} is read-only (or on a read-only file system); its dataset {target.dataset!r} "
+                          f"cannot be written")
 
 
 def _same_file(a: Path, b: Path) -> bool:
