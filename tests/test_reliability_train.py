@@ -157,6 +157,20 @@ def test_a_second_run_in_a_locked_folder_names_the_first_ones_pid(tmp_path, volu
     assert _leftovers(run) == []
 
 
+def test_the_next_run_removes_and_names_what_killed_runs_left(tmp_path, volume, capsys):
+    run = tmp_path / "run"
+    config = _config(tmp_path)
+    assert cli.main(_train_args(volume, run, "--config", str(config))) == 0
+    for name in (".last.pt.k2x9a1.tmp", ".train_log.csv.replacing.tmp", ".notes.tmp"):
+        (run / name).write_bytes(b"partial")
+    capsys.readouterr()
+    assert cli.main(_train_args(volume, run, "--resume", str(run / "last.pt"), "--iterations", "3")) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stt train:")]
+    assert notes == [f"stt train: removed 2 temporary file(s) a killed run left in {run}: "
+                     ".last.pt.k2x9a1.tmp, .train_log.csv.replacing.tmp"]
+    assert sorted(p.name for p in run.iterdir()) == [".notes.tmp", "last.pt", "train_log.csv"]
+
+
 # -- 2. the log of a resumed run ---------------------------------------------------------------
 
 def test_resume_drops_the_log_rows_of_steps_after_the_checkpoint(tmp_path):
