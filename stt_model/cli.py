@@ -255,7 +255,8 @@ def _predict(args: argparse.Namespace) -> int:
         if world == 1:
             spec, where = args.out, dict(overwrite=args.overwrite)
         else:
-            spec, where = ranks.part_spec(args.out, rank, world), dict(reserve=ranks.part_bytes(shape[0] * voxels, world))
+            spec = ranks.part_spec(args.out, rank, world)
+            where = dict(reserve=ranks.part_bytes(shape[0] * voxels, world))
         with create_output(spec, shape, np.uint8, **where) as out:
             probabilities(model.to(device), config, image, out, device=device, rank=rank, world=world,
                           progress=rank == 0, **options)

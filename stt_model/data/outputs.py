@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .volumes import HDF5_SUFFIXES, ZARR_SUFFIXES, split_spec
+from .volumes import HDF5_SUFFIXES, split_spec
 
 DEFAULT_OUTPUT_DATASET = "main"
 # errnos of a disk that cannot take the output: reported as one line, never as a traceback
