@@ -2,6 +2,7 @@
 state_dict, every fusion x order runs forward and backward, compile matches eager."""
 
 import io
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import stt_kernels
 from stt_kernels.nn.sst import FUSIONS, ORDERS
 from stt_kernels.ops.kernels import attention_kernels, deform_conv2d_kernels
 
-from conftest import GPU
+from conftest import GPU, available
 
 
 def _runnable_backends():
@@ -119,6 +120,36 @@ def test_call_errors():
         module(torch.randn(1, 6, 2, 4, 4))
     with pytest.raises(TypeError, match="floating"):
         module(torch.ones(1, 8, 2, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape, name", [((1, 8, 2, 0, 4), "H = 0"), ((1, 8, 2, 4, 0), "W = 0"),
+                                         ((1, 8, 0, 4, 4), "T = 0"), ((2, 8, 0, 0, 3), "T = 0, H = 0")])
+def test_empty_slices_or_sequences_are_refused(shape, name):
+    module = stt_kernels.SSTAttention(8, 2)
+    with pytest.raises(ValueError, match=re.escape(f"(B, C=8, T, H, W) with T, H, W >= 1; got {shape} ({name})")):
+        module(torch.randn(shape))
+
+
+def test_empty_batch_gives_an_empty_batch():
+    x = torch.randn(0, 8, 2, 3, 4)
+    assert stt_kernels.SSTAttention(8, 2)(x).shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nan_features_give_nan_not_a_crash(backend):
+    """A NaN voxel reaches, through the norm and both attentions, every output of its slice
+    and of its pixel's sequence; the deformable fusion samples it as NaN (issue 15: the
+    reference backend used to crash on the NaN offsets predicted from it)."""
+    if not available(backend):
+        pytest.skip(f"backend {backend} is not available here")
+    x = torch.randn(1, 8, 3, 4, 5)
+    x[0, 2, 1, 2, 3] = float("nan")
+    out = stt_kernels.SSTAttention(8, 2, backend=backend)(x)
+    assert out[:, :, 1].isnan().all()  # the NaN key is in every token's spatial sequence
+    # Slice 0 sees the NaN only through pixel (2, 3)'s temporal sequence, from which the
+    # fusion's 3 x 3 predictor makes NaN offsets around it.
+    nan = out[0, :, 0].isnan().any(0)
+    assert nan[2, 3] and not nan[:1].any() and not nan[:, :2].any()
 
 
 @pytest.mark.skipif(not GPU, reason="autocast to bfloat16 is checked on a GPU")

@@ -45,9 +45,16 @@ class SSTAttention(nn.Module):
         self.fusion = make_fusion(fusion, dim, offset_groups, backend_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, C, T, H, W)`` with ``T, H, W >= 1`` -> the same shape."""
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SSTAttention expects x of shape (B, C={self.dim}, T, H, W); got {shape}")
+        # An empty slice or sequence has nothing to attend to, and would fail deep in the
+        # fusion's convolutions instead (an empty batch is fine: no sample, no work).
+        empty = [f"{name} = 0" for name, size in zip("THW", x.shape[2:]) if size == 0]
+        if empty:
+            raise ValueError(f"SSTAttention expects x of shape (B, C={self.dim}, T, H, W) with T, H, W >= 1; "
+                             f"got {tuple(x.shape)} ({', '.join(empty)})")
         if not x.is_floating_point():
             raise TypeError(f"SSTAttention expects a floating x; got {x.dtype}")
         u = self.norm(x.permute(0, 2, 3, 4, 1))  # (B, T, H, W, C)
