@@ -300,10 +300,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from stt_kernels.bench import run
-    from stt_kernels.bench.cli import options_from_args
+    from stt_kernels.bench.cli import NothingMeasured, options_from_args, run_measuring
 
-    path = run(options_from_args(args, ["stt", *sys.argv[1:]]))
+    options = options_from_args(args, ["stt", *sys.argv[1:]])  # bad options: ValueError, exit 2
+    try:
+        path = run_measuring(options)
+    except NothingMeasured as exc:
+        print(f"stt bench: error: {exc}", file=sys.stderr)
+        return 1
     print(f"results -> {path}")
     return 0
 

@@ -10,7 +10,26 @@ from typing import Optional, Sequence
 
 from .cases import CASES, PASSES
 from .options import OUR_BACKENDS, Options
+from .results import read_results
 from .runner import run
+
+
+class NothingMeasured(RuntimeError):
+    """A run finished without timing a single row: every one was skipped, OOM or an error."""
+
+
+def run_measuring(options: Options) -> Path:
+    """:func:`run`, then :class:`NothingMeasured` (naming the first reasons) if no row was
+    timed; the files are written either way. Returns the path of ``results.json``."""
+    path = run(options)
+    rows = read_results(path)["rows"]
+    if not any(row.status == "ok" for row in rows):
+        reasons = list(dict.fromkeys(f"{row.implementation}: {row.reason or row.status}" for row in rows))
+        why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        raise NothingMeasured(f"nothing was measured: {len(rows)} rows, none timed"
+                              + (f" ({why})" if why else " (no implementation matched the filters)")
+                              + f"; see {path.parent / 'report.md'}")
+    return path
 
 
 def _list(text: str) -> list[str]:
@@ -58,6 +77,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    path = run(options_from_args(args, [sys.executable, "-m", "stt_kernels.bench", *argv_list]))
+    try:
+        options = options_from_args(args, [sys.executable, "-m", "stt_kernels.bench", *argv_list])
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        path = run_measuring(options)
+    except NothingMeasured as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
     print(path)
     return 0

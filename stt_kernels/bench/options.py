@@ -16,6 +16,8 @@ from .shapes import TIERS
 OUR_BACKENDS = ("triton", "cuda", "cpu", "reference")
 GPU_DTYPES = ("float32", "float16", "bfloat16")
 CPU_DTYPES = ("float32",)
+# What --dtypes may name: the floating dtypes every op takes (each backend declines what it lacks).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # (warm-up calls, repeats at most, seconds of timed calls per row before stopping early)
 _EFFORT = {"quick": (1, 5, 1.0), "default": (2, 10, 10.0), "full": (3, 20, 20.0)}
@@ -77,6 +79,22 @@ class Options:
         for b in self.backends or ():
             if b not in OUR_BACKENDS:
                 raise ValueError(f"backends must be among {', '.join(OUR_BACKENDS)}; got {b!r}")
+        for name in self.dtypes or ():
+            if name not in DTYPES:
+                raise ValueError(f"dtypes (--dtypes) must be among {', '.join(DTYPES)}; got {name!r}")
+        # Refused here, before anything is measured: each would make a run that measures nothing
+        # or fails at its end.
+        for name, value, minimum in (("repeats", self.repeats, 1), ("warmup", self.warmup, 0),
+                                     ("threads", self.threads, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"{name} (--{name}) must be an int >= {minimum}; got {value!r}")
+        for name, value in (("budget_s", self.budget_s), ("memory_cap_bytes (--memory-cap-mb)", self.memory_cap_bytes),
+                            ("probe_timeout_s", self.probe_timeout_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive; got {value!r}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out (--out) must be a directory for results.json, report.md and the plots; "
+                             f"{str(self.out)!r} is an existing file")
 
     def torch_device(self) -> torch.device:
         if self.device is not None:
@@ -85,13 +103,7 @@ class Options:
 
     def torch_dtypes(self, device: torch.device) -> list[torch.dtype]:
         names = self.dtypes or (GPU_DTYPES if device.type == "cuda" else CPU_DTYPES)
-        dtypes = []
-        for name in names:
-            dtype = getattr(torch, name, None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"unknown dtype {name!r}")
-            dtypes.append(dtype)
-        return dtypes
+        return [getattr(torch, name) for name in names]
 
     def effort(self) -> tuple[int, int, float]:
         """(warm-up calls, repeats, per-row time budget in seconds)."""
