@@ -1,5 +1,8 @@
 # Developer entry points. Each target does its own set-up on a fresh clone.
 #   make test       venv + dependencies + build (CPU and, where nvcc is found, CUDA kernels) + all tests
+#                   + test-install
+#   make test-install  sdist and wheel from a clean tree, installed into a fresh venv, used from
+#                   outside the checkout (tests/install_check.py; CPU kernels only, to keep CI short)
 #   make demo       the main job: synthetic EM -> train tiny-cpu -> segment -> evaluate -> demo_out/
 #   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
 #   make cmake      build the same sources with CMake (the LibTorch library)
@@ -9,7 +12,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all test demo build build-cpu cmake clean venv
+.PHONY: all test test-install demo build build-cpu cmake clean venv
 
 all: test
 
@@ -32,6 +35,10 @@ build-cpu: $(DEPS)
 test: build
 	$(PY) -m stt_kernels
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(MAKE) test-install
+
+test-install: $(DEPS)
+	$(PY) tests/install_check.py
 
 demo: build
 	$(PY) -m stt_model.cli demo $(DEMO_ARGS)

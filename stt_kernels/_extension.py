@@ -19,6 +19,18 @@ import torch
 
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
 _REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in the source tree (or `make build`)"
+_REINSTALL_HINT = ("rebuild it against your torch: `pip install --no-build-isolation --no-deps --force-reinstall "
+                   "--no-binary stt-kernels stt-kernels`")
+
+
+def _in_source_tree() -> bool:
+    """Whether this package is a checkout's (``setup.py`` beside it), where no library is the
+    normal state before the first build, rather than an installed copy."""
+    return (Path(__file__).resolve().parent.parent / "setup.py").exists()
+
+
+def _fix_hint() -> str:
+    return _REBUILD_HINT if _in_source_tree() else _REINSTALL_HINT
 
 
 @dataclass(frozen=True)
@@ -28,7 +40,7 @@ class Extension:
     loaded: bool
     error: Optional[str]
     info: dict[str, Any] = field(default_factory=dict)
-    broken: bool = False  # a library is there but unusable (built for another torch, bad load)
+    broken: bool = False  # a library was expected but is unusable (another torch, bad load, missing)
 
     @property
     def with_cpu(self) -> bool:
@@ -72,7 +84,7 @@ def _mismatch(record: dict[str, Any]) -> Optional[str]:
         return ".".join(public.split(".")[:2]), local
     if key(built) != key(torch.__version__):
         return (f"stt_kernels._C was built for {_built_description(record)}; "
-                f"you have {_runtime_description()}: {_REBUILD_HINT}")
+                f"you have {_runtime_description()}: {_fix_hint()}")
     return None
 
 
@@ -83,9 +95,14 @@ def _load() -> Extension:
     except ModuleNotFoundError as exc:
         if exc.name != "stt_kernels._C":
             raise
+        if record or not _in_source_tree():
+            # Built or installed, so the compiled backends were expected: their absence must
+            # not pass for the normal state of a fresh checkout.
+            return Extension(loaded=False, error=f"stt_kernels._C is missing from {Path(__file__).parent}; "
+                             f"{_fix_hint()}", broken=True)
         return Extension(loaded=False, error=f"stt_kernels._C is not built; {_REBUILD_HINT}")
     except ImportError as exc:
-        reason = _mismatch(record) or f"stt_kernels._C failed to load; {_REBUILD_HINT}"
+        reason = _mismatch(record) or f"stt_kernels._C failed to load; {_fix_hint()}"
         return Extension(loaded=False, error=f"{reason} (the loader said: {exc})", broken=True)
     info = dict(module.build_info())
     reason = _mismatch({**record, **info})
@@ -98,7 +115,8 @@ def _load() -> Extension:
 EXTENSION = _load()
 
 if EXTENSION.broken:
-    # A library exists but cannot be used: say so once, at import. Without any library
-    # (a plain source checkout) the backend report is enough.
+    # A library was expected (it exists, or the package was built or installed) but cannot
+    # be used: say so once, at import, or 'auto' would quietly run the slow reference. In a
+    # checkout that was never built the backend report is enough.
     warnings.warn(f"{EXTENSION.error}; the 'cpu' and 'cuda' backends are off, "
                   "'reference' and 'triton' still work", RuntimeWarning, stacklevel=2)
