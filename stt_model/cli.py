@@ -9,14 +9,28 @@ outputs are written under temporary names and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
+
+# The [model] extra of pyproject.toml (package: import name), which every command needs. Only
+# torch is imported at the top, so that without them `stt` still starts and can say so.
+MODEL_EXTRA_MODULES = {
+    "numpy": "numpy", "h5py": "h5py", "scipy": "scipy", "scikit-image": "skimage", "tifffile": "tifffile",
+    "pillow": "PIL", "zarr": "zarr", "pyyaml": "yaml", "connected-components-3d": "cc3d",
+    "matplotlib": "matplotlib",
+}
+
+
+def missing_model_extras() -> list[str]:
+    """The packages of the [model] extra that are not installed (looked up, not imported)."""
+    return [package for package, module in MODEL_EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
+
 
 EXAMPLES = {
     "demo": """examples:
@@ -148,6 +162,8 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def _train(args: argparse.Namespace) -> int:
     import contextlib
     import math
+
+    import numpy as np
 
     from .checkpoint import checkpoint_config, load_checkpoint
     from .config import load_config
@@ -330,6 +346,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one ``stt`` command; returns the exit status: 0, 2 for an error the user can fix (one
     line on stderr), 130 for Ctrl-C and 143 for SIGTERM (``stt <cmd>: interrupted (...)``)."""
+    if missing := missing_model_extras():
+        print(f"stt: error: {', '.join(missing)} not installed; the stt commands need the model extras: "
+              "pip install 'stt-kernels[model]'", file=sys.stderr)
+        return 2
     from stt_kernels import BackendUnavailableError
 
     from .config import ConfigError
