@@ -72,7 +72,8 @@ def test_python_m_bench_that_measured_nothing_exits_1(tmp_path, capsys, tiny_cei
 def test_python_m_bench_refuses_bad_options_in_one_line(tmp_path, capsys):
     assert bench_cli.main(["--quick", "--out", str(tmp_path / "b"), "--repeats", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["python -m stt_kernels.bench: error: repeats (--repeats) must be an int >= 1; got 0"]
+    assert err.strip().splitlines() == [
+        "python -m stt_kernels.bench: error: repeats (--repeats) must be an int >= 1; got 0"]
 
 
 def test_a_run_that_measures_exits_0(tmp_path, capsys, tiny_ceilings):
