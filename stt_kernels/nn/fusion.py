@@ -17,9 +17,17 @@ from .attention import module_backend
 
 
 def _slices(x: torch.Tensor) -> torch.Tensor:
-    """``(B, T, H, W, C)`` -> ``(B*T, C, H, W)``, a channels-last view."""
+    """``(B, T, H, W, C)`` -> ``(B*T, C, H, W)``: a channels-last view in eager, a contiguous
+    copy under ``torch.compile``."""
     b, t, h, w, c = x.shape
-    return x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+    y = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+    if torch.compiler.is_compiling():
+        # Traced with dynamic H, W, a channels-last view saved for backward makes inductor
+        # (torch 2.14) compare symbolic strides it cannot order ("cannot determine truth value
+        # of Relational", pytorch#185510). A channels-last clone is removed as a no-op, so the
+        # copy is contiguous. Dynamo shows sizes as ints, so static traces copy too.
+        y = y.contiguous()
+    return y
 
 
 def _volume(y: torch.Tensor, b: int, t: int) -> torch.Tensor:
@@ -59,7 +67,9 @@ class DeformableFusion(nn.Module):
         x = _slices(spatial)
         predicted = self.predictor(_slices(temporal))
         split = 2 * self.offset_groups * self.kernel_size ** 2
-        offset, mask = predicted[:, :split], torch.sigmoid(predicted[:, split:])
+        # The kernels read offsets contiguous anyway; a contiguous offset is also not a view,
+        # which inductor's stride ordering needs under dynamic shapes (see _slices).
+        offset, mask = predicted[:, :split].contiguous(), torch.sigmoid(predicted[:, split:])
         # Under autocast the branches may be half precision while parameters stay float32.
         dtype = x.dtype
         y = deform_conv2d(x, offset.to(dtype), mask.to(dtype), self.weight.to(dtype), self.bias.to(dtype),

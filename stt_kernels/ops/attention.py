@@ -7,8 +7,11 @@ Both are one kernel, attention over the sequence axis of a 5-d strided view
 
 Each op is a ``torch.library`` custom op ``stt::<name>`` returning ``(out, lse)``, with a
 fake kernel and a backward op ``stt::<name>_backward`` (flash style: recompute from the
-saved log-sum-exp), so ``torch.compile`` traces it. ``backend='reference'`` bypasses the
-custom op and runs the plain-PyTorch spec under ordinary autograd.
+saved log-sum-exp), so ``torch.compile`` traces it. Every output is contiguous whatever the
+inputs' strides: ``out`` and the gradients ``(B, T, H, W, heads, d)``, ``lse`` float32
+``(B, Z, heads, N)``. The op's ``backend`` argument may be ``auto``, resolved by device when
+the op runs. ``backend='reference'`` asked for by name bypasses the custom op and runs the
+plain-PyTorch spec under ordinary autograd.
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ from typing import Callable, Optional
 import torch
 
 from .. import reference
-from ..backend import resolve
+from ..backend import requested_backend, resolve
 from ..validation import check_attention
-from .kernels import attention_kernels
-
+from .kernels import Kernels, attention_kernels
 
 
 def spatial_view(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,7 @@ class _AttentionOp:
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(_lse_shape(self.view(q)), dtype=torch.float32, device=q.device)
-        attention_kernels(backend).forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
+        attention_kernels.for_call(backend, q.device).forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
         return out, lse
 
     def _forward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -68,7 +70,7 @@ class _AttentionOp:
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         views = [self.view(t) for t in (q, k, v, out, grad_out)]
-        attention_kernels(backend).backward(*views, lse, scale, *(self.view(g) for g in grads))
+        attention_kernels.for_call(backend, q.device).backward(*views, lse, scale, *(self.view(g) for g in grads))
         return grads[0], grads[1], grads[2]
 
     def _backward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -94,12 +96,42 @@ _SPATIAL = _AttentionOp("spatial_attention", spatial_view)
 _TEMPORAL = _AttentionOp("temporal_attention", temporal_view)
 
 
+def _as_slice(x: torch.Tensor) -> torch.Tensor:
+    """A ``(B, Z, N, heads, d)`` sequence view as the spec's ``(B, Z, N, 1, heads, d)`` slices."""
+    return x.unsqueeze(3)
+
+
+def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       scale: float) -> None:
+    # Attention along N of a sequence view is the spec's spatial attention on N x 1 slices.
+    out.copy_(reference.spatial_attention(_as_slice(q), _as_slice(k), _as_slice(v), scale).squeeze(3))
+    scores = torch.einsum("bznhd,bzmhd->bzhnm", q.float(), k.float()) * scale
+    lse.copy_(torch.logsumexp(scores, dim=-1))
+
+
+def _reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        grad_out: torch.Tensor, lse: torch.Tensor, scale: float, grad_q: torch.Tensor,
+                        grad_k: torch.Tensor, grad_v: torch.Tensor) -> None:
+    # A custom op runs below autograd; torch.func differentiates the spec regardless.
+    _, vjp = torch.func.vjp(lambda q, k, v: reference.spatial_attention(q, k, v, scale),
+                            _as_slice(q), _as_slice(k), _as_slice(v))
+    for grad, value in zip((grad_q, grad_k, grad_v), vjp(_as_slice(grad_out))):
+        grad.copy_(value.squeeze(3))
+
+
+attention_kernels.register("reference", Kernels(_reference_forward, _reference_backward))
+
+
 def _run(op: _AttentionOp, spec: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          scale: Optional[float], backend: Optional[str]) -> torch.Tensor:
     scale = check_attention(q, k, v, scale)
-    name = resolve(backend, q.device, op.name, attention_kernels.implemented())
-    if name == "reference":
-        return spec(q, k, v, scale)
+    name = requested_backend(backend)
+    if name != "auto":
+        # A backend asked for (argument, context or STT_BACKEND) is checked now and recorded in
+        # a traced graph; "auto" is passed on and resolved by the op when it runs.
+        name = resolve(name, q.device, op.name, attention_kernels.implemented())
+        if name == "reference":
+            return spec(q, k, v, scale)
     return op.forward(q, k, v, scale, name)[0]
 
 

@@ -9,6 +9,11 @@ A ``torch.library`` custom op ``stt::deform_conv2d`` with a fake kernel and a ba
 
 with ``mask``/``bias`` possibly ``None`` and ``grad_mask`` empty when ``mask`` is ``None``;
 the bias gradient is a plain sum over ``grad_out`` and is taken here.
+
+The ops return contiguous tensors whatever a kernel returns and whatever the inputs' strides
+(the fake kernels promise the same). A layout that followed ``x`` would make the fake kernel
+branch on strides, which under dynamic shapes turns into guards that specialise H and W. The op's ``backend`` argument may be ``auto``, resolved by
+device when the op runs.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference
-from ..backend import resolve
+from ..backend import requested_backend, resolve
 from ..validation import IntPair, check_deform_conv2d
-from .kernels import deform_conv2d_kernels
+from .kernels import Kernels, deform_conv2d_kernels
 
 
 def _output_shape(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
@@ -32,7 +37,7 @@ def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torc
                       bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int], offset_groups: int, backend: str) -> torch.Tensor:
     groups = x.shape[1] // weight.shape[1]
-    out = deform_conv2d_kernels(backend).forward(
+    out = deform_conv2d_kernels.for_call(backend, x.device).forward(
         x, offset, mask, weight, bias, *stride, *padding, *dilation, offset_groups, groups)
     return out.contiguous()  # the layout the fake kernel promises
 
@@ -48,15 +53,15 @@ def _deform_conv2d_backward_op(
         weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
         offset_groups: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     groups = x.shape[1] // weight.shape[1]
-    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_kernels(backend).backward(
+    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_kernels.for_call(backend, x.device).backward(
         grad_out, x, offset, mask, weight, *stride, *padding, *dilation, offset_groups, groups)
-    return grad_x, grad_offset, grad_mask, grad_weight
+    return grad_x.contiguous(), grad_offset.contiguous(), grad_mask.contiguous(), grad_weight.contiguous()
 
 
 @_deform_conv2d_backward_op.register_fake
 def _(grad_out, x, offset, mask, weight, stride, padding, dilation, offset_groups, backend):
-    grad_mask = torch.empty_like(mask) if mask is not None else x.new_empty((0,))
-    return torch.empty_like(x), torch.empty_like(offset), grad_mask, torch.empty_like(weight)
+    grad_mask = x.new_empty(mask.shape) if mask is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), x.new_empty(offset.shape), grad_mask, x.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -78,6 +83,30 @@ def _backward(ctx, grad_out: torch.Tensor):
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _reference_forward(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                       offset_groups: int, weight_groups: int) -> torch.Tensor:
+    return reference.deform_conv2d(x, offset, mask, weight, bias, (sh, sw), (ph, pw), (dh, dw))
+
+
+def _reference_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
+                        weight: torch.Tensor, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                        offset_groups: int, weight_groups: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def spec(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
+        return reference.deform_conv2d(x, offset, mask[0] if mask else None, weight, None, (sh, sw), (ph, pw),
+                                       (dh, dw))
+
+    # A custom op runs below autograd; torch.func differentiates the spec regardless.
+    _, vjp = torch.func.vjp(spec, x, offset, weight, *(() if mask is None else (mask,)))
+    grads = vjp(grad_out)
+    grad_mask = grads[3] if mask is not None else x.new_empty((0,))
+    return grads[0], grads[1], grad_mask, grads[2]
+
+
+deform_conv2d_kernels.register("reference", Kernels(_reference_forward, _reference_backward))
+
+
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 1,
                   dilation: IntPair = 1, backend: Optional[str] = None) -> torch.Tensor:
@@ -90,8 +119,12 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Te
     """
     stride, padding, dilation, offset_groups, _ = check_deform_conv2d(
         x, offset, mask, weight, bias, stride, padding, dilation)
-    name = resolve(backend, x.device, "deform_conv2d", deform_conv2d_kernels.implemented())
-    if name == "reference":
-        return reference.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation)
+    name = requested_backend(backend)
+    if name != "auto":
+        # A backend asked for is checked now and recorded in a traced graph; "auto" is resolved
+        # by the op when it runs.
+        name = resolve(name, x.device, "deform_conv2d", deform_conv2d_kernels.implemented())
+        if name == "reference":
+            return reference.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation)
     return _deform_conv2d_op(x, offset, mask, weight, bias, list(stride), list(padding), list(dilation),
                              offset_groups, name)

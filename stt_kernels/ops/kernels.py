@@ -5,12 +5,16 @@ The compiled library declares its kernels as ``torch.ops.stt._<op>_forward`` /
 is read off the dispatcher, so this table can never claim a kernel that was not built.
 Triton kernels live in Python modules named here with :meth:`KernelTable.register_module`;
 a module is imported on first use (importing Triton costs a second) and registers its
-kernels with :meth:`KernelTable.register`.
+kernels with :meth:`KernelTable.register`. The op modules register ``reference`` kernels
+(the plain-PyTorch spec in this calling convention), because ``auto`` is resolved when a
+custom op runs (:meth:`KernelTable.for_call`), and it may resolve to ``reference`` there.
+
+Output layout contract: the custom ops, not the kernels, fix the strides of what they return
+(the fake kernels promise the same), so a kernel may return any layout.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +22,7 @@ from typing import Callable
 import torch
 
 from .._extension import EXTENSION
+from ..backend import resolve
 
 # Backend name -> dispatch key of the compiled kernels it runs.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -31,13 +36,26 @@ class Kernels:
     backward: Callable[..., object]
 
 
+def _compiled_backends(op: str) -> frozenset[str]:
+    if not EXTENSION.loaded:
+        return frozenset()
+    return frozenset(
+        name for name, key in _DISPATCH_KEYS.items()
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::_{op}_{step}", key)
+               for step in ("forward", "backward")))
+
+
 class KernelTable:
-    """The kernels of one op, by backend. ``reference`` is not here: it needs no kernel."""
+    """The kernels of one op, by backend."""
 
     def __init__(self, op: str):
         self.op = op
         self._python: dict[str, Kernels] = {}
         self._modules: dict[str, str] = {}
+        # Read once, here: the library registered its kernels when it loaded (before this
+        # module ran) and they do not change. A plain attribute, not a cached_property, whose
+        # lock (Python 3.11) torch.compile cannot trace when the first call is compiled.
+        self._compiled_backends = _compiled_backends(op)
 
     def register(self, backend: str, kernels: Kernels) -> None:
         self._python[backend] = kernels
@@ -45,17 +63,6 @@ class KernelTable:
     def register_module(self, backend: str, module: str) -> None:
         """``module`` (imported on first use) registers ``backend``'s kernels for this op."""
         self._modules[backend] = module
-
-    @functools.cached_property
-    def _compiled_backends(self) -> frozenset[str]:
-        # Read once: registrations do not change after the library loads, and a plain
-        # set keeps backend resolution traceable by torch.compile.
-        if not EXTENSION.loaded:
-            return frozenset()
-        return frozenset(
-            name for name, key in _DISPATCH_KEYS.items()
-            if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::_{self.op}_{step}", key)
-                   for step in ("forward", "backward")))
 
     def _compiled(self, backend: str) -> bool:
         return backend in self._compiled_backends
@@ -72,6 +79,14 @@ class KernelTable:
             ops = torch.ops.stt
             return Kernels(getattr(ops, f"_{self.op}_forward"), getattr(ops, f"_{self.op}_backward"))
         raise NotImplementedError(f"{self.op} has no '{backend}' kernel")
+
+    def for_call(self, backend: str, device: torch.device) -> Kernels:
+        """The kernels a custom op runs for ``backend`` (a name or ``auto``) on ``device``.
+
+        Called inside the op's implementation, so an ``auto`` recorded in a traced or exported
+        graph is resolved where and when the graph runs, not where it was traced.
+        """
+        return self(resolve(backend, device, self.op, self.implemented()))
 
 
 attention_kernels = KernelTable("attention")
