@@ -1,5 +1,7 @@
-"""Builds ``stt_kernels._C``: C++ CPU kernels always, CUDA kernels when torch is a CUDA build
-and nvcc is found, HIP kernels (hipified CUDA sources) when torch is a ROCm build.
+"""Builds ``stt_kernels._C`` (op schemas, Python binding; CUDA kernels when torch is a CUDA build
+and nvcc is found, HIP kernels (hipified CUDA sources) when torch is a ROCm build) and the C++ CPU
+kernels, once per x86 capability: ``stt_kernels._cpu_default`` (x86-64 baseline), ``_cpu_avx2``
+and ``_cpu_avx512``, of which the package loads the best one the CPU runs (``stt_kernels/_isa.py``).
 
 Environment:
   STT_BUILD_CUDA=auto|0|1   GPU kernels: auto (default) builds them when possible, 0 skips
@@ -7,8 +9,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST      CUDA archs; default: the visible GPUs, else "8.0;9.0" (A100, H100).
   PYTORCH_ROCM_ARCH         ROCm archs; default: the visible GPUs, else "gfx90a;gfx942" (MI250X, MI300X).
   MAX_JOBS                  parallel compile jobs; default: sized from free memory.
-  STT_DEBUG=1               -O0 -g.
-  STT_PORTABLE=1            no -march=native (for binaries that move to other x86 machines).
+  STT_DEBUG=1               -O0 -g, not stripped (release libraries are stripped).
+  STT_NATIVE=1              one CPU kernel library compiled with -march=native, for the machine
+                            that builds it only (the default builds are portable).
 
 Only the commands that compile (build, build_ext, bdist_wheel, editable_wheel, install,
 develop) import torch; sdist, egg_info and dist_info do not, so making an sdist needs no torch.
@@ -20,7 +23,9 @@ A built wheel pins that torch (``torch==X.Y.Z``); the sdist asks for ``torch>=2.
 
 from __future__ import annotations
 
+import functools
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -178,11 +183,12 @@ def _default_jobs(mode: str) -> None:
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free // per_job))))
 
 
-def sources(mode: str) -> list[str]:
-    """The same globs as CMakeLists.txt, plus the Python binding that only this build has."""
-    patterns = ["csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/python/*.cpp"]
-    if mode != "cpu":
-        patterns.append("csrc/cuda/*.cu")
+def sources(mode: str, part: str) -> list[str]:
+    """``part`` "binding": the sources of ``_C`` (schemas, Python binding, GPU kernels); "cpu":
+    those of a CPU kernel library. Together the same globs as CMakeLists.txt, plus the Python
+    binding that only this build has."""
+    patterns = {"binding": ["csrc/*.cpp", "csrc/python/*.cpp", *(["csrc/cuda/*.cu"] if mode != "cpu" else [])],
+                "cpu": ["csrc/cpu/*.cpp"]}[part]
     return sorted(str(Path(p).relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
 
 
@@ -195,41 +201,75 @@ def _archs(mode: str) -> str:
     return ""
 
 
-def extension(mode: str):
+@functools.lru_cache(maxsize=None)
+def _isa():
+    """``stt_kernels/_isa.py``, read by path: the package cannot be imported while it is built."""
+    spec = importlib.util.spec_from_file_location("_stt_isa", ROOT / "stt_kernels" / "_isa.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look up their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_builds() -> tuple:
+    """The CPU kernel libraries this build makes (``_cpu_<name>``, ``_isa.Capability``), lowest first."""
+    return _isa().build_capabilities(platform.machine(), native=os.environ.get("STT_NATIVE") == "1")
+
+
+def extensions(mode: str) -> list:
+    """``_C``, compiled for the CPU baseline, and one CPU kernel library per capability."""
     debug = os.environ.get("STT_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: Python's CFLAGS carry -g, which slows the compile and makes a 0.5 MB library 18 MB.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    link = [*openmp, *([] if debug else ["-s"])]
     # No -std flag: torch picks the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
     cxx = [*opt, *openmp, "-Wall", "-Wno-unused-function"]
-    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("STT_PORTABLE") != "1":
-        # Built from source on the machine that runs it: use its vector units (AVX2/AVX-512).
-        cxx.append("-march=native")
-    defines = [("STT_TORCH_VERSION", f'"{torch.__version__}"'), ("STT_ARCHS", f'"{_archs(mode)}"')]
+    # setuptools rebuilds nothing when only a header changed unless it is named here.
+    headers = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "include" / "stt").glob("*.h"))
+    # include_dirs: a list of its own each, as CppExtension appends torch's folders in place.
+    kernels = [
+        cpp_extension.CppExtension(
+            name=f"stt_kernels._cpu_{capability.name}", sources=sources(mode, "cpu"),
+            include_dirs=[str(CSRC / "include")], depends=headers,
+            extra_compile_args={"cxx": [*cxx, *capability.flags]}, extra_link_args=link)
+        for capability in cpu_builds()
+    ]
+    baseline = [*cxx, *_isa().baseline_flags(platform.machine())]
+    defines = [("STT_TORCH_VERSION", f'"{torch.__version__}"'), ("STT_ARCHS", f'"{_archs(mode)}"'),
+               ("STT_CPU_CAPABILITIES", '"' + ",".join(c.name for c in cpu_builds()) + '"'),
+               *([("STT_DEBUG_BUILD", "1")] if debug else [])]
     kwargs = dict(
         name="stt_kernels._C",
-        sources=sources(mode),
+        sources=sources(mode, "binding"),
         include_dirs=[str(CSRC / "include")],
+        depends=headers,
         define_macros=defines,
-        extra_link_args=openmp,
+        extra_link_args=link,
     )
     if mode == "cpu":
-        return cpp_extension.CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
-    gpu_flags = [*opt]
+        return [cpp_extension.CppExtension(extra_compile_args={"cxx": baseline}, **kwargs), *kernels]
+    gpu_flags = ["-O0", "-g"] if debug else ["-O3"]  # nvcc has no -g0 (nor gets -g from Python's CFLAGS)
     if mode == "cuda":
         gpu_flags += ["--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["include_dirs"] += _pip_cuda_includes()
         defines.append(("STT_WITH_CUDA", "1"))
     else:
         defines.append(("STT_WITH_HIP", "1"))
-    return cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": gpu_flags}, **kwargs)
+    return [cpp_extension.CUDAExtension(extra_compile_args={"cxx": baseline, "nvcc": gpu_flags}, **kwargs), *kernels]
 
 
 class BuildExtension(_TorchBuildExtension):
-    def build_extensions(self) -> None:
-        # A fixed build folder (pip would use a fresh temporary one) lets ninja rebuild
-        # only what changed: a one-file edit costs one compile, not the whole CUDA build.
-        self.build_temp = str(ROOT / "build" / f"temp-{MODE}-py{sys.version_info.major}{sys.version_info.minor}")
-        super().build_extensions()
+    def build_extension(self, ext) -> None:
+        # A fixed build folder (pip would use a fresh temporary one) lets ninja rebuild only
+        # what changed: a one-file edit costs one compile, not the whole CUDA build. One folder
+        # per library: the kernel libraries compile the same sources with different flags.
+        # Theirs do not depend on the GPU mode, so CPU-only and full builds share them.
+        python = f"py{sys.version_info.major}{sys.version_info.minor}"
+        library = ext.name.rpartition(".")[2]
+        folder = f"temp-{MODE}-{python}" if library == "_C" else f"temp-{python}-{library}"
+        self.build_temp = str(ROOT / "build" / folder)
+        super().build_extension(ext)
 
 
 def write_build_record(mode: str) -> None:
@@ -241,6 +281,7 @@ def write_build_record(mode: str) -> None:
         "hip_version": getattr(torch.version, "hip", None) if mode == "hip" else None,
         "mode": mode,
         "archs": _archs(mode),
+        "cpu_capabilities": [c.name for c in cpu_builds()],
     }
     target = ROOT / "stt_kernels" / "_build_info.json"
     tmp = target.with_suffix(".tmp")
@@ -258,6 +299,6 @@ setup(
     packages=find_packages(include=["stt_kernels*", "stt_model*"]),
     package_data={"stt_kernels": ["_build_info.json", "py.typed"], "stt_model": ["configs/*.yaml", "py.typed"]},
     install_requires=[torch_requirement(torch.__version__ if COMPILING else None)],
-    ext_modules=[extension(MODE)] if COMPILING else [],
+    ext_modules=extensions(MODE) if COMPILING else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if COMPILING else {},
 )

@@ -1,6 +1,8 @@
-"""Loading the compiled library ``stt_kernels._C`` and explaining why it is missing.
+"""Loading the compiled libraries and explaining why they are missing.
 
-The compiled library registers the C++/CUDA kernels as ``torch.ops.stt.*`` when it loads.
+``stt_kernels._C`` registers the op schemas and the CUDA kernels as ``torch.ops.stt.*`` when
+it loads; then one CPU kernel library, the best this CPU runs, registers the CPU kernels
+(``_isa.py``).
 A library built against another torch usually fails to load with an undefined-symbol
 error; we turn that into a sentence naming both versions, read from the build record
 ``_build_info.json`` that ``setup.py`` writes beside the library.
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from . import _isa
 
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
 _REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in the source tree (or `make build`)"
@@ -41,10 +45,19 @@ class Extension:
     error: Optional[str]
     info: dict[str, Any] = field(default_factory=dict)
     broken: bool = False  # a library was expected but is unusable (another torch, bad load, missing)
+    cpu: Optional[_isa.CpuKernels] = None  # the CPU kernel library, once _C has loaded
 
     @property
     def with_cpu(self) -> bool:
-        return self.loaded
+        return self.loaded and self.cpu is not None and self.cpu.capability is not None
+
+    @property
+    def cpu_report(self) -> str:
+        """Where the CPU kernels come from, or why there are none."""
+        if not self.loaded:
+            return self.error or "stt_kernels._C is not built"
+        assert self.cpu is not None
+        return self.cpu.description if self.cpu.error is None else f"{self.cpu.error}; {_fix_hint()}"
 
     @property
     def with_cuda(self) -> bool:
@@ -109,7 +122,9 @@ def _load() -> Extension:
     if reason is not None:
         # It loaded, but the C++ ABI of another torch version can crash later: refuse it.
         return Extension(loaded=False, error=reason, info=info, broken=True)
-    return Extension(loaded=True, error=None, info=info)
+    features = module.cpu_features() if hasattr(module, "cpu_features") else {}
+    cpu = _isa.load_cpu_kernels(info.get("cpu_capabilities", []), features)
+    return Extension(loaded=True, error=None, info={**info, **cpu.as_info()}, cpu=cpu)
 
 
 EXTENSION = _load()
@@ -120,3 +135,6 @@ if EXTENSION.broken:
     # checkout that was never built the backend report is enough.
     warnings.warn(f"{EXTENSION.error}; the 'cpu' and 'cuda' backends are off, "
                   "'reference' and 'triton' still work", RuntimeWarning, stacklevel=2)
+elif EXTENSION.loaded and not EXTENSION.with_cpu:
+    warnings.warn(f"{EXTENSION.cpu_report}; the 'cpu' backend is off, 'reference' runs CPU tensors",
+                  RuntimeWarning, stacklevel=2)

@@ -65,9 +65,7 @@ def _status(name: str) -> BackendStatus:
     if name == "reference":
         return BackendStatus(name, True, "plain PyTorch, runs on every device", True)
     if name == "cpu":
-        if EXTENSION.with_cpu:
-            return BackendStatus(name, True, "C++ kernels in stt_kernels._C", True)
-        return BackendStatus(name, False, EXTENSION.error or "stt_kernels._C is not built", False)
+        return BackendStatus(name, EXTENSION.with_cpu, EXTENSION.cpu_report, EXTENSION.with_cpu)
     if name == "cuda":
         if not EXTENSION.loaded:
             return BackendStatus(name, False, EXTENSION.error or "stt_kernels._C is not built", False)

@@ -1,7 +1,9 @@
-"""The build: the CUDA sources hipify cleanly, CMake builds the same sources for LibTorch,
-and a library built for another torch fails with a sentence while 'reference' still works."""
+"""The build: the CUDA sources hipify cleanly, CMake builds the same sources for LibTorch
+(its CPU kernels for the capability asked), and a library built for another torch fails with
+a sentence while 'reference' still works."""
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 import stt_kernels
-from stt_kernels._extension import _mismatch
+from stt_kernels import _isa
+from stt_kernels._extension import EXTENSION, _mismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,23 +81,45 @@ def test_library_for_another_torch_leaves_reference_working(tmp_path):
     assert "refused: backend 'cpu' cannot run spatial_attention" in result.stdout
 
 
+def test_cmake_compiles_each_capability_with_the_flags_the_package_uses():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    for capability in _isa.X86_CAPABILITIES:
+        found = re.search(rf"set\(STT_CPU_FLAGS_{capability.name} ([^)]*)\)", text)
+        assert found, f"CMakeLists.txt has no flags for {capability.name}"
+        assert tuple(found.group(1).split()) == capability.flags, capability.name
+
+
+def _cmake_capability() -> str:
+    """avx2 where this CPU runs it (a capability other than the default native, so the test sees
+    the option take effect), else the baseline."""
+    features = stt_kernels._C.cpu_features() if EXTENSION.loaded else {}
+    avx2 = next(c for c in _isa.X86_CAPABILITIES if c.name == "avx2")
+    return "avx2" if all(features.get(f, False) for f in avx2.features) else "default"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 def test_cmake_builds_the_same_sources():
     build = ROOT / "build" / "cmake-test"  # kept between runs so ninja rebuilds only what changed
     prefix = torch.utils.cmake_prefix_path
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), *generator, f"-DCMAKE_PREFIX_PATH={prefix}"],
-                   check=True, capture_output=True, text=True)
+    capability = _cmake_capability()
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), *generator, f"-DCMAKE_PREFIX_PATH={prefix}",
+                    f"-DSTT_CPU_CAPABILITY={capability}"], check=True, capture_output=True, text=True)
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2"], check=True, capture_output=True, text=True)
     library = build / "libstt_kernels.so"
     assert library.exists()
     # Load it into a torch that has not loaded stt_kernels._C (both would define the schemas).
     script = textwrap.dedent(f"""
-        import torch
+        import ctypes, torch
         torch.ops.load_library({str(library)!r})
         for op in ("_attention_forward", "_attention_backward", "_deform_conv2d_forward", "_deform_conv2d_backward"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key("stt::" + op, "CPU"), op
+        report = ctypes.CDLL({str(library)!r}).stt_cpu_kernels_capability
+        report.restype = ctypes.c_char_p
+        print(report().decode())
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert result.stdout.split()[-1] == f"stt_{capability}", "STT_CPU_CAPABILITY did not reach the compiler"

@@ -2,10 +2,12 @@
 //
 // at::vec picks its implementation from CPU_CAPABILITY_* macros that torch's own build sets
 // per source file; an extension that includes it bare gets the scalar fallback (exp_u20
-// becomes a lane-by-lane std::exp). Set them from what the compiler targets (setup.py passes
-// -march=native). CPU_CAPABILITY is the inline namespace of the vec types: naming it per
-// capability keeps translation units built with different flags from sharing (ODR-clashing)
-// definitions. Include this before any other ATen header in a kernel source.
+// becomes a lane-by-lane std::exp). Set them from what the compiler targets: setup.py builds
+// the CPU kernels once per capability, each into its own library with its own flags
+// (stt_kernels/_isa.py: -mavx2 -mfma -mf16c, -mavx512f ...), and loads the one the CPU runs.
+// CPU_CAPABILITY is the inline namespace of the vec types: naming it per capability keeps
+// code built with different flags from sharing (ODR-clashing) definitions. Include this
+// before any other ATen header in a kernel source.
 #pragma once
 
 #if !defined(CPU_CAPABILITY)
