@@ -6,13 +6,15 @@
 #   make demo       the main job: synthetic EM -> train tiny-cpu -> segment -> evaluate -> demo_out/
 #   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
 #   make cmake      build the same sources with CMake (the LibTorch library)
+#   make gpu-check  on a GPU machine, with its own python3: build, GPU tests, probe, sanitizer, bench
+#                   into OUT (benchmarks/gpu_check.py; 9 minutes at most); CI runs it dry
 PYTHON_BOOTSTRAP ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all test test-install demo build build-cpu cmake clean venv
+.PHONY: all test test-install demo build build-cpu cmake clean venv gpu-check
 
 all: test
 
@@ -40,6 +42,10 @@ test: build
 test-install: $(DEPS)
 	$(PY) tests/install_check.py
 
+OUT ?= gpu_check_out
+gpu-check:
+	OUT=$(OUT) python3 benchmarks/gpu_check.py
+
 demo: build
 	$(PY) -m stt_model.cli demo $(DEMO_ARGS)
 
@@ -48,4 +54,4 @@ cmake: $(DEPS)
 	cmake --build build/cmake
 
 clean:
-	rm -rf build dist *.egg-info stt_kernels/_C*.so stt_kernels/_build_info.json
+	rm -rf build dist *.egg-info stt_kernels/_C*.so stt_kernels/_cpu_*.so stt_kernels/_build_info.json

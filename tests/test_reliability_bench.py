@@ -82,3 +82,21 @@ def test_a_run_that_measures_exits_0(tmp_path, capsys, tiny_ceilings):
     argv[argv.index("cuda")] = "reference"
     code, stdout, _ = _stt(argv, capsys)
     assert code == 0 and stdout.strip() == f"results -> {out / 'results.json'}"
+
+
+def test_an_earlier_run_is_replaced_only_with_overwrite(tmp_path, capsys, tiny_ceilings):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.json").write_text("earlier\n")
+    (out / "mine.txt").write_text("mine\n")
+    argv = _nothing_to_run(out)
+    argv[argv.index("cuda")] = "reference"
+    code, stdout, stderr = _stt(argv, capsys)
+    assert code == 2 and stdout == ""
+    assert stderr.strip().splitlines() == [
+        f"stt bench: error: out (--out) {str(out)!r} already holds an earlier run's results.json; "
+        "give another folder, or --overwrite to replace them"]
+    assert (out / "results.json").read_text() == "earlier\n"
+    code, stdout, _ = _stt([*argv, "--overwrite"], capsys)
+    assert code == 0 and (out / "results.json").read_text() != "earlier\n"
+    assert (out / "mine.txt").read_text() == "mine\n"

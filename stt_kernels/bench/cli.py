@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: skip the per-case subprocess (no peak memory, no OOM guard)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --out")
     parser.add_argument("--results-md", type=Path, help="also update this device's section of this file "
                         "(benchmarks/RESULTS.md)")
 
@@ -69,7 +70,8 @@ def options_from_args(args: argparse.Namespace, command: Optional[list[str]] = N
         out=args.out, tier=args.tier, ops=args.ops, backends=args.backends, peers=args.peers,
         dtypes=args.dtypes, passes=args.passes, device=args.device, warmup=args.warmup, repeats=args.repeats,
         memory_cap_bytes=None if args.memory_cap_mb is None else int(args.memory_cap_mb * 2 ** 20),
-        cpu_memory=args.cpu_memory, threads=args.threads, plots=args.plots, results_md=args.results_md, command=command)
+        cpu_memory=args.cpu_memory, threads=args.threads, plots=args.plots, results_md=args.results_md, command=command,
+        overwrite=args.overwrite)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

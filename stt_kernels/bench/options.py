@@ -46,6 +46,7 @@ class Options:
       choice). On a machine shared with other work, fewer threads than cores avoids OpenMP
       waiting for descheduled threads, which can cost whole scheduler time slices per call.
     - ``results_md``: also update this device's section of a ``RESULTS.md``.
+    - ``overwrite``: replace the results of an earlier run in ``out`` (refused without it).
     """
 
     out: Path
@@ -67,6 +68,7 @@ class Options:
     results_md: Optional[Path] = None
     command: Optional[list[str]] = None
     seed: int = 0
+    overwrite: bool = False
     progress: Callable[[str], None] = field(default=_stderr, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +97,10 @@ class Options:
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out (--out) must be a directory for results.json, report.md and the plots; "
                              f"{str(self.out)!r} is an existing file")
+        earlier = [name for name in ("results.json", "report.md") if (self.out / name).exists()]
+        if earlier and not self.overwrite:
+            raise ValueError(f"out (--out) {str(self.out)!r} already holds an earlier run's {', '.join(earlier)}; "
+                             "give another folder, or --overwrite to replace them")
 
     def torch_device(self) -> torch.device:
         if self.device is not None:
