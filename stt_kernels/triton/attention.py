@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..ops.kernels import Kernels, attention_kernels
+from .launch import on_tensor_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _HIP = torch.version.hip is not None and not _INTERPRET
@@ -541,4 +542,4 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         z, heads, n, d, scale, qk_scale, **meta)
 
 
-attention_kernels.register("triton", Kernels(forward, backward))
+attention_kernels.register("triton", Kernels(on_tensor_device(forward), on_tensor_device(backward)))

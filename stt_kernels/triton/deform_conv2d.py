@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..ops.kernels import Kernels, deform_conv2d_kernels
 from .attention import refuse_interpreted_bfloat16
+from .launch import on_tensor_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -301,4 +302,4 @@ def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, offset_g
     return grad_x.to(x.dtype), grad_offset.to(x.dtype), grad_mask, grad_weight.to(x.dtype)
 
 
-deform_conv2d_kernels.register("triton", Kernels(forward, backward))
+deform_conv2d_kernels.register("triton", Kernels(on_tensor_device(forward), on_tensor_device(backward)))
