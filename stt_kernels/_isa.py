@@ -22,9 +22,10 @@ so it uses the standard library alone.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
+from importlib.machinery import EXTENSION_SUFFIXES
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 
@@ -130,12 +131,15 @@ def load_cpu_kernels(built: Sequence[str], cpu_features: Mapping[str, bool],
     if choice.name is None:
         return CpuKernels(None, choice.note, error=choice.note)
     module = f"stt_kernels._cpu_{choice.name}"
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin:
+    # Beside this file, where _C was found: an import finder could answer with another copy of
+    # the package (an editable install's mapping), whose library belongs to another build.
+    candidates = [Path(__file__).with_name(f"_cpu_{choice.name}{suffix}") for suffix in EXTENSION_SUFFIXES]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
         error = f"{module} is missing although stt_kernels._C lists it"
         return CpuKernels(None, error, error=error)
     try:
-        library = ctypes.CDLL(spec.origin, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        library = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_LOCAL)
     except OSError as exc:
         error = f"{module} failed to load ({exc})"
         return CpuKernels(None, error, error=error)
