@@ -108,7 +108,8 @@ def _check_name(backend: str, source: str) -> str:
 def use_backend(backend: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on ``backend`` unless a call names its own.
 
-    Under ``torch.compile`` the choice in force when a function is traced is part of its graph.
+    Under ``torch.compile`` and ``torch.export`` the choice in force when a function is traced
+    is part of its graph; without one the graph records ``auto``, resolved when the op runs.
     """
     token = _context_backend.set(_check_name(backend, "use_backend(backend)"))
     try:

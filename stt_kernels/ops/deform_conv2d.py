@@ -25,7 +25,7 @@ import torch
 from .. import reference
 from ..backend import requested_backend, resolve
 from ..validation import IntPair, check_deform_conv2d
-from .kernels import Kernels, deform_conv2d_kernels
+from .kernels import Kernels, deform_conv2d_kernels, spec_vjp
 
 
 def _output_shape(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
@@ -97,9 +97,7 @@ def _reference_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.T
         return reference.deform_conv2d(x, offset, mask[0] if mask else None, weight, None, (sh, sw), (ph, pw),
                                        (dh, dw))
 
-    # A custom op runs below autograd; torch.func differentiates the spec regardless.
-    _, vjp = torch.func.vjp(spec, x, offset, weight, *(() if mask is None else (mask,)))
-    grads = vjp(grad_out)
+    grads = spec_vjp(spec, (x, offset, weight, *(() if mask is None else (mask,))), grad_out)
     grad_mask = grads[3] if mask is not None else x.new_empty((0,))
     return grads[0], grads[1], grad_mask, grads[2]
 

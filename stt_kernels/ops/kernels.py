@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -87,6 +87,27 @@ class KernelTable:
         graph is resolved where and when the graph runs, not where it was traced.
         """
         return self(resolve(backend, device, self.op, self.implemented()))
+
+
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor, torch._C.DispatchKey.ADInplaceOrView)
+
+
+def spec_vjp(spec: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+             grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients of ``spec(*inputs)`` weighted by ``grad``, from inside a custom op.
+
+    A custom op's implementation runs with autograd's dispatch keys excluded; they are let back
+    in for the spec alone. (torch.func.vjp would do it too, but its wrapper tensors break under
+    dispatch modes that read storages, such as opcheck's.)
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(spec(*leaves), leaves, grad)
 
 
 attention_kernels = KernelTable("attention")
