@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                             "the new run's first checkpoint replaces them")
     train.add_argument("--minutes", type=float, help="time budget (> 0); a checkpoint is written when it runs out")
     train.add_argument("--iterations", type=int, help="override train.iterations")
+    train.add_argument("--compile", action="store_true",
+                       help="train the network through torch.compile (inductor): a minute or more of compiling "
+                            "first, faster steps after")
 
     predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
     predict.add_argument("--checkpoint", type=Path, required=True)
@@ -217,7 +220,8 @@ def _train(args: argparse.Namespace) -> int:
             validate = validator(config, ZRange(image, z0, z1)[:], gt)
         source = PatchSampler.from_config(pairs, config, rank=rank, world_size=world)
         options = TrainOptions(out_dir=args.out, resume=args.resume, overwrite=args.overwrite, validate=validate,
-                               time_budget=args.minutes * 60 if args.minutes else None, folder=folder)
+                               time_budget=args.minutes * 60 if args.minutes else None, folder=folder,
+                               compile=args.compile)
         result = Trainer(config, source, options).run()
     if rank == 0:
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}")

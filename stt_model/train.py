@@ -61,6 +61,7 @@ class TrainOptions:
     validate: Optional[Validator] = None       # called every train.val_every steps
     progress: bool = True
     folder: Optional[RunFolder] = None         # out_dir, claimed already (the CLI does before loading data)
+    compile: bool = False                      # run the network's forward/backward through torch.compile (inductor)
 
 
 @dataclass
@@ -192,6 +193,9 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             if self.disc is not None:
                 self.disc_net = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
+        if options.compile:
+            # Only the training step's network: checkpoints, validation and resume use self.model.
+            self.net = torch.compile(self.net)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
