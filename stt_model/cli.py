@@ -170,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from .checkpoint import checkpoint_config, load_checkpoint
     from .config import load_config
-    from .data import PatchSampler, ZRange, instances_from_binary, open_volume
+    from .data import PatchSampler, ZRange, check_labels, instances_from_binary, open_volume
     from .run_folder import RunFolder
     from .segment import validator
     from .train import TrainOptions, Trainer, check_backend, check_resumable, training_device
@@ -215,6 +215,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.val_z:
             z0, z1 = _z_range(args.val_z, image.shape[0])
             pairs = [(ZRange(image, a, b), ZRange(label, a, b)) for a, b in ((0, z0), (z1, image.shape[0])) if b > a]
+            # The sampler checks the slices it trains on; the held-out ones are only scored.
+            check_labels(ZRange(label, z0, z1), name="--label")
             gt = np.asarray(ZRange(label, z0, z1)[:])
             gt = instances_from_binary(gt > 0) if gt.max() <= 1 else gt
             validate = validator(config, ZRange(image, z0, z1)[:], gt)

@@ -259,6 +259,16 @@ def test_negative_labels_are_refused_naming_value_and_voxel(tmp_path, content):
                  "--label", f"{path}:label", "--out", str(tmp_path / "run")]) == 2
 
 
+def test_negative_labels_in_the_validation_slices_are_refused_too(tmp_path, content, capsys):
+    labels = content.labels.astype(np.int16)
+    z = labels.shape[0] - 1
+    labels[z, 5, 7] = -1
+    path = write_h5(tmp_path / "lab.h5", label=labels)
+    assert main(["train", "--config", str(write_yaml(tmp_path)), "--image", str(write_tiff(tmp_path, content)),
+                 "--label", f"{path}:label", "--val-z", f"{z}:{z + 1}", "--out", str(tmp_path / "run")]) == 2
+    assert f"label -1 at z={z}, y=5, x=7 is negative" in one_line_error(capsys, "train")
+
+
 def write_tiff(tmp_path, content):
     path = tmp_path / "image.tif"
     tifffile.imwrite(path, content.image)
