@@ -2,10 +2,12 @@
 
 Precedence, first match wins: the ``backend=`` argument of a call (or of a module), the
 innermost :func:`use_backend` context, the ``STT_BACKEND`` environment variable, ``"auto"``.
-``"auto"`` picks by device: a GPU tensor gets ``triton``, else ``cuda``; a CPU tensor gets
-``cpu``, else ``reference``; in each case the first one that is available and implements
-the op. A backend asked for by name that cannot run raises :class:`BackendUnavailableError`
-saying why and how to get it; one that runs but lacks the op raises ``NotImplementedError``.
+``"auto"`` picks by device and dtype: a GPU tensor gets ``triton``, else ``cuda``; a CPU tensor
+gets ``cpu``; in each case the first one that is available, implements the op and takes the
+tensors' dtype (:data:`CAPABILITIES`), else ``reference``. A backend asked for by name that cannot
+run raises :class:`BackendUnavailableError` saying why and how to get it; one that cannot take
+the dtype raises ``TypeError`` naming the backends that can, on that device; one that runs but
+lacks the op raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,46 @@ BACKENDS = ("triton", "cuda", "cpu", "reference")
 _CHOICES = BACKENDS + ("auto",)
 _AUTO_GPU = ("triton", "cuda")
 _AUTO_CPU = ("cpu", "reference")
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What one backend's kernels take: device types, and dtypes per op. The only place these
+    facts live; the ops, the benchmark and the tests read them from here."""
+
+    devices: tuple[str, ...]
+    dtypes: dict[str, tuple[torch.dtype, ...]]
+
+
+CAPABILITIES: dict[str, Capability] = {
+    # Triton's float64 dot is not worth a kernel; the CUDA kernels cover float64 on GPUs.
+    "triton": Capability(("cuda",), {"attention": _FLOATS[:1] + _FLOATS[2:],
+                                     "deform_conv2d": _FLOATS[:1] + _FLOATS[2:]}),
+    "cuda": Capability(("cuda",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
+    # The CPU attention kernels compute 16-bit inputs in float32; no 16-bit deform_conv2d yet.
+    "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS[:2]}),
+    "reference": Capability(("cpu", "cuda", "meta"), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
+}
+
+
+def claimed_dtypes(name: str, op: str) -> tuple[torch.dtype, ...]:
+    """The dtypes backend ``name`` takes for ``op`` (``attention`` or ``deform_conv2d``) here.
+    Triton's interpreter computes bfloat16 products wrongly, so it is not claimed there."""
+    dtypes = CAPABILITIES[name].dtypes[_op_family(op)]
+    if name == "triton" and _interpreting():
+        dtypes = tuple(d for d in dtypes if d != torch.bfloat16)
+    return dtypes
+
+
+def _op_family(op: str) -> str:
+    return "attention" if op.endswith("attention") else op
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
 
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("stt_backend", default=None)
 
@@ -156,15 +198,20 @@ def _runs_on(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def resolve(backend: Optional[str], device: torch.device, op: str, implemented: frozenset[str]) -> str:
-    """Pick the concrete backend for one call of ``op`` on tensors living on ``device``.
+def resolve(backend: Optional[str], device: torch.device, op: str, implemented: frozenset[str],
+            dtype: Optional[torch.dtype] = None) -> str:
+    """Pick the concrete backend for one call of ``op`` on ``dtype`` tensors living on ``device``.
 
-    ``implemented`` names the backends that have a kernel for ``op``.
+    ``implemented`` names the backends that have a kernel for ``op``; ``dtype=None`` skips the
+    dtype check (callers that have no tensor yet).
     """
+    def takes(candidate: str) -> bool:
+        return dtype is None or dtype in claimed_dtypes(candidate, op)
+
     name = requested_backend(backend)
     if name == "auto":
         for candidate in (_AUTO_GPU if device.type == "cuda" else _AUTO_CPU) + ("reference",):
-            if candidate in implemented and _runs_on(candidate, device) is None:
+            if candidate in implemented and _runs_on(candidate, device) is None and takes(candidate):
                 return candidate
         raise AssertionError("the reference backend runs everywhere")  # pragma: no cover
     why_not = _runs_on(name, device)
@@ -173,4 +220,11 @@ def resolve(backend: Optional[str], device: torch.device, op: str, implemented: 
     if name not in implemented:
         raise NotImplementedError(
             f"{op} has no '{name}' kernel yet; available for it: {', '.join(sorted(implemented))}")
+    if not takes(name):
+        able = [c for c in BACKENDS if c != name and c in implemented and _runs_on(c, device) is None and takes(c)]
+        why = (" under TRITON_INTERPRET=1: Triton's interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9)"
+               if name == "triton" and _interpreting() and dtype == torch.bfloat16 else "")
+        raise TypeError(f"backend '{name}' does not take {_dtype_name(dtype)} tensors for {op}{why} (it takes "
+                        f"{', '.join(map(_dtype_name, claimed_dtypes(name, op)))}); on {device.type} tensors "
+                        f"use {' or '.join(repr(c) for c in able)}, or 'auto'")
     return name

@@ -139,7 +139,7 @@ def test_empty_batch():
 
 def test_rejects_float64_with_reason():
     q, k, v = (x.double() for x in packed_qkv((1, 2, 1, 3, 1, 8)))
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="backend .triton. does not take float64 tensors for spatial_attention"):
         stt_kernels.spatial_attention(q, k, v, backend="triton")
 
 

@@ -129,8 +129,8 @@ def test_auto_is_resolved_when_the_op_runs(monkeypatch):
     seen = []
     original = kernel_tables.KernelTable.for_call
 
-    def recording(self, backend, device):
-        kernels = original(self, backend, device)
+    def recording(self, backend, device, dtype):
+        kernels = original(self, backend, device, dtype)
         seen.append((self.op, backend, kernels))
         return kernels
 

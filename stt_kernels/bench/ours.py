@@ -8,21 +8,17 @@ kernel that lands later shows up without a change here.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 import stt_kernels
+from stt_kernels.backend import CAPABILITIES, claimed_dtypes
 
 from .implementation import Implementation
 
-# The devices each backend runs on (for cases built on our ops too); the dtypes it claims per DESIGN.md section 2.
-BACKEND_DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "cpu": ("cpu",), "reference": ("cpu", "cuda")}
-_DTYPES = {
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "cpu": (torch.float32, torch.float64),
-}
+# The devices each backend runs on, from the backends' capability table (for cases built on our ops too).
+BACKEND_DEVICES = {name: tuple(d for d in cap.devices if d != "meta") for name, cap in CAPABILITIES.items()}
 _OPS: dict[str, Callable[..., torch.Tensor]] = {
     "spatial_attention": stt_kernels.spatial_attention,
     "temporal_attention": stt_kernels.temporal_attention,
@@ -30,15 +26,16 @@ _OPS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def backend_unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
-    """Why ``backend`` cannot run here in ``dtype`` (unavailable, dtype not claimed), or None.
-    Benchmark cases built on our ops (the SST block, the model's training step) share it."""
+def backend_unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str,
+                        ops: Sequence[str] = ("attention", "deform_conv2d")) -> Optional[str]:
+    """Why ``backend`` cannot run ``ops`` here in ``dtype`` (unavailable, dtype not claimed), or
+    None. Benchmark cases built on our ops (the SST block, the model's training step) share it."""
     status = stt_kernels.backends()[backend]
     if not status.available:
         return f"backend {backend!r} unavailable: {status.reason}"
-    claimed = _DTYPES.get(backend)
-    if claimed is not None and dtype not in claimed:
-        return f"backend {backend!r} does not claim {dtype}"
+    for op in ops:
+        if dtype not in claimed_dtypes(backend, op):
+            return f"backend {backend!r} does not claim {dtype} for {op}"
     return None
 
 
@@ -53,6 +50,6 @@ def implementations() -> list[Implementation]:
                 kind="reference" if backend == "reference" else "ours",
                 call=functools.partial(op, backend=backend),
                 devices=devices,
-                unsupported=functools.partial(backend_unsupported, backend),
+                unsupported=functools.partial(backend_unsupported, backend, ops=(op_name,)),
             ))
     return found

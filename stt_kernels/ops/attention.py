@@ -57,7 +57,8 @@ class _AttentionOp:
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(_lse_shape(self.view(q)), dtype=torch.float32, device=q.device)
-        attention_kernels.for_call(backend, q.device).forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
+        kernels = attention_kernels.for_call(backend, q.device, q.dtype)
+        kernels.forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
         return out, lse
 
     def _forward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -70,7 +71,8 @@ class _AttentionOp:
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         views = [self.view(t) for t in (q, k, v, out, grad_out)]
-        attention_kernels.for_call(backend, q.device).backward(*views, lse, scale, *(self.view(g) for g in grads))
+        kernels = attention_kernels.for_call(backend, q.device, q.dtype)
+        kernels.backward(*views, lse, scale, *(self.view(g) for g in grads))
         return grads[0], grads[1], grads[2]
 
     def _backward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -128,7 +130,7 @@ def _run(op: _AttentionOp, spec: Callable, q: torch.Tensor, k: torch.Tensor, v: 
     if name != "auto":
         # A backend asked for (argument, context or STT_BACKEND) is checked now and recorded in
         # a traced graph; "auto" is passed on and resolved by the op when it runs.
-        name = resolve(name, q.device, op.name, attention_kernels.implemented())
+        name = resolve(name, q.device, op.name, attention_kernels.implemented(), q.dtype)
         if name == "reference":
             return spec(q, k, v, scale)
     return op.forward(q, k, v, scale, name)[0]

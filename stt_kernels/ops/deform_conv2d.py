@@ -37,7 +37,7 @@ def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torc
                       bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int], offset_groups: int, backend: str) -> torch.Tensor:
     groups = x.shape[1] // weight.shape[1]
-    out = deform_conv2d_kernels.for_call(backend, x.device).forward(
+    out = deform_conv2d_kernels.for_call(backend, x.device, x.dtype).forward(
         x, offset, mask, weight, bias, *stride, *padding, *dilation, offset_groups, groups)
     return out.contiguous()  # the layout the fake kernel promises
 
@@ -53,7 +53,7 @@ def _deform_conv2d_backward_op(
         weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
         offset_groups: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     groups = x.shape[1] // weight.shape[1]
-    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_kernels.for_call(backend, x.device).backward(
+    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_kernels.for_call(backend, x.device, x.dtype).backward(
         grad_out, x, offset, mask, weight, *stride, *padding, *dilation, offset_groups, groups)
     return grad_x.contiguous(), grad_offset.contiguous(), grad_mask.contiguous(), grad_weight.contiguous()
 
@@ -121,7 +121,7 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Te
     if name != "auto":
         # A backend asked for is checked now and recorded in a traced graph; "auto" is resolved
         # by the op when it runs.
-        name = resolve(name, x.device, "deform_conv2d", deform_conv2d_kernels.implemented())
+        name = resolve(name, x.device, "deform_conv2d", deform_conv2d_kernels.implemented(), x.dtype)
         if name == "reference":
             return reference.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation)
     return _deform_conv2d_op(x, offset, mask, weight, bias, list(stride), list(padding), list(dilation),

@@ -80,13 +80,13 @@ class KernelTable:
             return Kernels(getattr(ops, f"_{self.op}_forward"), getattr(ops, f"_{self.op}_backward"))
         raise NotImplementedError(f"{self.op} has no '{backend}' kernel")
 
-    def for_call(self, backend: str, device: torch.device) -> Kernels:
-        """The kernels a custom op runs for ``backend`` (a name or ``auto``) on ``device``.
+    def for_call(self, backend: str, device: torch.device, dtype: torch.dtype) -> Kernels:
+        """The kernels a custom op runs for ``backend`` (a name or ``auto``) on ``dtype`` tensors on ``device``.
 
         Called inside the op's implementation, so an ``auto`` recorded in a traced or exported
         graph is resolved where and when the graph runs, not where it was traced.
         """
-        return self(resolve(backend, device, self.op, self.implemented()))
+        return self(resolve(backend, device, self.op, self.implemented(), dtype))
 
 
 _AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,

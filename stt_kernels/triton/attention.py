@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import CAPABILITIES
 from ..ops.kernels import Kernels, attention_kernels
 from .launch import on_tensor_device
 
@@ -46,7 +47,7 @@ _PACKED_BUDGET_BACKWARD = 4096
 # q k^T and over the sequence for p v), so no tile dimension goes below 16.
 _MIN_TILE = 16
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED_DTYPES = CAPABILITIES["triton"].dtypes["attention"]
 
 
 def refuse_interpreted_bfloat16(dtype: torch.dtype, op: str, advice: str) -> None:

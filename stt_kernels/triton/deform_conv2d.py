@@ -28,12 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import CAPABILITIES
 from ..ops.kernels import Kernels, deform_conv2d_kernels
 from .attention import refuse_interpreted_bfloat16
 from .launch import on_tensor_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED_DTYPES = CAPABILITIES["triton"].dtypes["deform_conv2d"]
 
 # tl.dot needs every tile dimension >= 16 for 16-bit inputs on NVIDIA. The interpreter also
 # gets wide pixel blocks: it vectorises a program with numpy, and its cost is per program.
