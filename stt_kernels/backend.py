@@ -39,13 +39,18 @@ class Capability:
 
     devices: tuple[str, ...]
     dtypes: dict[str, tuple[torch.dtype, ...]]
+    # Ops whose backward accumulates with atomics (sums in a run-dependent order): under
+    # torch.use_deterministic_algorithms(True) they raise torch's standard error.
+    atomic_backward: tuple[str, ...] = ()
 
 
 CAPABILITIES: dict[str, Capability] = {
     # Triton's float64 dot is not worth a kernel; the CUDA kernels cover float64 on GPUs.
     "triton": Capability(("cuda",), {"attention": _FLOATS[:1] + _FLOATS[2:],
-                                     "deform_conv2d": _FLOATS[:1] + _FLOATS[2:]}),
-    "cuda": Capability(("cuda",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
+                                     "deform_conv2d": _FLOATS[:1] + _FLOATS[2:]},
+                         atomic_backward=("deform_conv2d",)),
+    "cuda": Capability(("cuda",), {"attention": _FLOATS, "deform_conv2d": _FLOATS},
+                       atomic_backward=("attention", "deform_conv2d")),
     # The CPU attention kernels compute 16-bit inputs in float32; no 16-bit deform_conv2d yet.
     "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS[:2]}),
     "reference": Capability(("cpu", "cuda", "meta"), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
@@ -59,6 +64,17 @@ def claimed_dtypes(name: str, op: str) -> tuple[torch.dtype, ...]:
     if name == "triton" and _interpreting():
         dtypes = tuple(d for d in dtypes if d != torch.bfloat16)
     return dtypes
+
+
+def check_deterministic_backward(name: str, op: str) -> None:
+    """torch's standard error (or warning, with ``warn_only``) when deterministic algorithms are
+    asked for and backend ``name``'s backward of ``op`` is not one."""
+    if _op_family(op) in CAPABILITIES[name].atomic_backward and torch.are_deterministic_algorithms_enabled():
+        # The helper torch's own meta kernels call: the same message, warn_only honoured.
+        from torch._prims_common import alert_not_deterministic
+
+        alert_not_deterministic(f"stt::{op} backward on the '{name}' backend (atomic accumulation; "
+                                "the 'cpu' and 'reference' backends are deterministic)")
 
 
 def _op_family(op: str) -> str:

@@ -71,8 +71,8 @@ class _AttentionOp:
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         views = [self.view(t) for t in (q, k, v, out, grad_out)]
-        kernels = attention_kernels.for_call(backend, q.device, q.dtype)
-        kernels.backward(*views, lse, scale, *(self.view(g) for g in grads))
+        backward = attention_kernels.backward_for_call(backend, q.device, q.dtype, self.name)
+        backward(*views, lse, scale, *(self.view(g) for g in grads))
         return grads[0], grads[1], grads[2]
 
     def _backward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -53,7 +53,8 @@ def _deform_conv2d_backward_op(
         weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
         offset_groups: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     groups = x.shape[1] // weight.shape[1]
-    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_kernels.for_call(backend, x.device, x.dtype).backward(
+    backward = deform_conv2d_kernels.backward_for_call(backend, x.device, x.dtype, "deform_conv2d")
+    grad_x, grad_offset, grad_mask, grad_weight = backward(
         grad_out, x, offset, mask, weight, *stride, *padding, *dilation, offset_groups, groups)
     return grad_x.contiguous(), grad_offset.contiguous(), grad_mask.contiguous(), grad_weight.contiguous()
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .._extension import EXTENSION
-from ..backend import resolve
+from ..backend import check_deterministic_backward, resolve
 
 # Backend name -> dispatch key of the compiled kernels it runs.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -87,6 +87,14 @@ class KernelTable:
         graph is resolved where and when the graph runs, not where it was traced.
         """
         return self(resolve(backend, device, self.op, self.implemented(), dtype))
+
+    def backward_for_call(self, backend: str, device: torch.device, dtype: torch.dtype,
+                          op: str) -> Callable[..., object]:
+        """The backward kernel of :meth:`for_call`, refused under deterministic mode where it is
+        not deterministic (``op`` names the public op in the error)."""
+        name = resolve(backend, device, self.op, self.implemented(), dtype)
+        check_deterministic_backward(name, op)
+        return self(name).backward
 
 
 _AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
