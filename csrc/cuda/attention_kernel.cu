@@ -105,13 +105,17 @@ __device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int d) {
   return s;
 }
 
+// Row pitch of a tile in shared memory: lane i reads row i, so an odd pitch (in acc_t words)
+// puts the 32 lanes' words in 32 different banks; d + 1 would be even, 8-way conflicts at d = 7.
+__host__ __device__ inline int padded_pitch(int64_t d) { return static_cast<int>(d | 1); }
+
 // Shared memory of one warp task, in units of acc_t.
 __host__ __device__ inline int64_t forward_smem_per_warp(int64_t d) {
-  return kLanes * (d + 1) + kLanes * d + kRows * d;  // K tile (padded rows), V tile, q rows
+  return kLanes * padded_pitch(d) + kLanes * d + kRows * d;  // K tile (padded rows), V tile, q rows
 }
 
 __host__ __device__ inline int64_t backward_smem_per_warp(int64_t d) {
-  return 4 * kLanes * (d + 1) + 2 * d;  // K, V, dK, dV tiles (padded rows), one q and dO row
+  return 4 * kLanes * padded_pitch(d) + 2 * d;  // K, V, dK, dV tiles (padded rows), one q and dO row
 }
 
 // ---------------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
   const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
   if (task >= tasks) return;  // whole warps only: nothing below waits on other warps
 
-  const int d = static_cast<int>(g.D), ldk = d + 1;
+  const int d = static_cast<int>(g.D), ldk = padded_pitch(d);
   acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * forward_smem_per_warp(d);
   acc_t* vs = ks + kLanes * ldk;
   acc_t* qs = vs + kLanes * d;
@@ -219,7 +223,7 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
   const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
   if (task >= tasks) return;
 
-  const int d = static_cast<int>(g.D), ld = d + 1;
+  const int d = static_cast<int>(g.D), ld = padded_pitch(d);
   acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * backward_smem_per_warp(d);
   acc_t* vs = ks + kLanes * ld;
   acc_t* dks = vs + kLanes * ld;
