@@ -393,7 +393,8 @@ def _packed_forward(
     k = tl.load(k_ptrs, mask=mask, other=0.0)
     v = tl.load(v_ptrs, mask=mask, other=0.0)
 
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    # Batched (SEQS, T, D) tiles: the transposes name their axes (Triton's default is 2-D only).
+    s = tl.dot(q, tl.trans(k, 0, 2, 1), input_precision=PRECISION) * qk_scale
     s = tl.where((offs_t < N)[None, None, :], s, float("-inf"))
     m = tl.max(s, 2)
     p = tl.exp2(s - m[:, :, None])
@@ -443,15 +444,15 @@ def _packed_backward(
     # lse = +inf on padded query rows makes their p exactly 0, so they add nothing.
     lse2 = tl.load(lse_ptrs, mask=lse_mask, other=float("inf")) * _LOG2E
 
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k, 0, 2, 1), input_precision=PRECISION) * qk_scale
     # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
     # score is far below 0, which inf * 0 would turn into NaN in dQ.
     p = tl.exp2(tl.where((offs_t < N)[None, None, :], s, float("-inf")) - lse2[:, :, None])
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dv = tl.dot(tl.trans(p, 0, 2, 1).to(do.dtype), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v, 0, 2, 1), input_precision=PRECISION)
     ds = p * (dp - delta[:, :, None])
     dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-    dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * scale
+    dk = tl.dot(tl.trans(ds, 0, 2, 1).to(q.dtype), q, input_precision=PRECISION) * scale
 
     dq_ptrs, _ = _packed_pointers(DQ, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdqb, sdqz, sdqn, sdqh, sdqd)
     dk_ptrs, _ = _packed_pointers(DK, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdkb, sdkz, sdkn, sdkh, sdkd)
