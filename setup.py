@@ -165,10 +165,15 @@ def _pip_cuda_includes() -> list[str]:
 
 
 def _default_archs(mode: str) -> None:
-    if mode == "cuda" and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    if mode == "hip" and not os.environ.get("PYTORCH_ROCM_ARCH") and not torch.cuda.is_available():
-        os.environ["PYTORCH_ROCM_ARCH"] = "gfx90a;gfx942"
+    """The visible GPUs' archs (what torch would pick), named, so the build record says which;
+    without a GPU, A100 + H100 (CUDA) or MI250X + MI300X (ROCm)."""
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
+    if mode == "cuda" and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        visible = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in gpus})
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(visible) or "8.0;9.0"
+    if mode == "hip" and not os.environ.get("PYTORCH_ROCM_ARCH"):
+        visible = sorted({torch.cuda.get_device_properties(i).gcnArchName.split(":")[0] for i in gpus})
+        os.environ["PYTORCH_ROCM_ARCH"] = ";".join(visible) or "gfx90a;gfx942"
 
 
 def _default_jobs(mode: str) -> None:
