@@ -58,6 +58,12 @@ def refuse_interpreted_bfloat16(dtype: torch.dtype, op: str, advice: str) -> Non
                         f"interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9); {advice}")
 
 
+def _bucket(count: int) -> int:
+    """``count`` rounded up to a power of 2: an autotuning key that tells a tiny warm-up input
+    from the real one without a tuning run per exact size."""
+    return triton.next_power_of_2(max(1, count))
+
+
 def _tile(n: int) -> int:
     return max(_MIN_TILE, triton.next_power_of_2(n))
 
@@ -368,7 +374,7 @@ def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, sb, sz, sh, st):
     return ptrs, seq_ok[:, None] & (offs_t < T)[None, :]
 
 
-@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D"],
+@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_FORWARD)})
 @triton.jit
 def _packed_forward(
@@ -379,6 +385,7 @@ def _packed_forward(
     sob, soz, son, soh, sod,
     slb, slz, slh, sln,
     NSEQ, Z, HEADS, N, D, qk_scale,
+    NSEQ_BUCKET,  # tuning key only: the best sequences per program depends on how many there are
     T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SEQS: tl.constexpr,
 ):
@@ -407,7 +414,7 @@ def _packed_forward(
     tl.store(lse_ptrs, (m + tl.log2(row_sum)) * _LN2, mask=lse_mask)
 
 
-@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D"],
+@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_BACKWARD)})
 @triton.jit
 def _packed_backward(
@@ -422,6 +429,7 @@ def _packed_backward(
     sdkb, sdkz, sdkn, sdkh, sdkd,
     sdvb, sdvz, sdvn, sdvh, sdvd,
     NSEQ, Z, HEADS, N, D, scale, qk_scale,
+    NSEQ_BUCKET,  # tuning key only, as in _packed_forward
     T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SEQS: tl.constexpr,
 ):
@@ -500,7 +508,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     qk_scale = scale * _LOG2E.value
     if _packed_fits(n, d, _PACKED_BUDGET_FORWARD):
         _packed_forward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
-            q, k, v, out, lse, *strides, nseq, z, heads, n, d, qk_scale, T_PAD=_tile(n), **meta)
+            q, k, v, out, lse, *strides, nseq, z, heads, n, d, qk_scale, _bucket(nseq), T_PAD=_tile(n), **meta)
     else:
         _flash_forward[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * nseq,)](
             q, k, v, out, lse, *strides, z, heads, n, d, qk_scale, **meta)
@@ -523,7 +531,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
             q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *lse.stride(),
             *grad_q.stride(), *grad_k.stride(), *grad_v.stride(),
-            nseq, z, heads, n, d, scale, qk_scale, T_PAD=_tile(n), **meta)
+            nseq, z, heads, n, d, scale, qk_scale, _bucket(nseq), T_PAD=_tile(n), **meta)
         return
 
     # dK/dV per key block and dQ per query block, in two passes: each program owns its
