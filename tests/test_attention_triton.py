@@ -216,8 +216,6 @@ def test_float32_large_on_gpu():
 
 def test_packed_autotuning_keys_on_the_sequence_count():
     """A tiny warm-up input must not choose the configuration the full-size call then reuses."""
-    from stt_kernels.triton import attention as triton_attention
-
     for kernel in (triton_attention._packed_forward, triton_attention._packed_backward):
         assert "NSEQ_BUCKET" in kernel.keys
     assert [triton_attention._bucket(n) for n in (0, 1, 3, 64, 65, 4097)] == [1, 1, 4, 64, 128, 8192]
