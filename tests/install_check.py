@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "build" / "test-install"
 CACHE_MARK = ".stt-install-check"  # only a folder carrying it is ever emptied by this script
 KERNEL_TESTS = ["tests/test_attention.py", "tests/test_deform_conv2d.py", "tests/test_backend.py",
+                # The wheel's per-capability CPU libraries: each loads and is right, none can SIGILL.
+                "tests/test_isa_dispatch.py",
                 # It expects CUDA kernels wherever nvcc is found; this wheel is CPU-only by choice.
                 "--deselect", "tests/test_backend.py::test_cuda_compiled_without_gpu"]
 DEMO_OUTPUTS = ["probabilities.h5", "instances.h5", "instances.tif", "metrics.json", "montage.png"]
