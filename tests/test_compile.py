@@ -23,6 +23,8 @@ import stt_kernels
 from stt_kernels.nn.sst import FUSIONS, ORDERS
 from stt_kernels.ops import kernels as kernel_tables
 
+from test_cli import TINY_YAML
+
 F64 = torch.float64
 CPU_KERNELS = stt_kernels.backends()["cpu"]
 needs_cpu_kernels = pytest.mark.skipif(not CPU_KERNELS.available, reason=f"cpu backend: {CPU_KERNELS.reason}")
@@ -286,22 +288,8 @@ def test_export_of_the_tiny_model_holds_no_backend_constant():
 
 # --- stt train --compile ------------------------------------------------------------------------
 
-_TRAIN_YAML = """base: tiny-cpu
-model:
-  channels: [4, 8]
-  heads: [1, 2]
-  sst_levels: [false, true]
-data:
-  patch: [4, 32, 32]
-  augment: false
-loss:
-  discriminator_channels: 4
-train:
-  iterations: 3
-  batch_size: 1
-  warmup: 1
-  checkpoint_every: 3
-"""
+# The CLI tests' tiny run, three steps: the compiled and the eager run compare their losses.
+_TRAIN_YAML = TINY_YAML.replace("iterations: 2", "iterations: 3").replace("checkpoint_every: 2", "checkpoint_every: 3")
 
 
 def test_stt_train_compile_trains_as_eager(tmp_path):
