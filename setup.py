@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -294,6 +295,20 @@ def write_build_record(mode: str) -> None:
     tmp.replace(target)
 
 
+def _pinned_torch() -> Optional[str]:
+    """The torch version a wheel's metadata pins. pip prepares a wheel's metadata first
+    (``dist_info``, PEP 517), in a process that compiles nothing, and the wheel keeps it: that
+    process pins the installed torch too, read without importing it. An sdist pins none."""
+    if "sdist" in sys.argv[1:]:
+        return None
+    if COMPILING:
+        return torch.__version__
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 if COMPILING:
     MODE = _gpu_mode()
     _default_archs(MODE)
@@ -303,7 +318,7 @@ if COMPILING:
 setup(
     packages=find_packages(include=["stt_kernels*", "stt_model*"]),
     package_data={"stt_kernels": ["_build_info.json", "py.typed"], "stt_model": ["configs/*.yaml", "py.typed"]},
-    install_requires=[torch_requirement(torch.__version__ if COMPILING else None)],
+    install_requires=[torch_requirement(_pinned_torch())],
     ext_modules=extensions(MODE) if COMPILING else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if COMPILING else {},
 )
