@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .atomic import atomic_write
+from stt_kernels.atomic_file import atomic_write
 from .config import load_config
 from .data import PatchSampler, ZRange, create_output, instances_from_binary, open_volume, synthetic_volume
 from .data.outputs import OutputError, check_target, output_target, remove_leftovers
