@@ -18,6 +18,7 @@ from stt_kernels import SSTAttention
 
 from ..config import ModelConfig
 from .blocks import AnisotropicResBlock, Down, Up
+from .capture import capturing_graph
 from .conv import Conv3d
 from .interpolation import InterpolationNet
 
@@ -74,7 +75,11 @@ class STTUNet(nn.Module):
         return F.interpolate(logits, size=x.shape[-3:], mode="trilinear", align_corners=False)
 
     def _unet(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder_sst[0](self.stem(x.contiguous(memory_format=torch.channels_last_3d)))
+        if not capturing_graph():
+            # A recorded graph keeps the caller's layout: the legacy ONNX exporter refuses
+            # memory_format, and other runtimes choose their own layouts.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        h = self.encoder_sst[0](self.stem(x))
         skips = [h]
         for level in range(1, self.levels):
             h = self.encoder_sst[level](self.down[level - 1](h))
