@@ -53,6 +53,8 @@ EXAMPLES = {
   stt evaluate --pred inst.tif --gt gt_slices/ --json""",
     "bench": """examples:
   stt bench --quick --out bench_out
+  stt bench --suite levels train-step --out bench_out      # also one STT-UNET training step
+  stt bench --suite issue-shapes --threads 1 --out bench_issue
   stt bench --full --out bench_h100""",
 }
 
@@ -324,7 +326,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from stt_kernels.bench.cli import NothingMeasured, options_from_args, run_measuring
 
-    options = options_from_args(args, ["stt", *sys.argv[1:]])  # bad options: ValueError, exit 2
+    from . import train_step_bench  # noqa: F401  (registers the train-step suite with the engine)
+
+    try:
+        options = options_from_args(args, ["stt", *sys.argv[1:]])
+    except ValueError as exc:  # a bad option, named in the message
+        raise UsageError(str(exc)) from None
     try:
         path = run_measuring(options)
     except NothingMeasured as exc:

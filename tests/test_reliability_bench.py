@@ -1,9 +1,9 @@
 """``stt bench`` refusing options that cannot measure anything, before it measures, and
-exiting non-zero when a run measured nothing (issue 15)."""
+exiting non-zero when a run measured nothing."""
 
 import pytest
 
-from stt_kernels.bench import ceilings
+from stt_kernels.bench import measure
 from stt_kernels.bench import cli as bench_cli
 from stt_model import cli
 
@@ -23,6 +23,10 @@ def _stt(argv, capsys):
     (["--threads", "-2"], "threads (--threads) must be an int >= 1; got -2"),
     (["--threads", "0"], "threads (--threads) must be an int >= 1; got 0"),
     (["--memory-cap-mb", "0"], "memory_cap_bytes (--memory-cap-mb) must be positive; got 0"),
+    (["--suite", "issue-shape"], "suites (--suite) must be among levels, issue-shapes, issue-scale, train-step; "
+                                 "got 'issue-shape'"),
+    (["--ops", "conv3d"], "ops (--ops) must be among spatial_attention, temporal_attention, deform_conv2d, "
+                          "sst_attention, stt_unet_train_step; got 'conv3d'"),
 ])
 def test_bad_options_are_refused_before_measuring(tmp_path, capsys, option, message):
     out = tmp_path / "bench"
@@ -38,20 +42,20 @@ def test_out_naming_an_existing_file_is_refused_and_kept(tmp_path, capsys):
     code, stdout, stderr = _stt(["--quick", "--out", str(out)], capsys)
     assert code == 2
     assert stderr.strip().splitlines() == [
-        f"stt bench: error: out (--out) must be a directory for results.json, report.md and the plots; "
+        f"stt bench: error: out (--out) must be a directory for results.json and report.md; "
         f"{str(out)!r} is an existing file"]
     assert out.read_text() == "mine\n" and stdout == ""
 
 
 @pytest.fixture
 def tiny_ceilings(monkeypatch):
-    monkeypatch.setitem(ceilings._SIZES, ("cpu", "quick"), (64, 1 << 16))  # a yardstick, not a benchmark
+    monkeypatch.setitem(measure.CEILING_SIZES, ("cpu", "quick"), (64, 1 << 16))  # a yardstick, not a benchmark
 
 
 def _nothing_to_run(out):
     # The cuda backend declines CPU tensors and no peer is asked for: every row is skipped.
     return ["--quick", "--out", str(out), "--ops", "temporal_attention", "--backends", "cuda", "--peers",
-            "--passes", "forward", "--device", "cpu", "--no-memory-subprocess", "--no-plots", "--threads", "1"]
+            "--passes", "forward", "--device", "cpu", "--no-memory-subprocess", "--threads", "1"]
 
 
 def test_stt_bench_that_measured_nothing_exits_1(tmp_path, capsys, tiny_ceilings):
