@@ -1,6 +1,7 @@
 """Volume readers and chunked outputs: exact windows, lazy reads, errors that name the problem."""
 
 import pickle
+import re
 from pathlib import Path
 
 import h5py
@@ -221,3 +222,121 @@ def test_lucchi_opens_through_open_volume():
         labels = open_volume(f"{LUCCHI}:label")
         np.testing.assert_array_equal(labels[40:56, 300:428, 500:628], f["label"][40:56, 300:428, 500:628])
     np.testing.assert_array_equal(volume[40:56, 300:428, 500:628], expected)
+
+
+def _ome_zarr(path: Path, levels: list, zarr_format: int = 2, axes: str = "zyx", labels: dict = None) -> Path:
+    """An OME-Zarr multiscale image: OME-Zarr 0.4 (zarr v2, metadata at the top of .zattrs) or 0.5
+    (zarr v3, under "ome"), arrays "0", "1", ... full resolution first; ``labels`` adds label images."""
+    import zarr
+
+    def image(group, arrays):
+        for i, level in enumerate(arrays):
+            group.create_array(str(i), data=level, chunks=(1,) * (level.ndim - 3) + (2, 8, 8))
+        meta = {"version": "0.4" if zarr_format == 2 else "0.5", "name": "em",
+                "axes": [{"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")} for a in axes],
+                "datasets": [{"path": str(i), "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0] * (len(axes) - 2) + [2.0 ** i] * 2}]} for i in range(len(arrays))]}
+        group.attrs.update({"multiscales": [meta]} if zarr_format == 2 else
+                           {"ome": {"version": "0.5", "multiscales": [meta]}})
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    image(root, levels)
+    for name, arrays in (labels or {}).items():
+        image(root.require_group(f"labels/{name}"), arrays)
+    return path
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_ome_zarr_opens_level_0_and_any_level_by_name(tmp_path, array, zarr_format):
+    levels = [array, array[:, ::2, ::2], array[:, ::4, ::4]]
+    mask = (array > 128).astype(np.uint8)
+    path = _ome_zarr(tmp_path / "em.ome.zarr", levels, zarr_format, labels={"mito": [mask, mask[:, ::2, ::2]]})
+    bare = open_volume(path)
+    assert isinstance(bare, ZarrVolume) and bare.dataset == "0" and tuple(bare.shape) == array.shape
+    np.testing.assert_array_equal(bare[2:5, 3:20], array[2:5, 3:20])
+    for level, expected in enumerate(levels):
+        by_name, by_path = open_volume(f"{path}:{level}"), open_volume(path / str(level))
+        assert tuple(by_name.shape) == tuple(by_path.shape) == expected.shape
+        np.testing.assert_array_equal(by_name[:], expected)
+        np.testing.assert_array_equal(by_path[1:3], expected[1:3])
+    labels = open_volume(f"{path}:labels/mito")          # a label image: its level 0
+    assert labels.dataset == "labels/mito/0"
+    np.testing.assert_array_equal(labels[:], mask)
+    np.testing.assert_array_equal(open_volume(path / "labels" / "mito")[:], mask)
+    np.testing.assert_array_equal(open_volume(f"{path}:labels/mito/1")[:], mask[:, ::2, ::2])
+    with pytest.raises(ValueError, match=r"no dataset '5' \(multiscale levels: 0, 1, 2\); available: 0, 1, 2, labels"):
+        open_volume(f"{path}:5")
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_ome_zarr_time_and_channel_axes_of_size_1_are_hidden(tmp_path, array, zarr_format):
+    five = array[None, None]                             # (t, c, z, y, x), as bioformats2raw writes
+    path = _ome_zarr(tmp_path / "tczyx.ome.zarr", [five, five[..., ::2, ::2]], zarr_format, axes="tczyx")
+    for spec in (path, f"{path}:1", path / "1"):
+        volume = open_volume(spec)
+        assert len(volume.shape) == 3, spec
+    volume = open_volume(path)
+    assert tuple(volume.shape) == array.shape
+    for key in WINDOWS:
+        np.testing.assert_array_equal(volume[key], array[key], err_msg=str(key))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(volume))[3], array[3])
+    # Two channels are data, not a size-1 axis to hide: the level keeps all its axes.
+    two = np.stack([array, array])
+    kept = open_volume(_ome_zarr(tmp_path / "czyx.ome.zarr", [two], zarr_format, axes="czyx"))
+    assert tuple(kept.shape) == two.shape
+
+
+def test_a_plain_zarr_array_keeps_leading_axes_of_size_1(tmp_path, array):
+    """Without OME axes metadata nothing says an axis is a channel: (1, Z, Y, X) probabilities stay 4-d."""
+    import zarr
+
+    zarr.create_array(str(tmp_path / "p.zarr"), data=array[None], chunks=(1, 2, 8, 8))
+    assert tuple(open_volume(tmp_path / "p.zarr").shape) == (1, *array.shape)
+
+
+def test_ome_zarr_metadata_naming_a_missing_level_says_so(tmp_path, array):
+    import zarr
+
+    path = _ome_zarr(tmp_path / "em.ome.zarr", [array])
+    group = zarr.open_group(str(path), mode="a")
+    meta = dict(group.attrs)["multiscales"]
+    meta[0]["datasets"][0]["path"] = "s0"
+    group.attrs["multiscales"] = meta
+    with pytest.raises(ValueError, match=r"multiscales metadata names level 0 's0', which is not an array there"):
+        open_volume(path)
+
+
+@pytest.mark.parametrize("layout", ["suffix", "attributes", "dataset"])
+def test_n5_is_refused_with_the_way_to_convert_it(tmp_path, layout):
+    import json
+
+    root = tmp_path / ("vol.n5" if layout != "attributes" else "vol")
+    (root / "raw").mkdir(parents=True)
+    (root / "attributes.json").write_text(json.dumps({"n5": "4.0.0"}))
+    (root / "raw" / "attributes.json").write_text(json.dumps(
+        {"dimensions": [45, 33, 9], "blockSize": [8, 8, 2], "dataType": "uint8", "compression": {"type": "raw"}}))
+    spec = {"suffix": f"{root}:raw", "attributes": str(root / "raw"), "dataset": str(root / "raw")}[layout]
+    with pytest.raises(ValueError, match=r"N5 containers cannot be read \(zarr 3 has no N5 support\); convert "
+                                         + re.escape(f"{root} to zarr or HDF5") + r".*N5FSStore"):
+        open_volume(spec)
+
+
+def test_cli_names_the_n5_argument_in_one_line(tmp_path, capsys):
+    from stt_model.cli import main
+
+    (tmp_path / "vol.n5").mkdir()
+    assert main(["evaluate", "--pred", str(tmp_path / "vol.n5"), "--gt", str(tmp_path / "vol.n5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stt evaluate: error:") and "N5 containers cannot be read" in err and "\n" not in err
+
+
+def test_readers_share_the_base_class_and_repr(tmp_path, array):
+    from stt_model.data.volumes import _Reader
+
+    for kind, name in (("h5", "HDF5Volume"), ("tiff", "TiffVolume"), ("png-folder", "SliceFolderVolume"),
+                       ("zarr", "ZarrVolume")):
+        spec = make(kind, tmp_path / kind, array) if (tmp_path / kind).mkdir() is None else None
+        volume = open_volume(spec)
+        assert isinstance(volume, _Reader)
+        assert repr(volume) == f"{name}('{volume.source}', shape={array.shape}, dtype=uint8)"
+    assert open_volume(make("h5", tmp_path / "h5", array)).source.endswith("v.h5:image")
