@@ -41,6 +41,7 @@ EXAMPLES = {
   stt train --config my.yaml --image vol.h5:image --label vol.h5:label --val-z 130:165 --out runs/a
   stt train --resume runs/a/last.pt --image vol.h5:image --label vol.h5:label --out runs/a
   stt train --config my.yaml --image vol.h5:image --label vol.h5:label --out runs/a --overwrite
+  stt train --config lucchi --set train.lr=3e-4 --set model.channels=[8,16,24,32] ... --tensorboard
   torchrun --nproc_per_node=4 -m stt_model.cli train --config mitoem-r ...""",
     "predict": """examples:
   stt predict --checkpoint runs/tiny/last.pt --image test.h5:image --out pred.h5
@@ -94,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
                             "the new run's first checkpoint replaces them")
     train.add_argument("--minutes", type=float, help="time budget (> 0); a checkpoint is written when it runs out")
     train.add_argument("--iterations", type=int, help="override train.iterations")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="set one config field by dotted key, the value read as YAML (train.lr=3e-4, "
+                            "model.channels=[8,16]); repeatable; checked as a YAML config is")
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also log the losses and validation scores for TensorBoard into --out/tensorboard "
+                            "(needs the tensorboard package); train_curves.png is written either way")
     train.add_argument("--compile", action="store_true",
                        help="train the network through torch.compile (inductor): a minute or more of compiling "
                             "first, faster steps after")
@@ -171,37 +178,47 @@ def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .checkpoint import checkpoint_config, load_checkpoint
-    from .config import load_config
+    from .config import apply_overrides, load_config
     from .data import PatchSampler, ZRange, check_labels, instances_from_binary, open_volume
     from .run_folder import RunFolder
     from .segment import validator
     from .train import TrainOptions, Trainer, check_backend, check_resumable, training_device
+    from .train_report import TensorBoardUnavailable, require_tensorboard
 
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise UsageError(f"--minutes must be a time budget > 0 minutes; got {args.minutes:g}")
     if args.iterations is not None and args.iterations < 1:
         raise UsageError(f"--iterations must be >= 1; got {args.iterations}")
+    if args.tensorboard:
+        try:
+            require_tensorboard()
+        except TensorBoardUnavailable as exc:
+            raise UsageError(f"--tensorboard: {exc}") from None
     if args.resume is not None:
         state = load_checkpoint(args.resume)
         check_resumable(state, args.resume)
         config = checkpoint_config(state)
         del state
     else:
-        config = load_config(args.config or "tiny-cpu")
+        config = apply_overrides(load_config(args.config or "tiny-cpu"), args.overrides)
     if args.iterations is not None:
         config.train.iterations = args.iterations
         config.validate()
-    if args.resume is not None and args.config is not None:
+    if args.resume is not None and (args.config is not None or args.overrides):
         # The checkpoint's config is the one resumed (its optimiser state belongs to it); a
-        # --config that agrees with it is harmless, one that does not would be ignored.
-        given = load_config(args.config)
+        # --config or --set that agrees with it is harmless, one that does not would be ignored.
+        given = apply_overrides(load_config(args.config) if args.config is not None else config, args.overrides)
         if args.iterations is not None:
             given.train.iterations = args.iterations
-        differ = [k for k in _config_differences(given.to_dict(), config.to_dict()) if k != "name"]
+        differ = [k for k in _config_differences(given.to_dict(), config.to_dict())
+                  if k != "name" or args.config is None]
         if differ:
-            raise UsageError(f"--config {args.config} differs from the config stored in {args.resume} "
+            given_by = [f"--config {args.config}"] * (args.config is not None) + [f"--set {o}" for o in args.overrides]
+            flags = "/".join(["--config"] * (args.config is not None) + ["--set"] * bool(args.overrides))
+            further = " (to train further, give --iterations)" if "train.iterations" in differ else ""
+            raise UsageError(f"{' '.join(given_by)} differs from the config stored in {args.resume} "
                              f"({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}); a resumed run "
-                             "keeps its checkpoint's config: drop --config, or start a new run")
+                             f"keeps its checkpoint's config{further}: drop {flags}, or start a new run")
     check_backend(config, training_device(None))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # Rank 0 alone writes the run folder, so it alone claims it, before any data is read.
@@ -225,7 +242,7 @@ def _train(args: argparse.Namespace) -> int:
         source = PatchSampler.from_config(pairs, config, rank=rank, world_size=world)
         options = TrainOptions(out_dir=args.out, resume=args.resume, overwrite=args.overwrite, validate=validate,
                                time_budget=args.minutes * 60 if args.minutes else None, folder=folder,
-                               compile=args.compile)
+                               compile=args.compile, tensorboard=args.tensorboard)
         result = Trainer(config, source, options).run()
     if rank == 0:
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}")
