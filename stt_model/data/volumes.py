@@ -598,7 +598,7 @@ def _refuse_n5(path: Path, root: Path) -> ValueError:
     converted = root.with_suffix(".zarr")
     return ValueError(
         f"{path}: N5 containers cannot be read (zarr 3 has no N5 support); convert {root} to zarr or HDF5 "
-        f"and pass that instead, e.g. in an environment with zarr 2 (pip install 'zarr<3'): "
+        f"and pass that instead, e.g. in an environment with zarr 2 (pip install 'zarr<3' fsspec): "
         f"zarr.copy_all(zarr.open(zarr.N5FSStore('{root}'), mode='r'), zarr.open_group('{converted}', mode='w'))")
 
 
