@@ -25,9 +25,12 @@ class GroupNorm3d(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (capturing_graph() or x.device.type != "cpu"
                 or not x.is_contiguous(memory_format=torch.channels_last_3d) or x.is_contiguous()):
-            return super().forward(x)
-        y = super().forward(x.contiguous())
-        return y.contiguous(memory_format=torch.channels_last_3d)
+            return self._normalise(x)
+        return self._normalise(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.GroupNorm.forward, called without super(), which TorchScript lacks.
+        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def norm3d(kind: str, channels: int) -> nn.Module:

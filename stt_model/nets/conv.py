@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -12,6 +10,14 @@ from .capture import capturing_graph
 # PyTorch's CPU rule (aten/src/ATen/native/Convolution.cpp, ConvParams::use_mkldnn): a batch of one
 # takes oneDNN only when N * C * D0 * D1 of the input exceeds this.
 _ONEDNN_MIN_ELEMENTS = 20480
+
+
+def _takes_reference_conv(input: torch.Tensor) -> bool:
+    """Whether PyTorch would run this eager float32 CPU input on its slow reference convolution."""
+    return (not capturing_graph() and input.dim() == 5 and input.size(0) == 1 and input.device.type == "cpu"
+            and input.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
+            and input.size(1) * input.size(2) * input.size(3) <= _ONEDNN_MIN_ELEMENTS)
 
 
 class Conv3d(nn.Conv3d):
@@ -27,12 +33,11 @@ class Conv3d(nn.Conv3d):
     traced, scripted or exported graph runs the plain convolution (:func:`.capture.capturing_graph`).
     """
 
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
-                      bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if (not capturing_graph() and input.dim() == 5 and input.size(0) == 1 and input.device.type == "cpu"
-                and input.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                and torch.backends.mkldnn.enabled
-                and input.size(1) * input.size(2) * input.size(3) <= _ONEDNN_MIN_ELEMENTS):
-            pair = torch.cat([input, torch.zeros_like(input)])
-            return super()._conv_forward(pair, weight, bias)[:1]
-        return super()._conv_forward(input, weight, bias)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Scripted, the check is left out whole (TorchScript does not compile the body of a
+        # false is_scripting() test, and the mkldnn queries do not script).
+        if not torch.jit.is_scripting():
+            if _takes_reference_conv(input):
+                pair = torch.cat([input, torch.zeros_like(input)])
+                return self._conv_forward(pair, self.weight, self.bias)[:1]
+        return self._conv_forward(input, self.weight, self.bias)
