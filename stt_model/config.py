@@ -36,7 +36,8 @@ class ModelConfig:
     order: Literal["split", "spatial_temporal", "temporal_spatial"] = "split"
     offset_groups: int = 1
     norm: Literal["batch", "group", "instance"] = "batch"
-    interpolation: Literal["none", "joint", "frozen"] = "joint"   # the denoising network: none, trained with the rest, or frozen
+    # The denoising network: none, trained with the rest, or frozen.
+    interpolation: Literal["none", "joint", "frozen"] = "joint"
     interpolation_kernel: int = 5
     # (T, H, W) factors: the network sees its input average-pooled by them and its logits are
     # upsampled back (trilinear), so a patch covers that much more context at the same cost.
@@ -108,7 +109,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         _check_finite("", self)
         m, d, t = self.model, self.data, self.train
         levels = len(m.channels)

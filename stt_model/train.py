@@ -387,7 +387,8 @@ class Trainer:
                     progress.update(self.step, loss=values["loss"], lr=values["lr"])
                 if self.options.validate is not None and self.step % t.val_every == 0:
                     result.metrics = self._validate(log)
-                out_of_time = self.options.time_budget is not None and time.monotonic() - started > self.options.time_budget
+                budget = self.options.time_budget
+                out_of_time = budget is not None and time.monotonic() - started > budget
                 if self.step % t.checkpoint_every == 0 or self.step == last or out_of_time:
                     result.checkpoint = self.save(folder)
                 if out_of_time:

@@ -4,11 +4,11 @@ as a YAML config's is; a resumed run refuses overrides that would change its con
 import h5py
 import pytest
 import torch
+from test_cli import TINY_YAML
 
 from stt_model.cli import main
 from stt_model.config import ConfigError, apply_overrides, load_config, parse_override
 from stt_model.data import synthetic_volume
-from test_cli import TINY_YAML
 
 
 def _yaml_error(tmp_path, text):

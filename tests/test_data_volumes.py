@@ -143,7 +143,8 @@ def test_errors_name_the_problem(tmp_path, array):
         open_volume(tmp_path / "v.nii")
     folder = write_folder(tmp_path / "mixed", array[:3])
     Image.fromarray(array[0, :10]).save(folder / "slice3.png")
-    with pytest.raises(ValueError, match=r"slices differ in shape \(slice0.png is \(33, 45\), slice3.png is \(10, 45\)\)"):
+    shapes = r"slices differ in shape \(slice0.png is \(33, 45\), slice3.png is \(10, 45\)\)"
+    with pytest.raises(ValueError, match=shapes):
         open_volume(folder)
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
     with pytest.raises(ValueError, match=r"rgb.tif: expected a grayscale stack"):

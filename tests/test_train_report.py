@@ -8,12 +8,12 @@ import sys
 
 import pytest
 from PIL import Image
+from test_train import TINY, RandomBlobs
 
 import stt_model.train_report as report
 from stt_model.config import load_config
 from stt_model.train import TrainOptions, train
 from stt_model.train_report import CURVES, TensorBoardUnavailable, read_curves
-from test_train import TINY, RandomBlobs
 
 
 class Scores:

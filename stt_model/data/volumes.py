@@ -219,8 +219,8 @@ def split_spec(spec: Union[str, Path]) -> tuple[Path, Optional[str]]:
     """
     text = str(spec)
     suffixes = HDF5_SUFFIXES + ZARR_SUFFIXES + N5_SUFFIXES
-    match = re.match(r"^(.*?(?:%s))(?::(.+))?$" % "|".join(re.escape(s) for s in suffixes),
-                     text, flags=re.IGNORECASE)
+    alternatives = "|".join(re.escape(s) for s in suffixes)
+    match = re.match(rf"^(.*?(?:{alternatives}))(?::(.+))?$", text, flags=re.IGNORECASE)
     if match:
         return Path(match.group(1)), match.group(2)
     return Path(text), None
