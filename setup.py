@@ -317,7 +317,8 @@ if COMPILING:
 
 setup(
     packages=find_packages(include=["stt_kernels*", "stt_model*"]),
-    package_data={"stt_kernels": ["_build_info.json", "py.typed"], "stt_model": ["configs/*.yaml", "py.typed"]},
+    package_data={"stt_kernels": ["_build_info.json", "py.typed"],
+                  "stt_model": ["configs/*.yaml", "py.typed", "models/*.json", "models/*.pt", "models/*.yaml"]},
     install_requires=[torch_requirement(_pinned_torch())],
     ext_modules=extensions(MODE) if COMPILING else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if COMPILING else {},

@@ -1,4 +1,4 @@
-"""The ``stt`` command: ``demo``, ``train``, ``predict``, ``evaluate``, ``bench``.
+"""The ``stt`` command: ``demo``, ``train``, ``predict``, ``evaluate``, ``tune``, ``models``, ``bench``.
 
 Volumes are named as ``file.h5[:dataset]``, ``file.zarr``, ``stack.tif`` or a folder of slices.
 Every failure the user can fix prints one line, ``stt <command>: error: ...``, and exits 2
@@ -34,8 +34,9 @@ def missing_model_extras() -> list[str]:
 
 EXAMPLES = {
     "demo": """examples:
-  stt demo                                  # synthetic EM, a few minutes on 2 CPU cores -> demo_out/
-  stt demo --data lucchi_pp_train.h5 --minutes 20""",
+  stt demo                                  # the shipped synthetic-demo model on held-out synthetic EM -> demo_out/
+  stt demo --train --minutes 4              # train tiny-cpu from scratch first (today's 4-minute run)
+  stt demo --data lucchi_pp_train.h5 --minutes 20   # a real volume: trains on its first 80 %""",
     "train": """examples:
   stt train --config tiny-cpu --image train.h5:image --label train.h5:label --out runs/tiny
   stt train --config my.yaml --image vol.h5:image --label vol.h5:label --val-z 130:165 --out runs/a
@@ -45,13 +46,23 @@ EXAMPLES = {
   torchrun --nproc_per_node=4 -m stt_model.cli train --config mitoem-r ...""",
     "predict": """examples:
   stt predict --checkpoint runs/tiny/last.pt --image test.h5:image --out pred.h5
-  stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta
+  stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta 16 --tta-reduce mean
+  stt predict --model synthetic-demo --image vol.h5:image --out pred.h5 --instances inst.h5
+  stt predict ... --fg-threshold 0.6 --seed-threshold 0.8   # flags > last.thresholds.json (stt tune) > defaults
   stt predict ... --instances inst.h5                     # also post-process into 3D instances
   stt predict ... --image vol.h5:image --out vol.h5:probs --instances vol.h5:inst  # add both to vol.h5
   torchrun --nproc_per_node=4 -m stt_model.cli predict ... # ranks split the blocks, one output""",
     "evaluate": """examples:
   stt evaluate --pred inst.h5:main --gt gt.h5:label
-  stt evaluate --pred inst.tif --gt gt_slices/ --json""",
+  stt evaluate --pred inst.tif --gt gt_slices/ --json
+  stt evaluate --pred probs.h5:main --gt gt.h5:label --thresholds last.thresholds.json --fg-threshold 0.6""",
+    "tune": """examples:
+  stt tune --checkpoint runs/a/last.pt --image val.h5:image --label val.h5:label   # -> runs/a/last.thresholds.json
+  stt tune --checkpoint last.pt --image val.h5:image --label val.h5:label --tta 16 --points 7 --overwrite
+  stt tune ... --search optuna --trials 100                                        # needs optuna""",
+    "models": """examples:
+  stt models                     # the shipped models and their held-out scores
+  stt models synthetic-demo      # one model's whole card""",
     "bench": """examples:
   stt bench --quick --out bench_out
   stt bench --suite levels train-step --out bench_out      # also one STT-UNET training step
@@ -65,6 +76,8 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .tune import add_prediction_arguments, add_threshold_arguments, add_tune_arguments
+
     parser = argparse.ArgumentParser(prog="stt", description="STT-UNET: 3D mitochondria instance segmentation in EM.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -72,10 +85,14 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    demo = command("demo", "Train tiny-cpu on synthetic EM, segment a held-out volume, evaluate, write demo_out/.")
+    demo = command("demo", "Segment a held-out synthetic EM volume with the shipped synthetic-demo model (or, with "
+                   "--train, a tiny-cpu model trained first), evaluate, write demo_out/.")
+    demo.add_argument("--train", action="store_true",
+                      help="train tiny-cpu from scratch for --minutes instead of using the shipped model "
+                           "(implied by --data and --minutes)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     demo.add_argument("--data", help="run on a real HDF5 volume with 'image' and 'label' datasets instead")
-    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
+    demo.add_argument("--minutes", type=float, help="training time budget with --train (default: 4)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true",
                       help="replace the outputs of an earlier demo in --out (other files there are left alone)")
@@ -106,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                             "first, faster steps after")
 
     predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
-    predict.add_argument("--checkpoint", type=Path, required=True)
+    which = predict.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, help="a checkpoint (its thresholds file beside it is used)")
+    which.add_argument("--model", help="a shipped model by name (stt models lists them), verified by SHA-256")
     predict.add_argument("--image", required=True, help="volume to segment")
     predict.add_argument("--out", required=True,
                          help="probabilities (uint8): out.h5 or out.zarr (a whole file), or out.h5:name / "
@@ -115,17 +134,23 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true",
                          help="replace an existing --out/--instances: the named dataset, or the whole file when "
                               "none is named (without it, existing outputs are refused)")
-    predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
-    predict.add_argument("--batch-size", type=int, default=2)
     predict.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"),
                          help="output block predicted at a time; memory grows with it (default: 4 windows per axis)")
-    predict.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
-    predict.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    add_prediction_arguments(predict)
+    add_threshold_arguments(predict, mask=False)
 
     evaluate = command("evaluate", "Score instances against ground truth: MitoEM AP and Lucchi Jaccard/DSC.")
     evaluate.add_argument("--pred", required=True, help="predicted instances (or a binary mask)")
     evaluate.add_argument("--gt", required=True, help="ground-truth instances (or a binary mask)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--thresholds", type=Path, help="with probabilities as --pred: a thresholds file "
+                          "(stt tune's) to decode them with; the flags below override it")
+    add_threshold_arguments(evaluate)
+
+    add_tune_arguments(command("tune", "Tune the decoding thresholds of a checkpoint on a labelled validation volume "
+                               "(AP-75, or Jaccard for one-channel models); writes a thresholds file beside it."))
+    models = command("models", "List the shipped models with their cards.")
+    models.add_argument("name", nargs="?", help="show this model's whole card")
 
     from stt_kernels.bench.cli import add_arguments as add_bench_arguments
 
@@ -137,10 +162,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import open_volume
     from .metrics import evaluate
 
+    from .tune import decode_thresholds
+
     pred, gt = open_volume(args.pred), open_volume(args.gt)
-    if tuple(pred.shape) != tuple(gt.shape):
-        raise UsageError(f"--pred has shape {tuple(pred.shape)} but --gt has {tuple(gt.shape)}")
-    scores = evaluate(pred, gt)
+    # Probabilities (C, Z, Y, X) are decoded with the thresholds first; instances are scored as they are.
+    if len(pred.shape) == 4 and tuple(pred.shape[1:]) == tuple(gt.shape):
+        from .segment import score
+
+        thresholds, source = decode_thresholds(args, sidecar=args.thresholds)
+        print(f"stt evaluate: decoding {args.pred} with {source}", file=sys.stderr)
+        scores = score(pred[:], gt[:], thresholds)
+    else:
+        if tuple(pred.shape) != tuple(gt.shape):
+            raise UsageError(f"--pred has shape {tuple(pred.shape)} but --gt has {tuple(gt.shape)} (or (C, Z, Y, X) "
+                             "probabilities of it)")
+        if args.thresholds is not None or any(v is not None for k, v in vars(args).items() if k.startswith("threshold_")):
+            raise UsageError(f"the thresholds decode probabilities (C, Z, Y, X); --pred {args.pred} holds instances "
+                             f"{tuple(pred.shape)}, scored as they are")
+        scores = evaluate(pred, gt)
     if args.json:
         print(json.dumps(scores))
     else:
@@ -261,8 +300,16 @@ def _predict(args: argparse.Namespace) -> int:
     from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
     from .segment import instances_into, probabilities
 
+    from .pretrained import verified_weights
+    from .tune import decode_thresholds
+
     # Everything that can be refused is refused here, before the model is built or a window runs.
     _check_predict_options(args)
+    if args.model is not None:
+        args.checkpoint = verified_weights(args.model)
+    thresholds, threshold_source = decode_thresholds(args, checkpoint=args.checkpoint)
+    if args.instances and os.environ.get("RANK", "0") == "0":
+        print(f"stt predict: instances will be decoded with {threshold_source}", file=sys.stderr)
     device = ranks.device_for_rank(args.device)
     image = open_volume(args.image)
     if len(image.shape) != 3:
@@ -287,7 +334,7 @@ def _predict(args: argparse.Namespace) -> int:
     check_space(plans)
     model = build_model(config)
     load_model_weights(model, state, args.checkpoint)
-    options = dict(overlap=args.overlap, batch_size=args.batch_size, flip_tta=args.tta,
+    options = dict(overlap=args.overlap, batch_size=args.batch_size, tta=args.tta, tta_reduce=args.tta_reduce,
                    block=tuple(args.block) if args.block else None)
     if world > 1:
         ranks.start()
@@ -312,8 +359,8 @@ def _predict(args: argparse.Namespace) -> int:
             writing = args.instances
             probs = open_volume(args.out)
             with create_output(args.instances, probs.shape[1:], np.uint32, overwrite=args.overwrite) as out:
-                count, method = instances_into(probs, out)
-            print(f"{count} instances ({method}) -> {args.instances}")
+                count, method = instances_into(probs, out, thresholds)
+            print(f"{count} instances ({method}, {threshold_source}) -> {args.instances}")
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
             raise
@@ -336,7 +383,23 @@ def _check_predict_options(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, minutes=args.minutes, seed=args.seed, overwrite=args.overwrite)
+    train = args.train or args.data is not None or args.minutes is not None
+    run_demo(args.out, data=args.data, minutes=4.0 if args.minutes is None else args.minutes, seed=args.seed,
+             overwrite=args.overwrite, train=train)
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .tune import tune_command
+
+    return tune_command(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .pretrained import describe_card, list_models, model_card
+
+    cards = [model_card(args.name)] if args.name else list_models()
+    print("\n\n".join(describe_card(card, full=bool(args.name)) for card in cards) or "no models are installed")
     return 0
 
 
@@ -359,7 +422,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _demo, "train": _train, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
+    "demo": _demo, "train": _train, "predict": _predict, "evaluate": _evaluate, "tune": _tune, "models": _models,
+    "bench": _bench,
 }
 
 
