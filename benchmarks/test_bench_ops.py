@@ -25,7 +25,15 @@ def test_op(benchmark, combination, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # pytest-benchmark reads a wall clock
 
-    benchmark.extra_info.update(op=case.name, implementation=implementation.name, kind=implementation.kind,
-                                shape=case.label(shape), tokens=shape.tokens, dtype=str(dtype), pass_=pass_,
-                                flops=case.flops(shape, pass_), bytes=case.bytes(shape, dtype, pass_))
+    benchmark.extra_info.update(
+        op=case.name,
+        implementation=implementation.name,
+        kind=implementation.kind,
+        shape=case.label(shape),
+        tokens=shape.tokens,
+        dtype=str(dtype),
+        pass_=pass_,
+        flops=case.flops(shape, pass_),
+        bytes=case.bytes(shape, dtype, pass_),
+    )
     benchmark.pedantic(synchronised, rounds=5, warmup_rounds=1, iterations=1)

@@ -13,10 +13,12 @@ from stt_kernels.atomic_file import atomic_write, atomic_write_text
 
 def test_the_published_file_has_the_mode_the_umask_gives(tmp_path):
     # In a child process: the umask is per process, and this one's must stay as it is.
-    code = ("import os, stat, sys; from stt_kernels.atomic_file import atomic_write_text\n"
-            "for mask in (0o022, 0o077, 0o002):\n"
-            "    os.umask(mask); p = atomic_write_text(f'{sys.argv[1]}/{mask:o}.txt', 'x')\n"
-            "    print(oct(stat.S_IMODE(p.stat().st_mode)))")
+    code = (
+        "import os, stat, sys; from stt_kernels.atomic_file import atomic_write_text\n"
+        "for mask in (0o022, 0o077, 0o002):\n"
+        "    os.umask(mask); p = atomic_write_text(f'{sys.argv[1]}/{mask:o}.txt', 'x')\n"
+        "    print(oct(stat.S_IMODE(p.stat().st_mode)))"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["0o644", "0o600", "0o664"]
 

@@ -11,13 +11,38 @@ import pytest
 import torch
 
 import stt_kernels
-from stt_kernels.bench import SUITES, Implementation, Options, Shape, read_results, register_suite, run
-from stt_kernels.bench import engine, impls, measure
+from stt_kernels.bench import (
+    SUITES,
+    Implementation,
+    Options,
+    Shape,
+    engine,
+    impls,
+    measure,
+    read_results,
+    register_suite,
+    run,
+)
 from stt_kernels.bench.cases import CASES, levels
-from stt_kernels.bench.engine import Row, add_speedups, update_results_md
+from stt_kernels.bench.engine import Row, add_speedups
+from stt_kernels.bench.report import update_results_md
 
-METADATA_FIELDS = ("device", "cpu", "cpu_cores", "cuda", "rocm", "torch", "triton", "torchvision", "commit",
-                   "command", "date", "backends")
+METADATA_FIELDS = (
+    "device",
+    "cpu",
+    "cpu_cores",
+    "cuda",
+    "rocm",
+    "torch",
+    "triton",
+    "torchvision",
+    "commit",
+    "command",
+    "date",
+    "backends",
+    "load_average",
+    "duration_s",
+)
 
 
 def _raise_oom(*args: torch.Tensor) -> torch.Tensor:
@@ -33,21 +58,38 @@ def small_ceilings(monkeypatch):
 def fake_implementations(monkeypatch):
     op = "temporal_attention"
     oom = Implementation("fake:oom", op, "peer", _raise_oom)
-    declines = Implementation("fake:skip", op, "peer", _raise_oom,
-                              unsupported=lambda device, dtype, pass_: "needs hardware we lack")
+    declines = Implementation(
+        "fake:skip", op, "peer", _raise_oom, unsupported=lambda device, dtype, pass_: "needs hardware we lack"
+    )
     monkeypatch.setattr(impls, "IMPLEMENTATIONS", impls.IMPLEMENTATIONS + [oom, declines])
     monkeypatch.setattr(engine, "IMPLEMENTATIONS", impls.IMPLEMENTATIONS)
 
 
 def _options(tmp_path, **kwargs) -> Options:
-    settings = dict(out=tmp_path / "out", tier="quick", passes=["forward"], device="cpu", warmup=0, repeats=2,
-                    cpu_memory=False, threads=1, progress=lambda line: None)
+    settings = dict(
+        out=tmp_path / "out",
+        tier="quick",
+        passes=["forward"],
+        device="cpu",
+        warmup=0,
+        repeats=2,
+        cpu_memory=False,
+        threads=1,
+        progress=lambda line: None,
+    )
     return Options(**{**settings, **kwargs})
 
 
 def test_engine_writes_valid_results_with_oom_and_skip(tmp_path, fake_implementations, small_ceilings):
-    path = run(_options(tmp_path, ops=["temporal_attention"], backends=["reference"], peers=["sdpa:math", "fake"],
-                        command=["stt", "bench", "--quick"]))
+    path = run(
+        _options(
+            tmp_path,
+            ops=["temporal_attention"],
+            backends=["reference"],
+            peers=["sdpa:math", "fake"],
+            command=["stt", "bench", "--quick"],
+        )
+    )
     document = json.loads(path.read_text())
     for name in METADATA_FIELDS:
         assert name in document["metadata"], name
@@ -74,16 +116,26 @@ def test_engine_writes_valid_results_with_oom_and_skip(tmp_path, fake_implementa
 
 def test_a_suite_takes_any_shape(tmp_path, small_ceilings, monkeypatch):
     # Odd sizes, a head dim of 5 and a block of 3 slices: nothing in the engine assumes the STT-UNET levels.
-    monkeypatch.setitem(SUITES, "odd", lambda tier: [("spatial_attention", Shape(1, 3, 5, 7, 10, 2, "odd"), None),
-                                                     ("sst_attention", Shape(1, 3, 5, 7, 8, 2, "odd"), ("forward",))])
-    rows = read_results(run(_options(tmp_path, suites=["odd"], backends=["reference"], peers=[],
-                                     passes=["forward", "forward+backward"])))["rows"]
+    monkeypatch.setitem(
+        SUITES,
+        "odd",
+        lambda tier: [
+            ("spatial_attention", Shape(1, 3, 5, 7, 10, 2, "odd"), None),
+            ("sst_attention", Shape(1, 3, 5, 7, 8, 2, "odd"), ("forward",)),
+        ],
+    )
+    rows = read_results(
+        run(
+            _options(tmp_path, suites=["odd"], backends=["reference"], peers=[], passes=["forward", "forward+backward"])
+        )
+    )["rows"]
     assert [(r.op, r.shape, r.pass_, r.status) for r in rows] == [
         ("spatial_attention", "odd B1 T3 5x7 C10 h2", "forward", "ok"),
         ("spatial_attention", "odd B1 T3 5x7 C10 h2", "forward+backward", "ok"),
-        ("sst_attention", "odd B1 T3 5x7 C8 h2", "forward", "ok")]
+        ("sst_attention", "odd B1 T3 5x7 C8 h2", "forward", "ok"),
+    ]
     # 3 x 2 sequences of 35 tokens, d = 5: 4 N^2 d FLOPs each, forward.
-    assert rows[0].flops == 4 * 35 ** 2 * 5 * 6 and rows[1].flops == rows[0].flops * 3.5
+    assert rows[0].flops == 4 * 35**2 * 5 * 6 and rows[1].flops == rows[0].flops * 3.5
 
 
 def test_unknown_suites_and_ops_are_refused_naming_the_known_ones(tmp_path):
@@ -94,8 +146,7 @@ def test_unknown_suites_and_ops_are_refused_naming_the_known_ones(tmp_path):
 
 
 def test_cpu_timing_is_torch_utils_benchmark_with_at_least_the_repeats():
-    timing = measure.time_step(lambda: time.sleep(0.002), torch.device("cpu"), warmup=0, repeats=4,
-                               min_run_time=0.01)
+    timing = measure.time_step(lambda: time.sleep(0.002), torch.device("cpu"), warmup=0, repeats=4, min_run_time=0.01)
     assert timing.repeats >= 4 and 0.0019 < timing.median < 0.05
     assert timing.timer == "torch.utils.benchmark.Timer.blocked_autorange"
 
@@ -114,26 +165,51 @@ def test_gpu_timing_is_triton_do_bench(monkeypatch):
 
 
 def test_cpu_memory_cap_records_oom_in_the_subprocess():
-    spec = {"module": "stt_kernels.bench.cases", "op": "temporal_attention", "implementation": "reference",
-            "shape": levels("quick")[0].__dict__, "dtype": "float32", "pass": "forward+backward", "seed": 0}
+    spec = {
+        "module": "stt_kernels.bench.cases",
+        "op": "temporal_attention",
+        "implementation": "reference",
+        "shape": levels("quick")[0].__dict__,
+        "dtype": "float32",
+        "pass": "forward+backward",
+        "seed": 0,
+    }
     probe = measure.probe_cpu(spec, cap_bytes=1, timeout_s=120)
     assert probe["status"] == "OOM" and "memory cap" in probe["reason"], probe
 
 
-def test_cpu_memory_of_a_row_is_measured_in_a_fresh_process(tmp_path, small_ceilings):
-    rows = read_results(run(_options(tmp_path, ops=["temporal_attention"], backends=["reference"], peers=[],
-                                     cpu_memory=True)))["rows"]
-    assert all(r.status == "ok" and r.peak_memory_bytes > 0 and r.baseline_memory_bytes > 50 << 20 for r in rows)
+def test_cpu_memory_of_a_row_is_measured_in_a_fresh_process(tmp_path, small_ceilings, monkeypatch):
+    monkeypatch.setitem(SUITES, "one", lambda tier: [("temporal_attention", Shape(1, 64, 16, 16, 8, 1), None)])
+    rows = read_results(run(_options(tmp_path, suites=["one"], backends=["reference"], peers=[], cpu_memory=True)))
+    # The reference's scores and their softmax: 256 sequences of 64 x 64 float32, 4 MiB each.
+    (row,) = rows["rows"]
+    assert row.status == "ok" and row.peak_memory_bytes >= 8 << 20 and row.baseline_memory_bytes > 50 << 20
 
 
 def _row(implementation: str, kind: str, seconds: float, status: str = "ok") -> Row:
-    return Row("op", implementation, kind, "S", {}, 1, "float32", "forward", status=status,
-               time_median_s=seconds if status == "ok" else None)
+    return Row(
+        "op",
+        implementation,
+        kind,
+        "S",
+        {},
+        "float32",
+        "forward",
+        1.0,
+        1.0,
+        status=status,
+        time_median_s=seconds if status == "ok" else None,
+    )
 
 
 def test_speedups_against_reference_and_fastest_peer():
-    rows = [_row("reference", "reference", 8.0), _row("ours:cpu", "ours", 2.0), _row("slow", "peer", 6.0),
-            _row("fast", "peer", 4.0), _row("broken", "peer", 0.0, status="OOM")]
+    rows = [
+        _row("reference", "reference", 8.0),
+        _row("ours:cpu", "ours", 2.0),
+        _row("slow", "peer", 6.0),
+        _row("fast", "peer", 4.0),
+        _row("broken", "peer", 0.0, status="OOM"),
+    ]
     add_speedups(rows)
     by_name = {r.implementation: r for r in rows}
     assert by_name["ours:cpu"].speedup_vs_reference == 4.0
@@ -163,8 +239,14 @@ def test_training_step_suite_runs_on_every_backend_here(tmp_path, small_ceilings
 
     small = train_step_bench.TrainStepCase().small(train_step_bench.preset_shape("tiny-cpu"))
     monkeypatch.setitem(SUITES, "train-step", lambda tier: [(train_step_bench.NAME, small, None)])
-    options = _options(tmp_path, suites=["train-step"], backends=["cpu", "reference"], peers=[], repeats=1,
-                       passes=["forward", "forward+backward"])
+    options = _options(
+        tmp_path,
+        suites=["train-step"],
+        backends=["cpu", "reference"],
+        peers=[],
+        repeats=1,
+        passes=["forward", "forward+backward"],
+    )
     rows = read_results(run(options))["rows"]
     expected = {("reference", "forward"), ("reference", "forward+backward")}
     if stt_kernels.backends()["cpu"].available:
@@ -177,8 +259,10 @@ def test_training_step_suite_runs_on_every_backend_here(tmp_path, small_ceilings
 
 
 def test_the_kernel_package_never_imports_stt_model():
-    code = ("import sys, stt_kernels.bench, stt_kernels.bench.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'stt_model'))")
+    code = (
+        "import sys, stt_kernels.bench, stt_kernels.bench.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'stt_model'))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     assert "train-step" not in SUITES or "stt_model" in sys.modules  # only stt_model registers it
@@ -197,3 +281,31 @@ def test_register_suite_makes_a_suite_selectable(tmp_path):
         assert Options(out=tmp_path / "o", suites=["mine"]).suites == ["mine"]
     finally:
         del SUITES["mine"]
+
+
+def test_the_predict_volume_volume_repeats_its_tile_to_the_edges(monkeypatch):
+    import h5py
+
+    from stt_model import train_step_bench
+    from stt_model.data import synthetic_volume
+
+    monkeypatch.setattr(train_step_bench, "TILE", (4, 16, 16))
+    path = train_step_bench.volume(Shape(1, 6, 20, 40, 1, 1))
+    tile = synthetic_volume((4, 16, 16), seed=0).image
+    with h5py.File(path) as f:
+        image = f["image"][:]
+    assert image.shape == (6, 20, 40)
+    expected = [[[tile[z % 4, y % 16, x % 16] for x in range(40)] for y in range(20)] for z in range(6)]
+    assert (image == expected).all()
+
+
+def test_predict_volume_suite_runs_stt_predict(tmp_path, small_ceilings, monkeypatch):
+    from stt_model import train_step_bench
+
+    one_window = Shape(1, 8, 64, 64, 1, 1, "volume")
+    monkeypatch.setitem(
+        SUITES, "predict-volume", lambda tier: [(train_step_bench.PredictVolumeCase.name, one_window, ("forward",))]
+    )
+    rows = read_results(run(_options(tmp_path, suites=["predict-volume"], backends=["reference"], repeats=1)))["rows"]
+    assert [(r.shape, r.status) for r in rows] == [("volume 8x64x64", "ok")], rows
+    assert rows[0].time_median_s > 0 and rows[0].gflops_per_s is None

@@ -1,23 +1,22 @@
-"""How each figure is taken: time, the machine's ceilings, peak memory.
+"""How each figure is taken.
 
-Time: ``triton.testing.do_bench`` on a GPU (CUDA events, the L2 cache flushed between repeats;
-``torch.utils.benchmark.Timer``, which synchronises, where Triton is missing), and
-``torch.utils.benchmark.Timer.blocked_autorange`` on the CPU; rounds are added until there are
-at least ``repeats`` samples; median and quartiles of the samples.
+Time: ``triton.testing.do_bench`` on a GPU (CUDA events, L2 flushed between repeats; where Triton
+is missing ``torch.utils.benchmark.Timer``, which synchronises), ``Timer.blocked_autorange`` on
+the CPU; rounds are added until there are ``repeats`` samples; their median and quartiles.
 
 Peak memory: on a GPU the caching allocator's peak above what was allocated before the inputs.
-A CPU process's RSS cannot be reset, so each CPU row runs once in a fresh interpreter
-(``python -m stt_kernels.bench.measure SPEC``): its RSS once torch is loaded and the
-implementation ran on a tiny input is the baseline (reported apart), the high-water mark's rise
-above it (reset through ``/proc/self/clear_refs``) the row's peak. That process is also the OOM
-guard: a row over the memory cap (``RLIMIT_DATA``) or killed by the OOM killer is an OOM row there
-and never runs in the measuring process.
+A process's RSS cannot be reset, so each CPU row runs once in a fresh interpreter (``python -m
+stt_kernels.bench.measure SPEC``): its RSS once torch is loaded and the implementation ran on a
+tiny input is the baseline (reported apart), the high-water mark's rise above it the peak. That
+process is also the OOM guard: a row over the cap (``RLIMIT_DATA``) or killed by the OOM killer
+is an OOM row there and never runs in the measuring process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
+import functools
 import gc
 import importlib
 import json
@@ -42,7 +41,7 @@ except ImportError:  # a GPU build of torch without Triton
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over ``repeats`` samples, and what took them."""
+    """Seconds per call: the median and quartiles of ``repeats`` samples, and the timer."""
 
     median: float
     q1: float
@@ -57,8 +56,9 @@ def summarise(samples: list[float], timer: str = "") -> Timing:
     return Timing(statistics.median(ordered), q1, q3, len(ordered), timer)
 
 
-def time_step(step: Callable[[], None], device: torch.device, warmup: int, repeats: int,
-              min_run_time: float) -> Timing:
+def time_step(
+    step: Callable[[], object], device: torch.device, warmup: int, repeats: int, min_run_time: float
+) -> Timing:
     """``warmup`` untimed calls, then rounds of at least ``min_run_time`` seconds until there are
     ``repeats`` samples (each the mean of one block of calls)."""
     for _ in range(warmup):
@@ -69,36 +69,41 @@ def time_step(step: Callable[[], None], device: torch.device, warmup: int, repea
             samples += [ms / 1e3 for ms in do_bench(step, warmup=1, rep=min_run_time * 1e3, return_mode="all")]
         return summarise(samples, "triton.testing.do_bench (L2 flushed)")
     timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    samples = list(measurement.times)
+    first = timer.blocked_autorange(min_run_time=min_run_time)
+    samples = list(first.times)
     while len(samples) < repeats:
-        samples += timer.timeit(measurement.number_per_run).times
+        samples += timer.timeit(first.number_per_run).times
     return summarise(samples, "torch.utils.benchmark.Timer" + (".blocked_autorange" if device.type == "cpu" else ""))
 
 
 # (matmul size, copy bytes) per device type and tier: on the plateau, yet quick on two cores.
-CEILING_SIZES = {("cpu", "quick"): (1024, 64 << 20), ("cpu", "default"): (2048, 256 << 20),
-                 ("cpu", "full"): (2048, 256 << 20), ("cuda", "quick"): (4096, 256 << 20),
-                 ("cuda", "default"): (8192, 1 << 30), ("cuda", "full"): (8192, 1 << 30)}
+CEILING_SIZES = {
+    ("cpu", "quick"): (1024, 64 << 20),
+    ("cpu", "default"): (2048, 256 << 20),
+    ("cpu", "full"): (2048, 256 << 20),
+    ("cuda", "quick"): (4096, 256 << 20),
+    ("cuda", "default"): (8192, 1 << 30),
+    ("cuda", "full"): (8192, 1 << 30),
+}
 
 
 def ceilings(device: torch.device, dtypes: list[torch.dtype], tier: str) -> dict[str, Any]:
-    """The yardsticks of GFLOP/s and GB/s, measured in the same run: a large square matmul per
-    dtype (TF32 only if the user enabled it) and a large copy (read plus write counted)."""
+    """The yardsticks of GFLOP/s and GB/s, measured in the run: a square matmul per dtype (TF32
+    only if the user enabled it) and a large copy (read plus write counted)."""
     n, copy_bytes = CEILING_SIZES[(device.type, tier)]
     matmul = {}
     for dtype in dtypes:
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        matmul[str(dtype).removeprefix("torch.")] = 2.0 * n ** 3 / time_step(lambda: torch.mm(a, b), device, 1, 3,
-                                                                             0.2).median / 1e9
+        a = torch.randn(n, n, device=device).to(dtype)
+        seconds = time_step(functools.partial(torch.mm, a, a.T), device, 1, 3, 0.2).median
+        matmul[str(dtype)[6:]] = 2.0 * n**3 / seconds / 1e9
     src = torch.ones(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy = 2.0 * copy_bytes / time_step(lambda: dst.copy_(src), device, 1, 3, 0.2).median / 1e9
-    return {"matmul_gflops": matmul, "copy_gbps": copy, "matmul_n": n, "copy_bytes": copy_bytes,
-            "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    return dict(matmul_gflops=matmul, copy_gbps=copy, matmul_n=n, copy_bytes=copy_bytes, allow_tf32=tf32)
 
 
-def gpu_peak(step: Callable[[], None], device: torch.device, baseline: int) -> int:
+def gpu_peak(step: Callable[[], object], device: torch.device, baseline: int) -> int:
     """Bytes the allocator held at its peak during ``step`` above ``baseline``."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -108,14 +113,12 @@ def gpu_peak(step: Callable[[], None], device: torch.device, baseline: int) -> i
 
 
 def _proc(file: str, field: str) -> Optional[int]:
-    """A size in bytes from ``/proc`` (``VmRSS``, ``VmHWM``, ``VmData``, ``MemAvailable``)."""
+    """A size from ``/proc`` in bytes (``VmRSS``, ``VmHWM``, ``VmData``, ``MemAvailable``)."""
     try:
-        for line in Path(file).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        line = next(line for line in Path(file).read_text().splitlines() if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
 
 
 def default_cpu_cap() -> Optional[int]:
@@ -124,19 +127,18 @@ def default_cpu_cap() -> Optional[int]:
     return None if free is None else int(free * 0.75)
 
 
-def probe_cpu(spec: dict[str, Any], cap_bytes: Optional[int], timeout_s: float,
-              threads: Optional[int] = None) -> dict[str, Any]:
-    """Run the row ``spec`` (``module`` registering its case, ``op``, ``implementation``,
-    ``shape``, ``dtype``, ``pass``, ``seed``) once in a fresh interpreter; returns its ``status``,
-    ``reason``, ``peak_bytes`` and ``baseline_bytes``."""
+def probe_cpu(
+    spec: dict[str, Any], cap_bytes: Optional[int], timeout_s: float, threads: Optional[int] = None
+) -> dict[str, Any]:
+    """Run the row ``spec`` (``module`` registering its case, ``op``, ``implementation``, ``shape``,
+    ``dtype``, ``pass``) once in a fresh interpreter: its ``status``, ``reason``, ``peak_bytes``
+    and ``baseline_bytes``."""
     root = str(Path(__file__).resolve().parents[2])  # this very stt_kernels, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    env.update({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    command = [sys.executable, "-m", "stt_kernels.bench.measure", json.dumps({**spec, "cap_bytes": cap_bytes})]
     try:
-        done = subprocess.run([sys.executable, "-m", "stt_kernels.bench.measure",
-                               json.dumps({**spec, "cap_bytes": cap_bytes})],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"memory probe took more than {timeout_s:.0f} s"}
     if done.returncode == -signal.SIGKILL:
@@ -161,10 +163,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception:
         pass  # the real call below reports what is wrong
     gc.collect()
-    try:  # hand freed heap pages back, so the row's allocations show in the RSS
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(OSError, AttributeError):  # freed heap pages back to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark
         baseline = _proc("/proc/self/status", "VmRSS") or 0
@@ -173,12 +173,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     if (cap := spec.get("cap_bytes")) is not None and (data := _proc("/proc/self/status", "VmData")) is not None:
         resource.setrlimit(resource.RLIMIT_DATA, (data + int(cap), resource.getrlimit(resource.RLIMIT_DATA)[1]))
     try:
-        prepare(case, implementation, shape, dtype, cpu, spec["pass"], spec.get("seed", 0))
+        prepare(case, implementation, shape, dtype, cpu, spec["pass"])
     except Exception as exc:
         status, reason = classify(exc)
-        if status == "OOM" and cap is not None:
-            reason = f"over the memory cap of {int(cap) / 2 ** 20:.0f} MiB: {reason}"
-        return {"status": status, "reason": reason}
+        over = f"over the memory cap of {int(cap) / 2**20:.0f} MiB: " if status == "OOM" and cap is not None else ""
+        return {"status": status, "reason": over + reason}
     peak = _proc("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"status": "ok", "peak_bytes": peak - baseline, "baseline_bytes": baseline}
 
