@@ -26,6 +26,8 @@ TENSORBOARD = "tensorboard"
 # The log's columns that are losses (drawn in the upper panel, in this order); every
 # ``val_<metric>`` column goes to the lower one.
 LOSS_COLUMNS = ("loss", "seg", "adv", "d_loss")
+# What stt_model.metrics scores when a setting has no ground truth (COCO's convention): not a score.
+UNDEFINED_SCORE = -1.0
 
 
 class TensorBoardUnavailable(RuntimeError):
@@ -46,7 +48,8 @@ def require_tensorboard() -> None:
 
 def read_curves(log: Path) -> dict[str, tuple[list[int], list[float]]]:
     """The series of ``log`` (a ``train_log.csv``) to draw: each loss column and each ``val_*``
-    column as ``(steps, values)`` over the rows that have a value for it."""
+    column as ``(steps, values)`` over the rows that have a value for it (a score of -1, undefined,
+    counts as none)."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     with log.open(newline="") as handle:
         for row in csv.DictReader(handle):
@@ -60,6 +63,8 @@ def read_curves(log: Path) -> dict[str, tuple[list[int], list[float]]]:
                 try:
                     value = float(text)
                 except ValueError:
+                    continue
+                if column.startswith("val_") and value == UNDEFINED_SCORE:
                     continue
                 steps, values = series.setdefault(column, ([], []))
                 steps.append(step)
@@ -109,6 +114,8 @@ def plot_curves(log: Path, out: Path) -> Path:
             steps, values = series[column]
             bottom.plot(steps, values, marker="o", markersize=3, color=f"C{index}", label=column[len("val_"):])
         bottom.set_ylabel("validation score")
+        if all(0 <= v <= 1 for column in scores for v in series[column][1]):
+            bottom.set_ylim(-0.02, 1.02)   # fractions (Jaccard, DSC, AP): their whole range, run after run
         bottom.legend(loc="best", fontsize="small")
         bottom.grid(alpha=0.3)
     axes[-1].set_xlabel("step")

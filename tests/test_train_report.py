@@ -36,13 +36,14 @@ def _log_rows(run):
 
 def test_read_curves_takes_the_losses_and_scores_of_the_rows_that_have_them(tmp_path):
     log = tmp_path / "train_log.csv"
-    log.write_text("step,seconds,loss,seg,lr,val_jaccard\n"
-                   "1,0.1,0.9,0.8,0.001,\n"
-                   "2,0.2,0.7,0.6,0.001,\n"
-                   "2,,,,,0.25\n"
+    log.write_text("step,seconds,loss,seg,lr,val_jaccard,val_ap75\n"
+                   "1,0.1,0.9,0.8,0.001,,\n"
+                   "2,0.2,0.7,0.6,0.001,,\n"
+                   "2,,,,,0.25,-1.0\n"              # AP undefined: no ground truth instance
+                   "4,,,,,0.5,0.125\n"
                    "3,0.3,0.5")                      # a row a kill cut short: no seg, lr
     assert read_curves(log) == {"loss": ([1, 2, 3], [0.9, 0.7, 0.5]), "seg": ([1, 2], [0.8, 0.6]),
-                                "val_jaccard": ([2], [0.25])}
+                                "val_jaccard": ([2, 4], [0.25, 0.5]), "val_ap75": ([4], [0.125])}
 
 
 def test_curves_are_drawn_at_each_validation_and_at_the_end(tmp_path, monkeypatch):
