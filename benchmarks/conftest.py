@@ -34,12 +34,8 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "combination" in metafunc.fixturenames:
         device = _device(metafunc.config)
-        rows = plan(
-            metafunc.config.getoption("--bench-suite"),
-            metafunc.config.getoption("--bench-tier"),
-            device,
-            default_dtypes(device),
-        )
+        suites, tier = metafunc.config.getoption("--bench-suite"), metafunc.config.getoption("--bench-tier")
+        rows = plan(suites, tier, device, default_dtypes(device))
         metafunc.parametrize(
             "combination", rows, ids=[f"{c.name}-{i.name}-{c.label(s)}-{str(d)[6:]}-{p}" for c, i, s, d, p in rows]
         )

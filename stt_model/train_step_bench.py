@@ -105,9 +105,6 @@ class TrainStepCase(Case):
     def flops(self, shape: Shape, pass_: str) -> float:
         return _flops(shape, pass_)
 
-    def bytes(self, shape: Shape, dtype: torch.dtype, pass_: str) -> Optional[float]:
-        return None
-
 
 def _make_step(backend: str, shape: Shape, leaves: Sequence[torch.Tensor], pass_: str) -> Callable[[], None]:
     image, target = leaves
@@ -158,9 +155,6 @@ class PredictVolumeCase(Case):
 
     def flops(self, shape: Shape, pass_: str) -> float:
         return 0.0  # no work model: the network, the blending and the post-processing
-
-    def bytes(self, shape: Shape, dtype: torch.dtype, pass_: str) -> Optional[float]:
-        return None
 
 
 TILE = (32, 512, 512)  # the volume repeats one synthetic tile: generating a tile costs seconds

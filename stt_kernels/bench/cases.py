@@ -67,9 +67,9 @@ class Case(ABC):
     @abstractmethod
     def flops(self, shape: Shape, pass_: str) -> float: ...
 
-    @abstractmethod
     def bytes(self, shape: Shape, dtype: torch.dtype, pass_: str) -> Optional[float]:
         """Compulsory memory traffic; ``None`` where no such model makes sense (a network)."""
+        return None
 
 
 def randn(size: Sequence[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator, scale: float = 1.0):

@@ -62,24 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace, command: Optional[list[str]] = None) -> Options:
     """The :class:`Options` of parsed arguments; ``ValueError`` naming the option if one is bad."""
     memory_cap = None if args.memory_cap_mb is None else int(args.memory_cap_mb * 2**20)
-    names = (
-        "tier",
-        "suites",
-        "ops",
-        "backends",
-        "peers",
-        "dtypes",
-        "passes",
-        "device",
-        "warmup",
-        "repeats",
-        "cpu_memory",
-        "threads",
-        "results_md",
-        "overwrite",
-        "out",
+    names = "tier suites ops backends peers dtypes passes device warmup repeats cpu_memory threads results_md"
+    names += " overwrite out"
+    return Options(
+        **{name: getattr(args, name) for name in names.split()}, memory_cap_bytes=memory_cap, command=command
     )
-    return Options(**{name: getattr(args, name) for name in names}, memory_cap_bytes=memory_cap, command=command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

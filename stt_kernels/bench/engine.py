@@ -218,20 +218,21 @@ def default_dtypes(device: torch.device, names: Optional[Sequence[str]] = None) 
     return [getattr(torch, name) for name in names]
 
 
-def plan(
-    suites: Sequence[str],
-    tier: str,
-    device: torch.device,
-    dtypes: Sequence[torch.dtype],
-    keep: Callable[[str, Implementation, str], bool] = lambda op, implementation, pass_: True,
-) -> list[tuple]:
+Keep = Callable[[str, Implementation, str], bool]  # (case name, implementation, pass) -> whether to run it
+
+
+def plan(suites: Sequence[str], tier: str, device: torch.device, dtypes: list, keep: Optional[Keep] = None) -> list:
     """The rows of a run in order, ``(case, implementation, shape, dtype, pass)``: every entry of
     ``suites`` at ``tier``, by every implementation listed for ``device``, that ``keep``s. The
     pytest-benchmark suite runs the same list."""
     rows = []
     for op, shape, only in [entry for suite in suites for entry in SUITES[suite](tier)]:
         for dtype, pass_ in [(d, p) for d in dtypes for p in PASSES if only is None or p in only]:
-            listed = [i for i in IMPLEMENTATIONS if i.op == op and device.type in i.devices and keep(op, i, pass_)]
+            listed = [
+                i
+                for i in IMPLEMENTATIONS
+                if i.op == op and device.type in i.devices and (keep is None or keep(op, i, pass_))
+            ]
             rows += [(CASES[op], i, shape, dtype, pass_) for i in listed]
     return rows
 
@@ -275,14 +276,8 @@ def run(options: Options) -> Path:
             row.status, row.reason = "skipped", declined[key]
             return
         if device.type == "cpu" and options.cpu_memory:
-            spec = dict(
-                module=type(case).__module__,
-                op=case.name,
-                implementation=implementation.name,
-                shape=row.dims,
-                dtype=row.dtype,
-                **{"pass": row.pass_},
-            )
+            spec = {"module": type(case).__module__, "op": case.name, "implementation": implementation.name}
+            spec.update(shape=row.dims, dtype=row.dtype, **{"pass": row.pass_})
             probe = probe_cpu(spec, cap, options.probe_timeout_s, options.threads)
             row.peak_memory_bytes, row.baseline_memory_bytes = probe.get("peak_bytes"), probe.get("baseline_bytes")
             if probe["status"] != "ok":
@@ -309,23 +304,11 @@ def run(options: Options) -> Path:
     try:
         torch.set_num_threads(options.threads or threads)
         ceiling = ceilings(device, dtypes, options.tier)
-        for case, implementation, shape, dtype, pass_ in plan(
-            options.suites, options.tier, device, dtypes, options.keep
-        ):
+        for case, impl, shape, dtype, pass_ in plan(options.suites, options.tier, device, dtypes, options.keep):
             dims, flops, traffic = dataclasses.asdict(shape), case.flops(shape, pass_), case.bytes(shape, dtype, pass_)
-            row = Row(
-                case.name,
-                implementation.name,
-                implementation.kind,
-                case.label(shape),
-                dims,
-                str(dtype).removeprefix("torch."),
-                pass_,
-                flops,
-                traffic,
-            )
+            row = Row(case.name, impl.name, impl.kind, case.label(shape), dims, str(dtype)[6:], pass_, flops, traffic)
             began = time.perf_counter()
-            measure(row, case, implementation, shape, dtype)
+            measure(row, case, impl, shape, dtype)
             figure = f"{row.time_median_s * 1e3:.3g} ms" if row.status == "ok" else row.reason[:100]
             took = time.perf_counter() - began
             options.progress(f"[{took:5.1f}s] {row.op} {row.shape} {row.dtype} {pass_} {row.implementation}: {figure}")
@@ -338,13 +321,9 @@ def run(options: Options) -> Path:
     metadata["load_average"].append(os.getloadavg()[0])
     metadata["duration_s"] = round(time.monotonic() - started, 1)
     settings = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("progress", "command")}
-    document = dict(
-        schema=2,
-        metadata=metadata,
-        options={**settings, "memory_cap_bytes": cap},
-        ceilings=ceiling,
-        rows=[{("pass" if k == "pass_" else k): v for k, v in vars(r).items()} for r in rows],
-    )
+    rows_json = [{("pass" if k == "pass_" else k): v for k, v in vars(r).items()} for r in rows]
+    options_json = {**settings, "memory_cap_bytes": cap}
+    document = dict(schema=2, metadata=metadata, options=options_json, ceilings=ceiling, rows=rows_json)
     results = atomic_write_text(options.out / "results.json", json.dumps(document, indent=1, default=str) + "\n")
     report = render(metadata, ceiling, rows, {name: CASES[name].description for name in CASES})
     atomic_write_text(options.out / "report.md", report)

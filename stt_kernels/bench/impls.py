@@ -70,13 +70,10 @@ def find(op: str, name: str) -> Implementation:
     return next(i for i in IMPLEMENTATIONS if i.op == op and i.name == name)
 
 
-def backend_unsupported(
-    backend: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    pass_: str,
-    ops: Sequence[str] = ("attention", "deform_conv2d"),
-) -> Optional[str]:
+BOTH_OPS = ("attention", "deform_conv2d")
+
+
+def backend_unsupported(backend: str, *combination: object, ops: Sequence[str] = BOTH_OPS) -> Optional[str]:
     """Why ``backend`` cannot run ``ops`` here in ``dtype``, or ``None``; cases built on both ops
     (the block, the model's training step) take the default."""
     status = stt_kernels.backends()[backend]
@@ -84,14 +81,15 @@ def backend_unsupported(
         return f"backend {backend!r} unavailable: {status.reason}"
     if backend not in attention_kernels.implemented() & deform_conv2d_kernels.implemented() and len(ops) == 2:
         return f"backend {backend!r} lacks a kernel for one of the block's ops"
+    dtype = combination[1]  # (device, dtype, pass)
     missing = [op for op in ops if dtype not in claimed_dtypes(backend, op)]
     return f"backend {backend!r} does not claim {dtype} for {missing[0]}" if missing else None
 
 
 def register_backends(
     op: str,
-    call: Optional[Callable[[str], Callable[..., torch.Tensor]]] = None,
-    make_step: Optional[Callable[..., Callable[[], None]]] = None,
+    call: Optional[Callable] = None,
+    make_step: Optional[Callable] = None,
     unsupported: Callable[..., Optional[str]] = backend_unsupported,
 ) -> None:
     """``ours:<backend>`` and ``reference`` for ``op``: ``call(backend)`` gives the callable, or
@@ -100,10 +98,9 @@ def register_backends(
         name, kind = ("reference", "reference") if backend == "reference" else (f"ours:{backend}", "ours")
         step = functools.partial(make_step, backend) if make_step else None
         devices = tuple(d for d in cap.devices if d != "meta")
+        declines = functools.partial(unsupported, backend)
         register_implementation(
-            Implementation(
-                name, op, kind, call and call(backend), devices, functools.partial(unsupported, backend), make_step=step
-            )
+            Implementation(name, op, kind, call and call(backend), devices, declines, make_step=step)
         )
 
 

@@ -76,21 +76,14 @@ def time_step(
     return summarise(samples, "torch.utils.benchmark.Timer" + (".blocked_autorange" if device.type == "cpu" else ""))
 
 
-# (matmul size, copy bytes) per device type and tier: on the plateau, yet quick on two cores.
-CEILING_SIZES = {
-    ("cpu", "quick"): (1024, 64 << 20),
-    ("cpu", "default"): (2048, 256 << 20),
-    ("cpu", "full"): (2048, 256 << 20),
-    ("cuda", "quick"): (4096, 256 << 20),
-    ("cuda", "default"): (8192, 1 << 30),
-    ("cuda", "full"): (8192, 1 << 30),
-}
+# (matmul size, copy bytes) per device type, quick and otherwise: on the plateau, yet quick on two cores.
+CEILING_SIZES = {"cpu": ((1024, 64 << 20), (2048, 256 << 20)), "cuda": ((4096, 256 << 20), (8192, 1 << 30))}
 
 
 def ceilings(device: torch.device, dtypes: list[torch.dtype], tier: str) -> dict[str, Any]:
     """The yardsticks of GFLOP/s and GB/s, measured in the run: a square matmul per dtype (TF32
     only if the user enabled it) and a large copy (read plus write counted)."""
-    n, copy_bytes = CEILING_SIZES[(device.type, tier)]
+    n, copy_bytes = CEILING_SIZES[device.type][tier != "quick"]
     matmul = {}
     for dtype in dtypes:
         a = torch.randn(n, n, device=device).to(dtype)
