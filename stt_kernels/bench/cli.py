@@ -76,8 +76,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     command = [sys.executable, "-m", "stt_kernels.bench", *(sys.argv[1:] if argv is None else argv)]
     try:
-        print(run_measuring(options_from_args(args, command)))
-    except (ValueError, NothingMeasured) as exc:
+        options = options_from_args(args, command)
+    except ValueError as exc:  # a bad option; a ValueError from the run itself is a bug and keeps its traceback
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, NothingMeasured) else 2
+        return 2
+    try:
+        print(run_measuring(options))
+    except NothingMeasured as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
     return 0

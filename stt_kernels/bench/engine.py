@@ -41,13 +41,10 @@ class NothingMeasured(RuntimeError):
 
 @dataclass
 class Options:
-    """A run; ``None`` is the tier's or the device's default. ``suites``: names in ``SUITES``;
-    ``ops``, ``backends`` (ours and ``reference``) and ``peers`` (names or prefixes, ``[]`` for
-    none) filter them. ``memory_cap_bytes``: working memory per row beyond which it is OOM (CPU
-    default: three quarters of what is available). ``cpu_memory``: CPU peak memory from a fresh
-    process per row (also the OOM guard). ``threads``: torch's CPU threads; on a shared machine
-    fewer than the cores, or OpenMP waits for descheduled threads. ``overwrite``: replace an earlier
-    run's files in ``out``."""
+    """A run; ``None`` is the tier's or the device's default. ``ops``, ``backends`` (ours and the
+    reference), ``peers`` (names or prefixes, ``[]``: none) and ``passes`` filter the ``suites``.
+    ``memory_cap_bytes``: per-row working memory beyond which a row is OOM (CPU default: 3/4 of what is
+    available). ``cpu_memory``: CPU peak memory from a fresh process per row (also the OOM guard)."""
 
     out: Path
     tier: str = "default"

@@ -1,15 +1,10 @@
-"""How each figure is taken.
-
-Time: ``triton.testing.do_bench`` on a GPU (CUDA events, L2 flushed between repeats; where Triton
-is missing ``torch.utils.benchmark.Timer``, which synchronises), ``Timer.blocked_autorange`` on
-the CPU; rounds are added until there are ``repeats`` samples; their median and quartiles.
-
-Peak memory: on a GPU the caching allocator's peak above what was allocated before the inputs.
-A process's RSS cannot be reset, so each CPU row runs once in a fresh interpreter (``python -m
-stt_kernels.bench.measure SPEC``): its RSS once torch is loaded and the implementation ran on a
-tiny input is the baseline (reported apart), the high-water mark's rise above it the peak. That
-process is also the OOM guard: a row over the cap (``RLIMIT_DATA``) or killed by the OOM killer
-is an OOM row there and never runs in the measuring process.
+"""How each figure is taken. Time: ``triton.testing.do_bench`` on a GPU (CUDA events, L2 flushed
+between repeats; ``torch.utils.benchmark.Timer`` where Triton is missing), ``Timer.blocked_autorange``
+on the CPU, rounds added until there are ``repeats`` samples. Peak memory: on a GPU the allocator's
+peak above what was allocated before the inputs; on the CPU, where an RSS peak cannot be reset, a
+fresh interpreter per row (``python -m stt_kernels.bench.measure SPEC``), its high-water mark above
+its RSS once the implementation ran on a tiny input. That process is also the OOM guard: a row over
+the cap (``RLIMIT_DATA``) or killed by the OOM killer is an OOM row there, never in the run's process.
 """
 
 from __future__ import annotations
