@@ -111,6 +111,7 @@ def test_engine_writes_valid_results_with_oom_and_skip(tmp_path, fake_implementa
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## temporal_attention" in report and "**OOM**" in report and "needs hardware we lack" in report
     assert "Command: `stt bench --quick`" in report and "Timer: torch.utils.benchmark" in report
+    assert "reference: yes" in report and document["metadata"]["backends"]["reference"] is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "results.json"]
 
 

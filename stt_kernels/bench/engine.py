@@ -203,7 +203,7 @@ def environment(device: torch.device, command: Optional[list[str]]) -> dict[str,
         "driver": gpu and _output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         **{"cuda": torch.version.cuda, "rocm": torch.version.hip, "python": platform.python_version()},
         **{name: _version(name) for name in ("torch", "triton", "torchvision", "stt-kernels")},
-        "backends": {name: s.reason or "available" for name, s in stt_kernels.backends().items()},
+        "backends": {name: None if s.available else s.reason for name, s in stt_kernels.backends().items()},
         "commit": commit,
         "dirty": bool(commit and _output(["git", "status", "--porcelain", "--untracked-files=no"])),
     }

@@ -49,8 +49,7 @@ def render(m: dict[str, Any], ceiling: dict[str, Any], rows: list, descriptions:
         "",
         f"- Device: {device}",
         f"- Versions: torch {m['torch']}, Triton {m['triton']}, torchvision {m['torchvision']}, Python {m['python']}",
-        "- stt_kernels backends: "
-        + ", ".join(f"{n}: {'yes' if r == 'available' else 'no'}" for n, r in m["backends"].items()),
+        "- stt_kernels backends: " + ", ".join(f"{n}: {'no' if r else 'yes'}" for n, r in m["backends"].items()),
         f"- Commit: `{(m['commit'] or 'not a git checkout')[:12]}`" + (" (uncommitted changes)" if m["dirty"] else ""),
         f"- Date: {m['date']}, measuring took {m['duration_s']:.0f} s",
         f"- Command: `{m['command']}`",
