@@ -9,13 +9,15 @@ exporter refuses), so they are applied only when this is false.
 from __future__ import annotations
 
 import torch
+import torch.fx._symbolic_trace
 
 
 def capturing_graph() -> bool:
     """True under ``torch.jit.script``, ``torch.jit.trace`` (so the legacy ONNX exporter, which
-    traces), ``torch.export`` and both ONNX exporters; false in eager and under ``torch.compile``,
-    whose graph runs only in this process and keeps the eager choices."""
+    traces), ``torch.fx.symbolic_trace``, ``torch.export`` and both ONNX exporters; false in eager
+    and under ``torch.compile``, whose graph runs only in this process and keeps the eager choices."""
     if torch.jit.is_scripting():
         # TorchScript compiles this branch alone: the calls below are not scriptable.
         return True
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+            or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
