@@ -1,7 +1,6 @@
 """Volume readers and chunked outputs: exact windows, lazy reads, errors that name the problem."""
 
 import pickle
-import re
 from pathlib import Path
 
 import h5py
@@ -11,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from stt_model.data import create_output, open_volume, split_spec
-from stt_model.data.volumes import HDF5Volume, SliceFolderVolume, TiffVolume, ZarrVolume
+from stt_model.data.volumes import HDF5Volume, N5Volume, SliceFolderVolume, TiffVolume, VolumeReadError, ZarrVolume
 
 LUCCHI = Path("/work/shared/data/lucchi_pp_train.h5")
 WINDOWS = [
@@ -307,28 +306,82 @@ def test_ome_zarr_metadata_naming_a_missing_level_says_so(tmp_path, array):
         open_volume(path)
 
 
-@pytest.mark.parametrize("layout", ["suffix", "attributes", "dataset"])
-def test_n5_is_refused_with_the_way_to_convert_it(tmp_path, layout):
+# Written by zarr 2.18's N5Store (the reference N5 writer of the zarr world; zarr 3 has none):
+# (3, 7, 9) volumes in (2, 4, 5) blocks, edge blocks padded, each compression N5 knows but lz4.
+N5 = Path(__file__).parent / "data" / "ref.n5"
+N5_DATASETS = {"raw": "u2", "gzip": "u2", "zlib": "u1", "blosc": "u2", "bzip2": "i4", "xz": "f4", "zstd": "u8",
+               "volumes/labels": "u1"}
+N5_WINDOWS = [(slice(0, 2), slice(1, 6), slice(3, 9)), (1, slice(None), slice(4, 6)), (slice(None), 4, 7),
+              (Ellipsis, slice(1, 9, 3)), (slice(None, None, -1), slice(5, 0, -2), slice(None)), (2, 6, 8),
+              (-1,), (slice(1, 1),), (slice(None), slice(4, 7), slice(5, 9))]
+
+
+def n5_expected(dtype: str) -> np.ndarray:
+    """What the fixture's writer stored (a deterministic pattern, floats divided by 7)."""
+    pattern = (np.arange(3 * 7 * 9, dtype=np.uint64).reshape(3, 7, 9) * 2654435761) % 60000
+    return pattern.astype(np.float32) / np.float32(7.0) if dtype == "f4" else pattern.astype(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(N5_DATASETS))
+def test_n5_datasets_written_by_zarr_2_read_exactly(name):
+    expected = n5_expected(N5_DATASETS[name])
+    volume = open_volume(f"{N5}:{name}")
+    assert isinstance(volume, N5Volume) and volume.dataset == name
+    assert tuple(volume.shape) == expected.shape and volume.dtype == expected.dtype
+    assert volume.dtype.isnative and volume.chunks == (2, 4, 5)
+    for key in N5_WINDOWS:
+        np.testing.assert_array_equal(volume[key], expected[key], err_msg=f"{name} {key}")
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(volume))[1:3], expected[1:3])
+
+
+def test_n5_specs_blocks_never_written_and_cropped_edge_blocks(tmp_path):
+    sparse = open_volume(N5 / "sparse")                  # the dataset's folder, named directly
+    assert sparse.dataset is None and sparse.source == str(N5 / "sparse")
+    expected = np.zeros((3, 7, 9), np.float32)
+    expected[0:2, 0:4, 0:5] = 1.5                        # the one block written
+    np.testing.assert_array_equal(sparse[:], expected)
+    assert open_volume(N5).dataset == "raw"              # the conventional name, as in HDF5 and zarr
+    with pytest.raises(ValueError, match=r"ref.n5 has no dataset 'labels'; available: .*volumes/labels"):
+        open_volume(f"{N5}:labels")
+    # Java's N5 stores an edge block cropped to the volume, its header giving its own size.
+    import shutil
+    import struct
+    import zlib
+
+    copy = shutil.copytree(N5, tmp_path / "vol.n5")
+    edge = open_volume(f"{copy}:gzip")._stored().read_block((1, 1, 1))
+    cropped = edge[:1, :3, :4]                           # z 2:3, y 4:7, x 5:9 of the volume
+    block = struct.pack(">HH3I", 0, 3, 4, 3, 1) + zlib.compress(cropped.astype(">u2").tobytes(), wbits=31)
+    (copy / "gzip" / "1" / "1" / "1").write_bytes(block)
+    np.testing.assert_array_equal(open_volume(f"{copy}:gzip")[:], n5_expected("u2"))
+
+
+def test_n5_damage_and_unsupported_features_name_the_problem(tmp_path):
     import json
+    import shutil
 
-    root = tmp_path / ("vol.n5" if layout != "attributes" else "vol")
-    (root / "raw").mkdir(parents=True)
-    (root / "attributes.json").write_text(json.dumps({"n5": "4.0.0"}))
-    (root / "raw" / "attributes.json").write_text(json.dumps(
-        {"dimensions": [45, 33, 9], "blockSize": [8, 8, 2], "dataType": "uint8", "compression": {"type": "raw"}}))
-    spec = {"suffix": f"{root}:raw", "attributes": str(root / "raw"), "dataset": str(root / "raw")}[layout]
-    with pytest.raises(ValueError, match=r"N5 containers cannot be read \(zarr 3 has no N5 support\); convert "
-                                         + re.escape(f"{root} to zarr or HDF5") + r".*N5FSStore"):
-        open_volume(spec)
+    copy = shutil.copytree(N5, tmp_path / "vol.n5")
+    (copy / "gzip" / "0" / "1" / "0").write_bytes(b"\x00\x00\x00\x03" + b"\x00" * 12 + b"not gzip")
+    volume = open_volume(f"{copy}:gzip")
+    np.testing.assert_array_equal(volume[:, :4], n5_expected("u2")[:, :4])   # the damaged block is not read
+    with pytest.raises(VolumeReadError, match=r"vol.n5:gzip: cannot read chunk z 0:2, y 4:8, x 0:5 .*damaged"):
+        volume[:, 2:6]
+    attributes = json.loads((copy / "raw" / "attributes.json").read_text())
+    for change, message in (({"compression": {"type": "lz4"}}, r"N5 compression 'lz4' is not supported"),
+                            ({"dataType": "object"}, r"N5 dataType 'object' is not supported")):
+        (copy / "raw" / "attributes.json").write_text(json.dumps({**attributes, **change}))
+        with pytest.raises(ValueError, match=message):
+            open_volume(f"{copy}:raw")
+    (tmp_path / "flat.n5").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"flat.n5 is not an N5 container: N5 is a folder"):
+        open_volume(tmp_path / "flat.n5")
 
 
-def test_cli_names_the_n5_argument_in_one_line(tmp_path, capsys):
-    from stt_model.cli import main
+def test_an_n5_container_without_the_suffix_is_recognised(tmp_path):
+    import shutil
 
-    (tmp_path / "vol.n5").mkdir()
-    assert main(["evaluate", "--pred", str(tmp_path / "vol.n5"), "--gt", str(tmp_path / "vol.n5")]) == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stt ")]
-    assert line.startswith("stt evaluate: error:") and "N5 containers cannot be read" in line
+    copy = shutil.copytree(N5, tmp_path / "container")
+    np.testing.assert_array_equal(open_volume(f"{copy / 'zlib'}")[:], n5_expected("u1"))
 
 
 def test_readers_share_the_base_class_and_repr(tmp_path, array):

@@ -8,13 +8,14 @@ layout), ``array.zarr[:path]``. An OME-Zarr image (a group with ``multiscales`` 
 OME-Zarr 0.4 on zarr v2 or 0.5 on zarr v3) opens at its level 0, the full resolution; another
 level is named as ``image.ome.zarr:1`` or ``image.ome.zarr/1``, a label image as
 ``image.ome.zarr:labels/cells``, and its leading time/channel axes of size 1 are dropped, so a
-``(1, 1, Z, Y, X)`` image reads as ``(Z, Y, X)``. N5 containers are refused at open with the
-way to convert them (zarr 3 cannot read N5). Readers open their file on first use in each process
-(a forked DataLoader worker opens its own) and drop the handle when pickled.
+``(1, 1, Z, Y, X)`` image reads as ``(Z, Y, X)``. N5 datasets (``vol.n5[:dataset]``, or the
+dataset's folder) are read by :mod:`stt_model.data.n5`, zarr 3 having dropped N5. Readers open
+their file on first use in each process (a forked DataLoader worker opens its own) and drop the
+handle when pickled.
 
 A volume with no voxels is refused at open. Damaged data (a truncated slice or stack, a chunk
 that fails to decompress) raises :class:`VolumeReadError`, one line naming the file and the
-window, and for chunked HDF5/zarr the first damaged chunk in it.
+window, and for chunked HDF5/zarr/N5 the first damaged chunk in it.
 """
 
 from __future__ import annotations
@@ -446,6 +447,37 @@ class SliceFolderVolume(_PlaneReader):
         return self._stack(key, plane)
 
 
+class N5Volume(_ChunkedReader):
+    """A dataset of an N5 container; only the blocks a window touches are read."""
+
+    _what = "the dataset"
+
+    def __init__(self, path: Path, dataset: Optional[str] = None):
+        from .n5 import N5Array, dataset_attributes, list_datasets
+
+        self.path = path
+        if not path.is_dir():
+            raise ValueError(f"{path} is not an N5 container: N5 is a folder (attributes.json, one file per block)")
+        if dataset_attributes(path) is not None:
+            if dataset is not None:
+                raise ValueError(f"{path} is a single N5 dataset; it has no dataset {dataset!r}")
+            self.dataset: Optional[str] = None
+            folder = path
+        else:
+            self.dataset = _pick_dataset(path, dataset, list_datasets(path))
+            folder = path / self.dataset
+        array = N5Array(folder)
+        self._shape, self._dtype, self.chunks = array.shape, array.dtype, array.chunks
+        self._array = _Handle(functools.partial(N5Array, folder))
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
+
+    def _stored(self) -> Any:
+        return self._array.get()
+
+
 class ZarrVolume(_ChunkedReader):
     """A zarr array (or an array inside a zarr group, or a level of an OME-Zarr image); zarr reads
     only the touched chunks."""
@@ -594,22 +626,13 @@ def _n5_root(path: Path) -> Optional[Path]:
     return None
 
 
-def _refuse_n5(path: Path, root: Path) -> ValueError:
-    converted = root.with_suffix(".zarr")
-    return ValueError(
-        f"{path}: N5 containers cannot be read (zarr 3 has no N5 support); convert {root} to zarr or HDF5 "
-        f"and pass that instead, e.g. in an environment with zarr 2 (pip install 'zarr<3' fsspec): "
-        f"zarr.copy_all(zarr.open(zarr.N5FSStore('{root}'), mode='r'), zarr.open_group('{converted}', mode='w'))")
-
-
-def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFolderVolume, ZarrVolume]:
+def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFolderVolume, ZarrVolume, N5Volume]:
     path, dataset = split_spec(spec)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     suffix = path.suffix.lower()
-    n5 = _n5_root(path)
-    if n5 is not None:
-        raise _refuse_n5(path, n5)
+    if _n5_root(path) is not None:
+        return N5Volume(path, dataset)
     if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
         return ZarrVolume(path, dataset)
     if path.is_dir():
@@ -619,7 +642,7 @@ def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFol
     if suffix in TIFF_SUFFIXES:
         return TiffVolume(path)
     raise ValueError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
-                     f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr or a folder of PNG/TIFF slices")
+                     f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr, .n5 or a folder of PNG/TIFF slices")
 
 
 class ZRange:
