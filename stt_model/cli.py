@@ -406,7 +406,7 @@ def _models(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from stt_kernels.bench.cli import NothingMeasured, options_from_args, run_measuring
 
-    from . import train_step_bench  # noqa: F401  (registers the train-step suite with the engine)
+    from . import train_step_bench  # noqa: F401  (registers the train-step and predict-volume suites)
 
     try:
         options = options_from_args(args, ["stt", *sys.argv[1:]])
