@@ -6,6 +6,7 @@ conversions (the legacy ONNX exporter refuses them).
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -126,6 +127,16 @@ def test_graph_capture_flag_follows_the_mode():
             return probe(x)
 
     torch.export.export(Probe(), (torch.rand(2),))
+    assert seen and all(seen)
+    seen.clear()
+    torch.fx.symbolic_trace(Probe())
+    assert seen == [True]
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The legacy exporter traces; the dynamo one runs torch.export, probed above (importing
+        # onnxscript alone takes seconds).
+        torch.onnx.export(Probe(), (torch.rand(2),), io.BytesIO(), dynamo=False)
     assert seen and all(seen)
 
     def scripted_flag(x: torch.Tensor) -> bool:
