@@ -1,4 +1,4 @@
-"""The ``stt`` command: ``demo``, ``train``, ``predict``, ``evaluate``, ``tune``, ``models``, ``bench``.
+"""The ``stt`` command: ``demo``, ``train``, ``predict``, ``evaluate``, ``tune``, ``models``, ``export``, ``bench``.
 
 Volumes are named as ``file.h5[:dataset]``, ``file.zarr``, ``stack.tif`` or a folder of slices.
 Every failure the user can fix prints one line, ``stt <command>: error: ...``, and exits 2
@@ -63,6 +63,11 @@ EXAMPLES = {
     "models": """examples:
   stt models                     # the shipped models and their held-out scores
   stt models synthetic-demo      # one model's whole card""",
+    "export": """examples:
+  stt export --checkpoint runs/a/last.pt --format onnx --out stt.onnx            # onnxruntime, opset 20
+  stt export --checkpoint last.pt --format pt2 --out stt.pt2 --input-shape 8,64,64
+  stt export --checkpoint last.pt --format aoti --out stt_aoti.pt2               # AOTInductor package
+  stt export --checkpoint last.pt --format torchscript --out stt.ts --batch 2    # traced: this shape only""",
     "bench": """examples:
   stt bench --quick --out bench_out
   stt bench --suite levels train-step --out bench_out      # also one STT-UNET training step
@@ -151,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
                                "(AP-75, or Jaccard for one-channel models); writes a thresholds file beside it."))
     models = command("models", "List the shipped models with their cards.")
     models.add_argument("name", nargs="?", help="show this model's whole card")
+
+    from .export import add_arguments as add_export_arguments
+
+    add_export_arguments(command("export", "Export a checkpoint's network as ONNX, TorchScript, a torch.export "
+                                 "program or an AOTInductor package, checked against eager before it is written."))
 
     from stt_kernels.bench.cli import add_arguments as add_bench_arguments
 
@@ -421,9 +431,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import run
+
+    return run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _demo, "train": _train, "predict": _predict, "evaluate": _evaluate, "tune": _tune, "models": _models,
-    "bench": _bench,
+    "export": _export, "bench": _bench,
 }
 
 
