@@ -58,13 +58,18 @@ def _cap(path: Path) -> None:
 
 
 def _run(command: list[str], log: Path, deadline: float, env: Optional[dict[str, str]] = None) -> str:
-    """Run ``command`` with output appended to ``log``; returns a one-word verdict."""
+    """Run ``command`` with output appended to ``log``; returns a one-word verdict.
+
+    The checkout is put first on ``PYTHONPATH``: the GPU machine's python3 has the package built
+    in place (``build_ext --inplace``), never installed, and a script's own folder is what Python
+    puts on ``sys.path``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     with log.open("ab") as handle:
         handle.write(f"$ {' '.join(command)}\n".encode())
         handle.flush()
         try:
             code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=deadline,
-                                  env={**os.environ, **(env or {})}).returncode
+                                  env={**os.environ, "PYTHONPATH": path, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             return f"timed out after {deadline:.0f} s"
     _cap(log)
