@@ -82,6 +82,19 @@ def test_pt2_records_auto_whatever_the_environment_says(trained, tmp_path, monke
     _check(program.module(), model, [(1, 1, 2, 16, 16), (3, 1, 3, 24, 16)])
 
 
+@pytest.mark.slow
+def test_pt2_static(trained, tmp_path, capsys):
+    checkpoint, model = trained
+    out = tmp_path / "tiny.pt2"
+    assert _export(checkpoint, out, "pt2", "--static") == 0
+    assert "traced at 1x1x2x16x16, input 1x1x2x16x16 only" in capsys.readouterr().out
+    with open(out, "rb") as handle:
+        run = torch.export.load(handle).module()
+    _check(run, model, [(1, 1, 2, 16, 16)])
+    with pytest.raises(AssertionError, match="size"):
+        run(_fresh((2, 1, 2, 16, 16), 0))
+
+
 def test_torchscript(trained, tmp_path, monkeypatch):
     checkpoint, model = trained
     monkeypatch.setenv("STT_BACKEND", "reference")  # would run the spec and record no stt op at all
