@@ -55,12 +55,12 @@ def _read_card(path: Path) -> dict[str, Any]:
     return card
 
 
-def list_models(folder: Union[str, Path] = MODELS_DIR) -> list[dict[str, Any]]:
+def list_models(folder: Optional[Union[str, Path]] = None) -> list[dict[str, Any]]:
     """The cards of the shipped models, by name."""
-    return sorted((_read_card(p) for p in Path(folder).glob("*.card.json")), key=lambda c: c["name"])
+    return sorted((_read_card(p) for p in Path(folder or MODELS_DIR).glob("*.card.json")), key=lambda c: c["name"])
 
 
-def model_card(name: str, folder: Union[str, Path] = MODELS_DIR) -> dict[str, Any]:
+def model_card(name: str, folder: Optional[Union[str, Path]] = None) -> dict[str, Any]:
     """The card of the shipped model ``name``."""
     cards = {card["name"]: card for card in list_models(folder)}
     if name not in cards:
@@ -69,13 +69,13 @@ def model_card(name: str, folder: Union[str, Path] = MODELS_DIR) -> dict[str, An
     return cards[name]
 
 
-def verified_weights(name: str, folder: Union[str, Path] = MODELS_DIR) -> Path:
+def verified_weights(name: str, folder: Optional[Union[str, Path]] = None) -> Path:
     """The path of model ``name``'s weights, after checking their size and SHA-256 against its card."""
     from .tune import file_sha256
 
     card = model_card(name, folder)
     weights = card["weights"]
-    path = Path(folder) / weights["file"]
+    path = Path(folder or MODELS_DIR) / weights["file"]
     if not path.is_file():
         raise ModelRegistryError(f"model {name}: its weights {path} are missing (the installation is incomplete)")
     size = path.stat().st_size
@@ -86,11 +86,13 @@ def verified_weights(name: str, folder: Union[str, Path] = MODELS_DIR) -> Path:
     return path
 
 
-def load_pretrained(name: str, device: Optional[str] = None, folder: Union[str, Path] = MODELS_DIR) -> Pretrained:
+def load_pretrained(name: str, device: Optional[str] = None, folder: Optional[Union[str, Path]] = None) -> Pretrained:
     """Shipped model ``name`` (see ``stt models``), verified against its card, ready to predict.
 
+    >>> import torch
     >>> m = load_pretrained("synthetic-demo")
     >>> m.model(torch.rand(1, 1, *m.config.data.patch)).shape   # (1, C, T, H, W) logits
+    torch.Size([1, 2, 8, 64, 64])
     """
     from .build import build_model
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights

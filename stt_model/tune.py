@@ -2,8 +2,9 @@
 
 ``stt tune`` predicts a labelled validation volume once, then searches the thresholds that turn
 those probabilities into the answer: for a model with a contour channel, the seeded watershed's
-foreground, seed and contour thresholds by MitoEM AP-75, and the semantic mask threshold by
-Jaccard; for a one-channel (Lucchi-style, semantic) model, the mask threshold by Jaccard, which
+foreground, seed and contour thresholds by MitoEM AP-75, and those of the distance-transform
+watershed (foreground, contour, peak height; ``Thresholds.decoder = "distance"``), keeping the
+decoder that scores better, and the semantic mask threshold by Jaccard; for a one-channel (Lucchi-style, semantic) model, the mask threshold by Jaccard, which
 then also cuts the foreground its instances are the connected components of. The search is a
 grid (the default) or Optuna's TPE sampler when ``optuna`` is installed. The current thresholds
 are always one of the candidates, so the score after is never below the score before.
@@ -34,9 +35,12 @@ from .metrics import instance_ap, jaccard
 SIDECAR_FORMAT = "stt-thresholds/1"
 # CLI flag -> Thresholds field.
 THRESHOLD_FLAGS = {"--fg-threshold": "foreground", "--seed-threshold": "seed", "--contour-threshold": "contour",
-                   "--mask-threshold": "mask", "--min-size": "min_size"}
+                   "--mask-threshold": "mask", "--min-size": "min_size", "--decoder": "decoder",
+                   "--peak-height": "peak_height", "--anisotropy": "anisotropy"}
+DECODERS = ("watershed", "distance")
 # Search ranges (inclusive) of the tuned fields.
-RANGES = {"foreground": (0.3, 0.9), "seed": (0.5, 0.95), "contour": (0.2, 0.8), "mask": (0.1, 0.9)}
+RANGES = {"foreground": (0.3, 0.9), "seed": (0.5, 0.95), "contour": (0.2, 0.8), "mask": (0.1, 0.9),
+          "peak_height": (1.0, 4.0)}
 
 
 class TuneError(ValueError):
@@ -68,6 +72,14 @@ def check_thresholds(values: dict[str, Any], source: str) -> Thresholds:
         if name == "min_size":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TuneError(f"{source}: min_size must be a whole number of voxels >= 0; got {value!r}")
+        elif name == "decoder":
+            if value not in DECODERS:
+                raise TuneError(f"{source}: decoder must be one of {', '.join(DECODERS)}; got {value!r}")
+        elif name in ("peak_height", "anisotropy"):
+            low_ok = value >= 0 if name == "peak_height" else value > 0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok or value != value:
+                raise TuneError(f"{source}: {name} must be a number {'>= 0' if name == 'peak_height' else '> 0'}; "
+                                f"got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise TuneError(f"{source}: {name} must be a probability in [0, 1]; got {value!r}")
     return Thresholds(**values)
@@ -105,8 +117,9 @@ def sidecar_thresholds(checkpoint: Union[str, Path]) -> tuple[Optional[Threshold
 
 
 def describe(thresholds: Thresholds) -> str:
-    return ", ".join(f"{name}={getattr(thresholds, name):g}" for name in ("foreground", "seed", "contour", "mask",
-                                                                          "min_size"))
+    names = ("foreground", "seed", "contour", "mask", "min_size") if thresholds.decoder == "watershed" else \
+        ("foreground", "contour", "peak_height", "anisotropy", "mask", "min_size")
+    return f"decoder={thresholds.decoder}, " + ", ".join(f"{name}={getattr(thresholds, name):g}" for name in names)
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser, mask: bool = True) -> None:
@@ -116,13 +129,22 @@ def add_threshold_arguments(parser: argparse.ArgumentParser, mask: bool = True) 
              "seed": "watershed seeds: mask probability above this (and contour below --contour-threshold)",
              "contour": "contour probability below which a voxel may be a seed",
              "mask": "semantic mask probability scored by Jaccard/DSC",
-             "min_size": "instances with fewer voxels are removed"}
+             "min_size": "instances with fewer voxels are removed",
+             "decoder": "with a contour channel: watershed (seeded, MitoEM baseline) or distance (distance-transform "
+                        "watershed of the mask-and-not-contour core: splits touching instances at their neck)",
+             "peak_height": "distance decoder: how far (xy voxels) a distance peak must rise to seed an instance",
+             "anisotropy": "distance decoder: z voxel size / xy voxel size"}
     for flag, name in THRESHOLD_FLAGS.items():
         if name == "mask" and not mask:
             continue
         default = getattr(Thresholds(), name)
+        if name == "decoder":
+            parser.add_argument(flag, dest=f"threshold_{name}", choices=DECODERS,
+                                help=f"{helps[name]} (default {default})")
+            continue
         parser.add_argument(flag, dest=f"threshold_{name}", type=int if name == "min_size" else float,
-                            metavar="N" if name == "min_size" else "P", help=f"{helps[name]} (default {default:g})")
+                            metavar="N" if name in ("min_size", "peak_height", "anisotropy") else "P",
+                            help=f"{helps[name]} (default {default:g})")
 
 
 def threshold_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,7 +221,7 @@ def search_thresholds(probs: np.ndarray, gt: np.ndarray, start: Thresholds = Thr
     def mask_score(candidate: dict[str, float]) -> float:
         return jaccard(unit >= candidate["mask"], fg_gt)
 
-    def instance_score(candidate: dict[str, float]) -> float:
+    def instance_score(candidate: dict[str, Any]) -> float:
         nonlocal evaluations
         key = tuple(sorted(candidate.items()))
         if key not in cache:
@@ -208,28 +230,38 @@ def search_thresholds(probs: np.ndarray, gt: np.ndarray, start: Thresholds = Thr
             cache[key] = instance_ap(labels, gt)["ap75"]
         return cache[key]
 
-    def best_of(objective: Callable[[dict[str, float]], float], names: tuple[str, ...]) -> dict[str, float]:
-        first = {name: getattr(start, name) for name in names}
+    def best_of(objective: Callable[[dict[str, Any]], float], names: tuple[str, ...],
+                fixed: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], float]:
+        fixed = fixed or {}
+        first = {**{name: getattr(start, name) for name in names}, **fixed}
         if search == "grid":
-            candidates = [first] + [c for c in _grid(points, names) if c.get("seed", 1) >= c.get("foreground", 0)]
+            candidates = [first] + [{**c, **fixed} for c in _grid(points, names)
+                                    if c.get("seed", 1) >= c.get("foreground", 0)]
         else:
-            candidates = [first] + _optuna_search(objective, names, trials, first)
+            candidates = [first] + [{**c, **fixed} for c in
+                                    _optuna_search(lambda c: objective({**c, **fixed}), names, trials,
+                                                   {n: first[n] for n in names})]
         best, best_score = first, objective(first)
         for candidate in candidates[1:]:
             value = objective(candidate)
             if value > best_score:  # strictly: ties keep the earlier (the start first)
                 best, best_score = candidate, value
         if log is not None:
-            log(f"{'/'.join(names)}: best {best_score:.4f} at " + ", ".join(f"{k}={v:g}" for k, v in best.items()))
-        return best
+            log(f"{'/'.join(names)}: best {best_score:.4f} at " + ", ".join(f"{k}={v}" for k, v in best.items()))
+        return best, best_score
 
-    mask = best_of(mask_score, ("mask",))
+    mask, _ = best_of(mask_score, ("mask",))
     tuned = dataclasses.replace(start, **mask)
     if semantic:
         # A semantic model's instances are the components of its mask.
         tuned = dataclasses.replace(tuned, foreground=tuned.mask)
     else:
-        tuned = dataclasses.replace(tuned, **best_of(instance_score, ("foreground", "seed", "contour")))
+        # Each decoder's own search; the start's decoder first, so a tie keeps it.
+        searches = {"watershed": ("foreground", "seed", "contour"), "distance": ("foreground", "contour", "peak_height")}
+        order = sorted(DECODERS, key=lambda d: d != start.decoder)
+        results = [best_of(instance_score, searches[d], {"decoder": d}) for d in order]
+        best = max(range(len(results)), key=lambda i: (results[i][1], -i))
+        tuned = dataclasses.replace(tuned, **results[best][0])
     return TuneResult(tuned, "jaccard" if semantic else "ap75", score(probs, gt, start), score(probs, gt, tuned),
                       evaluations, search)
 
@@ -350,7 +382,7 @@ def decode_thresholds(args: argparse.Namespace, checkpoint: Optional[Path] = Non
     flags = threshold_flags(args)
     if flags:
         thresholds = with_flags(thresholds, flags)
-        named = ", ".join(f"{flag} {getattr(args, f'threshold_{name}'):g}" for flag, name in THRESHOLD_FLAGS.items()
+        named = ", ".join(f"{flag} {getattr(args, f'threshold_{name}')}" for flag, name in THRESHOLD_FLAGS.items()
                           if name in flags)
         source = f"{source}, overridden by {named}"
     return thresholds, source

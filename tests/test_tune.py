@@ -53,6 +53,27 @@ def test_the_search_finds_thresholds_that_decode_the_instances():
     assert result.after["jaccard"] == pytest.approx(1.0) and t.mask < 0.7
 
 
+def test_touching_instances_without_an_interface_are_split_by_the_distance_decoder():
+    """Two capsules that overlap, a contour channel that marks only their outer border (as a
+    model does when the image shows no membrane between them): the seeded watershed sees one
+    object, the distance transform's two peaks split it, and the search picks that decoder."""
+    from stt_model.postprocess import distance_watershed
+
+    z, y, x = np.mgrid[:24, :64, :96]
+    a = (z - 12) ** 2 + (y - 32) ** 2 + (x - 30) ** 2 < 14 ** 2
+    b = ((z - 12) ** 2 + (y - 32) ** 2 + (x - 56) ** 2 < 14 ** 2) & ~a
+    gt = (a * 1 + b * 2).astype(np.uint32)
+    outer = instance_contour((gt > 0).astype(np.uint32))
+    probs = np.rint(np.stack([(gt > 0) * 0.95 + 0.02, outer * 0.9 + 0.02]) * 255).astype(np.uint8)
+    assert instances(probs, Thresholds()).max() == 1
+    split = distance_watershed(probs[0], probs[1], t_fg=0.5, t_contour=0.5, peak_height=2, min_size=10)
+    assert split.max() == 2 and instance_ap(split, gt)["ap75"] == 1.0
+    result = search_thresholds(probs, gt, Thresholds(min_size=10), points=3)
+    assert result.thresholds.decoder == "distance" and result.after["ap75"] == 1.0 > result.before["ap75"]
+    with pytest.raises(ValueError, match="anisotropy must be > 0"):
+        distance_watershed(probs[0], probs[1], anisotropy=0)
+
+
 def test_a_semantic_model_tunes_its_mask_by_jaccard():
     gt = synthetic_volume((6, 64, 64), seed=5, artefacts=False).labels
     mask = np.where(gt > 0, 0.4, 0.1)[None].astype(np.float32)   # one channel, under-confident
@@ -105,13 +126,13 @@ def test_tune_writes_a_sidecar_that_predict_uses_and_flags_override(tiny_run, tm
     assert sidecar.read_bytes() == before
 
     # predict picks the sidecar up and says so; a flag overrides one field of it.
-    saved["thresholds"].update(foreground=0.55, seed=0.65, contour=0.45)
+    saved["thresholds"].update(foreground=0.55, seed=0.65, contour=0.45, decoder="watershed")
     sidecar.write_text(json.dumps(saved))
     probs, inst = tmp_path / "p.h5", tmp_path / "i.h5"
     assert main(["predict", "--checkpoint", str(checkpoint), "--image", f"{data}:image", "--out", str(probs),
                  "--instances", str(inst), "--seed-threshold", "0.7"]) == 0
     err = capsys.readouterr().err
-    assert f"thresholds from {sidecar} (foreground=0.55, seed=0.65, contour=0.45" in err
+    assert f"thresholds from {sidecar} (decoder=watershed, foreground=0.55, seed=0.65, contour=0.45" in err
     assert "overridden by --seed-threshold 0.7" in err
     with h5py.File(probs) as f, h5py.File(inst) as g:
         expected = instances(f["main"][:], Thresholds(foreground=0.55, seed=0.7, contour=0.45))
