@@ -17,7 +17,7 @@ from stt_kernels import reference  # noqa: E402
 Dim = torch.export.Dim
 
 
-def _session(path) -> "ort.InferenceSession":
+def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -89,7 +89,8 @@ def test_attention_legacy_exporter(tmp_path):
 
 
 # (mask, bias, stride, padding, dilation, weight groups); offset groups 2 throughout.
-DEFORM_CASES = [(True, True, 1, 1, 1, 1), (False, True, 2, 2, 2, 2), (True, False, 1, 0, 1, 2), (False, False, 1, 1, 1, 1)]
+DEFORM_CASES = [(True, True, 1, 1, 1, 1), (False, True, 2, 2, 2, 2), (True, False, 1, 0, 1, 2),
+                (False, False, 1, 1, 1, 1)]
 
 
 class _Deform(torch.nn.Module):
@@ -167,7 +168,6 @@ def test_tiny_cpu_dynamo_dynamic_shapes(tmp_path):
             _close(_run(session, x)[0], model(x), atol=1e-4)
 
 
-@pytest.mark.slow
 def test_tiny_cpu_legacy_exporter(tmp_path):
     """The TorchScript-based exporter records the sizes it traced (the network's Python-int
     reshapes), so its graph is checked at the traced shape, with fresh values."""
