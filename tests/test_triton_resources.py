@@ -79,9 +79,15 @@ def test_quick_tune_runs_the_first_default_configuration_that_fits(monkeypatch):
     assert fitting[0] is not configs[0], "the list's first entry does not fit here: the test must show the skip"
 
 
-@pytest.mark.parametrize("env, mode", [({}, "default"), ({"STT_TRITON_FULL_TUNE": "1"}, "full"),
-                                       ({"STT_TRITON_QUICK_TUNE": "1"}, "quick"),
-                                       ({"STT_TRITON_QUICK_TUNE": "1", "STT_TRITON_FULL_TUNE": "1"}, "quick")])
+@pytest.mark.parametrize(
+    "env, mode",
+    [
+        ({}, "default"),
+        ({"STT_TRITON_FULL_TUNE": "1"}, "full"),
+        ({"STT_TRITON_QUICK_TUNE": "1"}, "quick"),
+        ({"STT_TRITON_QUICK_TUNE": "1", "STT_TRITON_FULL_TUNE": "1"}, "quick"),
+    ],
+)
 def test_tuning_mode_from_the_environment(monkeypatch, env, mode):
     monkeypatch.setattr(attention, "_INTERPRET", False)
     for name in ("STT_TRITON_FULL_TUNE", "STT_TRITON_QUICK_TUNE"):
@@ -136,7 +142,8 @@ def test_a_shape_needs_one_default_that_fits_without_spilling():
     assert resources.empty_choices([spilling]) and not resources.empty_choices([spilling, pruned])
     float32 = resources.judge(_case(_flash(64, 64)), Usage(200, 0, 112 * KB, 1.0), None)
     assert resources.empty_choices([float32]) == [
-        "_flash_forward d=128 t=0 float32 on sm_86/89: no default configuration fits without spilling"]
+        "_flash_forward d=128 t=0 float32 on sm_86/89: no default configuration fits without spilling"
+    ]
 
 
 def test_compile_failures_are_reported_not_raised():
@@ -145,23 +152,28 @@ def test_compile_failures_are_reported_not_raised():
 
 
 def test_amd_usage_reads_vgprs_and_spills():
-    text = "; ScratchSize: 24\n    .sgpr_count:     66\n    .sgpr_spill_count: 1\n    .vgpr_count:     124\n" \
-           "    .vgpr_spill_count: 2\n"
+    text = (
+        "; ScratchSize: 24\n    .sgpr_count:     66\n    .sgpr_spill_count: 1\n    .vgpr_count:     124\n"
+        "    .vgpr_spill_count: 2\n"
+    )
     assert resources._amd_usage(text) == (124, 24)
     assert resources._amd_usage(text.replace("ScratchSize: 24", "ScratchSize: 0")) == (124, 12)
 
 
-def test_cli_refuses_the_interpreter_and_an_existing_output(tmp_path, capsys):
+def test_cli_refuses_the_interpreter_and_an_existing_output(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         resources.main(["--out", str(tmp_path / "t.md")])  # conftest set TRITON_INTERPRET=1 here
     assert exc.value.code == 2 and "TRITON_INTERPRET=1" in capsys.readouterr().err
     existing = tmp_path / "table.md"
     existing.write_text("keep me")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "stt_kernels.triton.resources", "--out", str(existing)],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "exists; pass --overwrite" in done.stderr
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # main() reads it at call time; it refuses before compiling
+    with pytest.raises(SystemExit) as exc:
+        resources.main(["--out", str(existing)])
+    assert exc.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
+    with pytest.raises(SystemExit) as exc:
+        resources.main(["--jobs", "0"])
+    assert exc.value.code == 2 and "--jobs must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +184,21 @@ def ci_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("triton-resources")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(folder / "cache")
-    done = subprocess.run([sys.executable, "-m", "stt_kernels.triton.resources", "--jobs",
-                           str(min(2, os.cpu_count() or 1)), "--out", str(folder / "table.md")],
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stt_kernels.triton.resources",
+            "--jobs",
+            str(min(2, os.cpu_count() or 1)),
+            "--out",
+            str(folder / "table.md"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return done, folder
 
 

@@ -144,14 +144,17 @@ def _union(*spaces: dict[str, list[triton.Config]]) -> dict[str, list[triton.Con
 
 
 # The default lists, read from the offline compiles (benchmarks/RESULTS.md, "Triton resources"):
-# * one stage count: the loads are not multi-buffered, so shared memory and registers are the
-#   same at 2, 3 and 4 stages (sm_80 and sm_90) and the 36-config lists compiled each kernel
-#   three times over;
-# * 128-row blocks with 8 warps: at 4 warps they sit at 255 registers (bf16, d = 64, sm_90);
-# * no 128 x 128 forward or 64 x 128 dK/dV blocks: at d = 128 in bf16 they spill 7 KB per thread;
+# * one stage count: the loads are not multi-buffered, so shared memory and registers came out
+#   the same at 2, 3 and 4 stages (all 36 forward configurations, bf16, d = 64, sm_90), and the
+#   36-config lists compiled each kernel three times over;
+# * 8 warps for 128-row blocks, and for 64 x 64 ones: at 4 warps the first sit at 255 registers
+#   already at d = 64 (bf16, sm_90), the second spill 500-800 B per thread at d = 128 (sm_80);
+# * no 128 x 128 forward or 64 x 128 dK/dV blocks: at d = 128 in bf16 they spill kilobytes per
+#   thread (7 KB for the forward on sm_80);
 # * small fallbacks last: float32 IEEE products stage every operand through shared memory
-#   (72-256 KB at d = 128 for 64-128 row blocks), so 99 KB parts (sm_86/89) and AMD's 64 KB
-#   need the 32- and 16-row blocks; the run-time pruning keeps only what fits.
+#   (72-256 KB at d = 128 for 64-128 row blocks, sm_80), so 99 KB parts (sm_86/89) and AMD's
+#   64 KB need the 32- and 16-row blocks, which also never spill; the run-time pruning keeps
+#   only what fits the device.
 TUNING: dict[str, Tuning] = {
     "_flash_forward": Tuning(
         _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 32, 4)])),
@@ -237,7 +240,7 @@ def fits_shared(kernel: str, config: triton.Config, element_size: int, block_d: 
     return shared_estimate(kernel, config, element_size, block_d, t_pad) <= limit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_shared_limit(device: int) -> int:
     """Opt-in shared memory per block of GPU ``device``: what Triton checks a launch against."""
     return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
@@ -332,7 +335,7 @@ def _lse_rows(ptr, b, z, h, offs, sb, sz, sh, sn):
                  prune_configs_by={"early_config_prune": _prune_flash("_flash_forward")})
 @triton.jit
 def _flash_forward(
-    Q, K, V, O, LSE,
+    Q, K, V, OUT, LSE,
     sqb, sqz, sqn, sqh, sqd,
     skb, skz, skn, skh, skd,
     svb, svz, svn, svh, svd,
@@ -372,13 +375,13 @@ def _flash_forward(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(_rows(O, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), acc.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(_rows(OUT, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), acc.to(OUT.dtype.element_ty), mask=q_mask)
     tl.store(_lse_rows(LSE, b, z, h, offs_m, slb, slz, slh, sln), (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
 
 
 @triton.jit
 def _flash_delta(
-    O, DO, DELTA,
+    OUT, DO, DELTA,
     sob, soz, son, soh, sod,
     sgb, sgz, sgn, sgh, sgd,
     Z, HEADS, N, D,
@@ -388,7 +391,7 @@ def _flash_delta(
     seq, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(_rows(O, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), mask=mask, other=0.0)
+    o = tl.load(_rows(OUT, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), mask=mask, other=0.0)
     do = tl.load(_rows(DO, b, z, h, offs_m, offs_d, sgb, sgz, sgn, sgh, sgd), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + seq.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
@@ -526,7 +529,7 @@ def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, sb, sz, sh, st):
                  prune_configs_by={"early_config_prune": _prune_packed("_packed_forward")})
 @triton.jit
 def _packed_forward(
-    Q, K, V, O, LSE,
+    Q, K, V, OUT, LSE,
     sqb, sqz, sqn, sqh, sqd,
     skb, skz, skn, skh, skd,
     svb, svz, svn, svh, svd,
@@ -556,8 +559,8 @@ def _packed_forward(
     row_sum = tl.sum(p, 2)
     out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, :, None]
 
-    o_ptrs, _ = _packed_pointers(O, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
+    o_ptrs, _ = _packed_pointers(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
     lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, slb, slz, slh, sln)
     tl.store(lse_ptrs, (m + tl.log2(row_sum)) * _LN2, mask=lse_mask)
 
@@ -566,7 +569,7 @@ def _packed_forward(
                  prune_configs_by={"early_config_prune": _prune_packed("_packed_backward")})
 @triton.jit
 def _packed_backward(
-    Q, K, V, O, DO, LSE, DQ, DK, DV,
+    Q, K, V, OUT, DO, LSE, DQ, DK, DV,
     sqb, sqz, sqn, sqh, sqd,
     skb, skz, skn, skh, skd,
     svb, svz, svn, svh, svd,
@@ -588,7 +591,7 @@ def _packed_backward(
     q_ptrs, mask = _packed_pointers(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sqb, sqz, sqn, sqh, sqd)
     k_ptrs, _ = _packed_pointers(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, skb, skz, skn, skh, skd)
     v_ptrs, _ = _packed_pointers(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, svb, svz, svn, svh, svd)
-    o_ptrs, _ = _packed_pointers(O, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
+    o_ptrs, _ = _packed_pointers(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
     do_ptrs, _ = _packed_pointers(DO, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sgb, sgz, sgn, sgh, sgd)
     q = tl.load(q_ptrs, mask=mask, other=0.0)
     k = tl.load(k_ptrs, mask=mask, other=0.0)

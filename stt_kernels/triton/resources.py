@@ -3,8 +3,8 @@
 No GPU is needed: each configuration that autotuning may choose is compiled with
 ``triton.compile`` for an explicit target (NVIDIA sm_80 / sm_90 through the ptxas bundled with
 Triton, AMD gfx90a / gfx942 through Triton's own LLVM), and the usage is read from the binary:
-``cuobjdump --dump-resource-usage`` (``REG``; ``STACK`` + ``LOCAL`` as spills) and the kernel's ``shared`` metadata on
-NVIDIA, the AMDGPU metadata (``.vgpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``) and
+``cuobjdump --dump-resource-usage`` (``REG``; ``STACK`` + ``LOCAL`` as spills) and the kernel's
+``shared`` metadata on NVIDIA, the AMDGPU metadata (``.vgpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``) and
 ``shared`` on AMD.
 
 A configuration fails the check when
@@ -14,15 +14,20 @@ A configuration fails the check when
 * the run-time pruning (``attention.fits_shared``) would keep it on a device of that target
   although its compiled shared memory exceeds the device's limit (the estimate was too low, and
   the launch would raise OutOfResources);
+* it does not compile.
+
 A kernel and shape fails when pruning would leave none of its default configurations on a
 device, or none that spills at most :data:`SPILL_ALLOWANCE` bytes per thread: autotuning must
 always have a candidate that neither fails to launch nor spills (the others it may measure
 and reject; the table lists every one's spills).
 
-``python -m stt_kernels.triton.resources`` checks the default autotuning lists at
-representative head dims (what CI runs, ``tests/test_triton_resources.py``);
-``--full`` checks every configuration of the ``STT_TRITON_FULL_TUNE=1`` lists at every head dim.
-It must run with ``TRITON_INTERPRET`` unset: the interpreter's kernels cannot be compiled.
+``python -m stt_kernels.triton.resources`` checks :data:`CI_GROUPS` (what CI runs,
+``tests/test_triton_resources.py``, ~90 s on 2 cores); ``--defaults`` the default autotuning
+lists at :data:`SHAPES_CI` on every target; ``--full`` every configuration of the
+``STT_TRITON_FULL_TUNE=1`` lists at every dtype and head dim; ``--targets``, ``--kernels``,
+``--dtypes``, ``--head-dims`` narrow a run. It writes one markdown row per compilation (``--out``)
+and exits 1 naming each problem. It must run with ``TRITON_INTERPRET`` unset: the
+interpreter's kernels cannot be compiled.
 """
 
 from __future__ import annotations
@@ -49,11 +54,11 @@ class Target:
     """One compilation target and the limits a kernel must respect on the devices it covers."""
 
     name: str
-    backend: str                    # "cuda" or "hip": the autotuning list that applies
-    arch: object                    # GPUTarget's arch: 80 / 90 or "gfx90a" / "gfx942"
+    backend: str  # "cuda" or "hip": the autotuning list that applies
+    arch: object  # GPUTarget's arch: 80 / 90 or "gfx90a" / "gfx942"
     warp_size: int
     shared_limits: tuple[tuple[str, int], ...]  # (devices, opt-in shared memory per block in bytes)
-    max_registers: int              # per thread
+    max_registers: int  # per thread
     registers_per_block: Optional[int]
 
     def gpu_target(self) -> GPUTarget:
@@ -99,9 +104,9 @@ class Case:
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
-    registers: int      # per thread (NVIDIA) / VGPRs per lane (AMD)
-    spills: int         # bytes of local memory / scratch per thread
-    shared: int         # bytes per block
+    registers: int  # per thread (NVIDIA) / VGPRs per lane (AMD)
+    spills: int  # bytes of local memory / scratch per thread
+    shared: int  # bytes per block
     seconds: float
 
 
@@ -121,8 +126,9 @@ def _nvidia_usage(cubin: bytes) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        report = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", f.name], check=True,
-                                capture_output=True, text=True).stdout
+        report = subprocess.run(
+            [str(_cuobjdump()), "--dump-resource-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
     figures = {k: re.search(rf"{k}:(\d+)", report) for k in ("REG", "STACK", "LOCAL")}
     if not all(figures.values()):
         raise RuntimeError(f"cuobjdump printed no REG/STACK/LOCAL figures:\n{report}")
@@ -156,8 +162,11 @@ def compile_kernel(case: Case):
     for key, value in case.config.kwargs.items():
         if key not in fn.arg_names:  # backend options such as AMD's waves_per_eu
             options[key] = value
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                          target=TARGETS[case.target].gpu_target(), options=options)
+    return triton.compile(
+        ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+        target=TARGETS[case.target].gpu_target(),
+        options=options,
+    )
 
 
 def compile_case(case: Case) -> Usage:
@@ -194,8 +203,10 @@ class KernelSpec:
         kernel = self.kernel()
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         if not isinstance(fn, triton.runtime.JITFunction):
-            raise RuntimeError(f"{self.name} is not a compilable Triton kernel here ({type(fn).__name__}); "
-                               "run with TRITON_INTERPRET unset")
+            raise RuntimeError(
+                f"{self.name} is not a compilable Triton kernel here ({type(fn).__name__}); "
+                "run with TRITON_INTERPRET unset"
+            )
         return fn
 
     def signature(self, fn: triton.runtime.JITFunction, case: Case) -> tuple[dict, dict, dict]:
@@ -231,18 +242,32 @@ class KernelSpec:
         return values
 
 
-_Q = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+_Q = ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")
 # Head-dim strides are 1 for the views of a packed projection, and lse is contiguous.
 _UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "sgd", "sdqd", "sdkd", "sdvd", "sln")
-_ATTENTION = dict(module="attention", tensors=_Q, float32_tensors=("LSE", "DELTA"),
-                  float_scalars=("qk_scale", "scale"), unit=_UNIT_STRIDES)
+_ATTENTION = dict(
+    module="attention",
+    tensors=_Q,
+    float32_tensors=("LSE", "DELTA"),
+    float_scalars=("qk_scale", "scale"),
+    unit=_UNIT_STRIDES,
+)
 # The deformable convolutions of the model: 3x3, stride 1, padding 1, dilation 1.
-_DEFORM = dict(module="deform_conv2d", tensors=("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr", "gout_ptr"),
-               float32_tensors=("gx_ptr", "goff_ptr", "gmask_ptr", "gw_ptr"), float_scalars=(),
-               unit=("sh", "sw", "ph", "pw", "dh", "dw"))
+_DEFORM = dict(
+    module="deform_conv2d",
+    tensors=("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr", "gout_ptr"),
+    float32_tensors=("gx_ptr", "goff_ptr", "gmask_ptr", "gw_ptr"),
+    float_scalars=(),
+    unit=("sh", "sw", "ph", "pw", "dh", "dw"),
+)
 
-_ATTENTION_KERNELS = ("_flash_forward", "_flash_backward_dkdv", "_flash_backward_dq", "_packed_forward",
-                      "_packed_backward")
+_ATTENTION_KERNELS = (
+    "_flash_forward",
+    "_flash_backward_dkdv",
+    "_flash_backward_dq",
+    "_packed_forward",
+    "_packed_backward",
+)
 _DEFORM_KERNELS = ("_forward_kernel", "_grad_input_kernel", "_grad_weight_kernel")
 KERNELS: dict[str, KernelSpec] = {
     **{name: KernelSpec(name=name, **_ATTENTION) for name in _ATTENTION_KERNELS},
@@ -252,17 +277,15 @@ KERNELS: dict[str, KernelSpec] = {
 
 HEAD_DIMS_FULL = (16, 32, 64, 128)
 DTYPES_FULL = ("float32", "float32+tf32", "float16", "bfloat16")
-# CI's (dtype, padded head dim) pairs, to fit its time: 16-bit at the largest head dim (every
-# tile, and with them shared memory and registers, grows with d), and float32 IEEE (FMA
-# products, operands in shared memory) at the model's head dims (7-16). float32 at d = 128
-# compiles for minutes per large-tile configuration (up to 11 minutes at 128 x 128 on sm_80),
-# so it is left to --full.
+# The (dtype, padded head dim) pairs of --defaults: 16-bit at the largest head dim (every tile,
+# and with them shared memory and registers, grows with d), and float32 IEEE (FMA products,
+# operands in shared memory) at the model's head dims (7-16). float32 at d = 128 compiles for
+# minutes per large-tile configuration (11 minutes at 128 x 128 on sm_80), so it is left to --full.
 SHAPES_CI = (("bfloat16", 128), ("float32", 16))
-# What CI compiles in its ~90 s on 2 cores (each compile takes 3-18 s there): (targets, kernels,
-# shapes). Every default attention list at bf16 d = 128 on sm_80 (the binary sm_86/89 run too, so
-# checked against 163 KB and 99 KB), the forward's on gfx90a (64 KB of LDS), the deformable
-# kernels in float32 on both. --defaults runs the default lists at every CI shape on every
-# target, --full the full lists at every shape.
+# What CI compiles in its ~90 s on 2 cores (each compile takes 3-18 s there), as (targets,
+# kernels, shapes): every default attention list at bf16 d = 128 on sm_80 (the code sm_86/89 run
+# too, so checked against 163 KB and 99 KB), the forward's on gfx90a (64 KB of LDS), the
+# deformable kernels in float32 on both. sm_90, gfx942 and the other shapes are --defaults/--full.
 CI_GROUPS = (
     (("sm_80",), _ATTENTION_KERNELS, (("bfloat16", 128),)),
     (("gfx90a",), ("_flash_forward",), (("bfloat16", 128),)),
@@ -277,8 +300,7 @@ def _packed_shapes(budget: int, head_dims: Iterable[int]) -> list[tuple[int, int
     return [(t, d) for t in (16, 32, 64, 128, 256) for d in head_dims if attention._packed_fits(t, d, budget)]
 
 
-def cases(targets: Sequence[str], kernels: Sequence[str], shapes: Sequence[tuple[str, int]],
-          full: bool) -> list[Case]:
+def cases(targets: Sequence[str], kernels: Sequence[str], shapes: Sequence[tuple[str, int]], full: bool) -> list[Case]:
     """Every configuration autotuning may choose for each kernel, (dtype, head dim) and target:
     the default list (and with ``full`` the ``STT_TRITON_FULL_TUNE=1`` list), after the kernel's
     own shape pruning at the sequence lengths that keep the most configurations."""
@@ -337,15 +359,17 @@ def judge(case: Case, usage: Optional[Usage], error: Optional[str]) -> Result:
     pruned = []
     for device, limit in target.shared_limits:
         if KERNELS[case.kernel].module == "attention":
-            keep = attention.fits_shared(case.kernel, case.config, _element_size(case.dtype), case.head_dim,
-                                         case.t_pad, limit)
+            keep = attention.fits_shared(
+                case.kernel, case.config, _element_size(case.dtype), case.head_dim, case.t_pad, limit
+            )
         else:
             keep = True  # fixed blocks: nothing to fall back on
         if not keep:
             pruned.append(device)
         elif usage.shared > limit:
-            problems.append(f"{usage.shared / KB:.1f} KB shared > {limit // KB} KB on {device}, "
-                            "yet run-time pruning keeps it")
+            problems.append(
+                f"{usage.shared / KB:.1f} KB shared > {limit // KB} KB on {device}, yet run-time pruning keeps it"
+            )
     return Result(case, usage, tuple(problems), tuple(pruned))
 
 
@@ -358,10 +382,14 @@ def empty_choices(results: Sequence[Result]) -> list[str]:
             continue
         for device, _ in TARGETS[r.case.target].shared_limits:
             key = (r.case.kernel, r.case.dtype, r.case.head_dim, r.case.t_pad, device)
-            groups.setdefault(key, []).append(device not in r.pruned_on and not r.problems
-                                              and r.usage.spills <= SPILL_ALLOWANCE)
-    return [f"{k} d={d} t={t} {dtype} on {device}: no default configuration fits without spilling"
-            for (k, dtype, d, t, device), ok in groups.items() if not any(ok)]
+            groups.setdefault(key, []).append(
+                device not in r.pruned_on and not r.problems and r.usage.spills <= SPILL_ALLOWANCE
+            )
+    return [
+        f"{k} d={d} t={t} {dtype} on {device}: no default configuration fits without spilling"
+        for (k, dtype, d, t, device), ok in groups.items()
+        if not any(ok)
+    ]
 
 
 def _run(case: Case) -> tuple[Case, Optional[Usage], Optional[str]]:
@@ -383,17 +411,21 @@ def check(selected: Sequence[Case], jobs: int) -> list[Result]:
 
 def table(results: Sequence[Result]) -> str:
     """A markdown table, one row per compiled case."""
-    lines = ["| kernel | config | dtype | head dim | T_PAD | target | registers | shared (KB) | spills (B) "
-             "| compile (s) | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| kernel | config | dtype | head dim | T_PAD | target | registers | shared (KB) | spills (B) "
+        "| compile (s) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         c, u = r.case, r.usage
         verdict = "; ".join(r.problems) if r.problems else "ok"
         if r.pruned_on and not r.problems:
             verdict = "pruned on " + ", ".join(r.pruned_on)
-        figures = (f"{u.registers} | {u.shared / KB:.1f} | {u.spills} | {u.seconds:.1f}" if u else "- | - | - | -")
-        lines.append(f"| {c.kernel} | {c.config_text()}{'' if c.default else ' (full)'} | {c.dtype} "
-                     f"| {c.head_dim or '-'} | {c.t_pad or '-'} | {c.target} | {figures} | {verdict} |")
+        figures = f"{u.registers} | {u.shared / KB:.1f} | {u.spills} | {u.seconds:.1f}" if u else "- | - | - | -"
+        lines.append(
+            f"| {c.kernel} | {c.config_text()}{'' if c.default else ' (full)'} | {c.dtype} "
+            f"| {c.head_dim or '-'} | {c.t_pad or '-'} | {c.target} | {figures} | {verdict} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -407,25 +439,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stt_kernels.triton.resources",
         description="Compile every Triton kernel configuration offline and check registers, shared memory "
-                    "and spills against each target's limits.",
+        "and spills against each target's limits.",
         epilog="examples:\n  python -m stt_kernels.triton.resources --out table.md\n"
-               "  python -m stt_kernels.triton.resources --full --targets sm_90 --kernels _flash_forward",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  python -m stt_kernels.triton.resources --full --targets sm_90 --kernels _flash_forward",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("--defaults", action="store_true",
-                       help="the default lists at CI's shapes on every target (~40 minutes on 2 cores)")
-    scope.add_argument("--full", action="store_true",
-                       help="the STT_TRITON_FULL_TUNE=1 lists at every head dim and dtype (hours on 2 cores)")
+    scope.add_argument(
+        "--defaults",
+        action="store_true",
+        help="the default lists at CI's shapes on every target (~40 minutes on 2 cores)",
+    )
+    scope.add_argument(
+        "--full",
+        action="store_true",
+        help="the STT_TRITON_FULL_TUNE=1 lists at every head dim and dtype (hours on 2 cores)",
+    )
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="default: all (CI: its groups)")
     parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), help="default: all (CI: its groups)")
-    parser.add_argument("--dtypes", nargs="+", choices=DTYPES_FULL,
-                        help="with --head-dims, every pair of them; default: CI's bfloat16 at head dim 128 and "
-                        "float32 at 16, every pair of all four dtypes and head dims with --full")
-    parser.add_argument("--head-dims", nargs="+", type=int, choices=HEAD_DIMS_FULL,
-                        help="padded head dims (BLOCK_D)")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=DTYPES_FULL,
+        help="with --head-dims, every pair of them; default: CI's bfloat16 at head dim 128 and "
+        "float32 at 16, every pair of all four dtypes and head dims with --full",
+    )
+    parser.add_argument("--head-dims", nargs="+", type=int, choices=HEAD_DIMS_FULL, help="padded head dims (BLOCK_D)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
-    parser.add_argument("--out", type=Path, help="write the table to this file (refused if it exists, "
-                        "unless --overwrite)")
+    parser.add_argument(
+        "--out", type=Path, help="write the table to this file (refused if it exists, unless --overwrite)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -447,16 +490,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         selected = cases(args.targets or list(TARGETS), args.kernels or list(KERNELS), shapes, args.full)
     start = time.perf_counter()
     results = check(selected, args.jobs)
-    failures = [f"{r.case.kernel} [{r.case.config_text()}] {r.case.dtype} d={r.case.head_dim} "
-                f"t={r.case.t_pad} {r.case.target}: {p}" for r in results for p in r.problems]
+    failures = [
+        f"{r.case.kernel} [{r.case.config_text()}] {r.case.dtype} d={r.case.head_dim} "
+        f"t={r.case.t_pad} {r.case.target}: {p}"
+        for r in results
+        for p in r.problems
+    ]
     failures += empty_choices(results)
     text = table(results)
     if args.out is not None:
         _write(args.out, text)
     else:
         sys.stdout.write(text)
-    print(f"{len(results)} compilations in {time.perf_counter() - start:.0f} s, {len(failures)} problems",
-          file=sys.stderr)
+    print(
+        f"{len(results)} compilations in {time.perf_counter() - start:.0f} s, {len(failures)} problems", file=sys.stderr
+    )
     for line in failures:
         print("FAIL " + line, file=sys.stderr)
     return 1 if failures else 0
