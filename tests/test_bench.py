@@ -309,3 +309,13 @@ def test_predict_volume_suite_runs_stt_predict(tmp_path, small_ceilings, monkeyp
     rows = read_results(run(_options(tmp_path, suites=["predict-volume"], backends=["reference"], repeats=1)))["rows"]
     assert [(r.shape, r.status) for r in rows] == [("volume 8x64x64", "ok")], rows
     assert rows[0].time_median_s > 0 and rows[0].gflops_per_s is None
+
+
+def test_building_the_stt_parser_leaves_the_timers_unimported():
+    """torch.utils.benchmark imports cpp_extension, which prints a CUDA warning on a CUDA build of
+    torch without a GPU: every `stt` command builds the bench parser, and its one-line errors
+    must stay one line."""
+    code = ("import sys, stt_model.cli as cli; cli._parser(); "
+            "print(sorted(m for m in ('torch.utils.benchmark', 'torch.utils.cpp_extension') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

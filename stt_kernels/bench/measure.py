@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils import benchmark
 
 try:
     from triton.testing import do_bench
@@ -63,6 +62,10 @@ def time_step(
         while len(samples) < repeats:
             samples += [ms / 1e3 for ms in do_bench(step, warmup=1, rep=min_run_time * 1e3, return_mode="all")]
         return summarise(samples, "triton.testing.do_bench (L2 flushed)")
+    # Imported here: torch.utils.benchmark imports cpp_extension, which warns on CUDA builds of
+    # torch without a GPU, and every `stt` command builds the bench parser.
+    from torch.utils import benchmark
+
     timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
     first = timer.blocked_autorange(min_run_time=min_run_time)
     samples = list(first.times)
