@@ -29,6 +29,9 @@ std::string_view compiled_backend(std::string_view backend, const at::Tensor& li
   const std::string_view own = like.is_cuda() ? "cuda" : "cpu";
   TORCH_CHECK(like.is_cpu() || like.is_cuda(), "stt::", op, " runs on CPU and CUDA tensors; got ", like.device().type(),
               " tensors");
+  const std::string_view other = like.is_cuda() ? "cpu" : "cuda";
+  TORCH_CHECK(backend != other, "stt::", op, ": backend '", backend, "' cannot run on ", own,
+              " tensors; use 'auto' or '", own, "'");
   TORCH_CHECK(backend == "auto" || backend == own, "stt::", op, ": backend '", backend, "' on ", own,
               " tensors needs Python (`import stt_kernels`): without it only the compiled '", own,
               "' kernels run here (backend 'auto' or '", own, "')");
