@@ -138,7 +138,7 @@ def _montage(path: Path, image: np.ndarray, probs: np.ndarray, labels: np.ndarra
     fig.suptitle(f"3D instances, matched to the ground truth at IoU >= {MATCH_IOU:g}: {len(tp)} of "
                  f"{len(set(np.unique(gt).tolist()) - {0})} true instances found, "
                  f"{len(set(np.unique(labels).tolist()) - {0}) - len(tp)} false positives")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(rows) / 4.2))   # room for the title above the rows
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=70, format="png"))
     plt.close(fig)
 
