@@ -318,8 +318,6 @@ def _predict(args: argparse.Namespace) -> int:
     if args.model is not None:
         args.checkpoint = verified_weights(args.model)
     thresholds, threshold_source = decode_thresholds(args, checkpoint=args.checkpoint)
-    if args.instances and os.environ.get("RANK", "0") == "0":
-        print(f"stt predict: instances will be decoded with {threshold_source}", file=sys.stderr)
     device = ranks.device_for_rank(args.device)
     image = open_volume(args.image)
     if len(image.shape) != 3:
@@ -346,6 +344,8 @@ def _predict(args: argparse.Namespace) -> int:
     load_model_weights(model, state, args.checkpoint)
     options = dict(overlap=args.overlap, batch_size=args.batch_size, tta=args.tta, tta_reduce=args.tta_reduce,
                    block=tuple(args.block) if args.block else None)
+    if args.instances and rank == 0:
+        print(f"stt predict: instances will be decoded with {threshold_source}", file=sys.stderr)
     if world > 1:
         ranks.start()
     writing = args.out
