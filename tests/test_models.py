@@ -91,3 +91,20 @@ def test_predict_with_a_shipped_model_uses_its_thresholds(tmp_path, capsys):
                  "--instances", str(tmp_path / "i.h5")]) == 0
     err = capsys.readouterr().err
     assert "thresholds from" in err and "synthetic-demo.thresholds.json" in err
+
+
+def test_the_demo_montage_marks_true_and_false_positives(tmp_path):
+    from stt_model.demo import _montage, instance_colours, matched
+
+    gt = np.zeros((4, 32, 32), np.uint32)
+    gt[:, 2:12, 2:12], gt[:, 20:30, 20:30] = 1, 2
+    pred = np.zeros_like(gt)
+    pred[:, 2:12, 2:12] = 5                 # exact: a true positive
+    pred[:, 20:30, 20:24] = 7               # a sliver of object 2: a false positive at IoU 0.75
+    tp, found = matched(pred, gt)
+    assert tp.tolist() == [5] and found.tolist() == [1]
+    colours = instance_colours(np.array([0, 1, 2, 3]))
+    assert (colours[0] == 0).all() and len({tuple(c) for c in colours[1:].round(3)}) == 3
+    probs = np.zeros((2, 4, 32, 32), np.uint8)
+    _montage(tmp_path / "m.png", gt.astype(np.uint8), probs, pred, gt)
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
