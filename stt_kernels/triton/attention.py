@@ -321,14 +321,16 @@ def _block(N, BLOCK: tl.constexpr, Z, HEADS):
 
 
 @triton.jit
-def _rows(ptr, b, z, h, offs, offs_d, sb, sz, sn, sh, sd):
-    """Pointers of the (rows ``offs``, head dims ``offs_d``) tile of sequence (b, z, h)."""
-    return ptr + _offset(b, z, h, sb, sz, sh) + offs.to(tl.int64)[:, None] * sn + offs_d[None, :] * sd
+def _rows(ptr, b, z, h, offs, offs_d, st):
+    """Pointers of the (rows ``offs``, head dims ``offs_d``) tile of sequence (b, z, h) of a
+    (B, Z, N, heads, d) view with strides ``st``."""
+    return ptr + _offset(b, z, h, st[0], st[1], st[3]) + offs.to(tl.int64)[:, None] * st[2] + offs_d[None, :] * st[4]
 
 
 @triton.jit
-def _lse_rows(ptr, b, z, h, offs, sb, sz, sh, sn):
-    return ptr + _offset(b, z, h, sb, sz, sh) + offs.to(tl.int64) * sn
+def _lse_rows(ptr, b, z, h, offs, st):
+    """Pointers of rows ``offs`` of sequence (b, z, h) of the (B, Z, heads, N) lse."""
+    return ptr + _offset(b, z, h, st[0], st[1], st[2]) + offs.to(tl.int64) * st[3]
 
 
 @triton.autotune(configs=_configs("_flash_forward"), key=["N", "BLOCK_D"],
@@ -336,11 +338,7 @@ def _lse_rows(ptr, b, z, h, offs, sb, sz, sh, sn):
 @triton.jit
 def _flash_forward(
     Q, K, V, OUT, LSE,
-    sqb, sqz, sqn, sqh, sqd,
-    skb, skz, skn, skh, skd,
-    svb, svz, svn, svh, svd,
-    sob, soz, son, soh, sod,
-    slb, slz, slh, sln,
+    sq, sk, sv, so, sl,
     Z, HEADS, N, D, qk_scale,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -349,7 +347,7 @@ def _flash_forward(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_mask = (offs_m < N)[:, None] & d_ok[None, :]
-    q = tl.load(_rows(Q, b, z, h, offs_m, offs_d, sqb, sqz, sqn, sqh, sqd), mask=q_mask, other=0.0)
+    q = tl.load(_rows(Q, b, z, h, offs_m, offs_d, sq), mask=q_mask, other=0.0)
 
     # Online softmax in base 2 (qk_scale carries log2 e): m_i the running row max,
     # l_i the running row sum, acc the unnormalised output.
@@ -359,8 +357,8 @@ def _flash_forward(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
-        k = tl.load(_rows(K, b, z, h, offs_n, offs_d, skb, skz, skn, skh, skd), mask=kv_mask, other=0.0)
-        v = tl.load(_rows(V, b, z, h, offs_n, offs_d, svb, svz, svn, svh, svd), mask=kv_mask, other=0.0)
+        k = tl.load(_rows(K, b, z, h, offs_n, offs_d, sk), mask=kv_mask, other=0.0)
+        v = tl.load(_rows(V, b, z, h, offs_n, offs_d, sv), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -375,15 +373,14 @@ def _flash_forward(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(_rows(OUT, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), acc.to(OUT.dtype.element_ty), mask=q_mask)
-    tl.store(_lse_rows(LSE, b, z, h, offs_m, slb, slz, slh, sln), (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
+    tl.store(_rows(OUT, b, z, h, offs_m, offs_d, so), acc.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(_lse_rows(LSE, b, z, h, offs_m, sl), (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
 
 
 @triton.jit
 def _flash_delta(
     OUT, DO, DELTA,
-    sob, soz, son, soh, sod,
-    sgb, sgz, sgn, sgh, sgd,
+    so, sg,
     Z, HEADS, N, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -391,32 +388,31 @@ def _flash_delta(
     seq, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(_rows(OUT, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), mask=mask, other=0.0)
-    do = tl.load(_rows(DO, b, z, h, offs_m, offs_d, sgb, sgz, sgn, sgh, sgd), mask=mask, other=0.0)
+    o = tl.load(_rows(OUT, b, z, h, offs_m, offs_d, so), mask=mask, other=0.0)
+    do = tl.load(_rows(DO, b, z, h, offs_m, offs_d, sg), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + seq.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
-def _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N,
-                sqb, sqz, sqn, sqh, sqd, sgb, sgz, sgn, sgh, sgd, slb, slz, slh, sln):
+def _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N, sq, sg, sl):
     """q, dO, lse (base 2) and delta of the query rows ``offs_m``: what both backward passes
     read per query block. lse = +inf on padded rows makes their p exactly 0."""
     m_ok = offs_m < N
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(_rows(Q, b, z, h, offs_m, offs_d, sqb, sqz, sqn, sqh, sqd), mask=q_mask, other=0.0)
-    do = tl.load(_rows(DO, b, z, h, offs_m, offs_d, sgb, sgz, sgn, sgh, sgd), mask=q_mask, other=0.0)
-    lse2 = tl.load(_lse_rows(LSE, b, z, h, offs_m, slb, slz, slh, sln), mask=m_ok, other=float("inf")) * _LOG2E
+    q = tl.load(_rows(Q, b, z, h, offs_m, offs_d, sq), mask=q_mask, other=0.0)
+    do = tl.load(_rows(DO, b, z, h, offs_m, offs_d, sg), mask=q_mask, other=0.0)
+    lse2 = tl.load(_lse_rows(LSE, b, z, h, offs_m, sl), mask=m_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + seq.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     return q, do, lse2, delta, q_mask
 
 
 @triton.jit
-def _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, skb, skz, skn, skh, skd, svb, svz, svn, svh, svd):
+def _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, sk, sv):
     """k and v of the key rows ``offs_n`` (padded rows read as zero vectors)."""
     kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
-    k = tl.load(_rows(K, b, z, h, offs_n, offs_d, skb, skz, skn, skh, skd), mask=kv_mask, other=0.0)
-    v = tl.load(_rows(V, b, z, h, offs_n, offs_d, svb, svz, svn, svh, svd), mask=kv_mask, other=0.0)
+    k = tl.load(_rows(K, b, z, h, offs_n, offs_d, sk), mask=kv_mask, other=0.0)
+    v = tl.load(_rows(V, b, z, h, offs_n, offs_d, sv), mask=kv_mask, other=0.0)
     return k, v, kv_mask
 
 
@@ -425,13 +421,7 @@ def _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, skb, skz, skn, skh, skd, s
 @triton.jit
 def _flash_backward_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    sqb, sqz, sqn, sqh, sqd,
-    skb, skz, skn, skh, skd,
-    svb, svz, svn, svh, svd,
-    sgb, sgz, sgn, sgh, sgd,
-    slb, slz, slh, sln,
-    sdkb, sdkz, sdkn, sdkh, sdkd,
-    sdvb, sdvz, sdvn, sdvh, sdvd,
+    sq, sk, sv, sg, sl, sdk, sdv,
     Z, HEADS, N, D, scale, qk_scale,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -440,15 +430,13 @@ def _flash_backward_dkdv(
     seq, b, z, h, offs_n = _block(N, BLOCK_N, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    k, v, kv_mask = _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, skb, skz, skn, skh, skd,
-                              svb, svz, svn, svh, svd)
+    k, v, kv_mask = _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, sk, sv)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse2, delta, _ = _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N,
-                                            sqb, sqz, sqn, sqh, sqd, sgb, sgz, sgn, sgh, sgd, slb, slz, slh, sln)
+        q, do, lse2, delta, _ = _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N, sq, sg, sl)
         # Transposed tiles (keys x queries) so that dV and dK come out without transposing them.
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
@@ -459,10 +447,8 @@ def _flash_backward_dkdv(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-    tl.store(_rows(DK, b, z, h, offs_n, offs_d, sdkb, sdkz, sdkn, sdkh, sdkd), (dk * scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(_rows(DV, b, z, h, offs_n, offs_d, sdvb, sdvz, sdvn, sdvh, sdvd), dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(_rows(DK, b, z, h, offs_n, offs_d, sdk), (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows(DV, b, z, h, offs_n, offs_d, sdv), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(configs=_configs("_flash_backward_dq"), key=["N", "BLOCK_D"],
@@ -470,12 +456,7 @@ def _flash_backward_dkdv(
 @triton.jit
 def _flash_backward_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
-    sqb, sqz, sqn, sqh, sqd,
-    skb, skz, skn, skh, skd,
-    svb, svz, svn, svh, svd,
-    sgb, sgz, sgn, sgh, sgd,
-    slb, slz, slh, sln,
-    sdqb, sdqz, sdqn, sdqh, sdqd,
+    sq, sk, sv, sg, sl, sdq,
     Z, HEADS, N, D, scale, qk_scale,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -484,13 +465,12 @@ def _flash_backward_dq(
     seq, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q, do, lse2, delta, q_mask = _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N,
-                                             sqb, sqz, sqn, sqh, sqd, sgb, sgz, sgn, sgh, sgd, slb, slz, slh, sln)
+    q, do, lse2, delta, q_mask = _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N, sq, sg, sl)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, _ = _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, skb, skz, skn, skh, skd, svb, svz, svn, svh, svd)
+        k, v, _ = _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, sk, sv)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
         # score is far below 0, which inf * 0 would turn into NaN in dQ.
@@ -499,8 +479,7 @@ def _flash_backward_dq(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(_rows(DQ, b, z, h, offs_m, offs_d, sdqb, sdqz, sdqn, sdqh, sdqd), (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(_rows(DQ, b, z, h, offs_m, offs_d, sdq), (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,20 +487,35 @@ def _flash_backward_dq(
 
 
 @triton.jit
-def _packed_pointers(ptr, seq, seq_ok, offs_t, offs_d, T, D, Z, HEADS, sb, sz, st, sh, sd):
-    """Pointers and mask of a (SEQS, T_PAD, BLOCK_D) tile, one sequence per leading index."""
+def _packed_pointers(ptr, seq, seq_ok, offs_t, offs_d, T, D, Z, HEADS, st):
+    """Pointers and mask of a (SEQS, T_PAD, BLOCK_D) tile, one sequence per leading index, of a
+    (B, Z, N, heads, d) view with strides ``st``."""
     b, z, h = _sequence(seq, Z, HEADS)
-    base = _offset(b, z, h, sb, sz, sh)
-    ptrs = (ptr + base[:, None, None] + offs_t.to(tl.int64)[None, :, None] * st
-            + offs_d[None, None, :] * sd)
+    base = _offset(b, z, h, st[0], st[1], st[3])
+    ptrs = (ptr + base[:, None, None] + offs_t.to(tl.int64)[None, :, None] * st[2]
+            + offs_d[None, None, :] * st[4])
     mask = seq_ok[:, None, None] & (offs_t < T)[None, :, None] & (offs_d < D)[None, None, :]
     return ptrs, mask
 
 
 @triton.jit
-def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, sb, sz, sh, st):
+def _packed_block(NSEQ, SEQS: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's SEQS sequences (and which exist), and the row and head-dim offsets."""
+    seq = tl.program_id(0) * SEQS + tl.arange(0, SEQS)
+    return seq, seq < NSEQ, tl.arange(0, T_PAD), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _packed_load(ptr, seq, seq_ok, offs_t, offs_d, T, D, Z, HEADS, st):
+    """A (SEQS, T_PAD, BLOCK_D) tile (padding reads as zeros) and its mask."""
+    ptrs, mask = _packed_pointers(ptr, seq, seq_ok, offs_t, offs_d, T, D, Z, HEADS, st)
+    return tl.load(ptrs, mask=mask, other=0.0), mask
+
+
+@triton.jit
+def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, st):
     b, z, h = _sequence(seq, Z, HEADS)
-    ptrs = ptr + _offset(b, z, h, sb, sz, sh)[:, None] + offs_t.to(tl.int64)[None, :] * st
+    ptrs = ptr + _offset(b, z, h, st[0], st[1], st[2])[:, None] + offs_t.to(tl.int64)[None, :] * st[3]
     return ptrs, seq_ok[:, None] & (offs_t < T)[None, :]
 
 
@@ -530,26 +524,16 @@ def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, sb, sz, sh, st):
 @triton.jit
 def _packed_forward(
     Q, K, V, OUT, LSE,
-    sqb, sqz, sqn, sqh, sqd,
-    skb, skz, skn, skh, skd,
-    svb, svz, svn, svh, svd,
-    sob, soz, son, soh, sod,
-    slb, slz, slh, sln,
+    sq, sk, sv, so, sl,
     NSEQ, Z, HEADS, N, D, qk_scale,
     NSEQ_BUCKET,  # tuning key only: the best sequences per program depends on how many there are
     T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SEQS: tl.constexpr,
 ):
-    seq = tl.program_id(0) * SEQS + tl.arange(0, SEQS)
-    seq_ok = seq < NSEQ
-    offs_t = tl.arange(0, T_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs, mask = _packed_pointers(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sqb, sqz, sqn, sqh, sqd)
-    k_ptrs, _ = _packed_pointers(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, skb, skz, skn, skh, skd)
-    v_ptrs, _ = _packed_pointers(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, svb, svz, svn, svh, svd)
-    q = tl.load(q_ptrs, mask=mask, other=0.0)
-    k = tl.load(k_ptrs, mask=mask, other=0.0)
-    v = tl.load(v_ptrs, mask=mask, other=0.0)
+    seq, seq_ok, offs_t, offs_d = _packed_block(NSEQ, SEQS, T_PAD, BLOCK_D)
+    q, mask = _packed_load(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sq)
+    k, _ = _packed_load(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sk)
+    v, _ = _packed_load(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sv)
 
     # Batched (SEQS, T, D) tiles: the transposes name their axes (Triton's default is 2-D only).
     s = tl.dot(q, tl.trans(k, 0, 2, 1), input_precision=PRECISION) * qk_scale
@@ -559,9 +543,9 @@ def _packed_forward(
     row_sum = tl.sum(p, 2)
     out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, :, None]
 
-    o_ptrs, _ = _packed_pointers(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
+    o_ptrs, _ = _packed_pointers(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, so)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
-    lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, slb, slz, slh, sln)
+    lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, sl)
     tl.store(lse_ptrs, (m + tl.log2(row_sum)) * _LN2, mask=lse_mask)
 
 
@@ -570,36 +554,21 @@ def _packed_forward(
 @triton.jit
 def _packed_backward(
     Q, K, V, OUT, DO, LSE, DQ, DK, DV,
-    sqb, sqz, sqn, sqh, sqd,
-    skb, skz, skn, skh, skd,
-    svb, svz, svn, svh, svd,
-    sob, soz, son, soh, sod,
-    sgb, sgz, sgn, sgh, sgd,
-    slb, slz, slh, sln,
-    sdqb, sdqz, sdqn, sdqh, sdqd,
-    sdkb, sdkz, sdkn, sdkh, sdkd,
-    sdvb, sdvz, sdvn, sdvh, sdvd,
+    sq, sk, sv, so, sg, sl, sdq, sdk, sdv,
     NSEQ, Z, HEADS, N, D, scale, qk_scale,
     NSEQ_BUCKET,  # tuning key only, as in _packed_forward
     T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SEQS: tl.constexpr,
 ):
-    seq = tl.program_id(0) * SEQS + tl.arange(0, SEQS)
-    seq_ok = seq < NSEQ
-    offs_t = tl.arange(0, T_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs, mask = _packed_pointers(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sqb, sqz, sqn, sqh, sqd)
-    k_ptrs, _ = _packed_pointers(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, skb, skz, skn, skh, skd)
-    v_ptrs, _ = _packed_pointers(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, svb, svz, svn, svh, svd)
-    o_ptrs, _ = _packed_pointers(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
-    do_ptrs, _ = _packed_pointers(DO, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sgb, sgz, sgn, sgh, sgd)
-    q = tl.load(q_ptrs, mask=mask, other=0.0)
-    k = tl.load(k_ptrs, mask=mask, other=0.0)
-    v = tl.load(v_ptrs, mask=mask, other=0.0)
-    do = tl.load(do_ptrs, mask=mask, other=0.0)
+    seq, seq_ok, offs_t, offs_d = _packed_block(NSEQ, SEQS, T_PAD, BLOCK_D)
+    q, mask = _packed_load(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sq)
+    k, _ = _packed_load(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sk)
+    v, _ = _packed_load(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sv)
+    o, _ = _packed_load(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, so)
+    do, _ = _packed_load(DO, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sg)
     # The whole row is here, so rowsum(dO * O) needs no separate pass.
-    delta = tl.sum(tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32) * do.to(tl.float32), 2)
-    lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, slb, slz, slh, sln)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)
+    lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, sl)
     # lse = +inf on padded query rows makes their p exactly 0, so they add nothing.
     lse2 = tl.load(lse_ptrs, mask=lse_mask, other=float("inf")) * _LOG2E
 
@@ -613,9 +582,9 @@ def _packed_backward(
     dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
     dk = tl.dot(tl.trans(ds, 0, 2, 1).to(q.dtype), q, input_precision=PRECISION) * scale
 
-    dq_ptrs, _ = _packed_pointers(DQ, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdqb, sdqz, sdqn, sdqh, sdqd)
-    dk_ptrs, _ = _packed_pointers(DK, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdkb, sdkz, sdkn, sdkh, sdkd)
-    dv_ptrs, _ = _packed_pointers(DV, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdvb, sdvz, sdvn, sdvh, sdvd)
+    dq_ptrs, _ = _packed_pointers(DQ, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdq)
+    dk_ptrs, _ = _packed_pointers(DK, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdk)
+    dv_ptrs, _ = _packed_pointers(DV, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sdv)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
@@ -654,7 +623,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     nseq = b * z * heads
     if nseq == 0 or n == 0:
         return
-    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride())
+    # One stride tuple per tensor: Triton specialises each element (a unit head-dim stride
+    # becomes a constant) as it would a scalar argument.
+    strides = (q.stride(), k.stride(), v.stride(), out.stride(), lse.stride())
     meta = dict(BLOCK_D=_tile(d), PRECISION=_precision(q.dtype))
     qk_scale = scale * _LOG2E.value
     if _packed_fits(n, d, _PACKED_BUDGET_FORWARD):
@@ -680,8 +651,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     if _packed_fits(n, d, _PACKED_BUDGET_BACKWARD):
         _packed_backward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
             q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *lse.stride(),
-            *grad_q.stride(), *grad_k.stride(), *grad_v.stride(),
+            q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride(), lse.stride(),
+            grad_q.stride(), grad_k.stride(), grad_v.stride(),
             nseq, z, heads, n, d, scale, qk_scale, _bucket(nseq), T_PAD=_tile(n), **meta)
         return
 
@@ -692,14 +663,14 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     delta = torch.empty((nseq, n), dtype=torch.float32, device=q.device)
     block_m = 16 if _INTERPRET else 64
     _flash_delta[(triton.cdiv(n, block_m) * nseq,)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), z, heads, n, d,
+        out, grad_out, delta, out.stride(), grad_out.stride(), z, heads, n, d,
         BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"])
-    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
+    common = (q.stride(), k.stride(), v.stride(), grad_out.stride(), lse.stride())
     _flash_backward_dkdv[lambda m: (triton.cdiv(n, m["BLOCK_N"]) * nseq,)](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, *common, *grad_k.stride(), *grad_v.stride(),
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, *common, grad_k.stride(), grad_v.stride(),
         z, heads, n, d, scale, qk_scale, **meta)
     _flash_backward_dq[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * nseq,)](
-        q, k, v, grad_out, lse, delta, grad_q, *common, *grad_q.stride(),
+        q, k, v, grad_out, lse, delta, grad_q, *common, grad_q.stride(),
         z, heads, n, d, scale, qk_scale, **meta)
 
 

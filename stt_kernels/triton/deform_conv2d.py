@@ -121,25 +121,28 @@ def _columns(x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, c, c_ok, k, C, G, C
 
 
 @triton.jit
+def _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """This program's (pixels x output channels of one weight group) tile: validity, image,
+    flat pixel, row and column of its pixels (BLOCK_P, 1); its weight group; its output
+    channels and their validity (1, BLOCK_CO)."""
+    COG = C_out // WG     # output channels per weight group
+    co_blocks = tl.cdiv(COG, BLOCK_CO)
+    wg = tl.program_id(1) // co_blocks
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    pix = p % HWo
+    co = (tl.program_id(1) % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
+    return p < NP, p // HWo, pix, pix // Wo, pix % Wo, wg, wg * COG + co, co < COG
+
+
+@triton.jit
 def _forward_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, b_ptr, out_ptr, NP, C, H, W, Ho, Wo, C_out, G, K, Kw,
                     WG, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_CO: tl.constexpr):
     HWo = Ho * Wo
     CG = C // WG          # input channels per weight group
-    COG = C_out // WG     # output channels per weight group
     CPG = C // G          # input channels per offset group
-    co_blocks = tl.cdiv(COG, BLOCK_CO)
-    wg = tl.program_id(1) // co_blocks
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-    p_ok = p < NP
-    n = p // HWo
-    pix = p % HWo
-    ho = pix // Wo
-    wo = pix % Wo
-    co = (tl.program_id(1) % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
-    co_ok = co < COG
-    co = wg * COG + co
+    p_ok, n, pix, ho, wo, wg, co, co_ok = _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P, BLOCK_CO)
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
     for k in range(0, K):
         for c0 in range(0, CG, BLOCK_C):
@@ -161,19 +164,8 @@ def _grad_weight_kernel(x_ptr, off_ptr, mask_ptr, gout_ptr, gw_ptr, NP, C, H, W,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr):
     HWo = Ho * Wo
     CG = C // WG
-    COG = C_out // WG
     CPG = C // G
-    co_blocks = tl.cdiv(COG, BLOCK_CO)
-    wg = tl.program_id(1) // co_blocks
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-    p_ok = p < NP
-    n = p // HWo
-    pix = p % HWo
-    ho = pix // Wo
-    wo = pix % Wo
-    co = (tl.program_id(1) % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
-    co_ok = co < COG
-    co = wg * COG + co
+    p_ok, n, pix, ho, wo, wg, co, co_ok = _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P, BLOCK_CO)
     gout = tl.load(gout_ptr + (n * C_out + co).to(tl.int64) * HWo + pix, mask=p_ok & co_ok, other=0.0)
     gout_t = tl.trans(gout)
     for k in range(0, K):

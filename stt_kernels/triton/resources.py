@@ -185,7 +185,8 @@ def compile_case(case: Case) -> Usage:
 class KernelSpec:
     """How to compile one kernel offline: which arguments are tensors of the input dtype or of
     float32, which are float scalars, which the common call passes as 1 (Triton specialises
-    those into constants, so the binary that runs is the one without them)."""
+    those into constants, so the binary that runs is the one without them), and which are
+    stride tuples: name -> (length, index of the element that is 1)."""
 
     module: str
     name: str
@@ -193,6 +194,7 @@ class KernelSpec:
     float32_tensors: tuple[str, ...]
     float_scalars: tuple[str, ...]
     unit: tuple[str, ...]
+    stride_tuples: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def kernel(self):
         from . import attention, deform_conv2d
@@ -212,10 +214,14 @@ class KernelSpec:
     def signature(self, fn: triton.runtime.JITFunction, case: Case) -> tuple[dict, dict, dict]:
         constexprs = {k: v for k, v in self.constants(case).items() if k in fn.arg_names}
         constexprs.update({k: v for k, v in case.config.kwargs.items() if k in fn.arg_names})
-        signature: dict[str, str] = {}
+        signature: dict[str, object] = {}
         attrs: dict[tuple[int], list] = {}
         for index, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-            if param.is_constexpr or name in self.unit:
+            if name in self.stride_tuples:
+                length, unit = self.stride_tuples[name]
+                signature[name] = tuple("constexpr" if i == unit else "i32" for i in range(length))
+                constexprs[(index, unit)] = 1
+            elif param.is_constexpr or name in self.unit:
                 signature[name] = "constexpr"
                 if name in self.unit:
                     constexprs[name] = 1
@@ -243,14 +249,16 @@ class KernelSpec:
 
 
 _Q = ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")
-# Head-dim strides are 1 for the views of a packed projection, and lse is contiguous.
-_UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "sgd", "sdqd", "sdkd", "sdvd", "sln")
+# (B, Z, N, heads, d) strides, whose head-dim stride is 1 for the views of a packed projection,
+# and the contiguous (B, Z, heads, N) lse's.
+_STRIDES = {**{name: (5, 4) for name in ("sq", "sk", "sv", "so", "sg", "sdq", "sdk", "sdv")}, "sl": (4, 3)}
 _ATTENTION = dict(
     module="attention",
     tensors=_Q,
     float32_tensors=("LSE", "DELTA"),
     float_scalars=("qk_scale", "scale"),
-    unit=_UNIT_STRIDES,
+    unit=(),
+    stride_tuples=_STRIDES,
 )
 # The deformable convolutions of the model: 3x3, stride 1, padding 1, dilation 1.
 _DEFORM = dict(
