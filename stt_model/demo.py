@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from stt_kernels.atomic_file import atomic_write
+
 from .config import load_config
 from .data import PatchSampler, ZRange, create_output, instances_from_binary, open_volume, synthetic_volume
 from .data.outputs import OutputError, check_target, output_target, remove_leftovers
@@ -116,7 +117,8 @@ def _montage(path: Path, image: np.ndarray, probs: np.ndarray, labels: np.ndarra
 
     tp, found = matched(labels, gt)
     depth = image.shape[0]
-    rows = sorted({int(z) for z in np.linspace((depth - 1) * 0.15, (depth - 1) * 0.85, min(MONTAGE_SLICES, depth)).round()})
+    spread = np.linspace((depth - 1) * 0.15, (depth - 1) * 0.85, min(MONTAGE_SLICES, depth))
+    rows = sorted({int(z) for z in spread.round()})
     green, red = np.array([0.1, 1.0, 0.1]), np.array([1.0, 0.1, 0.1])
     fig, axes = plt.subplots(len(rows), 4, figsize=(16, 4.2 * len(rows)), squeeze=False)
     for row, z in zip(axes, rows):

@@ -113,7 +113,8 @@ def load_pretrained(name: str, device: Optional[str] = None, folder: Optional[Un
 def describe_card(card: dict[str, Any], full: bool = False) -> str:
     """``stt models``' lines for one card: a summary, or (``full``) the whole card."""
     held = card["held_out"]
-    scores = ", ".join(f"{k} {held['scores'][k]:.3f}" for k in ("ap75", "ap50", "jaccard") if k in held.get("scores", {}))
+    found = held.get("scores", {})
+    scores = ", ".join(f"{k} {found[k]:.3f}" for k in ("ap75", "ap50", "jaccard") if k in found)
     lines = [f"{card['name']}  v{card['version']}  {card['weights']['bytes'] / 1024:.0f} KiB  "
              f"{card['steps']} steps, {card['training_seconds'] / 60:.1f} min training",
              f"  data: {card['data']}",

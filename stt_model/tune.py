@@ -4,10 +4,11 @@
 those probabilities into the answer: for a model with a contour channel, the seeded watershed's
 foreground, seed and contour thresholds by MitoEM AP-75, and those of the distance-transform
 watershed (foreground, contour, peak height; ``Thresholds.decoder = "distance"``), keeping the
-decoder that scores better, and the semantic mask threshold by Jaccard; for a one-channel (Lucchi-style, semantic) model, the mask threshold by Jaccard, which
-then also cuts the foreground its instances are the connected components of. The search is a
-grid (the default) or Optuna's TPE sampler when ``optuna`` is installed. The current thresholds
-are always one of the candidates, so the score after is never below the score before.
+decoder that scores better, and the semantic mask threshold by Jaccard; for a one-channel
+(Lucchi-style, semantic) model, the mask threshold by Jaccard, which then also cuts the
+foreground its instances are the connected components of. The search is a grid (the
+default) or Optuna's TPE sampler when ``optuna`` is installed. The current thresholds are
+always one of the candidates, so the score after is never below the score before.
 
 The result is kept in a *sidecar* beside the checkpoint (``last.pt`` ->
 ``last.thresholds.json``), never in the checkpoint itself: it records the checkpoint's SHA-256,
@@ -29,8 +30,9 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from stt_kernels.atomic_file import atomic_write
-from .segment import Thresholds, instances, score
+
 from .metrics import instance_ap, jaccard
+from .segment import Thresholds, instances, score
 
 SIDECAR_FORMAT = "stt-thresholds/1"
 # CLI flag -> Thresholds field.
@@ -92,7 +94,8 @@ def read_sidecar(path: Union[str, Path]) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TuneError(f"{path} is not a readable thresholds file: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT or not isinstance(data.get("thresholds"), dict):
+    if (not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT
+            or not isinstance(data.get("thresholds"), dict)):
         raise TuneError(f"{path} is not an stt thresholds file (format {SIDECAR_FORMAT!r} with 'thresholds')")
     check_thresholds(data["thresholds"], str(path))
     return data
@@ -111,8 +114,10 @@ def sidecar_thresholds(checkpoint: Union[str, Path]) -> tuple[Optional[Threshold
         return None, (f"{path} was tuned for other weights than {checkpoint} (SHA-256 differs); not used, "
                       f"the default thresholds are (stt tune --overwrite tunes them again)")
     thresholds = check_thresholds(data["thresholds"], str(path))
-    scores = f"; {data['metric']} {data['before'][data['metric']]:.3f} -> {data['after'][data['metric']]:.3f} on validation" \
-        if data.get("metric") in data.get("before", {}) and data.get("metric") in data.get("after", {}) else ""
+    metric = data.get("metric")
+    scores = ""
+    if metric in data.get("before", {}) and metric in data.get("after", {}):
+        scores = f"; {metric} {data['before'][metric]:.3f} -> {data['after'][metric]:.3f} on validation"
     return thresholds, f"thresholds from {path} ({describe(thresholds)}{scores})"
 
 
@@ -139,11 +144,11 @@ def add_threshold_arguments(parser: argparse.ArgumentParser, mask: bool = True) 
             continue
         default = getattr(Thresholds(), name)
         if name == "decoder":
-            parser.add_argument(flag, dest=f"threshold_{name}", choices=DECODERS,
+            group.add_argument(flag, dest=f"threshold_{name}", choices=DECODERS,
                                 help=f"{helps[name]} (default {default})")
             continue
-        parser.add_argument(flag, dest=f"threshold_{name}", type=int if name == "min_size" else float,
-                            metavar="N" if name in ("min_size", "peak_height", "anisotropy") else "P",
+        group.add_argument(flag, dest=f"threshold_{name}", type=int if name == "min_size" else float,
+                           metavar="N" if name in ("min_size", "peak_height", "anisotropy") else "P",
                             help=f"{helps[name]} (default {default:g})")
 
 
@@ -257,7 +262,8 @@ def search_thresholds(probs: np.ndarray, gt: np.ndarray, start: Thresholds = Thr
         tuned = dataclasses.replace(tuned, foreground=tuned.mask)
     else:
         # Each decoder's own search; the start's decoder first, so a tie keeps it.
-        searches = {"watershed": ("foreground", "seed", "contour"), "distance": ("foreground", "contour", "peak_height")}
+        searches = {"watershed": ("foreground", "seed", "contour"),
+                    "distance": ("foreground", "contour", "peak_height")}
         order = sorted(DECODERS, key=lambda d: d != start.decoder)
         results = [best_of(instance_score, searches[d], {"decoder": d}) for d in order]
         best = max(range(len(results)), key=lambda i: (results[i][1], -i))

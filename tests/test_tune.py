@@ -10,8 +10,8 @@ import pytest
 from stt_model.cli import main
 from stt_model.data import synthetic_volume
 from stt_model.data.targets import instance_contour
-from stt_model.segment import Thresholds, instances
 from stt_model.metrics import instance_ap
+from stt_model.segment import Thresholds, instances
 from stt_model.tune import file_sha256, search_thresholds, sidecar_path, sidecar_thresholds
 
 TINY_YAML = """base: tiny-cpu
@@ -166,7 +166,8 @@ def test_bad_thresholds_are_one_line_errors(tiny_run, tmp_path, capsys):
     checkpoint, data = tiny_run
     assert main(["predict", "--checkpoint", str(checkpoint), "--image", f"{data}:image", "--out",
                  str(tmp_path / "p.h5"), "--fg-threshold", "1.5"]) == 2
-    assert capsys.readouterr().err.strip() == "stt predict: error: --fg-threshold must be a probability in [0, 1]; got 1.5"
+    assert capsys.readouterr().err.strip() == ("stt predict: error: --fg-threshold must be a probability in [0, 1]; "
+                                               "got 1.5")
     assert not (tmp_path / "p.h5").exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "stt-thresholds/1", "thresholds": {"foregrund": 0.5}}))
