@@ -2,6 +2,7 @@
 and the precedence flags > sidecar > defaults in stt predict and stt evaluate."""
 
 import json
+import sys
 
 import h5py
 import numpy as np
@@ -12,7 +13,7 @@ from stt_model.data import synthetic_volume
 from stt_model.data.targets import instance_contour
 from stt_model.metrics import instance_ap
 from stt_model.segment import Thresholds, instances
-from stt_model.tune import file_sha256, search_thresholds, sidecar_path, sidecar_thresholds
+from stt_model.tune import TuneError, file_sha256, search_thresholds, sidecar_path, sidecar_thresholds
 
 TINY_YAML = """base: tiny-cpu
 model:
@@ -178,8 +179,56 @@ def test_bad_thresholds_are_one_line_errors(tiny_run, tmp_path, capsys):
     assert "unknown threshold 'foregrund'" in capsys.readouterr().err
     assert main(["evaluate", "--pred", f"{data}:label", "--gt", f"{data}:label", "--fg-threshold", "0.5"]) == 2
     assert "the thresholds decode probabilities (C, Z, Y, X)" in capsys.readouterr().err
-    assert main(["tune", "--checkpoint", str(checkpoint), "--image", f"{data}:image", "--label", f"{data}:label",
-                 "--search", "optuna", "--out", str(tmp_path / "t.json")]) == 2 or pytest.importorskip("optuna")
+
+
+class _FakeOptuna:
+    """What stt tune uses of optuna: a study that asks for the enqueued trial, then seeded draws."""
+
+    class logging:
+        WARNING = 30
+
+        @staticmethod
+        def set_verbosity(level):
+            pass
+
+    class samplers:
+        class TPESampler:
+            def __init__(self, seed):
+                self.rng = np.random.default_rng(seed)
+
+    class _Trial:
+        def __init__(self, fixed, rng):
+            self.fixed, self.rng = fixed, rng
+
+        def suggest_float(self, name, low, high):
+            return self.fixed[name] if self.fixed else float(self.rng.uniform(low, high))
+
+    class _Study:
+        def __init__(self, sampler):
+            self.sampler, self.queue = sampler, []
+
+        def enqueue_trial(self, params):
+            self.queue.append(params)
+
+        def optimize(self, objective, n_trials):
+            for _ in range(n_trials):
+                objective(_FakeOptuna._Trial(self.queue.pop(0) if self.queue else None, self.sampler.rng))
+
+    @staticmethod
+    def create_study(direction, sampler):
+        assert direction == "maximize"
+        return _FakeOptuna._Study(sampler)
+
+
+def test_optuna_search_uses_its_trials_and_is_refused_without_optuna(monkeypatch):
+    gt = synthetic_volume((6, 64, 64), seed=5, artefacts=False).labels
+    mask = np.where(gt > 0, 0.4, 0.1)[None].astype(np.float32)
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(TuneError, match=r"--search optuna needs optuna \(pip install optuna\)"):
+        search_thresholds(mask, gt, search="optuna")
+    monkeypatch.setitem(sys.modules, "optuna", _FakeOptuna)
+    result = search_thresholds(mask, gt, search="optuna", trials=20)
+    assert result.search == "optuna" and result.after["jaccard"] == pytest.approx(1.0) and result.thresholds.mask < 0.4
 
 
 def test_stt_tune_improves_ap75_of_the_shipped_tiny_model(tmp_path, capsys):
