@@ -32,6 +32,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from stt_kernels.atomic_file import atomic_write
+
 NAME = "synthetic-demo"
 VERSION = "1.0.0"
 RECIPE = Path(__file__).with_name("models") / f"{NAME}.yaml"
@@ -85,13 +87,12 @@ def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = Fals
     """Steps 1-6 of the module doc; returns the card."""
     import torch
 
-    from .checkpoint import atomic_save, load_checkpoint
+    from .build import build_model
+    from .checkpoint import atomic_save, checkpoint_config, load_checkpoint, load_model_weights
     from .data import open_volume
     from .pretrained import CARD_FORMAT, MODELS_DIR
     from .segment import Thresholds, probabilities, score
     from .tune import file_sha256, read_sidecar, sidecar_path
-    from .build import build_model
-    from .checkpoint import checkpoint_config, load_model_weights
 
     targets = [MODELS_DIR / f"{NAME}{suffix}" for suffix in (".pt", ".thresholds.json", ".card.json")]
     if install and not overwrite and any(t.exists() for t in targets):
@@ -162,7 +163,7 @@ def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = Fals
         "made": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     card_path = out / f"{NAME}.card.json"
-    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=1) + "\n"))
     print(f"{NAME}: {steps} steps, {seconds / 60:.1f} min; tta {best}; held-out "
           + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     if install:
