@@ -3,6 +3,12 @@ with a plain-PyTorch stand-in kernel, so a failure here points at the plumbing a
 a kernel. Real kernels are tested op by op in their own files."""
 
 import importlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +144,44 @@ def test_python_implementations_have_the_cpp_schemas(name):
         layout = module._SPATIAL if name.startswith("spatial") else module._TEMPORAL
         implementation = layout._backward if name.endswith("_backward") else layout._forward
     assert torch.library.infer_schema(implementation, mutates_args=()) == public
+
+
+_WITHOUT_LIBRARY = textwrap.dedent("""
+    import warnings, torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the missing library is announced; that is test_build's
+        import stt_kernels
+    from stt_kernels import reference
+    from stt_kernels.ops.kernels import defined_in_cpp
+    assert not stt_kernels._extension.EXTENSION.loaded and not defined_in_cpp("spatial_attention")
+    qkv = torch.randn(1, 2, 3, 2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv.unbind(4)
+    for op, spec in ((stt_kernels.spatial_attention, reference.spatial_attention),
+                     (stt_kernels.temporal_attention, reference.temporal_attention)):
+        out, expected = op(q, k, v), spec(q, k, v, 0.5)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), qkv), torch.autograd.grad(expected.sum(), qkv))
+    torch.library.opcheck(torch.ops.stt.spatial_attention, (q, k, v, 0.5, "auto"))
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    offset = torch.randn(1, 18, 4, 4, dtype=torch.float64)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    out = stt_kernels.deform_conv2d(x, offset, None, weight)
+    expected = reference.deform_conv2d(x, offset, None, weight, None, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x), torch.autograd.grad(expected.sum(), x))
+    torch.library.opcheck(torch.ops.stt.deform_conv2d, (x, offset, None, weight, None, [1, 1], [1, 1], [1, 1], 1, "auto"))
+    print("ok")
+""")
+
+
+def test_without_the_compiled_library_python_defines_the_ops(tmp_path):
+    """A package without a usable library defines the public ops in Python (custom ops with Python
+    autograd), so 'auto' falls back to the reference, forward and backward."""
+    package = tmp_path / "stt_kernels"
+    shutil.copytree(Path(stt_kernels.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    # Unloadable rather than absent: an editable install's import finder would find the checkout's.
+    for library in package.glob("_C*.so"):
+        library.write_bytes(b"not a shared library")
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_LIBRARY], env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]
