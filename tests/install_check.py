@@ -19,9 +19,9 @@ outside the checkout.
    the local wheel files took 81 s and 5.4 GB here). A plain path in a ``.pth`` file does not
    run the ``.pth`` files of that folder, so the checkout's editable install stays invisible;
    the checks below prove that ``stt_kernels`` comes from the fresh environment.
-5. From an empty folder outside the checkout: ``stt --help``, ``python -m stt_kernels``, a short
-   ``stt demo --minutes 0.3`` and the kernel tests (a copy of ``tests/``) against the installed
-   package.
+5. From an empty folder outside the checkout: ``stt --help``, ``python -m stt_kernels``,
+   ``stt demo`` (the shipped model), ``stt demo --minutes 0.3`` (training) and the kernel tests
+   (a copy of ``tests/``) against the installed package.
 
 Usage: ``python tests/install_check.py [--keep]`` (``--keep`` leaves the temporary folder).
 Prints each step's time; exits non-zero with the reason on the first failure.
@@ -114,7 +114,7 @@ def check_sdist(sdist: Path, tracked: list[str], version: str) -> None:
         top = f"stt_kernels-{version}"
         names = {name[len(top) + 1:] for name in members if name.startswith(top + "/")}
         pkg_info = archive.extractfile(f"{top}/PKG-INFO").read().decode()
-    needed = [name for name in tracked if name.startswith("csrc/") or name.startswith("stt_model/configs/")
+    needed = [name for name in tracked if name.startswith(("csrc/", "stt_model/configs/", "stt_model/models/"))
               or name.endswith(".py") and name.startswith(("stt_kernels/", "stt_model/"))]
     needed += ["CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE",
                "CITATION.cff", "CHANGELOG.md", "stt_kernels/py.typed", "stt_model/py.typed"]
@@ -182,7 +182,9 @@ def check_wheel(wheel: Path, work: Path, torch_version: str) -> None:
         for name in libraries:
             archive.extract(name, unpacked)
     needed = ["stt_kernels/py.typed", "stt_model/py.typed", "stt_kernels/_build_info.json",
-              *(f"stt_model/configs/{p.name}" for p in sorted((ROOT / "stt_model" / "configs").glob("*.yaml")))]
+              *(f"stt_model/configs/{p.name}" for p in sorted((ROOT / "stt_model" / "configs").glob("*.yaml"))),
+              *(f"stt_model/models/{p.name}" for p in sorted((ROOT / "stt_model" / "models").iterdir())
+                if p.is_file())]
     missing = sorted(set(needed) - names)
     if missing:
         raise CheckFailed(f"the wheel lacks {missing}")
@@ -252,10 +254,9 @@ def check_commands(python: Path, outside: Path) -> None:
     print("    " + report.strip().replace("\n", "\n    "))
 
 
-def check_demo(python: Path, outside: Path) -> None:
-    out = outside / "demo_out"
-    result = _run([python.parent / "stt", "demo", "--minutes", "0.3", "--out", out], cwd=outside,
-                  env=_outside_env())
+def check_demo(python: Path, outside: Path, *args: str) -> None:
+    out = outside / f"demo_out{len(args)}"
+    result = _run([python.parent / "stt", "demo", *args, "--out", out], cwd=outside, env=_outside_env())
     missing = [name for name in DEMO_OUTPUTS if not (out / name).is_file()]
     if missing:
         raise CheckFailed(f"`stt demo` did not write {missing}:\n{result.stdout[-2000:]}")
@@ -297,7 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ("fresh venv + wheel", lambda s: s.update(zip(("python", "site"), fresh_venv(s["wheel"], work / "venv")))),
         ("imports from the fresh venv", lambda s: check_installed(s["python"], s["site"], s["outside"], version)),
         ("stt --help, python -m stt_kernels", lambda s: check_commands(s["python"], s["outside"])),
-        ("stt demo --minutes 0.3", lambda s: check_demo(s["python"], s["outside"])),
+        # The default demo segments with the shipped model: its weights must be in the wheel.
+        ("stt demo (the shipped synthetic-demo model)", lambda s: check_demo(s["python"], s["outside"])),
+        ("stt demo --minutes 0.3 (trains)", lambda s: check_demo(s["python"], s["outside"], "--minutes", "0.3")),
         ("kernel tests against the installed package",
          lambda s: check_kernel_tests(s["python"], s["site"], s["outside"])),
     ]
