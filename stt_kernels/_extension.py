@@ -1,7 +1,7 @@
 """Loading the compiled libraries and explaining why they are missing.
 
-``stt_kernels._C`` registers the op schemas and the CUDA kernels as ``torch.ops.stt.*`` when
-it loads; then one CPU kernel library, the best this CPU runs, registers the CPU kernels
+``stt_kernels._C`` registers the ops (``torch.ops.stt.*``: schemas, C++ autograd, the public ops'
+CPU/CUDA kernels) and the CUDA kernels when it loads; then one CPU kernel library, the best this CPU runs, registers the CPU kernels
 (``_isa.py``).
 A library built against another torch usually fails to load with an undefined-symbol
 error; we turn that into a sentence naming both versions, read from the build record
