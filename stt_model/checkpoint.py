@@ -16,7 +16,9 @@ from typing import Any, Union
 import torch
 
 from stt_kernels.atomic_file import atomic_write
+
 from .config import Config, load_config
+from .errors import UserInputError
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
@@ -30,21 +32,21 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"{path} is not a readable stt checkpoint: {exc}") from None
+        raise UserInputError(f"{path} is not a readable stt checkpoint: {exc}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not an stt checkpoint (no 'model' and 'config' entries)")
+        raise UserInputError(f"{path} is not an stt checkpoint (no 'model' and 'config' entries)")
     _refuse_non_finite(state["model"], path)
     return state
 
 
 def _refuse_non_finite(weights: Any, path: Path) -> None:
     if not isinstance(weights, dict):
-        raise ValueError(f"{path} is not an stt checkpoint (its 'model' entry is not a state dict)")
+        raise UserInputError(f"{path} is not an stt checkpoint (its 'model' entry is not a state dict)")
     for name, value in weights.items():
         if torch.is_tensor(value) and value.is_floating_point():
             bad = int((~torch.isfinite(value)).sum())
             if bad:
-                raise ValueError(f"{path}: model parameter {name} holds {bad} NaN/Inf value(s) of {value.numel()}; "
+                raise UserInputError(f"{path}: model parameter {name} holds {bad} NaN/Inf value(s) of {value.numel()}; "
                                  "the checkpoint is damaged or was saved after training diverged")
 
 
@@ -58,5 +60,5 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: Unio
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise ValueError(f"{path} does not fit this model's config: {str(exc).splitlines()[0]} "
+        raise UserInputError(f"{path} does not fit this model's config: {str(exc).splitlines()[0]} "
                          "(was it trained with another config?)") from None

@@ -16,10 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import torch
-
-# The [model] extra of pyproject.toml (package: import name), which every command needs. Only
-# torch is imported at the top, so that without them `stt` still starts and can say so.
+# The [model] extra of pyproject.toml (package: import name), which every command needs. Nothing
+# but the standard library is imported at the top, so that without them `stt` still starts and says so.
 MODEL_EXTRA_MODULES = {
     "numpy": "numpy", "h5py": "h5py", "scipy": "scipy", "scikit-image": "skimage", "tifffile": "tifffile",
     "pillow": "PIL", "zarr": "zarr", "pyyaml": "yaml", "connected-components-3d": "cc3d",
@@ -171,7 +169,6 @@ def _parser() -> argparse.ArgumentParser:
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import open_volume
     from .metrics import evaluate
-
     from .tune import decode_thresholds
 
     pred, gt = open_volume(args.pred), open_volume(args.gt)
@@ -231,7 +228,7 @@ def _train(args: argparse.Namespace) -> int:
     from .data import PatchSampler, ZRange, check_labels, instances_from_binary, open_volume
     from .run_folder import RunFolder
     from .segment import validator
-    from .train import TrainOptions, Trainer, check_backend, check_resumable, training_device
+    from .train import Trainer, TrainOptions, check_backend, check_resumable, training_device
     from .train_report import TensorBoardUnavailable, require_tensorboard
 
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
@@ -308,9 +305,8 @@ def _predict(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from .data import create_output, open_volume
     from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
-    from .segment import instances_into, probabilities
-
     from .pretrained import verified_weights
+    from .segment import instances_into, probabilities
     from .tune import decode_thresholds
 
     # Everything that can be refused is refused here, before the model is built or a window runs.
@@ -462,7 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from stt_kernels import BackendUnavailableError
 
-    from .config import ConfigError
+    from .errors import UserInputError
     from .interrupts import describe, exit_code, raising_on_sigterm
     from .run_folder import RunFolderError
     from .train import NonFiniteError
@@ -481,8 +477,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"stt {args.command}: interrupted ({describe(exc)})" + (f"; {notes}" if notes else ""),
               file=sys.stderr)
         return exit_code(exc)
-    except (UsageError, ConfigError, RunFolderError, BackendUnavailableError, NonFiniteError, OSError,
-            ValueError, TypeError) as exc:
+    # Errors the user can fix are one line; anything else is a bug and keeps its traceback.
+    except (UsageError, UserInputError, RunFolderError, BackendUnavailableError, NonFiniteError, OSError) as exc:
         if debug:
             raise
         print(f"stt {args.command}: error: {_one_line(exc)}", file=sys.stderr)

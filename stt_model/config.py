@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence, Union
 
+from .errors import UserInputError
+
 PRESET_DIR = Path(__file__).with_name("configs")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A configuration key or value is wrong; the message names the key."""
 
 

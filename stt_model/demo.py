@@ -33,6 +33,7 @@ from stt_kernels.atomic_file import atomic_write
 from .config import load_config
 from .data import PatchSampler, ZRange, create_output, instances_from_binary, open_volume, synthetic_volume
 from .data.outputs import OutputError, check_target, output_target, remove_leftovers
+from .errors import UserInputError
 from .segment import Thresholds, instances, probabilities, score
 from .train import Trainer, TrainOptions
 
@@ -56,7 +57,7 @@ def _volumes(data: Optional[str], seed: int, train: bool = True) -> tuple[Any, A
         return train_volume.image, train_volume.labels, test.image, test.labels
     image, label = open_volume(f"{data}:image"), open_volume(f"{data}:label")
     if tuple(image.shape) != tuple(label.shape):
-        raise ValueError(f"{data}: image {tuple(image.shape)} and label {tuple(label.shape)} differ in shape")
+        raise UserInputError(f"{data}: image {tuple(image.shape)} and label {tuple(label.shape)} differ in shape")
     split = int(round(image.shape[0] * 0.8))
     gt = np.asarray(ZRange(label, split, image.shape[0])[:])
     gt = instances_from_binary(gt > 0) if gt.max() <= 1 else gt
@@ -182,7 +183,7 @@ def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: 
     from .pretrained import load_pretrained
 
     if data is not None and not train:
-        raise ValueError("--data trains a model on that volume: it needs --train (the shipped model knows "
+        raise UserInputError("--data trains a model on that volume: it needs --train (the shipped model knows "
                          "synthetic EM only)")
     started = time.monotonic()
     out = Path(out)

@@ -37,6 +37,7 @@ from stt_kernels.atomic_file import atomic_write
 from .build import build_model
 from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
 from .config import Config
+from .errors import UserInputError
 
 FORMATS = ("onnx", "torchscript", "pt2", "aoti")
 DYNAMIC_FORMATS = ("onnx", "pt2", "aoti")
@@ -112,38 +113,38 @@ def parse_input_shape(text: Optional[str]) -> Optional[tuple[int, int, int]]:
     except ValueError:
         sizes = ()
     if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"--input-shape must be three positive sizes T,H,W (e.g. 8,64,64); got {text!r}")
+        raise UserInputError(f"--input-shape must be three positive sizes T,H,W (e.g. 8,64,64); got {text!r}")
     return sizes  # type: ignore[return-value]
 
 
 def check_output(out: Path, checkpoint: Path, *, overwrite: bool) -> None:
     """Refuse an ``--out`` that is a folder, the checkpoint itself, or exists without ``overwrite``."""
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; name the file to write")
+        raise UserInputError(f"--out {out} is a folder; name the file to write")
     if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
-        raise ValueError(f"--out {out} is the --checkpoint; the export would replace it")
+        raise UserInputError(f"--out {out} is the --checkpoint; the export would replace it")
     if out.exists() and not overwrite:
-        raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
+        raise UserInputError(f"--out {out} exists; pass --overwrite to replace it")
 
 
 def _check_options(options: ExportOptions) -> None:
     if options.format not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {options.format!r}")
+        raise UserInputError(f"--format must be one of {', '.join(FORMATS)}; got {options.format!r}")
     if options.batch < 1:
-        raise ValueError(f"--batch must be >= 1; got {options.batch}")
+        raise UserInputError(f"--batch must be >= 1; got {options.batch}")
     if options.format == "onnx" and options.backend != "auto":
-        raise ValueError("--backend does not apply to --format onnx: the ONNX graph is standard operators, run "
+        raise UserInputError("--backend does not apply to --format onnx: the ONNX graph is standard operators, run "
                          "by the ONNX runtime's own kernels")
     if options.format == "onnx":
         missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
         if missing:
-            raise ValueError(f"--format onnx needs {' and '.join(missing)}: pip install 'stt-kernels[onnx]'")
+            raise UserInputError(f"--format onnx needs {' and '.join(missing)}: pip install 'stt-kernels[onnx]'")
     try:
         device = torch.device(options.device)
     except RuntimeError:
-        raise ValueError(f"--device must be a torch device such as cpu or cuda; got {options.device!r}") from None
+        raise UserInputError(f"--device must be a torch device such as cpu or cuda; got {options.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {options.device}: no GPU is visible to torch here")
+        raise UserInputError(f"--device {options.device}: no GPU is visible to torch here")
 
 
 def multiples(config: Config) -> tuple[int, int, int]:
@@ -161,11 +162,11 @@ def example_input(config: Config, options: ExportOptions, seed: int = 0) -> torc
     shape = options.input_shape or tuple(config.data.patch)
     step = multiples(config)
     if any(n % m for n, m in zip(shape, step)):
-        raise ValueError(f"--input-shape {','.join(map(str, shape))} must be divisible by {','.join(map(str, step))} "
+        raise UserInputError(f"--input-shape {','.join(map(str, shape))} must be divisible by {','.join(map(str, step))} "
                          f"(T by model.input_downsample, H and W by it times 2^(levels-1))")
     dynamic = options.dynamic and options.format in DYNAMIC_FORMATS
     if dynamic and min(shape[1] // step[1], shape[2] // step[2]) < 2:
-        raise ValueError(f"--input-shape {','.join(map(str, shape))}: a dynamic export traces H and W of at least "
+        raise UserInputError(f"--input-shape {','.join(map(str, shape))}: a dynamic export traces H and W of at least "
                          f"two multiples ({2 * step[1]},{2 * step[2]}); give a larger one, or --static")
     batch = max(options.batch, 2) if dynamic else options.batch
     generator = torch.Generator().manual_seed(seed)
@@ -286,7 +287,7 @@ def load_exported(path: str, format: str) -> Callable[[torch.Tensor], torch.Tens
     onnxruntime on the CPU)."""
     run = _load(format, path)
     if run is None:
-        raise ValueError("loading an ONNX export needs onnxruntime: pip install 'stt-kernels[onnx]'")
+        raise UserInputError("loading an ONNX export needs onnxruntime: pip install 'stt-kernels[onnx]'")
     return run
 
 
@@ -311,7 +312,7 @@ def _load(format: str, path: str) -> Optional[Callable[[torch.Tensor], torch.Ten
     if format == "aoti":
         with open(path, "rb") as handle:
             return torch._inductor.aoti_load_package(handle)
-    raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    raise UserInputError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
 
 
 def _compare(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor], inputs: Sequence[torch.Tensor],
@@ -320,11 +321,11 @@ def _compare(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor]
     for x in inputs:
         expected, got = model(x), run(x)
         if got.shape != expected.shape:
-            raise ValueError(f"the export for {out} gives shape {tuple(got.shape)} on input {tuple(x.shape)}, eager "
+            raise UserInputError(f"the export for {out} gives shape {tuple(got.shape)} on input {tuple(x.shape)}, eager "
                              f"{tuple(expected.shape)}; nothing written")
         error = (got - expected).abs()
         worst = max(worst, float(error.max()))
         if not bool((error <= _ATOL + _RTOL * expected.abs()).all()):
-            raise ValueError(f"the export for {out} differs from the eager model by up to {float(error.max()):.3g} "
+            raise UserInputError(f"the export for {out} differs from the eager model by up to {float(error.max()):.3g} "
                              f"on input {tuple(x.shape)}; nothing written")
     return worst

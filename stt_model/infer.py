@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .data.intensity import IntensitySpec, check_image, parse_intensity, to_unit_range
+from .errors import UserInputError
 from .progress import Progress
 
 Triple = tuple[int, int, int]
@@ -65,7 +66,7 @@ class Variant:
 def tta_variants(count: int) -> list[Variant]:
     """The ``count`` (1, 4, 8 or 16) variants of ``InferOptions.tta``, the identity first."""
     if count not in TTA_VARIANTS:
-        raise ValueError(f"tta must be one of {', '.join(map(str, TTA_VARIANTS))} variants; got {count}")
+        raise UserInputError(f"tta must be one of {', '.join(map(str, TTA_VARIANTS))} variants; got {count}")
     planes = [(), (3,), (4,), (3, 4)] if count >= 4 else [()]
     flips = planes + [(2, *dims) for dims in planes] if count >= 8 else planes
     return [Variant(dims, transpose) for transpose in ((False, True) if count == 16 else (False,)) for dims in flips]
@@ -89,24 +90,24 @@ class InferOptions:
 
     def __post_init__(self) -> None:
         if len(self.window) != 3 or min(self.window) < 1:
-            raise ValueError(f"window must be three positive sizes (T, H, W); got {self.window}")
+            raise UserInputError(f"window must be three positive sizes (T, H, W); got {self.window}")
         if not 0 <= self.overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1); got {self.overlap}")
+            raise UserInputError(f"overlap must be in [0, 1); got {self.overlap}")
         if self.block is not None and (len(self.block) != 3 or min(self.block) < 1):
-            raise ValueError(f"block must be three positive sizes (Z, Y, X); got {self.block}")
+            raise UserInputError(f"block must be three positive sizes (Z, Y, X); got {self.block}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+            raise UserInputError(f"batch_size must be >= 1; got {self.batch_size}")
         if not 0 <= self.rank < self.world:
-            raise ValueError(f"rank must be in [0, world); got rank {self.rank} of {self.world}")
+            raise UserInputError(f"rank must be in [0, world); got rank {self.rank} of {self.world}")
         parse_intensity(self.intensity)
         if self.flip_tta and self.tta == 1:
             self.tta = 4
         tta_variants(self.tta)
         if self.tta == 16 and self.window[1] != self.window[2]:
-            raise ValueError(f"tta=16 transposes the (H, W) plane of each window, which needs a square window; "
+            raise UserInputError(f"tta=16 transposes the (H, W) plane of each window, which needs a square window; "
                              f"the window is {tuple(self.window)} (use tta=8, or a model with H = W patches)")
         if self.tta_reduce not in TTA_REDUCTIONS:
-            raise ValueError(f"tta_reduce must be one of {', '.join(TTA_REDUCTIONS)}; got {self.tta_reduce!r}")
+            raise UserInputError(f"tta_reduce must be one of {', '.join(TTA_REDUCTIONS)}; got {self.tta_reduce!r}")
 
     @property
     def stride(self) -> Triple:
@@ -223,9 +224,9 @@ class SlidingWindow:
         (array-like ``(C, Z, Y, X)`` uint8, or float32 to keep full precision)."""
         shape = tuple(int(n) for n in volume.shape)
         if len(shape) != 3:
-            raise ValueError(f"volume must be 3-d (Z, Y, X); got shape {shape}")
+            raise UserInputError(f"volume must be 3-d (Z, Y, X); got shape {shape}")
         if tuple(out.shape[1:]) != shape:
-            raise ValueError(f"out must have shape (C, {shape[0]}, {shape[1]}, {shape[2]}); got {tuple(out.shape)}")
+            raise UserInputError(f"out must have shape (C, {shape[0]}, {shape[1]}, {shape[2]}); got {tuple(out.shape)}")
         # Every rank checks the whole volume, so all of them refuse it, not just the one that
         # holds the bad voxel; reads stay within one output block.
         check_image(volume, self.options.intensity, block=block_size(shape, self.options), name="the image")
@@ -235,10 +236,10 @@ class SlidingWindow:
         for done, block in enumerate(blocks, 1):
             probs = self.predict_block(volume, block, shape)
             if probs.shape[0] != out.shape[0]:
-                raise ValueError(f"the model predicts {probs.shape[0]} channels but out has {out.shape[0]}")
+                raise UserInputError(f"the model predicts {probs.shape[0]} channels but out has {out.shape[0]}")
             if not np.isfinite(probs).all():
                 where = ", ".join(f"{axis} {s.start}:{s.stop}" for axis, s in zip("zyx", block))
-                raise ValueError(f"the model predicts NaN/Inf probabilities in block {where} of a finite "
+                raise UserInputError(f"the model predicts NaN/Inf probabilities in block {where} of a finite "
                                  "input; its weights or the numerics (e.g. float16 overflow) are broken")
             if np.dtype(out.dtype) == np.uint8:
                 probs = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)

@@ -17,11 +17,13 @@ prints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .errors import UserInputError, UserTypeError
 
 __all__ = ["LabelOverlap", "label_overlap", "instance_ap", "jaccard", "dsc", "evaluate"]
 
@@ -66,9 +68,9 @@ def _as_volume(vol: Any, name: str) -> Any:
     if not (hasattr(vol, "shape") and hasattr(vol, "dtype")):
         vol = np.asarray(vol)
     if len(vol.shape) != 3:
-        raise ValueError(f"{name} must be a 3-D (Z, Y, X) volume, got shape {tuple(vol.shape)}")
+        raise UserInputError(f"{name} must be a 3-D (Z, Y, X) volume, got shape {tuple(vol.shape)}")
     if np.dtype(vol.dtype).kind not in "biu":
-        raise TypeError(
+        raise UserTypeError(
             f"{name} must hold integer labels (signed/unsigned integer or bool dtype), "
             f"got dtype {np.dtype(vol.dtype)}"
         )
@@ -78,7 +80,7 @@ def _as_volume(vol: Any, name: str) -> Any:
 def _check_pair(pred: Any, gt: Any, names: tuple[str, str]) -> tuple[Any, Any]:
     pred, gt = _as_volume(pred, names[0]), _as_volume(gt, names[1])
     if tuple(pred.shape) != tuple(gt.shape):
-        raise ValueError(
+        raise UserInputError(
             f"{names[0]} has shape {tuple(pred.shape)} but {names[1]} has shape "
             f"{tuple(gt.shape)}; expected the same (Z, Y, X) shape"
         )
@@ -161,7 +163,7 @@ def _overlap(pred: Any, gt: Any, slab_voxels: int, names: tuple[str, str]) -> La
         for vals, name, acc in ((p[p_fg], names[0], pred_parts), (g[g_fg], names[1], gt_parts)):
             ids, cnt = np.unique(vals, return_counts=True)
             if ids.size and ids[0] < 0:
-                raise ValueError(f"{name} contains negative labels (e.g. {ids[0]}); labels must be >= 0")
+                raise UserInputError(f"{name} contains negative labels (e.g. {ids[0]}); labels must be >= 0")
             acc.append((ids.astype(np.uint64), cnt.astype(np.int64)))
         both = np.logical_and(p_fg, g_fg, out=p_fg)
         pair_parts.append(_sum_by_pair(p[both], g[both], None))

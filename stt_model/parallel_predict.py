@@ -21,6 +21,7 @@ import torch.distributed as dist
 from .data import create_output, open_volume
 from .data.outputs import output_target, reserved_bytes
 from .data.volumes import split_spec
+from .errors import UserInputError
 from .infer import InferOptions, rank_blocks
 
 
@@ -41,16 +42,16 @@ def device_for_rank(requested: str | None) -> str:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {requested!r} is not a device stt predicts on; expected cpu, cuda or cuda:<index>")
+        raise UserInputError(f"--device {requested!r} is not a device stt predicts on; expected cpu, cuda or cuda:<index>")
     if device.type == "cpu":
         return "cpu"
     if not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA/ROCm GPU is visible here (torch {torch.__version__}, "
+        raise UserInputError(f"--device {requested}: no CUDA/ROCm GPU is visible here (torch {torch.__version__}, "
                          f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
     count = torch.cuda.device_count()
     index = local_rank % count if device.index is None else device.index
     if index >= count:
-        raise ValueError(f"--device {requested}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        raise UserInputError(f"--device {requested}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return f"cuda:{index}"
 
 

@@ -24,6 +24,8 @@ from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from .errors import UserInputError, UserTypeError
+
 try:
     import cc3d as _cc3d
 except ImportError:  # optional: faster and leaner than scipy.ndimage.label
@@ -45,32 +47,32 @@ _CHUNK_VOXELS = 1 << 25  # label_chunked slabs
 def _check_prob(vol: Any, name: str) -> np.ndarray:
     vol = np.asarray(vol)
     if vol.ndim != 3:
-        raise ValueError(f"{name} must be a 3-D (Z, Y, X) volume, got shape {vol.shape}")
+        raise UserInputError(f"{name} must be a 3-D (Z, Y, X) volume, got shape {vol.shape}")
     if vol.dtype != np.uint8 and vol.dtype.kind != "f":
-        raise TypeError(f"{name} must be float in [0, 1] or uint8 in 0..255, got dtype {vol.dtype}")
+        raise UserTypeError(f"{name} must be float in [0, 1] or uint8 in 0..255, got dtype {vol.dtype}")
     return vol
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray, names: tuple[str, str]) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"{names[0]} has shape {a.shape} but {names[1]} has shape {b.shape}; expected the same")
+        raise UserInputError(f"{names[0]} has shape {a.shape} but {names[1]} has shape {b.shape}; expected the same")
 
 
 def _check_threshold(t: float, name: str) -> float:
     if not 0.0 <= t <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {t}")
+        raise UserInputError(f"{name} must be in [0, 1], got {t}")
     return t
 
 
 def _check_connectivity(connectivity: int) -> int:
     if connectivity not in _CONNECTIVITY_RANK:
-        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+        raise UserInputError(f"connectivity must be 6, 18 or 26, got {connectivity}")
     return connectivity
 
 
 def _check_size(n: int, name: str) -> int:
     if n < 0:
-        raise ValueError(f"{name} must be >= 0, got {n}")
+        raise UserInputError(f"{name} must be >= 0, got {n}")
     return n
 
 
@@ -149,7 +151,7 @@ def binary_connected(
     semantic = np.asarray(semantic)
     if semantic.dtype == np.bool_:
         if semantic.ndim != 3:
-            raise ValueError(f"semantic must be a 3-D (Z, Y, X) volume, got shape {semantic.shape}")
+            raise UserInputError(f"semantic must be a 3-D (Z, Y, X) volume, got shape {semantic.shape}")
         fg = semantic
     else:
         fg = _above(_check_prob(semantic, "semantic"), _check_threshold(t_fg, "t_fg"))
@@ -202,9 +204,9 @@ def bc_connected(
     _check_connectivity(connectivity)
     _check_size(min_size, "min_size")
     if dilate_into not in ("all", "foreground"):
-        raise ValueError(f'dilate_into must be "all" or "foreground", got {dilate_into!r}')
+        raise UserInputError(f'dilate_into must be "all" or "foreground", got {dilate_into!r}')
     if dilation is not None and (len(dilation) != 3 or min(dilation) < 1):
-        raise ValueError(f"dilation must be three positive box sizes (Z, Y, X), got {dilation}")
+        raise UserInputError(f"dilation must be three positive box sizes (Z, Y, X), got {dilation}")
     fg = _above(semantic, t_fg)
     labels, n = _label(fg & _below(contour, t_contour), connectivity)
     if dilation is not None:
@@ -311,9 +313,9 @@ def distance_watershed(
     _check_threshold(t_contour, "t_contour")
     _check_size(min_size, "min_size")
     if not peak_height >= 0:
-        raise ValueError(f"peak_height must be >= 0 (xy voxels), got {peak_height}")
+        raise UserInputError(f"peak_height must be >= 0 (xy voxels), got {peak_height}")
     if not anisotropy > 0:
-        raise ValueError(f"anisotropy must be > 0 (z voxel size / xy voxel size), got {anisotropy}")
+        raise UserInputError(f"anisotropy must be > 0 (z voxel size / xy voxel size), got {anisotropy}")
     fg = _above(semantic, t_fg)
     distance = ndi.distance_transform_edt(fg & _below(contour, t_contour), sampling=(anisotropy, 1.0, 1.0))
     peaks = h_maxima(distance, peak_height) if peak_height > 0 else (distance > 0)
@@ -343,11 +345,11 @@ class Foreground:
             if vol is None:
                 continue
             if len(vol.shape) != 3:
-                raise ValueError(f"{name} must be a 3-D (Z, Y, X) volume, got shape {tuple(vol.shape)}")
+                raise UserInputError(f"{name} must be a 3-D (Z, Y, X) volume, got shape {tuple(vol.shape)}")
             if np.dtype(vol.dtype) != np.uint8 and np.dtype(vol.dtype).kind != "f":
-                raise TypeError(f"{name} must be float in [0, 1] or uint8 in 0..255, got dtype {vol.dtype}")
+                raise UserTypeError(f"{name} must be float in [0, 1] or uint8 in 0..255, got dtype {vol.dtype}")
         if contour is not None and tuple(contour.shape) != tuple(semantic.shape):
-            raise ValueError(
+            raise UserInputError(
                 f"semantic has shape {tuple(semantic.shape)} but contour has shape "
                 f"{tuple(contour.shape)}; expected the same"
             )
@@ -439,17 +441,17 @@ def label_chunked(
     _check_size(min_size, "min_size")
     shape = tuple(mask.shape)
     if len(shape) != 3:
-        raise ValueError(f"mask must be a 3-D (Z, Y, X) volume, got shape {shape}")
+        raise UserInputError(f"mask must be a 3-D (Z, Y, X) volume, got shape {shape}")
     if slab is None:
         slab = max(1, _CHUNK_VOXELS // max(1, shape[1] * shape[2]))
     if slab < 1:
-        raise ValueError(f"slab must be >= 1, got {slab}")
+        raise UserInputError(f"slab must be >= 1, got {slab}")
     if out is None:
         out = np.zeros(shape, np.uint32)
     if tuple(out.shape) != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)} but mask has shape {shape}; expected the same")
+        raise UserInputError(f"out has shape {tuple(out.shape)} but mask has shape {shape}; expected the same")
     if np.dtype(out.dtype).kind != "u":
-        raise TypeError(f"out must have an unsigned integer dtype (uint32 or uint64), got {out.dtype}")
+        raise UserTypeError(f"out must have an unsigned integer dtype (uint32 or uint64), got {out.dtype}")
     id_max = np.iinfo(out.dtype).max
 
     # Pass 1 writes each slab's own ids 1..n; provisional id = slab offset + own id.
@@ -461,7 +463,7 @@ def label_chunked(
         zs = slice(z0, min(z0 + slab, shape[0]))
         labels, n = _label(np.asarray(mask[zs]) != 0, connectivity)
         if n > id_max:
-            raise ValueError(f"out dtype {out.dtype} cannot hold the {n} labels of one slab; pass a uint64 out")
+            raise UserInputError(f"out dtype {out.dtype} cannot hold the {n} labels of one slab; pass a uint64 out")
         sizes_parts.append(np.bincount(labels.ravel(), minlength=n + 1)[1:])
         first_plane = _provisional(labels[0], offsets[-1])
         if last_plane is not None:
@@ -487,7 +489,7 @@ def label_chunked(
     comp_sizes = np.bincount(comp, weights=np.concatenate(sizes_parts), minlength=n_comp)
     keep = comp_sizes >= min_size
     if int(keep[1:].sum()) > id_max:
-        raise ValueError(f"out dtype {out.dtype} cannot hold {int(keep[1:].sum())} labels; pass a uint64 out")
+        raise UserInputError(f"out dtype {out.dtype} cannot hold {int(keep[1:].sum())} labels; pass a uint64 out")
     comp_lut = _keep_lut(keep, out.dtype)
     lut = comp_lut[comp]
     for k, z0 in enumerate(range(0, shape[0], slab)):

@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from .config import Config
+from .errors import UserInputError
 from .segment import Thresholds
 
 MODELS_DIR = Path(__file__).with_name("models")
@@ -31,7 +32,7 @@ CARD_FORMAT = "stt-model-card/1"
 CARD_KEYS = ("name", "version", "data", "recipe", "command", "steps", "training_seconds", "held_out", "weights")
 
 
-class ModelRegistryError(ValueError):
+class ModelRegistryError(UserInputError):
     """An unknown model name, or a shipped model whose files do not match its card."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from stt_kernels.atomic_file import atomic_write
+
 from .checkpoint import atomic_save
 
 CHECKPOINT = "last.pt"

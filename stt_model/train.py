@@ -35,6 +35,7 @@ from stt_kernels.nn.attention import module_backend
 from .build import build_discriminator, build_model
 from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
 from .config import Config
+from .errors import UserInputError
 from .interrupts import HeldInterrupts
 from .losses import discriminator_loss, generator_loss, segmentation_loss, straight_through_binary
 from .progress import Progress
@@ -91,16 +92,16 @@ def check_resumable(state: dict[str, Any], path: Union[str, Path], adversarial: 
     run with (``adversarial``; default: as the checkpoint's config says) or without the FG-BG loss."""
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
-        raise ValueError(f"{path} cannot be resumed: it has no {', '.join(missing)} (a weights-only "
+        raise UserInputError(f"{path} cannot be resumed: it has no {', '.join(missing)} (a weights-only "
                          "checkpoint?); --resume needs a last.pt written by stt train")
     if adversarial is None:
         adversarial = checkpoint_config(state).loss.adversarial_weight > 0
     if adversarial:
         if "discriminator" not in state:
-            raise ValueError(f"{path} has no discriminator state; it was trained without the FG-BG loss")
+            raise UserInputError(f"{path} has no discriminator state; it was trained without the FG-BG loss")
         missing = [k for k in RESUME_KEYS_ADVERSARIAL if k not in state]
         if missing:
-            raise ValueError(f"{path} cannot be resumed: it has a discriminator but no {', '.join(missing)}")
+            raise UserInputError(f"{path} cannot be resumed: it has a discriminator but no {', '.join(missing)}")
 
 
 def training_device(name: Optional[str]) -> torch.device:
@@ -111,14 +112,14 @@ def training_device(name: Optional[str]) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device must be cpu or cuda[:index]; got {name!r}") from None
+        raise UserInputError(f"device must be cpu or cuda[:index]; got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} is not available: no GPU is visible")
+            raise UserInputError(f"device {name!r} is not available: no GPU is visible")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
+            raise UserInputError(f"device {name!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
     elif device.type != "cpu":
-        raise ValueError(f"device must be cpu or cuda[:index]; got {name!r}")
+        raise UserInputError(f"device must be cpu or cuda[:index]; got {name!r}")
     return device
 
 
@@ -226,7 +227,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         if checkpoint_config(state).model != self.cfg.model:
-            raise ValueError(f"{path} was trained with another model config; resume it with the config "
+            raise UserInputError(f"{path} was trained with another model config; resume it with the config "
                              "stored inside it")
         check_resumable(state, path, adversarial=self.disc is not None)
         load_model_weights(self.model, state, path)

@@ -31,6 +31,7 @@ import numpy as np
 
 from stt_kernels.atomic_file import atomic_write
 
+from .errors import UserInputError
 from .metrics import instance_ap, jaccard
 from .segment import Thresholds, instances, score
 
@@ -45,7 +46,7 @@ RANGES = {"foreground": (0.3, 0.9), "seed": (0.5, 0.95), "contour": (0.2, 0.8), 
           "peak_height": (1.0, 4.0)}
 
 
-class TuneError(ValueError):
+class TuneError(UserInputError):
     """A sidecar or a tuning request that cannot be used; the message names the file or argument."""
 
 

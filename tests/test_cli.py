@@ -147,3 +147,31 @@ def test_help_has_examples(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bug", [ValueError("internal shape mix-up"), TypeError("wrong argument order"),
+                                 IndexError("off by one")])
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys, bug):
+    """Only errors a user can fix (stt_model.errors.UserInputError and the CLI's own) become one
+    line; a ValueError/TypeError from our code is a bug and must reach the user whole."""
+    import stt_model.cli as cli
+
+    def broken(args):
+        raise bug
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", broken)
+    with pytest.raises(type(bug), match=str(bug)):
+        main(["evaluate", "--pred", "p.h5", "--gt", "g.h5"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line(monkeypatch, capsys):
+    import stt_model.cli as cli
+    from stt_model.errors import UserInputError
+
+    def refuses(args):
+        raise UserInputError("--pred p.h5: no such dataset")
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", refuses)
+    assert main(["evaluate", "--pred", "p.h5", "--gt", "g.h5"]) == 2
+    assert capsys.readouterr().err == "stt evaluate: error: --pred p.h5: no such dataset\n"

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import UserInputError
 from .scan import InputError, at, describe, find_first, refuse_empty
 
 IntensitySpec = Union[str, Sequence[float]]
@@ -31,14 +32,14 @@ def parse_intensity(spec: IntensitySpec) -> Optional[tuple[float, float]]:
     if isinstance(spec, str):
         if spec == "dtype":
             return None
-        raise ValueError(f"intensity must be 'dtype' or [min, max]; got {spec!r}")
+        raise UserInputError(f"intensity must be 'dtype' or [min, max]; got {spec!r}")
     values = list(spec) if isinstance(spec, (list, tuple)) else None
     if (values is None or len(values) != 2
             or any(isinstance(v, bool) or not isinstance(v, (int, float, np.number)) for v in values)):
-        raise ValueError(f"intensity must be 'dtype' or [min, max] (two numbers); got {spec!r}")
+        raise UserInputError(f"intensity must be 'dtype' or [min, max] (two numbers); got {spec!r}")
     lo, hi = float(values[0]), float(values[1])
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"intensity [min, max] must be finite with min < max; got [{lo:g}, {hi:g}]")
+        raise UserInputError(f"intensity [min, max] must be finite with min < max; got [{lo:g}, {hi:g}]")
     return lo, hi
 
 

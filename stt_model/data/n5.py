@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
+from ..errors import UserInputError
+
 DATA_TYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64")
 DEFAULT_MODE, VARLENGTH_MODE = 0, 1
 
@@ -80,19 +82,19 @@ class N5Array:
     def __init__(self, folder: Path):
         attributes = dataset_attributes(folder)
         if attributes is None:
-            raise ValueError(f"{folder} is not an N5 dataset (no attributes.json with dimensions)")
+            raise UserInputError(f"{folder} is not an N5 dataset (no attributes.json with dimensions)")
         self.folder = folder
         try:
             self.shape = tuple(int(n) for n in reversed(attributes["dimensions"]))
             self.chunks = tuple(int(n) for n in reversed(attributes["blockSize"]))
             data_type = str(attributes["dataType"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{folder}/attributes.json: not N5 dataset attributes ({exc!r})") from None
+            raise UserInputError(f"{folder}/attributes.json: not N5 dataset attributes ({exc!r})") from None
         if data_type not in DATA_TYPES:
-            raise ValueError(f"{folder}: N5 dataType {data_type!r} is not supported; expected one of "
+            raise UserInputError(f"{folder}: N5 dataType {data_type!r} is not supported; expected one of "
                              f"{', '.join(DATA_TYPES)}")
         if len(self.chunks) != len(self.shape) or min(self.chunks, default=1) < 1:
-            raise ValueError(f"{folder}/attributes.json: blockSize {attributes['blockSize']} does not fit "
+            raise UserInputError(f"{folder}/attributes.json: blockSize {attributes['blockSize']} does not fit "
                              f"dimensions {attributes['dimensions']}")
         self.dtype = np.dtype(data_type)
         self._stored = self.dtype.newbyteorder(">")
@@ -100,7 +102,7 @@ class N5Array:
         compression = attributes.get("compression") or {"type": attributes.get("compressionType", "raw")}
         kind = compression.get("type") if isinstance(compression, dict) else None
         if kind not in DECOMPRESSORS:
-            raise ValueError(f"{folder}: N5 compression {kind!r} is not supported (supported: "
+            raise UserInputError(f"{folder}: N5 compression {kind!r} is not supported (supported: "
                              f"{', '.join(DECOMPRESSORS)}); rewrite the dataset with one of those")
         self._decompress = DECOMPRESSORS[kind](compression)
 
@@ -170,17 +172,17 @@ class N5Array:
         except FileNotFoundError:
             return None
         if len(raw) < 4:
-            raise ValueError(f"block {path} is truncated: {len(raw)} bytes, no header")
+            raise UserInputError(f"block {path} is truncated: {len(raw)} bytes, no header")
         mode, rank = struct.unpack(">HH", raw[:4])
         if mode not in (DEFAULT_MODE, VARLENGTH_MODE) or rank != len(self.shape):
-            raise ValueError(f"block {path}: header says mode {mode}, {rank} dimensions; expected mode 0 or 1 "
+            raise UserInputError(f"block {path}: header says mode {mode}, {rank} dimensions; expected mode 0 or 1 "
                              f"and {len(self.shape)}")
         start = 4 + 4 * rank + (4 if mode == VARLENGTH_MODE else 0)
         if len(raw) < start:
-            raise ValueError(f"block {path} is truncated inside its header")
+            raise UserInputError(f"block {path} is truncated inside its header")
         size = struct.unpack(f">{rank}I", raw[4:4 + 4 * rank])[::-1]
         data = np.frombuffer(self._decompress(raw[start:]), self._stored)
         count = int(np.prod(size))
         if data.size < count:
-            raise ValueError(f"block {path} holds {data.size} voxels; its header says {size} = {count}")
+            raise UserInputError(f"block {path} holds {data.size} voxels; its header says {size} = {count}")
         return data[:count].reshape(size).astype(self.dtype)

@@ -39,6 +39,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import UserInputError
 from .volumes import HDF5_SUFFIXES, split_spec
 
 DEFAULT_OUTPUT_DATASET = "main"
@@ -47,7 +48,7 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, e
 _COPY_BUFFER = 16 * 2**20
 
 
-class OutputError(ValueError):
+class OutputError(UserInputError):
     """An output refused before any work: it would destroy something, or it cannot be written."""
 
 

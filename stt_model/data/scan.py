@@ -13,13 +13,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserInputError
+
 # Source bytes read per block when the caller does not name a block.
 SCAN_BYTES = 32 * 2**20
 
 Location = tuple[int, int, int]
 
 
-class InputError(ValueError):
+class InputError(UserInputError):
     """An input volume holds values that cannot be used as they are; the message names the
     volume, the first offending voxel and what to do."""
 

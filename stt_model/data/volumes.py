@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Union, runtime_c
 
 import numpy as np
 
+from ..errors import UserInputError
 from .indexing import Key, normalise_key
 from .scan import describe, refuse_empty
 
@@ -49,7 +50,7 @@ DEFAULT_DATASETS = ("main", "image", "raw", "data")
 DAMAGED_DATA = (OSError, ValueError, RuntimeError, EOFError, SyntaxError, zlib.error)
 
 
-class VolumeReadError(ValueError):
+class VolumeReadError(UserInputError):
     """A window could not be read: the data on disk is damaged or truncated."""
 
 
@@ -231,13 +232,13 @@ def _pick_dataset(path: Path, requested: Optional[str], available: list[str]) ->
     if requested is not None:
         if requested.strip("/") in available:
             return requested.strip("/")
-        raise ValueError(f"{path} has no dataset {requested!r}; available: {', '.join(available) or 'none'}")
+        raise UserInputError(f"{path} has no dataset {requested!r}; available: {', '.join(available) or 'none'}")
     if len(available) == 1:
         return available[0]
     for name in DEFAULT_DATASETS:
         if name in available:
             return name
-    raise ValueError(f"{path} holds several datasets and none is called {'/'.join(DEFAULT_DATASETS)}; "
+    raise UserInputError(f"{path} holds several datasets and none is called {'/'.join(DEFAULT_DATASETS)}; "
                      f"name one as {path}:<dataset> (available: {', '.join(available) or 'none'})")
 
 
@@ -253,7 +254,7 @@ class HDF5Volume(_ChunkedReader):
         try:
             f = h5py.File(path, "r")
         except OSError as exc:
-            raise ValueError(f"{path} is not a readable HDF5 file ({exc})") from None
+            raise UserInputError(f"{path} is not a readable HDF5 file ({exc})") from None
         with f:
             names: list[str] = []
             f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -283,7 +284,7 @@ class TiffVolume(_PlaneReader):
             try:
                 tif = tifffile.TiffFile(path)
             except tifffile.TiffFileError as exc:
-                raise ValueError(f"{path}: {exc}") from None
+                raise UserInputError(f"{path}: {exc}") from None
             with tif:
                 _check_complete(tif, path)
                 series = tif.series[0]
@@ -293,7 +294,7 @@ class TiffVolume(_PlaneReader):
         if len(shape) == 2:
             shape = (1, *shape)
         if len(shape) != 3 or pages != shape[0]:
-            raise ValueError(f"{path}: expected a grayscale stack with one page per z; "
+            raise UserInputError(f"{path}: expected a grayscale stack with one page per z; "
                              f"got shape {shape} in {pages} page(s)")
         self._shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         self._data = _Handle(functools.partial(_open_tiff, path, shape))
@@ -385,7 +386,7 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         try:
             tif = tifffile.TiffFile(path)
         except tifffile.TiffFileError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise UserInputError(f"{path}: {exc}") from None
         with tif:
             page = tif.pages[0]
             return tuple(page.shape), np.dtype(page.dtype)
@@ -394,12 +395,12 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
         im = Image.open(path)
     except UnidentifiedImageError:
-        raise ValueError(f"{path} is not a readable image") from None
+        raise UserInputError(f"{path} is not a readable image") from None
     with im:
         modes = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32, "F": np.float32,
                  "1": np.bool_, "P": np.uint8}
         if im.mode not in modes:
-            raise ValueError(f"{path}: expected a grayscale image; got mode {im.mode}")
+            raise UserInputError(f"{path}: expected a grayscale image; got mode {im.mode}")
         return (im.height, im.width), np.dtype(modes[im.mode])
 
 
@@ -423,17 +424,17 @@ class SliceFolderVolume(_PlaneReader):
         files = sorted((p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()),
                        key=lambda p: natural_key(p.name))
         if not files:
-            raise ValueError(f"{folder} holds no {'/'.join(SLICE_SUFFIXES)} slices")
+            raise UserInputError(f"{folder} holds no {'/'.join(SLICE_SUFFIXES)} slices")
         headers = [_slice_header(p) for p in files]
         shapes = {h[0] for h in headers}
         if len(shapes) > 1:
             first = headers[0][0]
             odd = next(p for p, h in zip(files, headers) if h[0] != first)
-            raise ValueError(f"{folder}: slices differ in shape ({files[0].name} is {first}, "
+            raise UserInputError(f"{folder}: slices differ in shape ({files[0].name} is {first}, "
                              f"{odd.name} is {_slice_header(odd)[0]})")
         (plane,) = shapes
         if len(plane) != 2:
-            raise ValueError(f"{folder}: expected grayscale slices; {files[0].name} has shape {plane}")
+            raise UserInputError(f"{folder}: expected grayscale slices; {files[0].name} has shape {plane}")
         self.files = files
         self._shape = (len(files), *plane)
         self._dtype = headers[0][1]
@@ -457,10 +458,10 @@ class N5Volume(_ChunkedReader):
 
         self.path = path
         if not path.is_dir():
-            raise ValueError(f"{path} is not an N5 container: N5 is a folder (attributes.json, one file per block)")
+            raise UserInputError(f"{path} is not an N5 container: N5 is a folder (attributes.json, one file per block)")
         if dataset_attributes(path) is not None:
             if dataset is not None:
-                raise ValueError(f"{path} is a single N5 dataset; it has no dataset {dataset!r}")
+                raise UserInputError(f"{path} is a single N5 dataset; it has no dataset {dataset!r}")
             self.dataset: Optional[str] = None
             folder = path
         else:
@@ -490,7 +491,7 @@ class ZarrVolume(_ChunkedReader):
         image: Optional[dict[str, Any]] = None    # the OME-Zarr multiscale image the array is a level of
         if isinstance(node, zarr.Array):
             if dataset is not None:
-                raise ValueError(f"{path} is a single zarr array; it has no dataset {dataset!r}")
+                raise UserInputError(f"{path} is a single zarr array; it has no dataset {dataset!r}")
             self.dataset: Optional[str] = None
             array = node
             image = _parent_multiscale(path)
@@ -547,7 +548,7 @@ def _pick_zarr_array(path: Path, group: Any, requested: Optional[str]) -> tuple[
         if not isinstance(member, zarr.Group) or _multiscale(member.attrs) is None:
             levels = _levels(_multiscale(group.attrs)) if _multiscale(group.attrs) else []
             hint = f" (multiscale levels: {', '.join(levels)})" if levels else ""
-            raise ValueError(f"{path} has no dataset {requested!r}{hint}; available: {', '.join(arrays) or 'none'}")
+            raise UserInputError(f"{path} has no dataset {requested!r}{hint}; available: {', '.join(arrays) or 'none'}")
         target, prefix = member, f"{name}/"
     else:
         prefix = ""
@@ -556,7 +557,7 @@ def _pick_zarr_array(path: Path, group: Any, requested: Optional[str]) -> tuple[
         return _pick_dataset(path, None, arrays), None
     level0 = _levels(image, prefix)[0]
     if level0 not in arrays:
-        raise ValueError(f"{path}: its OME-Zarr multiscales metadata names level 0 {level0!r}, which is not an "
+        raise UserInputError(f"{path}: its OME-Zarr multiscales metadata names level 0 {level0!r}, which is not an "
                          f"array there (available: {', '.join(arrays) or 'none'})")
     return level0, image
 
@@ -641,7 +642,7 @@ def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFol
         return HDF5Volume(path, dataset)
     if suffix in TIFF_SUFFIXES:
         return TiffVolume(path)
-    raise ValueError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
+    raise UserInputError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
                      f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr, .n5 or a folder of PNG/TIFF slices")
 
 
@@ -651,7 +652,7 @@ class ZRange:
 
     def __init__(self, volume: Volume, z0: int, z1: int):
         if not 0 <= z0 < z1 <= volume.shape[0]:
-            raise ValueError(f"slice range {z0}:{z1} is not inside the volume's {volume.shape[0]} slices")
+            raise UserInputError(f"slice range {z0}:{z1} is not inside the volume's {volume.shape[0]} slices")
         self.volume, self.z0, self.z1 = volume, z0, z1
 
     @property
