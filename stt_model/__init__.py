@@ -1,5 +1,5 @@
 """STT-UNET model package: networks, data, training, inference, post-processing and metrics
-for 3D mitochondria instance segmentation in electron microscopy (DESIGN.md section 6).
+for 3D mitochondria instance segmentation in electron microscopy (docs/design.md: the layers).
 
 Entry points: :func:`load_config` (presets ``mitoem-r``, ``mitoem-h``, ``lucchi``,
 ``tiny-cpu``, or a YAML file), :func:`build_model` (``(B, 1, T, H, W)`` -> logits

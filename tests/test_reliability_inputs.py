@@ -1,4 +1,4 @@
-"""Inputs are checked, not guessed (issue 15): one intensity rule for training and prediction,
+"""Inputs are checked, not guessed: one intensity rule for training and prediction,
 carried in the checkpoint; NaN/Inf images, bad labels and NaN weights refused with their
 location before any work; damaged files reported in one line naming the file and the
 slice or chunk."""

@@ -1,4 +1,4 @@
-"""Outputs never destroy anything (issue 15, the output half): datasets added to existing files
+"""Outputs never destroy anything: datasets added to existing files
 copy-on-write, refusals before any work, full and read-only disks, Ctrl-C/SIGTERM, kill -9 at
 random moments, and leftovers of killed runs cleaned up by the next run."""
 

@@ -1,7 +1,7 @@
 """Training when things go wrong: a run folder holds one run (refused, replaced, resumed, locked),
 Ctrl-C / SIGTERM / kill -9 mid-run, weights-only and mismatched resumes, config values out of
 range, non-finite losses, backends and devices that are not there, and the one-line errors of
-``stt``. Issue 15, the training half."""
+``stt``."""
 
 import csv
 import os

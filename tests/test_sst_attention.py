@@ -138,7 +138,7 @@ def test_empty_batch_gives_an_empty_batch():
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_nan_features_give_nan_not_a_crash(backend):
     """A NaN voxel reaches, through the norm and both attentions, every output of its slice
-    and of its pixel's sequence; the deformable fusion samples it as NaN (issue 15: the
+    and of its pixel's sequence; the deformable fusion samples it as NaN (the
     reference backend used to crash on the NaN offsets predicted from it)."""
     if not available(backend):
         pytest.skip(f"backend {backend} is not available here")
