@@ -1,8 +1,8 @@
 """Loading the compiled libraries and explaining why they are missing.
 
 ``stt_kernels._C`` registers the ops (``torch.ops.stt.*``: schemas, C++ autograd, the public ops'
-CPU/CUDA kernels) and the CUDA kernels when it loads; then one CPU kernel library, the best this CPU runs, registers the CPU kernels
-(``_isa.py``).
+CPU/CUDA kernels) and the CUDA kernels when it loads; then one CPU kernel library, the best this
+CPU runs, registers the CPU kernels (``_isa.py``).
 A library built against another torch usually fails to load with an undefined-symbol
 error; we turn that into a sentence naming both versions, read from the build record
 ``_build_info.json`` that ``setup.py`` writes beside the library.

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_build import _cmake_capability
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchvision_ops
 
 import stt_kernels
 from stt_kernels import reference
 from stt_kernels.ops import kernels as kernel_tables
 from stt_kernels.ops.kernels import Kernels
-
-from conftest import torchvision_ops
 
 
 def _attend5(q, k, v, scale):
@@ -30,9 +29,9 @@ def _attend5(q, k, v, scale):
 
 
 def _forward(q, k, v, out, lse, scale):
-    o, l = _attend5(q, k, v, scale)
+    o, log_sum_exp = _attend5(q, k, v, scale)
     out.copy_(o)
-    lse.copy_(l)
+    lse.copy_(log_sum_exp)
 
 
 def _backward(q, k, v, out, grad_out, lse, scale, grad_q, grad_k, grad_v):
@@ -116,7 +115,8 @@ def test_deform_conv2d_gradients_and_opcheck(stand_in, with_mask, with_bias):
     torch.testing.assert_close(ours, spec)
     grad = torch.randn_like(ours)
     torch.testing.assert_close(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(spec, inputs, grad))
-    torch.library.opcheck(torch.ops.stt.deform_conv2d, (x, offset, mask, weight, bias, [1, 1], [1, 1], [1, 1], 2, "cpu"))
+    geometry = ([1, 1], [1, 1], [1, 1], 2)
+    torch.library.opcheck(torch.ops.stt.deform_conv2d, (x, offset, mask, weight, bias, *geometry, "cpu"))
 
 
 def test_batch_zero(stand_in):
@@ -169,7 +169,8 @@ _WITHOUT_LIBRARY = textwrap.dedent("""
     expected = reference.deform_conv2d(x, offset, None, weight, None, (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x), torch.autograd.grad(expected.sum(), x))
-    torch.library.opcheck(torch.ops.stt.deform_conv2d, (x, offset, None, weight, None, [1, 1], [1, 1], [1, 1], 1, "auto"))
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.stt.deform_conv2d, (x, offset, None, weight, None, *geometry, "auto"))
     print("ok")
 """)
 

@@ -33,21 +33,22 @@ struct Temporal {
 
 using ForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                             double, c10::string_view);
-using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    double, c10::string_view);
+using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&, const at::Tensor&, double,
+                                                                         c10::string_view);
 
 template <class Layout>
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           double scale, c10::string_view backend) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                           c10::string_view backend) {
   if (auto python = python_implementation(Layout::name, q)) {
     return python->template typed<ForwardSignature>().call(q, k, v, scale, backend);
   }
   compiled_backend(backend, q, Layout::name, "attention");
   static const auto kernel = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("stt::_attention_forward", "")
-                                 .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                             const at::Tensor&, const at::Tensor&, double)>();
+                                 .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, double)>();
   at::Tensor out = at::empty(q.sizes(), q.options());
   const at::Tensor view = Layout::view(q);
   at::Tensor lse = at::empty({view.size(0), view.size(1), view.size(3), view.size(2)}, q.options().dtype(at::kFloat));

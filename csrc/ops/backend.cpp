@@ -45,7 +45,8 @@ std::string_view compiled_backend(std::string_view backend, const at::Tensor& li
 void check_deterministic_backward(std::string_view backend, const char* op) {
   if (backend == "cuda" && at::globalContext().deterministicAlgorithms()) {
     // The same sentence as Python's check_deterministic_backward (stt_kernels/backend.py).
-    at::globalContext().alertNotDeterministic(std::string("stt::") + op + " backward on the 'cuda' backend (atomic "
+    at::globalContext().alertNotDeterministic(std::string("stt::") + op +
+                                              " backward on the 'cuda' backend (atomic "
                                               "accumulation; the 'cpu' and 'reference' backends are deterministic)");
   }
 }

@@ -28,8 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contiguous(
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
                    const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t offset_groups,
-                   c10::string_view backend) {
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t offset_groups, c10::string_view backend) {
   if (auto python = python_implementation(kName, x)) {
     return python
         ->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
@@ -51,10 +50,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& offset, const std::opt
       .contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
-    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t offset_groups, c10::string_view backend) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                    const at::Tensor& offset,
+                                                                    const std::optional<at::Tensor>& mask,
+                                                                    const at::Tensor& weight, at::IntArrayRef stride,
+                                                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                    int64_t offset_groups, c10::string_view backend) {
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
       c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt, c10::string_view);

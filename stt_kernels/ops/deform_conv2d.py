@@ -13,8 +13,8 @@ the bias gradient is a plain sum over ``grad_out`` and is taken here.
 
 The ops return contiguous tensors whatever a kernel returns and whatever the inputs' strides
 (the fake kernels promise the same). A layout that followed ``x`` would make the fake kernel
-branch on strides, which under dynamic shapes turns into guards that specialise H and W. The op's ``backend`` argument may be ``auto``, resolved by
-device when the op runs.
+branch on strides, which under dynamic shapes turns into guards that specialise H and W. The
+op's ``backend`` argument may be ``auto``, resolved by device when the op runs.
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ int main(int argc, char** argv) {
 
     torch::inductor::AOTIModelPackageLoader package(argv[2]);
     const std::vector<at::Tensor> outputs = package.run({input});
-    if (outputs.size() != 1) throw std::runtime_error("the AOTInductor package returned " +
-                                                      std::to_string(outputs.size()) + " outputs, expected 1");
+    if (outputs.size() != 1)
+      throw std::runtime_error("the AOTInductor package returned " + std::to_string(outputs.size()) +
+                               " outputs, expected 1");
     write_tensor(outputs[0], out_dir / "aoti.pt");
   } catch (const std::exception& error) {
     std::cerr << "stt_libtorch_check: " << error.what() << "\n";

@@ -19,10 +19,11 @@ class Attention : public torch::autograd::Function<Attention<Name>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                double scale, c10::string_view backend) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(Name::forward, "")
-                               .template typed<std::tuple<at::Tensor, at::Tensor>(
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, double, c10::string_view)>();
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow(Name::forward, "")
+            .template typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                               double, c10::string_view)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = op.call(q, k, v, scale, backend);
     ctx->save_for_backward({q, k, v, out, lse});
@@ -33,16 +34,15 @@ class Attention : public torch::autograd::Function<Attention<Name>> {
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow(Name::backward, "")
-            .template typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, double, c10::string_view)>();
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(Name::backward, "")
+                               .template typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, double, c10::string_view)>();
     const variable_list saved = ctx->get_saved_variables();
-    auto [grad_q, grad_k, grad_v] = op.call(saved[0], saved[1], saved[2], saved[3], saved[4], grads[0],
-                                            ctx->saved_data["scale"].toDouble(),
-                                            ctx->saved_data["backend"].toStringRef());
+    auto [grad_q, grad_k, grad_v] =
+        op.call(saved[0], saved[1], saved[2], saved[3], saved[4], grads[0], ctx->saved_data["scale"].toDouble(),
+                ctx->saved_data["backend"].toStringRef());
     return {grad_q, grad_k, grad_v, at::Tensor(), at::Tensor()};
   }
 };
@@ -58,8 +58,8 @@ struct TemporalNames {
 };
 
 template <class Name>
-std::tuple<at::Tensor, at::Tensor> autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            double scale, c10::string_view backend) {
+std::tuple<at::Tensor, at::Tensor> autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                            c10::string_view backend) {
   const variable_list result = Attention<Name>::apply(q, k, v, scale, backend);
   return {result[0], result[1]};
 }

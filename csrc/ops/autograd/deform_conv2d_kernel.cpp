@@ -21,13 +21,12 @@ class DeformConv2d : public torch::autograd::Function<DeformConv2d> {
                                const std::optional<at::Tensor>& bias, c10::SymIntArrayRef stride,
                                c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, c10::SymInt offset_groups,
                                c10::string_view backend) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("stt::deform_conv2d", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                                 const std::optional<at::Tensor>&, const at::Tensor&,
-                                                 const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-                                                 c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt,
-                                                 c10::string_view)>();
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("stt::deform_conv2d", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, c10::SymIntArrayRef, c10::SymIntArrayRef,
+                              c10::SymIntArrayRef, c10::SymInt, c10::string_view)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor out = op.call(x, offset, mask, weight, bias, stride, padding, dilation, offset_groups, backend);
     // An undefined tensor stands for a mask of None among the saved variables.
@@ -42,24 +41,22 @@ class DeformConv2d : public torch::autograd::Function<DeformConv2d> {
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("stt::deform_conv2d_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt,
-                c10::string_view)>();
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("stt::deform_conv2d_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, const at::Tensor&, c10::SymIntArrayRef,
+                                   c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt, c10::string_view)>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_out = grads[0];
     const std::optional<at::Tensor> mask = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     auto& data = ctx->saved_data;
-    auto [grad_x, grad_offset, grad_mask, grad_weight] =
-        op.call(grad_out, saved[0], saved[1], mask, saved[3], data["stride"].toSymIntVector(),
-                data["padding"].toSymIntVector(), data["dilation"].toSymIntVector(), data["offset_groups"].toSymInt(),
-                data["backend"].toStringRef());
+    auto [grad_x, grad_offset, grad_mask, grad_weight] = op.call(
+        grad_out, saved[0], saved[1], mask, saved[3], data["stride"].toSymIntVector(), data["padding"].toSymIntVector(),
+        data["dilation"].toSymIntVector(), data["offset_groups"].toSymInt(), data["backend"].toStringRef());
     const at::Tensor grad_bias = data["has_bias"].toBool() ? grad_out.sum({0, 2, 3}) : at::Tensor();
-    return {grad_x,      grad_offset,  mask.has_value() ? grad_mask : at::Tensor(),
-            grad_weight, grad_bias,    at::Tensor(),
+    return {grad_x,       grad_offset,  mask.has_value() ? grad_mask : at::Tensor(),
+            grad_weight,  grad_bias,    at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
