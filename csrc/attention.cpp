@@ -4,7 +4,7 @@
 // (b, z, head). The Python front end builds them from (B, T, H, W, heads, d) without copies:
 // spatial is Z = T, N = H*W; temporal is Z = H*W, N = T. The kernels write into the given
 // out/lse (and dq/dk/dv) tensors, which may themselves be strided views; lse is float32
-// (B, Z, heads, N), the natural-log log-sum-exp of the scaled scores of each query row.
+// (float64 for float64 q) (B, Z, heads, N), the natural-log log-sum-exp of the scaled scores of each query row.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(stt, m) {
