@@ -3,7 +3,10 @@
 #                   + test-install
 #   make test-install  sdist and wheel from a clean tree, installed into a fresh venv, used from
 #                   outside the checkout (tests/install_check.py; CPU kernels only, to keep CI short)
-#   make demo       the main job: synthetic EM -> train tiny-cpu -> segment -> evaluate -> demo_out/
+#   make demo       the main job: the shipped synthetic-demo model segments held-out synthetic EM ->
+#                   evaluate -> demo_out/ (DEMO_ARGS="--train" trains tiny-cpu from scratch first)
+#   make model-synthetic-demo  retrain the shipped synthetic-demo model (35 minutes, one thread) into
+#                   runs/synthetic-demo and install it into stt_model/models (MODEL_ARGS=--overwrite to replace)
 #   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
 #   make cmake      build the same sources with CMake (the LibTorch library)
 #   make gpu-check  on a GPU machine, with its own python3: build, GPU tests, probe, sanitizer, bench
@@ -14,7 +17,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all test test-install demo build build-cpu cmake clean venv gpu-check
+.PHONY: all test test-install demo model-synthetic-demo build build-cpu cmake clean venv gpu-check
 
 all: test
 
@@ -48,6 +51,9 @@ gpu-check:
 
 demo: build
 	$(PY) -m stt_model.cli demo $(DEMO_ARGS)
+
+model-synthetic-demo: build
+	OMP_NUM_THREADS=1 $(PY) -m stt_model.model_recipe --out runs/synthetic-demo --minutes 35 --install $(MODEL_ARGS)
 
 cmake: $(DEPS)
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"

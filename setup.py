@@ -193,7 +193,8 @@ def sources(mode: str, part: str) -> list[str]:
     """``part`` "binding": the sources of ``_C`` (schemas, Python binding, GPU kernels); "cpu":
     those of a CPU kernel library. Together the same globs as CMakeLists.txt, plus the Python
     binding that only this build has."""
-    patterns = {"binding": ["csrc/*.cpp", "csrc/python/*.cpp", *(["csrc/cuda/*.cu"] if mode != "cpu" else [])],
+    patterns = {"binding": ["csrc/ops/*.cpp", "csrc/ops/autograd/*.cpp", "csrc/python/*.cpp",
+                            *(["csrc/cuda/*.cu"] if mode != "cpu" else [])],
                 "cpu": ["csrc/cpu/*.cpp"]}[part]
     return sorted(str(Path(p).relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
 
@@ -366,7 +367,8 @@ if COMPILING:
 
 setup(
     packages=find_packages(include=["stt_kernels*", "stt_model*"]),
-    package_data={"stt_kernels": ["_build_info.json", "py.typed"], "stt_model": ["configs/*.yaml", "py.typed"]},
+    package_data={"stt_kernels": ["_build_info.json", "py.typed"],
+                  "stt_model": ["configs/*.yaml", "py.typed", "models/*.json", "models/*.pt", "models/*.yaml"]},
     install_requires=[torch_requirement(_pinned_torch())],
     ext_modules=extensions(MODE) if COMPILING else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if COMPILING else {},

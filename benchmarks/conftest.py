@@ -1,7 +1,8 @@
-"""pytest-benchmark front end of ``stt_kernels.bench``: the same cases, implementations and
-workloads, timed by pytest-benchmark instead of the engine's own loop.
+"""pytest-benchmark front end of ``stt_kernels.bench``: the rows ``stt bench`` runs (``engine.plan``),
+timed by pytest-benchmark for CI's history and comparisons.
 
     pytest benchmarks/ --benchmark-only [--bench-tier quick|default|full] [--bench-device cpu|cuda]
+                       [--bench-suite levels issue-shapes train-step]
 """
 
 from __future__ import annotations
@@ -9,21 +10,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stt_kernels.bench.cases import CASES, PASSES
-from stt_kernels.bench.options import CPU_DTYPES, GPU_DTYPES
-from stt_kernels.bench.registry import implementations_for
+import stt_model.train_step_bench  # noqa: F401  (registers the train-step suite)
+from stt_kernels.bench.cases import SUITES, TIERS
+from stt_kernels.bench.engine import default_dtypes, plan
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("stt-bench")
-    group.addoption("--bench-tier", default="quick", choices=("quick", "default", "full"),
-                    help="problem sizes (stt_kernels/bench/shapes.py); default quick")
+    group.addoption("--bench-tier", default="quick", choices=TIERS, help="problem sizes (default quick)")
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if visible)")
+    group.addoption("--bench-suite", nargs="+", default=["levels"], choices=list(SUITES), help="default: levels")
 
 
 def _device(config: pytest.Config) -> torch.device:
-    name = config.getoption("--bench-device")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @pytest.fixture
@@ -32,18 +32,10 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """One test per case x implementation x level x dtype x pass (the engine's rows)."""
-    if "combination" not in metafunc.fixturenames:
-        return
-    device = _device(metafunc.config)
-    tier = metafunc.config.getoption("--bench-tier")
-    dtypes = GPU_DTYPES if device.type == "cuda" else CPU_DTYPES
-    params, ids = [], []
-    for case in CASES.values():
-        for implementation in implementations_for(case.name, device):
-            for level in case.levels(tier):
-                for dtype in dtypes:
-                    for pass_ in PASSES:
-                        params.append((case, implementation, level, getattr(torch, dtype), pass_))
-                        ids.append(f"{case.name}-{implementation.name}-L{level.level}-{dtype}-{pass_}")
-    metafunc.parametrize("combination", params, ids=ids)
+    if "combination" in metafunc.fixturenames:
+        device = _device(metafunc.config)
+        suites, tier = metafunc.config.getoption("--bench-suite"), metafunc.config.getoption("--bench-tier")
+        rows = plan(suites, tier, device, default_dtypes(device))
+        metafunc.parametrize(
+            "combination", rows, ids=[f"{c.name}-{i.name}-{c.label(s)}-{str(d)[6:]}-{p}" for c, i, s, d, p in rows]
+        )

@@ -6,7 +6,7 @@ Run on the GPU machine with its own ``python3`` and torch, from the repository r
     python3 benchmarks/gpu_check.py --dry                           # what CI runs: every GPU step skips
 
 Each step runs in its own process under its own deadline, so one hang or crash costs only that
-step; the evidence goes to ``$OUT`` (at most 8 files, each capped at 16 MB):
+step; the evidence goes to ``$OUT`` (9 files, each capped at 16 MB):
 
     build.log       the CUDA build with ``-Xptxas -v`` (registers, shared memory, spills)
     report.txt      ``python -m stt_kernels``
@@ -15,7 +15,8 @@ step; the evidence goes to ``$OUT`` (at most 8 files, each capped at 16 MB):
                     forward+backward on both GPU backends; a CUDA backward above 48 KB of shared
                     memory; every backward twice, compared bitwise; the TF32 error
     sanitizer.txt   ``compute-sanitizer`` memcheck and racecheck on tiny cases
-    bench.json      bfloat16 spatial, temporal, deformable and the SST block against SDPA (flash,
+    bench/          ``stt_kernels.bench`` (results.json, report.md): bfloat16 spatial, temporal,
+                    deformable and the SST block at the issues' shapes against SDPA (flash,
                     efficient), FlexAttention and torchvision; ``triton.testing.do_bench`` (CUDA
                     events, L2 flushed between repeats)
     steps.log       what the probe and bench steps printed
@@ -57,13 +58,18 @@ def _cap(path: Path) -> None:
 
 
 def _run(command: list[str], log: Path, deadline: float, env: Optional[dict[str, str]] = None) -> str:
-    """Run ``command`` with output appended to ``log``; returns a one-word verdict."""
+    """Run ``command`` with output appended to ``log``; returns a one-word verdict.
+
+    The checkout is put first on ``PYTHONPATH``: the GPU machine's python3 has the package built
+    in place (``build_ext --inplace``), never installed, and a script's own folder is what Python
+    puts on ``sys.path``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     with log.open("ab") as handle:
         handle.write(f"$ {' '.join(command)}\n".encode())
         handle.flush()
         try:
             code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=deadline,
-                                  env={**os.environ, **(env or {})}).returncode
+                                  env={**os.environ, "PYTHONPATH": path, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             return f"timed out after {deadline:.0f} s"
     _cap(log)
@@ -92,7 +98,7 @@ def _steps(out: Path, python: str) -> list[tuple[str, float, Callable[[], str]]]
                                         {"STT_TRITON_QUICK_TUNE": "1"})),
         ("probe", 60, lambda: _run([*me, "probe", str(out / "probe.json")], out / "steps.log", 60)),
         ("sanitizer", 60, sanitize),
-        ("bench", 80, lambda: _run([*me, "bench", str(out / "bench.json")], out / "steps.log", 80)),
+        ("bench", 80, lambda: _run([*me, "bench", str(out / "bench")], out / "steps.log", 80)),
     ]
 
 
@@ -226,79 +232,21 @@ def tiny() -> int:
     return 0
 
 
-def bench(path: Path) -> int:
-    import torch
-    import torch.nn.functional as F
-    from triton.testing import do_bench
+def bench(out: Path) -> int:
+    """The benchmark engine on the issues' shapes, bfloat16 forward, against SDPA (flash, efficient),
+    FlexAttention and torchvision: ``out/results.json`` and ``out/report.md``."""
+    from stt_kernels.bench import Options, run_measuring
 
-    import stt_kernels
-
-    rows: list[dict[str, object]] = []
-    dtype, device = torch.bfloat16, "cuda"
-
-    def measure(case: str, impl: str, fn: Callable[[], object]) -> None:
-        try:
-            fn()
-            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-            rows.append({"case": case, "impl": impl, "ms": ms})
-        except Exception as exc:
-            rows.append({"case": case, "impl": impl, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-
-    b, t, h, w, heads, d = 2, 32, 64, 64, 4, 32
-    _, (q, k, v) = _attention_inputs((b, t, h, w, heads, d), dtype, device, grad=False)
-
-    def sequences(x: torch.Tensor, op: str) -> torch.Tensor:
-        seq = x.flatten(2, 3) if op == "spatial" else x.flatten(2, 3).transpose(1, 2)
-        return seq.permute(0, 1, 3, 2, 4).reshape(-1, heads, seq.shape[2], d)
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    flex = None
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        flex = torch.compile(flex_attention)
-    except ImportError:
-        pass
-    for op, ours in (("spatial", stt_kernels.spatial_attention), ("temporal", stt_kernels.temporal_attention)):
-        case = f"{op} bf16 forward {b}x{t}x{h}x{w}, {heads} heads, d={d}"
-        for backend in ("triton", "cuda"):
-            measure(case, f"stt {backend}", lambda: ours(q, k, v, backend=backend))
-        for name, sdp in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-            def run_sdpa(sdp=sdp):
-                with sdpa_kernel(sdp):
-                    return F.scaled_dot_product_attention(sequences(q, op), sequences(k, op), sequences(v, op))
-            measure(case, f"SDPA {name} (with permutes)", run_sdpa)
-        if flex is not None:
-            measure(case, "FlexAttention (compiled)", lambda: flex(sequences(q, op), sequences(k, op), sequences(v, op)))
-    x = torch.randn(16, 32, 64, 64, dtype=dtype, device=device)
-    offset = torch.randn(16, 18, 64, 64, dtype=dtype, device=device)
-    mask = torch.rand(16, 9, 64, 64, dtype=dtype, device=device)
-    weight = torch.randn(32, 32, 3, 3, dtype=dtype, device=device)
-    case = "deform_conv2d bf16 forward 16x32x64x64"
-    for backend in ("triton", "cuda"):
-        measure(case, f"stt {backend}", lambda: stt_kernels.deform_conv2d(x, offset, mask, weight, backend=backend))
-    try:
-        import torchvision
-
-        measure(case, "torchvision", lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask))
-    except ImportError:
-        rows.append({"case": case, "impl": "torchvision", "error": "not installed"})
-    block = stt_kernels.SSTAttention(32, 4).to(device, dtype)
-    vol = torch.randn(1, 32, 8, 64, 64, dtype=dtype, device=device)
-    for backend in ("triton", "cuda"):
-        def run_block(backend=backend):
-            with stt_kernels.use_backend(backend):
-                return block(vol)
-        measure("SSTAttention bf16 forward 1x32x8x64x64", f"stt {backend}", run_block)
-    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1) + "\n")
+    run_measuring(Options(out=out, tier="quick", suites=["issue-shapes"], dtypes=["bfloat16"], passes=["forward"],
+                          peers=["sdpa:flash", "sdpa:efficient", "flex_attention", "torchvision"], device="cuda",
+                          overwrite=True))
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", nargs="?", choices=("all", "probe", "bench", "tiny"), default="all")
-    parser.add_argument("path", nargs="?", type=Path, help="output file of the probe or bench step")
+    parser.add_argument("path", nargs="?", type=Path, help="output file of the probe step, folder of the bench step")
     parser.add_argument("--dry", action="store_true", help="skip every GPU step with its reason (CI)")
     args = parser.parse_args(argv)
     if args.step == "probe":

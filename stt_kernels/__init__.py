@@ -3,7 +3,8 @@
 Ops (``(B, T, H, W, heads, d)`` attention layout, ``(N, C, H, W)`` convolution layout):
 :func:`spatial_attention`, :func:`temporal_attention`, :func:`deform_conv2d`. Backends:
 :func:`backends` reports them, :func:`use_backend` picks one for a block of code. Modules:
-:class:`SSTAttention` (``(B, C, T, H, W)`` in and out) and its parts.
+:class:`SSTAttention` (``(B, C, T, H, W)`` in and out) and its parts; :class:`DeformConv2d` and
+:mod:`stt_kernels.tv`, torchvision's deformable convolution API on these kernels.
 """
 
 from importlib import metadata as _metadata
@@ -11,6 +12,7 @@ from importlib import metadata as _metadata
 from .backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, use_backend
 from .nn import DeformableFusion, SpatialAttention, SSTAttention, TemporalAttention
 from .ops import deform_conv2d, spatial_attention, temporal_attention
+from .tv import DeformConv2d
 
 try:
     # The one source of the version is pyproject.toml, through the installed metadata.
@@ -21,5 +23,5 @@ except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never i
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "use_backend",
     "spatial_attention", "temporal_attention", "deform_conv2d",
-    "SSTAttention", "SpatialAttention", "TemporalAttention", "DeformableFusion", "__version__",
+    "SSTAttention", "SpatialAttention", "TemporalAttention", "DeformableFusion", "DeformConv2d", "__version__",
 ]

@@ -1,28 +1,51 @@
 """Input checks shared by every backend, so bad input fails here with a sentence,
-never deep inside a kernel."""
+never deep inside a kernel.
+
+The shape checks are TorchScript-compatible (``check_rank``, ``check_same``,
+``check_attention_shapes``, ``check_deform_conv2d_shapes``, ``script_pair``): a scripted caller
+of the ops runs them too, with the same sentences (raised as ``torch.jit.Error`` there, and a
+dtype named by its code). The type checks of Python objects are eager only.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 128
 
-IntPair = Union[int, Sequence[int]]
+# Sequences of two ints come as tuples or lists; TorchScript has no Sequence type.
+IntPair = Union[int, Tuple[int, int], List[int]]
 
 
 def _dtype_names() -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
 
 
+def shape_text(t: torch.Tensor) -> str:
+    """``t``'s shape as Python prints a tuple of it, ``(2, 3)`` or ``(3,)``, in eager and script."""
+    sizes = [str(size) for size in t.shape]
+    return "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
+
+
+def check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions {layout}; got shape {shape_text(t)}")
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    """For scripted callers, where ``FLOAT_DTYPES`` cannot be read: any floating dtype."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64); got {t.dtype}")
+
+
 def check_tensor(name: str, t: object, rank: int, layout: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}; got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dimensions {layout}; got shape {tuple(t.shape)}")
+    check_rank(name, t, rank, layout)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor ({_dtype_names()}); got {t.dtype}")
     return t
@@ -54,15 +77,32 @@ def check_attention(q: object, k: object, v: object, scale: Optional[float]) -> 
     q = check_tensor("q", q, 6, ATTENTION_LAYOUT)
     k = check_tensor("k", k, 6, ATTENTION_LAYOUT)
     v = check_tensor("v", v, 6, ATTENTION_LAYOUT)
+    return check_scale(scale, check_attention_shapes(q, k, v))
+
+
+def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_head_dim: int = MAX_HEAD_DIM) -> int:
+    """``k, v`` like ``q``, 6-d ``(B, T, H, W, heads, d)`` with a head dim ``d`` the kernels take,
+    returned. (``max_head_dim`` is an argument because TorchScript reads no globals.)"""
+    check_rank("q", q, 6, "(B, T, H, W, heads, d)")
     for name, t in (("k", k), ("v", v)):
+        check_rank(name, t, 6, "(B, T, H, W, heads, d)")
         if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)} {ATTENTION_LAYOUT}; "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have the shape of q {shape_text(q)} (B, T, H, W, heads, d); "
+                             f"got {shape_text(t)}")
         check_same("q", q, name, t)
     head_dim = q.shape[-1]
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q, k, v head dim d (last dimension) must be in 1..{MAX_HEAD_DIM}; got {head_dim}")
-    return check_scale(scale, head_dim)
+    if not 1 <= head_dim <= max_head_dim:
+        raise ValueError(f"q, k, v head dim d (last dimension) must be in 1..{max_head_dim}; got {head_dim}")
+    return head_dim
+
+
+def script_scale(scale: Optional[float], head_dim: int) -> float:
+    """:func:`check_scale` for scripted callers, whose ``scale`` is a float or None already."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number; got {scale}")
+    return scale
 
 
 def pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
@@ -78,6 +118,21 @@ def pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def script_pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
+    """:func:`pair` for scripted callers, whose ``value`` is typed already."""
+    if isinstance(value, int):
+        values = [value, value]
+    elif isinstance(value, list):
+        values = value
+    else:
+        values = [value[0], value[1]]
+    if len(values) != 2:
+        raise TypeError(f"{name} must be an int or a pair of ints; got {values}")
+    if min(values) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {values}")
+    return values[0], values[1]
+
+
 def check_deform_conv2d(
     x: object, offset: object, mask: object, weight: object, bias: object,
     stride: IntPair, padding: IntPair, dilation: IntPair,
@@ -89,15 +144,31 @@ def check_deform_conv2d(
     x = check_tensor("x", x, 4, "(N, C, H, W)")
     weight = check_tensor("weight", weight, 4, "(C_out, C / weight_groups, K_h, K_w)")
     offset = check_tensor("offset", offset, 4, "(N, 2 * G * K_h * K_w, H_out, W_out)")
+    if mask is not None:
+        mask = check_tensor("mask", mask, 4, "(N, G * K_h * K_w, H_out, W_out)")
+    if bias is not None:
+        bias = check_tensor("bias", bias, 1, "(C_out,)")
+    stride, padding, dilation = pair("stride", stride, 1), pair("padding", padding, 0), pair("dilation", dilation, 1)
+    offset_groups, weight_groups = check_deform_conv2d_shapes(x, offset, mask, weight, bias, stride, padding, dilation)
+    return stride, padding, dilation, offset_groups, weight_groups
+
+
+def check_deform_conv2d_shapes(
+    x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+    bias: Optional[torch.Tensor], stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
+) -> Tuple[int, int]:
+    """The shapes, dtypes and devices of ``deform_conv2d``'s tensors; ``(offset_groups, weight_groups)``."""
+    check_rank("x", x, 4, "(N, C, H, W)")
+    check_rank("weight", weight, 4, "(C_out, C / weight_groups, K_h, K_w)")
+    check_rank("offset", offset, 4, "(N, 2 * G * K_h * K_w, H_out, W_out)")
     check_same("x", x, "weight", weight)
     check_same("x", x, "offset", offset)
-    stride, padding, dilation = pair("stride", stride, 1), pair("padding", padding, 0), pair("dilation", dilation, 1)
 
     n, c, h, w = x.shape
     c_out, c_per_group, kh, kw = weight.shape
     if kh < 1 or kw < 1 or c_per_group < 1:
-        raise ValueError(f"weight must have shape (C_out, C / weight_groups, K_h, K_w) with positive sizes; "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError("weight must have shape (C_out, C / weight_groups, K_h, K_w) with positive sizes; "
+                         f"got {shape_text(weight)}")
     if c % c_per_group != 0:
         raise ValueError(f"weight.shape[1] ({c_per_group}) must divide the input channels C = {c} "
                          "(weight groups = C / weight.shape[1])")
@@ -119,20 +190,18 @@ def check_deform_conv2d(
     if c % offset_groups != 0:
         raise ValueError(f"the offset groups G = offset.shape[1] / (2 * K_h * K_w) = {offset_groups} "
                          f"must divide the input channels C = {c}")
-    expected = (n, 2 * offset_groups * taps, h_out, w_out)
-    if tuple(offset.shape) != expected:
-        raise ValueError(f"offset must have shape (N, 2 * G * K_h * K_w, H_out, W_out) = {expected}; "
-                         f"got {tuple(offset.shape)}")
+    if list(offset.shape) != [n, 2 * offset_groups * taps, h_out, w_out]:
+        raise ValueError("offset must have shape (N, 2 * G * K_h * K_w, H_out, W_out) = "
+                         f"({n}, {2 * offset_groups * taps}, {h_out}, {w_out}); got {shape_text(offset)}")
     if mask is not None:
-        mask = check_tensor("mask", mask, 4, "(N, G * K_h * K_w, H_out, W_out)")
+        check_rank("mask", mask, 4, "(N, G * K_h * K_w, H_out, W_out)")
         check_same("x", x, "mask", mask)
-        expected = (n, offset_groups * taps, h_out, w_out)
-        if tuple(mask.shape) != expected:
-            raise ValueError(f"mask must have shape (N, G * K_h * K_w, H_out, W_out) = {expected} "
-                             f"(G = {offset_groups} from offset); got {tuple(mask.shape)}")
+        if list(mask.shape) != [n, offset_groups * taps, h_out, w_out]:
+            raise ValueError(f"mask must have shape (N, G * K_h * K_w, H_out, W_out) = ({n}, {offset_groups * taps}, "
+                             f"{h_out}, {w_out}) (G = {offset_groups} from offset); got {shape_text(mask)}")
     if bias is not None:
-        bias = check_tensor("bias", bias, 1, "(C_out,)")
+        check_rank("bias", bias, 1, "(C_out,)")
         check_same("x", x, "bias", bias)
         if bias.shape[0] != c_out:
-            raise ValueError(f"bias must have shape (C_out,) = ({c_out},); got {tuple(bias.shape)}")
-    return stride, padding, dilation, offset_groups, weight_groups
+            raise ValueError(f"bias must have shape (C_out,) = ({c_out},); got {shape_text(bias)}")
+    return offset_groups, weight_groups

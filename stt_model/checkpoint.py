@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import torch
 
-from .atomic import atomic_write
+from stt_kernels.atomic_file import atomic_write
 from .config import Config, load_config
 
 

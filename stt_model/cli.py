@@ -1,4 +1,4 @@
-"""The ``stt`` command: ``demo``, ``train``, ``predict``, ``evaluate``, ``bench``.
+"""The ``stt`` command: ``demo``, ``train``, ``predict``, ``evaluate``, ``tune``, ``models``, ``export``, ``bench``.
 
 Volumes are named as ``file.h5[:dataset]``, ``file.zarr``, ``stack.tif`` or a folder of slices.
 Every failure the user can fix prints one line, ``stt <command>: error: ...``, and exits 2
@@ -34,25 +34,44 @@ def missing_model_extras() -> list[str]:
 
 EXAMPLES = {
     "demo": """examples:
-  stt demo                                  # synthetic EM, a few minutes on 2 CPU cores -> demo_out/
-  stt demo --data lucchi_pp_train.h5 --minutes 20""",
+  stt demo                                  # the shipped synthetic-demo model on held-out synthetic EM -> demo_out/
+  stt demo --train --minutes 4              # train tiny-cpu from scratch first (today's 4-minute run)
+  stt demo --data lucchi_pp_train.h5 --minutes 20   # a real volume: trains on its first 80 %""",
     "train": """examples:
   stt train --config tiny-cpu --image train.h5:image --label train.h5:label --out runs/tiny
   stt train --config my.yaml --image vol.h5:image --label vol.h5:label --val-z 130:165 --out runs/a
   stt train --resume runs/a/last.pt --image vol.h5:image --label vol.h5:label --out runs/a
   stt train --config my.yaml --image vol.h5:image --label vol.h5:label --out runs/a --overwrite
+  stt train --config lucchi --set train.lr=3e-4 --set model.channels=[8,16,24,32] ... --tensorboard
   torchrun --nproc_per_node=4 -m stt_model.cli train --config mitoem-r ...""",
     "predict": """examples:
   stt predict --checkpoint runs/tiny/last.pt --image test.h5:image --out pred.h5
-  stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta
+  stt predict --checkpoint last.pt --image slices/ --out pred.zarr --overlap 0.5 --tta 16 --tta-reduce mean
+  stt predict --model synthetic-demo --image vol.h5:image --out pred.h5 --instances inst.h5
+  stt predict ... --fg-threshold 0.6 --seed-threshold 0.8   # flags > last.thresholds.json (stt tune) > defaults
   stt predict ... --instances inst.h5                     # also post-process into 3D instances
   stt predict ... --image vol.h5:image --out vol.h5:probs --instances vol.h5:inst  # add both to vol.h5
   torchrun --nproc_per_node=4 -m stt_model.cli predict ... # ranks split the blocks, one output""",
     "evaluate": """examples:
   stt evaluate --pred inst.h5:main --gt gt.h5:label
-  stt evaluate --pred inst.tif --gt gt_slices/ --json""",
+  stt evaluate --pred inst.tif --gt gt_slices/ --json
+  stt evaluate --pred probs.h5:main --gt gt.h5:label --thresholds last.thresholds.json --fg-threshold 0.6""",
+    "tune": """examples:
+  stt tune --checkpoint runs/a/last.pt --image val.h5:image --label val.h5:label   # -> runs/a/last.thresholds.json
+  stt tune --checkpoint last.pt --image val.h5:image --label val.h5:label --tta 16 --points 7 --overwrite
+  stt tune ... --search optuna --trials 100                                        # needs optuna""",
+    "models": """examples:
+  stt models                     # the shipped models and their held-out scores
+  stt models synthetic-demo      # one model's whole card""",
+    "export": """examples:
+  stt export --checkpoint runs/a/last.pt --format onnx --out stt.onnx            # onnxruntime, opset 20
+  stt export --checkpoint last.pt --format pt2 --out stt.pt2 --input-shape 8,64,64
+  stt export --checkpoint last.pt --format aoti --out stt_aoti.pt2               # AOTInductor package
+  stt export --checkpoint last.pt --format torchscript --out stt.ts --batch 2    # traced: this shape only""",
     "bench": """examples:
   stt bench --quick --out bench_out
+  stt bench --suite levels train-step --out bench_out      # also one STT-UNET training step
+  stt bench --suite issue-shapes --threads 1 --out bench_issue
   stt bench --full --out bench_h100""",
 }
 
@@ -62,6 +81,8 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .tune import add_prediction_arguments, add_threshold_arguments, add_tune_arguments
+
     parser = argparse.ArgumentParser(prog="stt", description="STT-UNET: 3D mitochondria instance segmentation in EM.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -69,10 +90,14 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    demo = command("demo", "Train tiny-cpu on synthetic EM, segment a held-out volume, evaluate, write demo_out/.")
+    demo = command("demo", "Segment a held-out synthetic EM volume with the shipped synthetic-demo model (or, with "
+                   "--train, a tiny-cpu model trained first), evaluate, write demo_out/.")
+    demo.add_argument("--train", action="store_true",
+                      help="train tiny-cpu from scratch for --minutes instead of using the shipped model "
+                           "(implied by --data and --minutes)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     demo.add_argument("--data", help="run on a real HDF5 volume with 'image' and 'label' datasets instead")
-    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
+    demo.add_argument("--minutes", type=float, help="training time budget with --train (default: 4)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true",
                       help="replace the outputs of an earlier demo in --out (other files there are left alone)")
@@ -92,12 +117,20 @@ def _parser() -> argparse.ArgumentParser:
                             "the new run's first checkpoint replaces them")
     train.add_argument("--minutes", type=float, help="time budget (> 0); a checkpoint is written when it runs out")
     train.add_argument("--iterations", type=int, help="override train.iterations")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="set one config field by dotted key, the value read as YAML (train.lr=3e-4, "
+                            "model.channels=[8,16]); repeatable; checked as a YAML config is")
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also log the losses and validation scores for TensorBoard into --out/tensorboard "
+                            "(needs the tensorboard package); train_curves.png is written either way")
     train.add_argument("--compile", action="store_true",
                        help="train the network through torch.compile (inductor): a minute or more of compiling "
                             "first, faster steps after")
 
     predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
-    predict.add_argument("--checkpoint", type=Path, required=True)
+    which = predict.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, help="a checkpoint (its thresholds file beside it is used)")
+    which.add_argument("--model", help="a shipped model by name (stt models lists them), verified by SHA-256")
     predict.add_argument("--image", required=True, help="volume to segment")
     predict.add_argument("--out", required=True,
                          help="probabilities (uint8): out.h5 or out.zarr (a whole file), or out.h5:name / "
@@ -106,17 +139,28 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true",
                          help="replace an existing --out/--instances: the named dataset, or the whole file when "
                               "none is named (without it, existing outputs are refused)")
-    predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
-    predict.add_argument("--batch-size", type=int, default=2)
     predict.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"),
                          help="output block predicted at a time; memory grows with it (default: 4 windows per axis)")
-    predict.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
-    predict.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    add_prediction_arguments(predict)
+    add_threshold_arguments(predict, mask=False)
 
     evaluate = command("evaluate", "Score instances against ground truth: MitoEM AP and Lucchi Jaccard/DSC.")
     evaluate.add_argument("--pred", required=True, help="predicted instances (or a binary mask)")
     evaluate.add_argument("--gt", required=True, help="ground-truth instances (or a binary mask)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--thresholds", type=Path, help="with probabilities as --pred: a thresholds file "
+                          "(stt tune's) to decode them with; the flags below override it")
+    add_threshold_arguments(evaluate)
+
+    add_tune_arguments(command("tune", "Tune the decoding thresholds of a checkpoint on a labelled validation volume "
+                               "(AP-75, or Jaccard for one-channel models); writes a thresholds file beside it."))
+    models = command("models", "List the shipped models with their cards.")
+    models.add_argument("name", nargs="?", help="show this model's whole card")
+
+    from .export import add_arguments as add_export_arguments
+
+    add_export_arguments(command("export", "Export a checkpoint's network as ONNX, TorchScript, a torch.export "
+                                 "program or an AOTInductor package, checked against eager before it is written."))
 
     from stt_kernels.bench.cli import add_arguments as add_bench_arguments
 
@@ -128,10 +172,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import open_volume
     from .metrics import evaluate
 
+    from .tune import decode_thresholds
+
     pred, gt = open_volume(args.pred), open_volume(args.gt)
-    if tuple(pred.shape) != tuple(gt.shape):
-        raise UsageError(f"--pred has shape {tuple(pred.shape)} but --gt has {tuple(gt.shape)}")
-    scores = evaluate(pred, gt)
+    # Probabilities (C, Z, Y, X) are decoded with the thresholds first; instances are scored as they are.
+    if len(pred.shape) == 4 and tuple(pred.shape[1:]) == tuple(gt.shape):
+        from .segment import score
+
+        thresholds, source = decode_thresholds(args, sidecar=args.thresholds)
+        print(f"stt evaluate: decoding {args.pred} with {source}", file=sys.stderr)
+        scores = score(pred[:], gt[:], thresholds)
+    else:
+        if tuple(pred.shape) != tuple(gt.shape):
+            raise UsageError(f"--pred has shape {tuple(pred.shape)} but --gt has {tuple(gt.shape)} (or (C, Z, Y, X) "
+                             "probabilities of it)")
+        if args.thresholds is not None or any(v is not None for k, v in vars(args).items() if k.startswith("threshold_")):
+            raise UsageError(f"the thresholds decode probabilities (C, Z, Y, X); --pred {args.pred} holds instances "
+                             f"{tuple(pred.shape)}, scored as they are")
+        scores = evaluate(pred, gt)
     if args.json:
         print(json.dumps(scores))
     else:
@@ -169,37 +227,47 @@ def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .checkpoint import checkpoint_config, load_checkpoint
-    from .config import load_config
+    from .config import apply_overrides, load_config
     from .data import PatchSampler, ZRange, check_labels, instances_from_binary, open_volume
     from .run_folder import RunFolder
     from .segment import validator
     from .train import TrainOptions, Trainer, check_backend, check_resumable, training_device
+    from .train_report import TensorBoardUnavailable, require_tensorboard
 
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise UsageError(f"--minutes must be a time budget > 0 minutes; got {args.minutes:g}")
     if args.iterations is not None and args.iterations < 1:
         raise UsageError(f"--iterations must be >= 1; got {args.iterations}")
+    if args.tensorboard:
+        try:
+            require_tensorboard()
+        except TensorBoardUnavailable as exc:
+            raise UsageError(f"--tensorboard: {exc}") from None
     if args.resume is not None:
         state = load_checkpoint(args.resume)
         check_resumable(state, args.resume)
         config = checkpoint_config(state)
         del state
     else:
-        config = load_config(args.config or "tiny-cpu")
+        config = apply_overrides(load_config(args.config or "tiny-cpu"), args.overrides)
     if args.iterations is not None:
         config.train.iterations = args.iterations
         config.validate()
-    if args.resume is not None and args.config is not None:
+    if args.resume is not None and (args.config is not None or args.overrides):
         # The checkpoint's config is the one resumed (its optimiser state belongs to it); a
-        # --config that agrees with it is harmless, one that does not would be ignored.
-        given = load_config(args.config)
+        # --config or --set that agrees with it is harmless, one that does not would be ignored.
+        given = apply_overrides(load_config(args.config) if args.config is not None else config, args.overrides)
         if args.iterations is not None:
             given.train.iterations = args.iterations
-        differ = [k for k in _config_differences(given.to_dict(), config.to_dict()) if k != "name"]
+        differ = [k for k in _config_differences(given.to_dict(), config.to_dict())
+                  if k != "name" or args.config is None]
         if differ:
-            raise UsageError(f"--config {args.config} differs from the config stored in {args.resume} "
+            given_by = [f"--config {args.config}"] * (args.config is not None) + [f"--set {o}" for o in args.overrides]
+            flags = "/".join(["--config"] * (args.config is not None) + ["--set"] * bool(args.overrides))
+            further = " (to train further, give --iterations)" if "train.iterations" in differ else ""
+            raise UsageError(f"{' '.join(given_by)} differs from the config stored in {args.resume} "
                              f"({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}); a resumed run "
-                             "keeps its checkpoint's config: drop --config, or start a new run")
+                             f"keeps its checkpoint's config{further}: drop {flags}, or start a new run")
     check_backend(config, training_device(None))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # Rank 0 alone writes the run folder, so it alone claims it, before any data is read.
@@ -223,7 +291,7 @@ def _train(args: argparse.Namespace) -> int:
         source = PatchSampler.from_config(pairs, config, rank=rank, world_size=world)
         options = TrainOptions(out_dir=args.out, resume=args.resume, overwrite=args.overwrite, validate=validate,
                                time_budget=args.minutes * 60 if args.minutes else None, folder=folder,
-                               compile=args.compile)
+                               compile=args.compile, tensorboard=args.tensorboard)
         result = Trainer(config, source, options).run()
     if rank == 0:
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}")
@@ -242,8 +310,16 @@ def _predict(args: argparse.Namespace) -> int:
     from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
     from .segment import instances_into, probabilities
 
+    from .pretrained import verified_weights
+    from .tune import decode_thresholds
+
     # Everything that can be refused is refused here, before the model is built or a window runs.
     _check_predict_options(args)
+    if args.model is not None:
+        args.checkpoint = verified_weights(args.model)
+    thresholds, threshold_source = decode_thresholds(args, checkpoint=args.checkpoint)
+    if args.instances and os.environ.get("RANK", "0") == "0":
+        print(f"stt predict: instances will be decoded with {threshold_source}", file=sys.stderr)
     device = ranks.device_for_rank(args.device)
     image = open_volume(args.image)
     if len(image.shape) != 3:
@@ -268,7 +344,7 @@ def _predict(args: argparse.Namespace) -> int:
     check_space(plans)
     model = build_model(config)
     load_model_weights(model, state, args.checkpoint)
-    options = dict(overlap=args.overlap, batch_size=args.batch_size, flip_tta=args.tta,
+    options = dict(overlap=args.overlap, batch_size=args.batch_size, tta=args.tta, tta_reduce=args.tta_reduce,
                    block=tuple(args.block) if args.block else None)
     if world > 1:
         ranks.start()
@@ -293,8 +369,8 @@ def _predict(args: argparse.Namespace) -> int:
             writing = args.instances
             probs = open_volume(args.out)
             with create_output(args.instances, probs.shape[1:], np.uint32, overwrite=args.overwrite) as out:
-                count, method = instances_into(probs, out)
-            print(f"{count} instances ({method}) -> {args.instances}")
+                count, method = instances_into(probs, out, thresholds)
+            print(f"{count} instances ({method}, {threshold_source}) -> {args.instances}")
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
             raise
@@ -317,14 +393,35 @@ def _check_predict_options(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, minutes=args.minutes, seed=args.seed, overwrite=args.overwrite)
+    train = args.train or args.data is not None or args.minutes is not None
+    run_demo(args.out, data=args.data, minutes=4.0 if args.minutes is None else args.minutes, seed=args.seed,
+             overwrite=args.overwrite, train=train)
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .tune import tune_command
+
+    return tune_command(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .pretrained import describe_card, list_models, model_card
+
+    cards = [model_card(args.name)] if args.name else list_models()
+    print("\n\n".join(describe_card(card, full=bool(args.name)) for card in cards) or "no models are installed")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from stt_kernels.bench.cli import NothingMeasured, options_from_args, run_measuring
 
-    options = options_from_args(args, ["stt", *sys.argv[1:]])  # bad options: ValueError, exit 2
+    from . import train_step_bench  # noqa: F401  (registers the train-step and predict-volume suites)
+
+    try:
+        options = options_from_args(args, ["stt", *sys.argv[1:]])
+    except ValueError as exc:  # a bad option, named in the message
+        raise UsageError(str(exc)) from None
     try:
         path = run_measuring(options)
     except NothingMeasured as exc:
@@ -334,8 +431,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import run
+
+    return run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _demo, "train": _train, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
+    "demo": _demo, "train": _train, "predict": _predict, "evaluate": _evaluate, "tune": _tune, "models": _models,
+    "export": _export, "bench": _bench,
 }
 
 

@@ -4,16 +4,19 @@
 ``tiny-cpu``), a path to a YAML file, or a dict. A file or dict may start from a preset with
 ``base: <preset>`` and override any field. Unknown keys and bad values raise ``ConfigError``
 naming the key (``model.heads``); the config travels inside every checkpoint as ``to_dict()``.
+``apply_overrides(config, ["train.lr=3e-4", "model.channels=[8,16]"])`` sets fields by dotted
+key (``stt train --set``), each value read as YAML and checked as a YAML file's would be.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
 PRESET_DIR = Path(__file__).with_name("configs")
 
@@ -33,7 +36,8 @@ class ModelConfig:
     order: Literal["split", "spatial_temporal", "temporal_spatial"] = "split"
     offset_groups: int = 1
     norm: Literal["batch", "group", "instance"] = "batch"
-    interpolation: Literal["none", "joint", "frozen"] = "joint"   # the denoising network: none, trained with the rest, or frozen
+    # The denoising network: none, trained with the rest, or frozen.
+    interpolation: Literal["none", "joint", "frozen"] = "joint"
     interpolation_kernel: int = 5
     # (T, H, W) factors: the network sees its input average-pooled by them and its logits are
     # upsampled back (trilinear), so a patch covers that much more context at the same cost.
@@ -105,7 +109,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         _check_finite("", self)
         m, d, t = self.model, self.data, self.train
         levels = len(m.channels)
@@ -264,14 +268,66 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+# YAML 1.1 (PyYAML) reads 3e-4 and 1e5 as strings: a float needs a dot there. A learning rate
+# is written that way more often than not, so numbers are read as YAML 1.2 reads them.
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+.0123456789"))
+    return Loader
+
+
+def _parse_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return data if data is not None else {}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> ``(["train", "lr"], 0.0003)``: the dotted key and its value read as
+    YAML (a scalar, a ``[list]``, a ``{mapping}``)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not part.strip() for part in parts):
+        raise ConfigError(f"--set expects key=value with a dotted config key (train.lr=3e-4); got {text!r}")
+    try:
+        value = _parse_yaml(raw)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({reason})") from None
+    return [part.strip() for part in parts], value
+
+
+def apply_overrides(config: Union[Config, dict[str, Any]], overrides: Sequence[str]) -> Config:
+    """``config`` with each ``key=value`` of ``overrides`` set in turn, validated. Unknown keys and
+    values of the wrong type raise ``ConfigError`` naming the key, as in a YAML file."""
+    values = config.to_dict() if isinstance(config, Config) else dict(config)
+    for text in overrides:
+        parts, value = parse_override(text)
+        for depth in range(len(parts) - 1, 0, -1):
+            value = {parts[depth]: value}
+        values = _merge(values, {parts[0]: value})
+        _build(Config, values)   # the key and the type, while the override is the one to blame
+    return _build(Config, values).validate()
 
 
 def load_config(source: Union[str, Path, dict[str, Any], Config]) -> Config:

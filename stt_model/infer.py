@@ -10,6 +10,13 @@ zarr dataset). Peak memory is set by the block and window sizes, never by the vo
 windows that straddle a block border are predicted once per block they touch (the price of
 that bound, ``(1 + window / block)`` per axis).
 
+Test-time augmentation (``InferOptions.tta``) predicts each window under 4 variants (the flips
+of the (H, W) plane), 8 (those, with and without a flip of T) or 16 (those, with and without a
+transpose of H and W: the window must be square in the plane), maps every prediction back to
+the window's own orientation and reduces them voxel by voxel (``tta_reduce``: mean, min or
+max) before blending; the variants run one after another on the same batch, so memory stays
+that of one batch of windows.
+
 Several processes (``torchrun``) split the blocks between them (block ``i`` goes to rank
 ``i % world``); blocks are independent, so seams between ranks blend like any other.
 
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +41,34 @@ from .data.intensity import IntensitySpec, check_image, parse_intensity, to_unit
 from .progress import Progress
 
 Triple = tuple[int, int, int]
+TTA_VARIANTS = (1, 4, 8, 16)
+TTA_REDUCTIONS = ("mean", "min", "max")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One test-time augmentation of ``(N, C, T, H, W)`` windows: flip the axes ``flips``, then
+    (``transpose``) swap H and W. :meth:`invert` maps a prediction on the variant back."""
+
+    flips: tuple[int, ...] = ()
+    transpose: bool = False
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flip(self.flips) if self.flips else x
+        return x.transpose(3, 4) if self.transpose else x
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.transpose(3, 4) if self.transpose else y
+        return y.flip(self.flips) if self.flips else y
+
+
+def tta_variants(count: int) -> list[Variant]:
+    """The ``count`` (1, 4, 8 or 16) variants of ``InferOptions.tta``, the identity first."""
+    if count not in TTA_VARIANTS:
+        raise ValueError(f"tta must be one of {', '.join(map(str, TTA_VARIANTS))} variants; got {count}")
+    planes = [(), (3,), (4,), (3, 4)] if count >= 4 else [()]
+    flips = planes + [(2, *dims) for dims in planes] if count >= 8 else planes
+    return [Variant(dims, transpose) for transpose in ((False, True) if count == 16 else (False,)) for dims in flips]
 
 
 @dataclass
@@ -42,7 +77,9 @@ class InferOptions:
     overlap: float = 0.25                # fraction of the window shared by neighbours, per axis
     batch_size: int = 2
     block: Optional[Triple] = None       # output block; default: about 4 windows per axis, capped by the volume
-    flip_tta: bool = False               # average over the 4 flips of the (H, W) plane
+    tta: int = 1                         # test-time variants per window: 1 (none), 4, 8 or 16 (module doc)
+    tta_reduce: Literal["mean", "min", "max"] = "mean"
+    flip_tta: bool = False               # the former switch for tta=4, kept for callers that set it
     amp: bool = True                     # bfloat16/float16 autocast on GPU
     device: Optional[str] = None
     rank: int = 0
@@ -62,6 +99,14 @@ class InferOptions:
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank must be in [0, world); got rank {self.rank} of {self.world}")
         parse_intensity(self.intensity)
+        if self.flip_tta and self.tta == 1:
+            self.tta = 4
+        tta_variants(self.tta)
+        if self.tta == 16 and self.window[1] != self.window[2]:
+            raise ValueError(f"tta=16 transposes the (H, W) plane of each window, which needs a square window; "
+                             f"the window is {tuple(self.window)} (use tta=8, or a model with H = W patches)")
+        if self.tta_reduce not in TTA_REDUCTIONS:
+            raise ValueError(f"tta_reduce must be one of {', '.join(TTA_REDUCTIONS)}; got {self.tta_reduce!r}")
 
     @property
     def stride(self) -> Triple:
@@ -113,6 +158,7 @@ class SlidingWindow:
         self.model, self.options = model, options
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weight = torch.from_numpy(gaussian_weight(options.window)).to(self.device)
+        self.variants = tta_variants(options.tta)
 
     def _autocast(self):
         use = self.options.amp and self.device.type == "cuda"
@@ -121,18 +167,23 @@ class SlidingWindow:
 
     @torch.no_grad()
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, T, H, W)`` -> sigmoid probabilities ``(N, C, T, H, W)`` float32."""
-        flips: list[tuple[int, ...]] = [()]
-        if self.options.flip_tta:
-            flips += [(3,), (4,), (3, 4)]
-        total = None
-        for dims in flips:
-            x = batch.flip(dims) if dims else batch
+        """``(N, 1, T, H, W)`` -> sigmoid probabilities ``(N, C, T, H, W)`` float32, reduced over
+        the test-time variants (one at a time: memory is one variant's)."""
+        reduce = self.options.tta_reduce
+        total: Optional[torch.Tensor] = None
+        for variant in self.variants:
             with self._autocast():
-                p = torch.sigmoid(self.model(x).float())
-            p = p.flip(dims) if dims else p
-            total = p if total is None else total + p
-        return total / len(flips)
+                p = variant.invert(torch.sigmoid(self.model(variant.apply(batch)).float()))
+            if total is None:
+                total = p.contiguous()
+            elif reduce == "mean":
+                total += p
+            elif reduce == "min":
+                torch.minimum(total, p, out=total)
+            else:
+                torch.maximum(total, p, out=total)
+        assert total is not None
+        return total / len(self.variants) if reduce == "mean" else total
 
     def _windows(self, block: tuple[slice, ...], shape: Triple) -> list[Triple]:
         per_axis = []

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .atomic import atomic_write
+from stt_kernels.atomic_file import atomic_write
 from .checkpoint import atomic_save
 
 CHECKPOINT = "last.pt"

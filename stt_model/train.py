@@ -6,7 +6,9 @@ targets ``(B, out, T, H, W)`` in {0, 1}, as a pair or as ``{"image", "target"}``
 :class:`stt_model.data.PatchSampler` yields); its ``state_dict`` goes into the checkpoint so
 a resumed run sees the same batches. Under ``torchrun`` every rank draws its own batches (the
 source is built per rank) and only rank 0 writes logs and checkpoints, into a run folder it
-claims first (:class:`stt_model.run_folder.RunFolder`: one run per folder, locked).
+claims first (:class:`stt_model.run_folder.RunFolder`: one run per folder, locked), with
+``train_curves.png`` beside the log and, with ``TrainOptions.tensorboard``, TensorBoard events
+(:mod:`stt_model.train_report`).
 
 Nothing non-finite is saved: a loss term or gradient norm that goes NaN/Inf stops the run
 with :class:`NonFiniteError` before the optimiser takes the step. Ctrl-C and SIGTERM are held
@@ -37,6 +39,7 @@ from .interrupts import HeldInterrupts
 from .losses import discriminator_loss, generator_loss, segmentation_loss, straight_through_binary
 from .progress import Progress
 from .run_folder import RunFolder, RunLog
+from .train_report import RunReport, require_tensorboard
 
 
 class BatchSource(Protocol):
@@ -62,6 +65,7 @@ class TrainOptions:
     progress: bool = True
     folder: Optional[RunFolder] = None         # out_dir, claimed already (the CLI does before loading data)
     compile: bool = False                      # run the network's forward/backward through torch.compile (inductor)
+    tensorboard: bool = False                  # also log scalars into out_dir/tensorboard (needs tensorboard)
 
 
 @dataclass
@@ -165,6 +169,8 @@ class Trainer:
 
     def __init__(self, config: Config, source: BatchSource, options: TrainOptions):
         self.cfg, self.source, self.options = config, source, options
+        if options.tensorboard:
+            require_tensorboard()
         self.device = training_device(options.device)
         if _distributed() and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -185,6 +191,7 @@ class Trainer:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, schedule) if self.opt_d else None
         self.step = 0
         self._saved: Optional[tuple[Path, int]] = None   # the checkpoint this run last wrote or resumed, its step
+        self._report: Optional[RunReport] = None          # rank 0's, while run() runs
         if options.resume is not None:
             self._resume(options.resume)
         self.net, self.disc_net = self.model, self.disc
@@ -245,8 +252,11 @@ class Trainer:
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise NonFiniteError(f"step {self.step}: the {net_name}'s {name} holds NaN/Inf; "
                                          f"{self._kept()}")
+        replacing = folder.replacing
         path = folder.save(self.state_dict())
         self._saved = (path, self.step)
+        if replacing and self._report is not None:
+            self._report.published()
         return path
 
     def _kept(self) -> str:
@@ -351,6 +361,9 @@ class Trainer:
         last = min(t.iterations, self.options.max_steps or t.iterations)
         result = TrainResult(step=self.step)
         log = folder.log if folder is not None else None
+        if folder is not None:
+            self._report = RunReport(folder, tensorboard=self.options.tensorboard,
+                                     resumed_step=self.step if self.options.resume is not None else None)
         progress = Progress(last, "train", start=self.step) if folder is not None and self.options.progress else None
         started = time.monotonic()
         batches = iter(self.source)
@@ -368,24 +381,33 @@ class Trainer:
                     result.losses.append(values["loss"])
                     if log is not None:
                         log.write(step=self.step, seconds=round(time.monotonic() - started, 3), **values)
+                        self._report.scalars(self.step, values, "train")
                     mid_step = False
                 if progress is not None:
                     progress.update(self.step, loss=values["loss"], lr=values["lr"])
                 if self.options.validate is not None and self.step % t.val_every == 0:
                     result.metrics = self._validate(log)
-                out_of_time = self.options.time_budget is not None and time.monotonic() - started > self.options.time_budget
+                budget = self.options.time_budget
+                out_of_time = budget is not None and time.monotonic() - started > budget
                 if self.step % t.checkpoint_every == 0 or self.step == last or out_of_time:
                     result.checkpoint = self.save(folder)
                 if out_of_time:
                     break
             if self.options.validate is not None and not result.metrics:
                 result.metrics = self._validate(log)
+            if self._report is not None:
+                self._report.refresh(self.step)
         except KeyboardInterrupt as exc:
             exc.add_note(self._save_on_interrupt(folder, mid_step))
+            if self._report is not None:
+                self._report.refresh(self.step)
             raise
         finally:
             if progress is not None:
                 progress.close()
+            if self._report is not None:
+                self._report.close()
+                self._report = None
         result.step = self.step
         return result
 
@@ -408,6 +430,8 @@ class Trainer:
         self.model.train()
         if log is not None:
             log.write(step=self.step, **{f"val_{k}": v for k, v in metrics.items()})
+            self._report.scalars(self.step, metrics, "val")
+            self._report.refresh(self.step)
         return metrics
 
 

@@ -1,27 +1,24 @@
-"""One STT-UNET training step as a case of the ``stt_kernels.bench`` engine.
+"""Cases of ``stt_model`` for the ``stt_kernels.bench`` engine, and their suites, registered on
+import (``stt bench`` imports this before reading its options). The kernel package never imports
+it: the dependency runs one way, from ``stt_model`` to ``stt_kernels``.
 
-Registered through the ``stt_kernels.bench`` entry point (``pyproject.toml``), so
-``stt bench`` and ``python -m stt_kernels.bench`` both run it when ``stt_model`` is installed.
+``train-step``: one STT-UNET training step on a preset's batch (``Shape.name``: ``tiny-cpu`` in the
+``quick`` and ``default`` tiers, ``mitoem-r``, the paper's 2 x 32 x 320 x 320, in ``full``).
+``forward`` is the network's inference forward; ``forward+backward`` one :meth:`Trainer.train_step`
+(network, BCE, the FG-BG discriminator's update and adversarial term, backward, clipping, both Adam
+steps, AMP as the preset says on GPU). FLOPs by ``torch.utils.flop_counter`` on the meta device,
+for the segmentation network.
 
-The case is a preset's training batch: ``tiny-cpu`` (``8 x 64 x 64``, batch 2) in the
-``quick`` and ``default`` tiers, ``mitoem-r`` (the paper's ``32 x 320 x 320``, batch 2) in
-``full``. Its rows:
-
-- ``forward``: the segmentation network's forward in eval mode, no gradients (inference);
-- ``forward+backward``: one whole :meth:`stt_model.train.Trainer.train_step`: the network,
-  BCE, the FG-BG discriminator's update and the adversarial term, backward, clipping, both
-  Adam steps (AMP as the preset says, on GPU).
-
-Each of our backends runs the same network (``model.backend``); ``reference`` is the network
-on the plain-PyTorch ops. FLOPs are counted once per shape by ``torch.utils.flop_counter``
-on the meta device (the reference ops, which the kernels compute exactly as many of), for the
-segmentation network; the discriminator's share is left out.
+``predict-volume``: ``stt predict --instances`` out of core on a chunked synthetic HDF5 volume of
+``t x h x w`` (32 x 512 x 512 quick, 32 x 2048 x 2048 default, 256 x 2048 x 2048 full), a fresh
+``tiny-cpu`` network: the time per volume and the predicting process's peak memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -29,57 +26,51 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stt_kernels.bench.cases import Case, register_case
-from stt_kernels.bench.implementation import Implementation, Unsupported
-from stt_kernels.bench.ours import BACKEND_DEVICES, backend_unsupported
-from stt_kernels.bench.registry import register_implementation
-from stt_kernels.bench.shapes import Level
+from stt_kernels.bench import (
+    Case,
+    Shape,
+    Unsupported,
+    backend_unsupported,
+    register_backends,
+    register_case,
+    register_suite,
+)
+from stt_kernels.bench.cases import Tensors
 
 from .build import build_model
+from .checkpoint import atomic_save
 from .config import Config, load_config
-from .train import TrainOptions, Trainer
+from .train import Trainer, TrainOptions
 
 NAME = "stt_unet_train_step"
 _PRESET_OF_TIER = {"quick": "tiny-cpu", "default": "tiny-cpu", "full": "mitoem-r"}
+_FLOAT32_ONLY = "the network trains in float32 parameters (with the preset's AMP on GPU)"
 
 
-@functools.lru_cache(maxsize=None)
-def _preset(name: str) -> Config:
-    return load_config(name)
-
-
-def _level(preset: str) -> Level:
-    config = _preset(preset)
+def preset_shape(preset: str) -> Shape:
+    """The training batch of ``preset``."""
+    config = load_config(preset)
     t, h, w = config.data.patch
-    return Level(level=0, batch=config.train.batch_size, t=t, h=h, w=w,
-                 channels=config.model.channels[0], heads=config.model.heads[0])
+    return Shape(config.train.batch_size, t, h, w, config.model.channels[0], config.model.heads[0], preset)
 
 
-def _preset_of(level: Level) -> str:
-    """The preset whose batch ``level`` is (or whose channels it keeps, for a small probe)."""
-    for name in dict.fromkeys(_PRESET_OF_TIER.values()):
-        full = _level(name)
-        if (level.channels, level.heads) == (full.channels, full.heads):
-            return name
-    raise ValueError(f"no preset has first-level channels {level.channels} and heads {level.heads}")
-
-
-def _config(level: Level, backend: str) -> Config:
-    """The preset of ``level`` on ``backend``, training on ``level``'s batch and patch."""
-    config = _preset_of(level)
-    base = _preset(config)
+def _config(shape: Shape, backend: str) -> Config:
+    """The preset named by ``shape`` on ``backend``, training on ``shape``'s batch and patch."""
+    base = load_config(shape.name)
     return dataclasses.replace(
-        base, model=dataclasses.replace(base.model, backend=backend),
-        data=dataclasses.replace(base.data, patch=[level.t, level.h, level.w]),
-        train=dataclasses.replace(base.train, batch_size=level.batch))
+        base,
+        model=dataclasses.replace(base.model, backend=backend),
+        data=dataclasses.replace(base.data, patch=[shape.t, shape.h, shape.w]),
+        train=dataclasses.replace(base.train, batch_size=shape.batch),
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def _flops(level: Level, pass_: str) -> float:
-    config = _config(level, "reference")
+@functools.cache
+def _flops(shape: Shape, pass_: str) -> float:
+    config = _config(shape, "reference")
     with torch.device("meta"):
         model = build_model(config)
-        x = torch.empty(level.batch, config.model.in_channels, level.t, level.h, level.w)
+        x = torch.empty(shape.batch, config.model.in_channels, shape.t, shape.h, shape.w)
     with FlopCounterMode(display=False) as counter:
         if pass_ == "forward":
             with torch.no_grad():
@@ -91,70 +82,131 @@ def _flops(level: Level, pass_: str) -> float:
 
 class TrainStepCase(Case):
     name = NAME
-    description = ("`forward`: the STT-UNET segmentation network's inference forward. `forward+backward`: one "
-                   "whole training step (network, BCE, FG-BG discriminator update and adversarial term, "
-                   "backward, clipping, both Adam steps). Shapes are a preset's training batch; GFLOP/s "
-                   "count the segmentation network only.")
+    description = (
+        "`forward`: the STT-UNET segmentation network's inference forward. `forward+backward`: one "
+        "whole training step (network, BCE, FG-BG discriminator update and adversarial term, "
+        "backward, clipping, both Adam steps). Shapes are a preset's training batch; GFLOP/s "
+        "count the segmentation network only."
+    )
 
-    def levels(self, tier: str) -> list[Level]:
-        return [_level(_PRESET_OF_TIER[tier])]
+    def small(self, shape: Shape) -> Shape:
+        # Three 1 x 2 x 2 downsamplings need H, W divisible by 8.
+        return dataclasses.replace(shape, batch=1, t=2, h=16, w=16)
 
-    def small(self, level: Level) -> Level:
-        # Three 1x2x2 downsamplings need H, W divisible by 8.
-        return dataclasses.replace(level, batch=1, t=2, h=16, w=16)
+    def label(self, shape: Shape) -> str:
+        return f"{shape.name} B{shape.batch} T{shape.t} {shape.h}x{shape.w}"
 
-    def label(self, level: Level) -> str:  # type: ignore[override]
-        return f"{_preset_of(level)} B{level.batch} T{level.t} {level.h}x{level.w}"
-
-    def leaves(self, level: Level, dtype: torch.dtype, device: torch.device,
-               generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        config = _config(level, "reference")
-        image = torch.randn(level.batch, config.model.in_channels, level.t, level.h, level.w, generator=generator)
-        target = torch.rand(level.batch, config.model.out_channels, level.t, level.h, level.w,
-                            generator=generator) < 0.2
+    def leaves(self, shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Tensors:
+        model = _config(shape, "reference").model
+        image = torch.randn(shape.batch, model.in_channels, shape.t, shape.h, shape.w, generator=gen)
+        target = torch.rand(shape.batch, model.out_channels, shape.t, shape.h, shape.w, generator=gen) < 0.2
         return image.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype)
 
-    def arguments(self, leaves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(leaves)
-
-    def flops(self, level: Level, pass_: str) -> float:
-        return _flops(level, pass_)
-
-    def bytes(self, level: Level, dtype: torch.dtype, pass_: str) -> Optional[float]:
-        return None
+    def flops(self, shape: Shape, pass_: str) -> float:
+        return _flops(shape, pass_)
 
 
-def _make_step(backend: str, level: Level, leaves: Sequence[torch.Tensor], pass_: str) -> Callable[[], None]:
+def _make_step(backend: str, shape: Shape, leaves: Sequence[torch.Tensor], pass_: str) -> Callable[[], None]:
     image, target = leaves
     if image.dtype != torch.float32:
-        raise Unsupported("the network trains in float32 parameters (with the preset's AMP on GPU)")
-    config = _config(level, backend)
+        raise Unsupported(_FLOAT32_ONLY)
+    config = _config(shape, backend)
     if pass_ == "forward":
         model = build_model(config).to(image.device).eval()
 
         def forward() -> None:
             with torch.no_grad():
                 model(image)
-        return forward
-    trainer = Trainer(config, source=None,  # type: ignore[arg-type]  # batches come from the case
-                      options=TrainOptions(out_dir=Path(tempfile.gettempdir()), device=str(image.device),
-                                           progress=False))
 
-    def train_step() -> None:
-        trainer.train_step(image, target)
-    return train_step
+        return forward
+    trainer = Trainer(
+        config,
+        source=None,  # type: ignore[arg-type]  # batches come from the case
+        options=TrainOptions(out_dir=Path(tempfile.gettempdir()), device=str(image.device), progress=False),
+    )
+    return lambda: trainer.train_step(image, target)
 
 
 def _step_unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
-    if dtype != torch.float32:
-        return "the network trains in float32 parameters (with the preset's AMP on GPU)"
-    return backend_unsupported(backend, device, dtype, pass_)
+    return _FLOAT32_ONLY if dtype != torch.float32 else backend_unsupported(backend, device, dtype, pass_)
 
 
 register_case(TrainStepCase())
-for _backend, _devices in BACKEND_DEVICES.items():
-    register_implementation(Implementation(
-        name="reference" if _backend == "reference" else f"ours:{_backend}", op=NAME,
-        kind="reference" if _backend == "reference" else "ours", devices=_devices,
-        make_step=functools.partial(_make_step, _backend),
-        unsupported=functools.partial(_step_unsupported, _backend)))
+register_backends(NAME, make_step=_make_step, unsupported=_step_unsupported)
+register_suite("train-step", lambda tier: [(NAME, preset_shape(_PRESET_OF_TIER[tier]), None)])
+
+
+class PredictVolumeCase(Case):
+    name = "stt_predict_volume"
+    description = (
+        "One `stt predict --instances` of a chunked (16 x 128 x 128, gzip) synthetic HDF5 volume by a "
+        "fresh `tiny-cpu` network (window 8 x 64 x 64, overlap 0.25), probabilities and instances "
+        "written: seconds per volume, and the peak memory of the predicting process."
+    )
+
+    def label(self, shape: Shape) -> str:
+        return f"volume {shape.t}x{shape.h}x{shape.w}"
+
+    def small(self, shape: Shape) -> Shape:
+        return dataclasses.replace(shape, t=8, h=64, w=64)  # one window
+
+    def leaves(self, shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Tensors:
+        return ()
+
+    def flops(self, shape: Shape, pass_: str) -> float:
+        return 0.0  # no work model: the network, the blending and the post-processing
+
+
+TILE = (32, 512, 512)  # the volume repeats one synthetic tile: generating a tile costs seconds
+
+
+@functools.lru_cache(maxsize=1)
+def _work() -> Path:
+    """A folder for the volumes and outputs, removed when the process exits."""
+    _work.folder = tempfile.TemporaryDirectory(prefix="stt-bench-")
+    return Path(_work.folder.name)
+
+
+def volume(shape: Shape) -> Path:
+    """The synthetic volume of ``shape``'s ``t x h x w`` in ``image`` of an HDF5 file, written tile by tile."""
+    import h5py
+
+    from .data import synthetic_volume
+
+    size, path = (shape.t, shape.h, shape.w), _work() / f"volume_{shape.t}x{shape.h}x{shape.w}.h5"
+    if not path.exists():
+        tile = synthetic_volume(tuple(min(n, m) for n, m in zip(size, TILE)), seed=0).image
+        with h5py.File(path, "w") as f:
+            chunks = tuple(min(n, m) for n, m in zip(size, (16, 128, 128)))
+            image = f.create_dataset("image", size, "uint8", chunks=chunks, compression="gzip", compression_opts=1)
+            for z, y, x in itertools.product(*(range(0, n, m) for n, m in zip(size, tile.shape))):
+                part = tile[: size[0] - z, : size[1] - y, : size[2] - x]
+                image[z : z + part.shape[0], y : y + part.shape[1], x : x + part.shape[2]] = part
+    return path
+
+
+def _predict_step(backend: str, shape: Shape, leaves: Sequence[torch.Tensor], pass_: str) -> Callable[[], None]:
+    from .cli import main
+
+    config = load_config("tiny-cpu")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backend=backend))
+    checkpoint = _work() / f"tiny-cpu-{backend}.pt"
+    torch.manual_seed(0)
+    atomic_save({"config": config.to_dict(), "model": build_model(config).state_dict()}, checkpoint)
+    out = [f"--out={_work() / 'probs.h5'}", f"--instances={_work() / 'instances.h5'}", "--overwrite"]
+    command = ["predict", f"--checkpoint={checkpoint}", f"--image={volume(shape)}:image", *out]
+
+    def step() -> None:
+        if (code := main(command)) != 0:
+            raise RuntimeError(f"stt {' '.join(command)} exited with {code}")
+
+    return step
+
+
+register_case(PredictVolumeCase())
+register_backends(PredictVolumeCase.name, make_step=_predict_step, unsupported=_step_unsupported)
+_VOLUME_OF_TIER = {"quick": (32, 512, 512), "default": (32, 2048, 2048), "full": (256, 2048, 2048)}
+register_suite(
+    "predict-volume",
+    lambda tier: [(PredictVolumeCase.name, Shape(1, *_VOLUME_OF_TIER[tier], 1, 1, "volume"), ("forward",))],
+)

@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from stt_model.data import create_output, open_volume, split_spec
-from stt_model.data.volumes import HDF5Volume, SliceFolderVolume, TiffVolume, ZarrVolume
+from stt_model.data.volumes import HDF5Volume, N5Volume, SliceFolderVolume, TiffVolume, VolumeReadError, ZarrVolume
 
 LUCCHI = Path("/work/shared/data/lucchi_pp_train.h5")
 WINDOWS = [
@@ -142,7 +142,8 @@ def test_errors_name_the_problem(tmp_path, array):
         open_volume(tmp_path / "v.nii")
     folder = write_folder(tmp_path / "mixed", array[:3])
     Image.fromarray(array[0, :10]).save(folder / "slice3.png")
-    with pytest.raises(ValueError, match=r"slices differ in shape \(slice0.png is \(33, 45\), slice3.png is \(10, 45\)\)"):
+    shapes = r"slices differ in shape \(slice0.png is \(33, 45\), slice3.png is \(10, 45\)\)"
+    with pytest.raises(ValueError, match=shapes):
         open_volume(folder)
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
     with pytest.raises(ValueError, match=r"rgb.tif: expected a grayscale stack"):
@@ -221,3 +222,175 @@ def test_lucchi_opens_through_open_volume():
         labels = open_volume(f"{LUCCHI}:label")
         np.testing.assert_array_equal(labels[40:56, 300:428, 500:628], f["label"][40:56, 300:428, 500:628])
     np.testing.assert_array_equal(volume[40:56, 300:428, 500:628], expected)
+
+
+def _ome_zarr(path: Path, levels: list, zarr_format: int = 2, axes: str = "zyx", labels: dict = None) -> Path:
+    """An OME-Zarr multiscale image: OME-Zarr 0.4 (zarr v2, metadata at the top of .zattrs) or 0.5
+    (zarr v3, under "ome"), arrays "0", "1", ... full resolution first; ``labels`` adds label images."""
+    import zarr
+
+    def image(group, arrays):
+        for i, level in enumerate(arrays):
+            group.create_array(str(i), data=level, chunks=(1,) * (level.ndim - 3) + (2, 8, 8))
+        meta = {"version": "0.4" if zarr_format == 2 else "0.5", "name": "em",
+                "axes": [{"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")} for a in axes],
+                "datasets": [{"path": str(i), "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0] * (len(axes) - 2) + [2.0 ** i] * 2}]} for i in range(len(arrays))]}
+        group.attrs.update({"multiscales": [meta]} if zarr_format == 2 else
+                           {"ome": {"version": "0.5", "multiscales": [meta]}})
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    image(root, levels)
+    for name, arrays in (labels or {}).items():
+        image(root.require_group(f"labels/{name}"), arrays)
+    return path
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_ome_zarr_opens_level_0_and_any_level_by_name(tmp_path, array, zarr_format):
+    levels = [array, array[:, ::2, ::2], array[:, ::4, ::4]]
+    mask = (array > 128).astype(np.uint8)
+    path = _ome_zarr(tmp_path / "em.ome.zarr", levels, zarr_format, labels={"mito": [mask, mask[:, ::2, ::2]]})
+    bare = open_volume(path)
+    assert isinstance(bare, ZarrVolume) and bare.dataset == "0" and tuple(bare.shape) == array.shape
+    np.testing.assert_array_equal(bare[2:5, 3:20], array[2:5, 3:20])
+    for level, expected in enumerate(levels):
+        by_name, by_path = open_volume(f"{path}:{level}"), open_volume(path / str(level))
+        assert tuple(by_name.shape) == tuple(by_path.shape) == expected.shape
+        np.testing.assert_array_equal(by_name[:], expected)
+        np.testing.assert_array_equal(by_path[1:3], expected[1:3])
+    labels = open_volume(f"{path}:labels/mito")          # a label image: its level 0
+    assert labels.dataset == "labels/mito/0"
+    np.testing.assert_array_equal(labels[:], mask)
+    np.testing.assert_array_equal(open_volume(path / "labels" / "mito")[:], mask)
+    np.testing.assert_array_equal(open_volume(f"{path}:labels/mito/1")[:], mask[:, ::2, ::2])
+    with pytest.raises(ValueError, match=r"no dataset '5' \(multiscale levels: 0, 1, 2\); available: 0, 1, 2, labels"):
+        open_volume(f"{path}:5")
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_ome_zarr_time_and_channel_axes_of_size_1_are_hidden(tmp_path, array, zarr_format):
+    five = array[None, None]                             # (t, c, z, y, x), as bioformats2raw writes
+    path = _ome_zarr(tmp_path / "tczyx.ome.zarr", [five, five[..., ::2, ::2]], zarr_format, axes="tczyx")
+    for spec in (path, f"{path}:1", path / "1"):
+        volume = open_volume(spec)
+        assert len(volume.shape) == 3, spec
+    volume = open_volume(path)
+    assert tuple(volume.shape) == array.shape
+    for key in WINDOWS:
+        np.testing.assert_array_equal(volume[key], array[key], err_msg=str(key))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(volume))[3], array[3])
+    # Two channels are data, not a size-1 axis to hide: the level keeps all its axes.
+    two = np.stack([array, array])
+    kept = open_volume(_ome_zarr(tmp_path / "czyx.ome.zarr", [two], zarr_format, axes="czyx"))
+    assert tuple(kept.shape) == two.shape
+
+
+def test_a_plain_zarr_array_keeps_leading_axes_of_size_1(tmp_path, array):
+    """Without OME axes metadata nothing says an axis is a channel: (1, Z, Y, X) probabilities stay 4-d."""
+    import zarr
+
+    zarr.create_array(str(tmp_path / "p.zarr"), data=array[None], chunks=(1, 2, 8, 8))
+    assert tuple(open_volume(tmp_path / "p.zarr").shape) == (1, *array.shape)
+
+
+def test_ome_zarr_metadata_naming_a_missing_level_says_so(tmp_path, array):
+    import zarr
+
+    path = _ome_zarr(tmp_path / "em.ome.zarr", [array])
+    group = zarr.open_group(str(path), mode="a")
+    meta = dict(group.attrs)["multiscales"]
+    meta[0]["datasets"][0]["path"] = "s0"
+    group.attrs["multiscales"] = meta
+    with pytest.raises(ValueError, match=r"multiscales metadata names level 0 's0', which is not an array there"):
+        open_volume(path)
+
+
+# Written by zarr 2.18's N5Store (the reference N5 writer of the zarr world; zarr 3 has none):
+# (3, 7, 9) volumes in (2, 4, 5) blocks, edge blocks padded, each compression N5 knows but lz4.
+N5 = Path(__file__).parent / "data" / "ref.n5"
+N5_DATASETS = {"raw": "u2", "gzip": "u2", "zlib": "u1", "blosc": "u2", "bzip2": "i4", "xz": "f4", "zstd": "u8",
+               "volumes/labels": "u1"}
+N5_WINDOWS = [(slice(0, 2), slice(1, 6), slice(3, 9)), (1, slice(None), slice(4, 6)), (slice(None), 4, 7),
+              (Ellipsis, slice(1, 9, 3)), (slice(None, None, -1), slice(5, 0, -2), slice(None)), (2, 6, 8),
+              (-1,), (slice(1, 1),), (slice(None), slice(4, 7), slice(5, 9))]
+
+
+def n5_expected(dtype: str) -> np.ndarray:
+    """What the fixture's writer stored (a deterministic pattern, floats divided by 7)."""
+    pattern = (np.arange(3 * 7 * 9, dtype=np.uint64).reshape(3, 7, 9) * 2654435761) % 60000
+    return pattern.astype(np.float32) / np.float32(7.0) if dtype == "f4" else pattern.astype(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(N5_DATASETS))
+def test_n5_datasets_written_by_zarr_2_read_exactly(name):
+    expected = n5_expected(N5_DATASETS[name])
+    volume = open_volume(f"{N5}:{name}")
+    assert isinstance(volume, N5Volume) and volume.dataset == name
+    assert tuple(volume.shape) == expected.shape and volume.dtype == expected.dtype
+    assert volume.dtype.isnative and volume.chunks == (2, 4, 5)
+    for key in N5_WINDOWS:
+        np.testing.assert_array_equal(volume[key], expected[key], err_msg=f"{name} {key}")
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(volume))[1:3], expected[1:3])
+
+
+def test_n5_specs_blocks_never_written_and_cropped_edge_blocks(tmp_path):
+    sparse = open_volume(N5 / "sparse")                  # the dataset's folder, named directly
+    assert sparse.dataset is None and sparse.source == str(N5 / "sparse")
+    expected = np.zeros((3, 7, 9), np.float32)
+    expected[0:2, 0:4, 0:5] = 1.5                        # the one block written
+    np.testing.assert_array_equal(sparse[:], expected)
+    assert open_volume(N5).dataset == "raw"              # the conventional name, as in HDF5 and zarr
+    with pytest.raises(ValueError, match=r"ref.n5 has no dataset 'labels'; available: .*volumes/labels"):
+        open_volume(f"{N5}:labels")
+    # Java's N5 stores an edge block cropped to the volume, its header giving its own size.
+    import shutil
+    import struct
+    import zlib
+
+    copy = shutil.copytree(N5, tmp_path / "vol.n5")
+    edge = open_volume(f"{copy}:gzip")._stored().read_block((1, 1, 1))
+    cropped = edge[:1, :3, :4]                           # z 2:3, y 4:7, x 5:9 of the volume
+    block = struct.pack(">HH3I", 0, 3, 4, 3, 1) + zlib.compress(cropped.astype(">u2").tobytes(), wbits=31)
+    (copy / "gzip" / "1" / "1" / "1").write_bytes(block)
+    np.testing.assert_array_equal(open_volume(f"{copy}:gzip")[:], n5_expected("u2"))
+
+
+def test_n5_damage_and_unsupported_features_name_the_problem(tmp_path):
+    import json
+    import shutil
+
+    copy = shutil.copytree(N5, tmp_path / "vol.n5")
+    (copy / "gzip" / "0" / "1" / "0").write_bytes(b"\x00\x00\x00\x03" + b"\x00" * 12 + b"not gzip")
+    volume = open_volume(f"{copy}:gzip")
+    np.testing.assert_array_equal(volume[:, :4], n5_expected("u2")[:, :4])   # the damaged block is not read
+    with pytest.raises(VolumeReadError, match=r"vol.n5:gzip: cannot read chunk z 0:2, y 4:8, x 0:5 .*damaged"):
+        volume[:, 2:6]
+    attributes = json.loads((copy / "raw" / "attributes.json").read_text())
+    for change, message in (({"compression": {"type": "lz4"}}, r"N5 compression 'lz4' is not supported"),
+                            ({"dataType": "object"}, r"N5 dataType 'object' is not supported")):
+        (copy / "raw" / "attributes.json").write_text(json.dumps({**attributes, **change}))
+        with pytest.raises(ValueError, match=message):
+            open_volume(f"{copy}:raw")
+    (tmp_path / "flat.n5").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"flat.n5 is not an N5 container: N5 is a folder"):
+        open_volume(tmp_path / "flat.n5")
+
+
+def test_an_n5_container_without_the_suffix_is_recognised(tmp_path):
+    import shutil
+
+    copy = shutil.copytree(N5, tmp_path / "container")
+    np.testing.assert_array_equal(open_volume(f"{copy / 'zlib'}")[:], n5_expected("u1"))
+
+
+def test_readers_share_the_base_class_and_repr(tmp_path, array):
+    from stt_model.data.volumes import _Reader
+
+    for kind, name in (("h5", "HDF5Volume"), ("tiff", "TiffVolume"), ("png-folder", "SliceFolderVolume"),
+                       ("zarr", "ZarrVolume")):
+        spec = make(kind, tmp_path / kind, array) if (tmp_path / kind).mkdir() is None else None
+        volume = open_volume(spec)
+        assert isinstance(volume, _Reader)
+        assert repr(volume) == f"{name}('{volume.source}', shape={array.shape}, dtype=uint8)"
+    assert open_volume(make("h5", tmp_path / "h5", array)).source.endswith("v.h5:image")

@@ -30,3 +30,17 @@ def test_steps_fit_the_nine_minute_budget():
     steps = gpu_check._steps(Path("/nonexistent"), sys.executable)
     assert [name for name, _, _ in steps] == list(STEPS)
     assert sum(deadline for _, deadline, _ in steps) <= gpu_check.TOTAL_SECONDS <= 9 * 60
+
+
+def test_steps_see_the_checkout_without_an_install(tmp_path):
+    """On the GPU machine the package is built in place, not installed: each step's python must
+    import it from the checkout, wherever the script's own folder puts sys.path."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    log, probe = tmp_path / "log.txt", tmp_path / "probe.py"
+    # Run as a script from elsewhere, as gpu_check runs itself: sys.path[0] is the script's folder.
+    probe.write_text(f"import sys\nassert {str(gpu_check.ROOT)!r} in sys.path, sys.path\n")
+    assert gpu_check._run([sys.executable, "-S", str(probe)], log, 60) == "ok", log.read_text()

@@ -2,6 +2,8 @@
 with a plain-PyTorch stand-in kernel, so a failure here points at the plumbing and not at
 a kernel. Real kernels are tested op by op in their own files."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -114,3 +116,25 @@ def test_deform_conv2d_gradients_and_opcheck(stand_in, with_mask, with_bias):
 def test_batch_zero(stand_in):
     q = torch.randn(0, 2, 3, 3, 1, 4, dtype=torch.float64)
     assert stt_kernels.spatial_attention(q, q, q, backend="cpu").shape == q.shape
+
+
+OPS = ["spatial_attention", "temporal_attention", "deform_conv2d"]
+
+
+@pytest.mark.parametrize("name", OPS + [f"{op}_backward" for op in OPS])
+def test_python_implementations_have_the_cpp_schemas(name):
+    """The Python implementation serves the C++ op (as its hand-off ``_<op>_python``) or, without
+    the compiled library, defines it: either way its signature must be the C++ schema."""
+    if not kernel_tables.defined_in_cpp(name.removesuffix("_backward")):
+        pytest.skip("the compiled library does not define the public ops")
+    public = str(getattr(torch.ops.stt, name).default._schema).partition("stt::" + name)[2]
+    hand_off = str(getattr(torch.ops.stt, f"_{name}_python").default._schema).partition(f"stt::_{name}_python")[2]
+    assert public == hand_off
+    if name.startswith("deform_conv2d"):
+        module = importlib.import_module("stt_kernels.ops.deform_conv2d")
+        implementation = module._backward if name.endswith("_backward") else module._forward
+    else:
+        module = importlib.import_module("stt_kernels.ops.attention")
+        layout = module._SPATIAL if name.startswith("spatial") else module._TEMPORAL
+        implementation = layout._backward if name.endswith("_backward") else layout._forward
+    assert torch.library.infer_schema(implementation, mutates_args=()) == public

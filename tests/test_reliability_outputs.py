@@ -497,7 +497,7 @@ def test_demo_removes_leftovers_of_a_killed_demo(tmp_path, monkeypatch, capsys):
 
     dead = _dead_pid()
     (tmp_path / f".probabilities.h5.tmp-{dead}").write_bytes(b"x")
-    monkeypatch.setattr(demo, "load_config", _no_demo_work)  # the first step after the checks
+    monkeypatch.setattr(demo, "_volumes", _no_demo_work)  # the first step after the checks
     with pytest.raises(AssertionError, match="stop here"):
         demo.run_demo(tmp_path)
     assert f"removed {tmp_path}/.probabilities.h5.tmp-{dead}" in capsys.readouterr().out

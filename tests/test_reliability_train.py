@@ -168,7 +168,7 @@ def test_the_next_run_removes_and_names_what_killed_runs_left(tmp_path, volume, 
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stt train:")]
     assert notes == [f"stt train: removed 2 temporary file(s) a killed run left in {run}: "
                      ".last.pt.k2x9a1.tmp, .train_log.csv.replacing.tmp"]
-    assert sorted(p.name for p in run.iterdir()) == [".notes.tmp", "last.pt", "train_log.csv"]
+    assert sorted(p.name for p in run.iterdir()) == [".notes.tmp", "last.pt", "train_curves.png", "train_log.csv"]
 
 
 # -- 2. the log of a resumed run ---------------------------------------------------------------

@@ -1,5 +1,6 @@
-// The Python module stt_kernels._C. Loading it registers the schemas and the CUDA kernels with
-// the dispatcher (TORCH_LIBRARY blocks in the other sources); the CPU kernels live in one library
+// The Python module stt_kernels._C. Loading it registers the ops (schemas, autograd, the public
+// ops' CPU/CUDA kernels: csrc/ops) and the CUDA kernels with the dispatcher (TORCH_LIBRARY
+// blocks in the other sources); the CPU kernels live in one library
 // per x86 capability (stt_kernels/_isa.py loads one). The module reports its build and the CPU's
 // features; it is compiled for the x86-64 baseline, so asking never faults.
 #include <torch/extension.h>

@@ -1,39 +1,22 @@
-"""Benchmarks of the stt_kernels ops against the reference and peer libraries.
+"""Benchmarks of the stt_kernels ops against the reference and the peers, installed with the package::
 
-Installed with the package, so anyone who ran ``pip install`` can measure their machine::
+    python -m stt_kernels.bench [--quick | --full] [--suite levels issue-shapes ...] --out DIR
 
-    python -m stt_kernels.bench [--quick | --full] [--ops ...] [--backends ...] --out DIR
+or ``run(Options(out="bench_out", tier="quick"))``, which returns the path of ``results.json``
+(``report.md`` beside it). ``stt bench`` is the same with ``stt_model``'s suites (``train-step``)
+registered; ``benchmarks/test_bench_ops.py`` times the same rows under pytest-benchmark.
 
-or from Python (``stt bench`` does this)::
-
-    from stt_kernels.bench import Options, run
-    results_json = run(Options(out="bench_out", tier="quick"))
-
-``DIR`` receives ``results.json`` (one row per op x implementation x shape x dtype x pass:
-median time and spread, peak memory, GFLOP/s, GB/s, speedups; plus the environment),
-``report.md`` (a table per op) and PNG plots (``<op>_time.png``, ``<op>_memory.png``,
-``<op>_speedup.png``; skipped with a note without matplotlib).
-
-Where to extend: a new workload is a :class:`~.cases.Case` passed to
-:func:`~.cases.register_case`; its implementations are :class:`~.implementation.Implementation`
-objects passed to :func:`~.registry.register_implementation` under the case's name. Another
-package adds cases by naming the module that registers them under the ``stt_kernels.bench``
-entry-point group (``stt_model`` adds its STT-UNET training step that way).
-Module map: ``shapes`` (sizes), ``cases`` (inputs, work models), ``ours``/``peers``
-(implementations), ``workload`` (one runnable combination), ``timing``, ``memory`` +
-``worker`` (peak memory), ``ceilings``, ``environment`` (metadata), ``results``, ``report``,
-``plots``, ``results_md``, ``runner`` (the loop), ``cli``.
+Modules: ``cases`` (shapes, work models, suites), ``impls`` (ours, the peers, one runnable
+combination), ``measure`` (timers, ceilings, peak memory), ``engine`` (the run), ``report``, ``cli``.
+A new case is a :class:`Case` given to :func:`register_case`, its implementations given to
+:func:`register_implementation` or :func:`register_backends`, its shapes a suite given to
+:func:`register_suite`.
 """
 
-from .cases import CASES, Case, register_case
-from .implementation import Implementation, Unsupported
-from .options import Options
-from .registry import register_implementation
-from .runner import run
-from . import sst_block  # noqa: F401,E402  (registers the SSTAttention block case)
-from .plugins import load_plugins
+from .cases import CASES, SUITES, Case, Shape, register_case, register_suite
+from .engine import NothingMeasured, Options, Row, read_results, run, run_measuring
+from .impls import Implementation, Unsupported, backend_unsupported, register_backends, register_implementation
 
-load_plugins()
-
-__all__ = ["run", "Options", "CASES", "Case", "register_case", "Implementation", "Unsupported",
-           "register_implementation"]
+__all__ = ["CASES", "SUITES", "Case", "Shape", "register_case", "register_suite", "NothingMeasured", "Options"]
+__all__ += ["Row", "read_results", "run", "run_measuring", "Implementation", "Unsupported", "backend_unsupported"]
+__all__ += ["register_backends", "register_implementation"]

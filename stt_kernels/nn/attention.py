@@ -3,18 +3,22 @@
 Both take and return channels-last features ``(B, T, H, W, C)``: one packed QKV projection
 ``Linear(C, 3C)`` whose output ``(B, T, H, W, 3, heads, d)`` feeds the kernels as three strided
 views (no permute copies), attention, and an output projection ``Linear(C, C)``.
+
+The modules script (``torch.jit.script``) and trace with ``torch.fx``, where the input check is
+one node (:func:`check_features`) that runs when the graph runs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+import torch.fx
 from torch import nn
 
 from ..backend import requested_backend
 from ..ops import spatial_attention, temporal_attention
-from ..validation import MAX_HEAD_DIM
+from ..validation import MAX_HEAD_DIM, shape_text
 
 
 def check_heads(dim: int, heads: int) -> int:
@@ -37,9 +41,17 @@ def module_backend(backend: str) -> Optional[str]:
     return None if name == "auto" else name
 
 
-class _Attention(nn.Module):
-    op: Callable[..., torch.Tensor]
+def check_features(u: torch.Tensor, dim: int, module: str) -> torch.Tensor:
+    """``u`` if it is channels-last ``(B, T, H, W, C=dim)``, else a ValueError naming ``module``."""
+    if u.dim() != 5 or u.shape[-1] != dim:
+        raise ValueError(f"{module} expects channels-last features (B, T, H, W, C={dim}); got shape {shape_text(u)}")
+    return u
 
+
+torch.fx.wrap("check_features")
+
+
+class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int, *, backend: str = "auto"):
         super().__init__()
         self.heads = heads
@@ -47,16 +59,18 @@ class _Attention(nn.Module):
         self.backend = module_backend(backend)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.label = type(self).__name__  # for the error message, which TorchScript cannot build from the type
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """``u (B, T, H, W, C)`` -> ``(B, T, H, W, C)``."""
-        if u.dim() != 5 or u.shape[-1] != self.proj.in_features:
-            raise ValueError(f"{type(self).__name__} expects channels-last features (B, T, H, W, "
-                             f"C={self.proj.in_features}); got shape {tuple(u.shape)}")
+        u = check_features(u, self.proj.in_features, self.label)
         qkv = self.qkv(u).unflatten(-1, (3, self.heads, self.head_dim))
         q, k, v = qkv.unbind(-3)
-        out = type(self).op(q, k, v, backend=self.backend)
-        return self.proj(out.flatten(-2))
+        return self.proj(self.attend(q, k, v).flatten(-2))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The branch's attention on ``(B, T, H, W, heads, d)`` views."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"dim={self.proj.in_features}, heads={self.heads}, backend={self.backend or 'auto'}"
@@ -65,10 +79,12 @@ class _Attention(nn.Module):
 class SpatialAttention(_Attention):
     """Self-attention among the ``H * W`` tokens of each slice (paper Eq. 1)."""
 
-    op = staticmethod(spatial_attention)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return spatial_attention(q, k, v, backend=self.backend)
 
 
 class TemporalAttention(_Attention):
     """Self-attention among the ``T`` tokens at each pixel (paper Eq. 2)."""
 
-    op = staticmethod(temporal_attention)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return temporal_attention(q, k, v, backend=self.backend)

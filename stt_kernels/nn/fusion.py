@@ -21,7 +21,7 @@ def _slices(x: torch.Tensor) -> torch.Tensor:
     copy under ``torch.compile``."""
     b, t, h, w, c = x.shape
     y = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
-    if torch.compiler.is_compiling():
+    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
         # Traced with dynamic H, W, a channels-last view saved for backward makes inductor
         # (torch 2.14) compare symbolic strides it cannot order ("cannot determine truth value
         # of Relational", pytorch#185510). A channels-last clone is removed as a no-op, so the
@@ -66,7 +66,7 @@ class DeformableFusion(nn.Module):
         b, t = spatial.shape[:2]
         x = _slices(spatial)
         predicted = self.predictor(_slices(temporal))
-        split = 2 * self.offset_groups * self.kernel_size ** 2
+        split = 2 * self.offset_groups * self.kernel_size * self.kernel_size
         # The kernels read offsets contiguous anyway; a contiguous offset is also not a view,
         # which inductor's stride ordering needs under dynamic shapes (see _slices).
         offset, mask = predicted[:, :split].contiguous(), torch.sigmoid(predicted[:, split:])

@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
+from ..validation import shape_text
 from .attention import SpatialAttention, TemporalAttention, check_heads, module_backend
 from .fusion import make_fusion
 
 FUSIONS = ("deformable", "add", "concat")
 ORDERS = ("split", "spatial_temporal", "temporal_spatial")
+
+
+def check_volume(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` if it is a floating ``(B, C=dim, T, H, W)`` with ``T, H, W >= 1``, else the error saying why.
+
+    A function of its own so that a ``torch.fx`` graph holds it as one node (run when the graph
+    runs) and TorchScript compiles it.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != dim:
+        shape = shape_text(x) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"SSTAttention expects x of shape (B, C={dim}, T, H, W); got {shape}")
+    # An empty slice or sequence has nothing to attend to, and would fail deep in the
+    # fusion's convolutions instead (an empty batch is fine: no sample, no work).
+    empty: list[str] = []
+    for name, size in zip(["T", "H", "W"], x.shape[2:]):
+        if size == 0:
+            empty.append(f"{name} = 0")
+    if len(empty) > 0:
+        raise ValueError(f"SSTAttention expects x of shape (B, C={dim}, T, H, W) with T, H, W >= 1; "
+                         f"got {shape_text(x)} ({', '.join(empty)})")
+    if not x.is_floating_point():
+        raise TypeError(f"SSTAttention expects a floating x; got {x.dtype}")
+    return x
+
+
+torch.fx.wrap("check_volume")
 
 
 class SSTAttention(nn.Module):
@@ -46,17 +74,7 @@ class SSTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, C, T, H, W)`` with ``T, H, W >= 1`` -> the same shape."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"SSTAttention expects x of shape (B, C={self.dim}, T, H, W); got {shape}")
-        # An empty slice or sequence has nothing to attend to, and would fail deep in the
-        # fusion's convolutions instead (an empty batch is fine: no sample, no work).
-        empty = [f"{name} = 0" for name, size in zip("THW", x.shape[2:]) if size == 0]
-        if empty:
-            raise ValueError(f"SSTAttention expects x of shape (B, C={self.dim}, T, H, W) with T, H, W >= 1; "
-                             f"got {tuple(x.shape)} ({', '.join(empty)})")
-        if not x.is_floating_point():
-            raise TypeError(f"SSTAttention expects a floating x; got {x.dtype}")
+        x = check_volume(x, self.dim)
         u = self.norm(x.permute(0, 2, 3, 4, 1))  # (B, T, H, W, C)
         if self.order == "split":
             spatial, temporal = self.spatial(u), self.temporal(u)

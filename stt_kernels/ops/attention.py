@@ -5,9 +5,11 @@ Both are one kernel, attention over the sequence axis of a 5-d strided view
 ``Z = H * W`` and ``N = T``. The views are built without copies from the packed
 ``(B, T, H, W, heads, d)`` projection layout, so kernels read q, k, v in place.
 
-Each op is a ``torch.library`` custom op ``stt::<name>`` returning ``(out, lse)``, with a
-fake kernel and a backward op ``stt::<name>_backward`` (flash style: recompute from the
-saved log-sum-exp), so ``torch.compile`` traces it. Every output is contiguous whatever the
+Each op ``stt::<name>`` returns ``(out, lse)`` and has a fake kernel and a backward op
+``stt::<name>_backward`` (flash style: recompute from the saved log-sum-exp), so
+``torch.compile`` traces it; the ops, their autograd and CPU/CUDA kernels are defined in C++
+(``csrc/ops``), which hands each call to the implementation here while Python is loaded
+(``kernels.register_ops``). Every output is contiguous whatever the
 inputs' strides: ``out`` and the gradients ``(B, T, H, W, heads, d)``, ``lse`` float32
 (float64 for float64 inputs) ``(B, Z, heads, N)``. The op's ``backend`` argument may be
 ``auto``, resolved by device when the op runs. ``backend='reference'`` asked for by name
@@ -22,8 +24,9 @@ import torch
 
 from .. import reference
 from ..backend import requested_backend, resolve
-from ..validation import check_attention
-from .kernels import Kernels, attention_kernels, spec_vjp
+from ..fx import leaf_call
+from ..validation import check_attention, check_attention_shapes, script_scale
+from .kernels import Kernels, attention_kernels, register_ops, spec_vjp
 
 
 def spatial_view(x: torch.Tensor) -> torch.Tensor:
@@ -47,16 +50,15 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 class _AttentionOp:
-    """Registers ``stt::<name>`` and ``stt::<name>_backward`` for one sequence layout."""
+    """The Python halves of ``stt::<name>`` and ``stt::<name>_backward`` for one sequence layout."""
 
     def __init__(self, name: str, view: Callable[[torch.Tensor], torch.Tensor]):
         self.name = name
         self.view = view
-        self.forward = torch.library.custom_op(f"stt::{name}", mutates_args=())(self._forward)
-        self.forward.register_fake(self._forward_fake)
-        self.backward = torch.library.custom_op(f"stt::{name}_backward", mutates_args=())(self._backward)
-        self.backward.register_fake(self._backward_fake)
-        self.forward.register_autograd(self._autograd_backward, setup_context=self._setup_context)
+        register_ops(name, self._forward, self._forward_fake, self._backward, self._backward_fake,
+                     self._setup_context, self._autograd_backward)
+        self.forward = getattr(torch.ops.stt, name).default
+        self.backward = getattr(torch.ops.stt, f"{name}_backward").default
 
     def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +150,16 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     ``q, k, v``: ``(B, T, H, W, heads, d)`` with any strides (views of one packed
     ``(B, T, H, W, 3, heads, d)`` projection are read in place). ``scale`` defaults to
     ``1 / sqrt(d)``. Returns ``(B, T, H, W, heads, d)``.
+
+    Scripted (``torch.jit.script``), a ``backend`` of None is ``auto`` (a script reads no context
+    or environment). Under ``torch.fx`` tracing the call is one node.
     """
+    if torch.jit.is_scripting():
+        scale = script_scale(scale, check_attention_shapes(q, k, v))
+        return torch.ops.stt.spatial_attention(q, k, v, scale, backend if backend is not None else "auto")[0]
+    traced = leaf_call(spatial_attention, q, k, v, scale=scale, backend=backend)
+    if traced is not None:
+        return traced
     return _run(_SPATIAL, reference.spatial_attention, q, k, v, scale, backend)
 
 
@@ -156,6 +167,12 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
                        backend: Optional[str] = None) -> torch.Tensor:
     """Self-attention among the ``T`` tokens at each pixel, per ``(b, h, w, head)``.
 
-    Shapes as :func:`spatial_attention`.
+    Shapes, TorchScript and ``torch.fx`` as :func:`spatial_attention`.
     """
+    if torch.jit.is_scripting():
+        scale = script_scale(scale, check_attention_shapes(q, k, v))
+        return torch.ops.stt.temporal_attention(q, k, v, scale, backend if backend is not None else "auto")[0]
+    traced = leaf_call(temporal_attention, q, k, v, scale=scale, backend=backend)
+    if traced is not None:
+        return traced
     return _run(_TEMPORAL, reference.temporal_attention, q, k, v, scale, backend)

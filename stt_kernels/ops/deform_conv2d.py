@@ -1,7 +1,8 @@
 """``deform_conv2d``: modulated deformable convolution (DCNv2), torchvision's numbers.
 
-A ``torch.library`` custom op ``stt::deform_conv2d`` with a fake kernel and a backward op
-``stt::deform_conv2d_backward``. Backend kernels are called as
+The op ``stt::deform_conv2d`` with a fake kernel and a backward op ``stt::deform_conv2d_backward``,
+defined in C++ (``csrc/ops``) with their autograd and CPU/CUDA kernels, which hand each call to
+the implementation here while Python is loaded (``kernels.register_ops``). Backend kernels are called as
 
     forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, G, weight_groups) -> out
     backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, G, weight_groups)
@@ -24,31 +25,29 @@ import torch
 
 from .. import reference
 from ..backend import requested_backend, resolve
-from ..validation import IntPair, check_deform_conv2d
-from .kernels import Kernels, deform_conv2d_kernels, spec_vjp
+from ..fx import leaf_call
+from ..validation import IntPair, check_deform_conv2d, check_deform_conv2d_shapes, script_pair
+from .kernels import Kernels, deform_conv2d_kernels, register_ops, spec_vjp
 
 
 def _output_shape(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
     return (x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
 
 
-@torch.library.custom_op("stt::deform_conv2d", mutates_args=())
-def _deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
-                      bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                      dilation: Sequence[int], offset_groups: int, backend: str) -> torch.Tensor:
+def _forward(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+             bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+             dilation: Sequence[int], offset_groups: int, backend: str) -> torch.Tensor:
     groups = x.shape[1] // weight.shape[1]
     out = deform_conv2d_kernels.for_call(backend, x.device, x.dtype).forward(
         x, offset, mask, weight, bias, *stride, *padding, *dilation, offset_groups, groups)
     return out.contiguous()  # the layout the fake kernel promises
 
 
-@_deform_conv2d_op.register_fake
-def _(x, offset, mask, weight, bias, stride, padding, dilation, offset_groups, backend):
+def _forward_fake(x, offset, mask, weight, bias, stride, padding, dilation, offset_groups, backend):
     return x.new_empty(_output_shape(x, offset, weight))
 
 
-@torch.library.custom_op("stt::deform_conv2d_backward", mutates_args=())
-def _deform_conv2d_backward_op(
+def _backward(
         grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
         weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
         offset_groups: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,8 +58,7 @@ def _deform_conv2d_backward_op(
     return grad_x.contiguous(), grad_offset.contiguous(), grad_mask.contiguous(), grad_weight.contiguous()
 
 
-@_deform_conv2d_backward_op.register_fake
-def _(grad_out, x, offset, mask, weight, stride, padding, dilation, offset_groups, backend):
+def _backward_fake(grad_out, x, offset, mask, weight, stride, padding, dilation, offset_groups, backend):
     grad_mask = x.new_empty(mask.shape) if mask is not None else x.new_empty((0,))
     return x.new_empty(x.shape), x.new_empty(offset.shape), grad_mask, x.new_empty(weight.shape)
 
@@ -72,16 +70,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.args = (stride, padding, dilation, offset_groups, backend)
 
 
-def _backward(ctx, grad_out: torch.Tensor):
+def _autograd_backward(ctx, grad_out: torch.Tensor):
     x, offset, mask, weight = ctx.saved_tensors
-    grad_x, grad_offset, grad_mask, grad_weight = _deform_conv2d_backward_op(
+    grad_x, grad_offset, grad_mask, grad_weight = torch.ops.stt.deform_conv2d_backward.default(
         grad_out, x, offset, mask, weight, *ctx.args)
     grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias else None
     return (grad_x, grad_offset, grad_mask if mask is not None else None, grad_weight, grad_bias,
             None, None, None, None, None)
 
 
-_deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+register_ops("deform_conv2d", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _autograd_backward)
+_deform_conv2d_op = torch.ops.stt.deform_conv2d.default
 
 
 def _reference_forward(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
@@ -115,7 +114,20 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Te
     from it), ``mask (N, G*Kh*Kw, H_out, W_out)`` or ``None`` (no modulation),
     ``weight (C_out, C / weight_groups, Kh, Kw)``, ``bias (C_out,)`` or ``None``.
     Returns ``(N, C_out, H_out, W_out)``.
+
+    Scripted (``torch.jit.script``), a ``backend`` of None is ``auto`` (a script reads no context
+    or environment). Under ``torch.fx`` tracing the call is one node.
     """
+    if torch.jit.is_scripting():
+        pairs = (script_pair("stride", stride, 1), script_pair("padding", padding, 0),
+                 script_pair("dilation", dilation, 1))
+        groups, _ = check_deform_conv2d_shapes(x, offset, mask, weight, bias, pairs[0], pairs[1], pairs[2])
+        return torch.ops.stt.deform_conv2d(x, offset, mask, weight, bias, list(pairs[0]), list(pairs[1]),
+                                           list(pairs[2]), groups, backend if backend is not None else "auto")
+    traced = leaf_call(deform_conv2d, x, offset, mask, weight, bias, stride=stride, padding=padding,
+                       dilation=dilation, backend=backend)
+    if traced is not None:
+        return traced
     stride, padding, dilation, offset_groups, _ = check_deform_conv2d(
         x, offset, mask, weight, bias, stride, padding, dilation)
     name = requested_backend(backend)

@@ -1,5 +1,12 @@
 """Which backends have a kernel for which op, and how to call it.
 
+The public ops (``stt::spatial_attention``, ...) are defined in C++ (``csrc/ops``) with their
+autograd and CPU/CUDA kernels, so traced and exported graphs run without Python; while this
+package is imported, those kernels hand every call to the op's Python implementation
+(``stt::_<op>_python``, registered by the op modules with :func:`register_ops`), which chooses
+the backend with :mod:`stt_kernels.backend`. A checkout without the compiled library defines
+the same ops in Python instead (``torch.library.custom_op``, Python autograd).
+
 The compiled library declares its kernels as ``torch.ops.stt._<op>_forward`` /
 ``_<op>_backward`` with CPU and/or CUDA implementations; whether a backend implements an op
 is read off the dispatcher, so this table can never claim a kernel that was not built.
@@ -95,6 +102,40 @@ class KernelTable:
         name = resolve(backend, device, self.op, self.implemented(), dtype)
         check_deterministic_backward(name, op)
         return self(name).backward
+
+
+def defined_in_cpp(op: str) -> bool:
+    """Whether the loaded library defines the public op ``stt::<op>`` (a library built before
+    the ops moved to C++ does not: the op is then defined here, in Python)."""
+    if not EXTENSION.loaded:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::{op}", "Autograd")
+    except RuntimeError:  # no such op
+        return False
+
+
+def register_ops(op: str, forward: Callable[..., object], forward_fake: Callable[..., object],
+                 backward: Callable[..., object], backward_fake: Callable[..., object],
+                 setup_context: Callable[..., None], autograd_backward: Callable[..., object]) -> None:
+    """Give ``stt::<op>`` and ``stt::<op>_backward`` their Python halves.
+
+    ``forward``/``backward`` are the implementations (their signatures are the schemas);
+    ``*_fake`` the fake kernels (exact sizes and strides: the outputs are contiguous). With the
+    C++ ops, the implementations serve ``stt::_<op>_python`` and ``stt::_<op>_backward_python``,
+    the hand-off of the C++ kernels, and autograd is C++'s; without them, they define the ops
+    here, with ``setup_context``/``autograd_backward`` as the autograd formula.
+    """
+    if defined_in_cpp(op):
+        torch.library.register_kernel(f"stt::_{op}_python", ("cpu", "cuda"), forward)
+        torch.library.register_kernel(f"stt::_{op}_backward_python", ("cpu", "cuda"), backward)
+    else:
+        torch.library.custom_op(f"stt::{op}", forward, mutates_args=())
+        torch.library.custom_op(f"stt::{op}_backward", backward, mutates_args=())
+        torch.library.register_autograd(f"stt::{op}", autograd_backward, setup_context=setup_context)
+    # From the caller's module, which the C++ schemas name (m.set_python_module) as their fakes' home.
+    torch.library.register_fake(f"stt::{op}", forward_fake, _stacklevel=2)
+    torch.library.register_fake(f"stt::{op}_backward", backward_fake, _stacklevel=2)
 
 
 _AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,

@@ -17,8 +17,11 @@ always run along grid axis 0; axes 1 and 2 are capped at 65,535 blocks.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -68,18 +71,35 @@ def _tile(n: int) -> int:
     return max(_MIN_TILE, triton.next_power_of_2(n))
 
 
-def _configs(cuda: list[triton.Config], hip: list[triton.Config], interpret: dict) -> list[triton.Config]:
+def _mode() -> str:
     # The interpreter runs one program at a time on the CPU: tuning there costs minutes and
     # measures nothing, so it gets a single small configuration.
     if _INTERPRET:
-        return [triton.Config(interpret, num_warps=1, num_stages=1)]
-    configs = hip if _HIP else cuda
-    # A first GPU session (make gpu-check) cannot afford minutes of tuning per sequence length:
-    # the first, smallest-footprint configuration of each list fits every target.
-    return configs[:1] if os.environ.get("STT_TRITON_QUICK_TUNE") == "1" else configs
+        return "interpret"
+    if os.environ.get("STT_TRITON_QUICK_TUNE") == "1":
+        return "quick"
+    return "full" if os.environ.get("STT_TRITON_FULL_TUNE") == "1" else "default"
 
 
-def _flash_configs(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> list[triton.Config]:
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """A kernel's autotuning lists per target ("cuda", "hip"): the whole search space
+    (``STT_TRITON_FULL_TUNE=1``), the short default list in order of preference (under
+    ``STT_TRITON_QUICK_TUNE=1`` its first entry that fits the device runs untuned), and the
+    interpreter's one configuration."""
+
+    full: dict[str, list[triton.Config]]
+    default: dict[str, list[triton.Config]]
+    interpret: dict
+
+    def configs(self, mode: str, target: str) -> list[triton.Config]:
+        """The list autotuning searches in ``mode`` (see :func:`_mode`) on ``target``."""
+        if mode == "interpret":
+            return [triton.Config(self.interpret, num_warps=1, num_stages=1)]
+        return (self.full if mode == "full" else self.default)[target]
+
+
+def _flash_space(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> dict[str, list[triton.Config]]:
     # A100/H100: 64-128 row blocks with 2-4 pipeline stages (cp.async / TMA-friendly).
     cuda = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m in block_m for n in block_n for w in (4, 8) for s in (2, 3, 4)]
@@ -87,28 +107,92 @@ def _flash_configs(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> list[t
     # registers per wave for occupancy on CDNA's 512-VGPR budget.
     hip = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "waves_per_eu": wpe}, num_warps=w, num_stages=s)
            for m in block_m for n in block_n for w in (4, 8) for s in (1, 2) for wpe in (0, 2)]
-    return _configs(cuda, hip, {"BLOCK_M": 16, "BLOCK_N": 16})
+    return {"cuda": cuda, "hip": hip}
 
 
-def _prune_flash(configs, named_args, **kwargs):
-    # Blocks longer than the padded sequence only add masked work; keep the configs that
-    # fit, or the smallest blocks if none does.
-    n = _tile(named_args["N"])
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= n and c.kwargs["BLOCK_N"] <= n]
-    if fitting:
-        return fitting
-    smallest = min((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == smallest]
-
-
-def _packed_configs() -> list[triton.Config]:
+def _packed_space() -> dict[str, list[triton.Config]]:
     seqs = (1, 2, 4, 8, 16)
     # No loop to pipeline: the stage count does not matter, the warps per program and the
     # number of sequences sharing them do.
     cuda = [triton.Config({"SEQS": s}, num_warps=w, num_stages=1) for s in seqs for w in (2, 4, 8)]
     hip = [triton.Config({"SEQS": s, "waves_per_eu": wpe}, num_warps=w, num_stages=1)
            for s in seqs for w in (4, 8) for wpe in (0, 2)]
-    return _configs(cuda, hip, {"SEQS": 2})
+    return {"cuda": cuda, "hip": hip}
+
+
+def _flash_list(blocks: list[tuple[int, int, int]]) -> dict[str, list[triton.Config]]:
+    """(BLOCK_M, BLOCK_N, warps) in order of preference, for both targets."""
+    return {"cuda": [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2) for m, n, w in blocks],
+            "hip": [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "waves_per_eu": 0}, num_warps=w, num_stages=1)
+                    for m, n, w in blocks]}
+
+
+def _packed_list(seqs: tuple[int, ...]) -> dict[str, list[triton.Config]]:
+    return {"cuda": [triton.Config({"SEQS": s}, num_warps=4, num_stages=1) for s in seqs],
+            "hip": [triton.Config({"SEQS": s, "waves_per_eu": 0}, num_warps=4, num_stages=1) for s in seqs]}
+
+
+def _union(*spaces: dict[str, list[triton.Config]]) -> dict[str, list[triton.Config]]:
+    out: dict[str, list[triton.Config]] = {}
+    for target in ("cuda", "hip"):
+        seen: dict[str, triton.Config] = {}
+        for space in spaces:
+            for config in space[target]:
+                seen.setdefault(str(config), config)
+        out[target] = list(seen.values())
+    return out
+
+
+# The default lists, read from the offline compiles (benchmarks/RESULTS.md, "Triton resources"):
+# * one stage count: the loads are not multi-buffered, so shared memory and registers came out
+#   the same at 2, 3 and 4 stages (all 36 forward configurations, bf16, d = 64, sm_90), and the
+#   36-config lists compiled each kernel three times over;
+# * 8 warps for 128-row blocks, and for 64 x 64 ones: at 4 warps the first sit at 255 registers
+#   already at d = 64 (bf16, sm_90), the second spill 500-800 B per thread at d = 128 (sm_80);
+# * no 128 x 128 forward or 64 x 128 dK/dV blocks: at d = 128 in bf16 they spill kilobytes per
+#   thread (7 KB for the forward on sm_80);
+# * small fallbacks last: float32 IEEE products stage every operand through shared memory
+#   (72-256 KB at d = 128 for 64-128 row blocks, sm_80), so 99 KB parts (sm_86/89) and AMD's
+#   64 KB need the 32- and 16-row blocks, which also never spill; the run-time pruning keeps
+#   only what fits the device.
+TUNING: dict[str, Tuning] = {
+    "_flash_forward": Tuning(
+        _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 32, 4)])),
+        _flash_list([(128, 64, 8), (64, 64, 8), (64, 32, 4), (32, 32, 4)]),
+        {"BLOCK_M": 16, "BLOCK_N": 16}),
+    "_flash_backward_dkdv": Tuning(
+        _union(_flash_space((32, 64, 128), (64, 128)), _flash_list([(16, 32, 4)])),
+        _flash_list([(32, 64, 4), (64, 64, 8), (16, 32, 4)]),
+        {"BLOCK_M": 16, "BLOCK_N": 16}),
+    "_flash_backward_dq": Tuning(
+        _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 16, 4)])),
+        _flash_list([(64, 64, 8), (128, 64, 8), (64, 32, 4), (32, 16, 4)]),
+        {"BLOCK_M": 16, "BLOCK_N": 16}),
+    # The register budget prunes SEQS to what a shape affords; warps do not change what fits.
+    "_packed_forward": Tuning(_union(_packed_space(), _packed_list((2, 4, 8, 16, 1))), _packed_list((2, 4, 8, 16, 1)),
+                              {"SEQS": 2}),
+    "_packed_backward": Tuning(_union(_packed_space(), _packed_list((2, 4, 8, 16, 1))),
+                               _packed_list((2, 4, 8, 16, 1)), {"SEQS": 2}),
+}
+
+
+def _configs(kernel: str) -> list[triton.Config]:
+    return TUNING[kernel].configs(_mode(), "hip" if _HIP else "cuda")
+
+
+def _prune_flash(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        # Blocks longer than the padded sequence only add masked work; keep the configs that
+        # fit, or the smallest blocks if none does. Then drop those the device's shared memory
+        # cannot hold, so no tuning run compiles a kernel that cannot launch.
+        n = _tile(named_args["N"])
+        fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= n and c.kwargs["BLOCK_N"] <= n]
+        if not fitting:
+            smallest = min((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
+            fitting = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == smallest]
+        return prune_shared(kernel, fitting, named_args["Q"].element_size(), kwargs["BLOCK_D"], 0,
+                            _current_shared_limit())
+    return prune
 
 
 def _packed_fits(n: int, d: int, budget: int) -> bool:
@@ -116,7 +200,79 @@ def _packed_fits(n: int, d: int, budget: int) -> bool:
     return t * (t + _tile(d)) <= budget
 
 
-def _prune_packed(budget: int):
+def packed_budget(kernel: str) -> int:
+    """The register budget of packed kernel ``kernel`` (``_packed_forward`` or ``_packed_backward``)."""
+    return _PACKED_BUDGET_FORWARD if kernel == "_packed_forward" else _PACKED_BUDGET_BACKWARD
+
+
+def _tiles(kernel: str, config: triton.Config, block_d: int, t_pad: int) -> tuple[int, int, int]:
+    """Elements of a program's dot operand tiles (q, k, v, dO sized) and of its score-sized
+    tiles, and its rows (query rows + key rows)."""
+    if kernel.startswith("_packed"):
+        rows = config.kwargs["SEQS"] * t_pad
+        operands, scores = rows * block_d, rows * t_pad
+        if kernel == "_packed_forward":
+            return 3 * operands, scores, 2 * rows
+        return 4 * operands, 2 * scores, 2 * rows
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    if kernel == "_flash_forward":
+        return m * block_d + 2 * n * block_d, m * n, m + n
+    # dK/dV and dQ: q and dO of the query block, k and v of the key block; p and dS.
+    return 2 * m * block_d + 2 * n * block_d, 2 * m * n, m + n
+
+
+def shared_estimate(kernel: str, config: triton.Config, element_size: int, block_d: int, t_pad: int = 0) -> int:
+    """Upper bound on the shared memory (bytes) ``kernel`` needs with ``config`` for inputs of
+    ``element_size`` bytes, padded head dim ``block_d`` and (packed kernels) padded length ``t_pad``.
+
+    Every dot operand is staged through shared memory once (the loads are not multi-buffered:
+    the compiled usage does not change with num_stages), and so are the score-sized operands
+    (p, dS): in float32 the IEEE products run on FMA units with both operands from shared
+    memory, 16-bit tiles at their own size; row reductions (max, sum) take a few words per
+    row. Checked against the compiled kernels by ``stt_kernels.triton.resources`` (CI)."""
+    operands, scores, rows = _tiles(kernel, config, block_d, t_pad)
+    return element_size * (operands + scores) + 16 * rows
+
+
+def fits_shared(kernel: str, config: triton.Config, element_size: int, block_d: int, t_pad: int,
+                limit: int) -> bool:
+    """Whether ``config`` of ``kernel`` fits a device with ``limit`` bytes of shared memory per block."""
+    return shared_estimate(kernel, config, element_size, block_d, t_pad) <= limit
+
+
+@functools.cache
+def _device_shared_limit(device: int) -> int:
+    """Opt-in shared memory per block of GPU ``device``: what Triton checks a launch against."""
+    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+
+
+def _current_shared_limit() -> Optional[int]:
+    # The interpreter has no shared memory to run out of.
+    return None if _INTERPRET else _device_shared_limit(torch.cuda.current_device())
+
+
+def prune_shared(kernel: str, configs: list[triton.Config], element_size: int, block_d: int, t_pad: int,
+                 limit: Optional[int]) -> list[triton.Config]:
+    """The configs of ``kernel`` that fit ``limit`` bytes of shared memory (all if ``limit`` is None;
+    the first of them under ``STT_TRITON_QUICK_TUNE=1``). None fitting is an error naming the kernel and the limit, before any compile."""
+    if limit is None:
+        return configs
+    fitting = [c for c in configs if fits_shared(kernel, c, element_size, block_d, t_pad, limit)]
+    if fitting and _mode() == "quick":
+        # A first GPU session (make gpu-check) cannot afford minutes of tuning per sequence
+        # length: the default list's first configuration that fits.
+        return fitting[:1]
+    if not fitting:
+        smallest = min(shared_estimate(kernel, c, element_size, block_d, t_pad) for c in configs)
+        raise RuntimeError(f"triton {kernel}: no autotuning configuration fits this GPU's {limit // 1024} KB of "
+                           f"shared memory per block (the smallest needs ~{smallest // 1024} KB at head dim "
+                           f"{block_d}); use backend='cuda'")
+    return fitting
+
+
+def _prune_packed(kernel: str):
+    budget = packed_budget(kernel)
+
     def prune(configs, named_args, **kwargs):
         # A program's R = SEQS * T rows keep their score tiles (R x T, fp32) and operand
         # tiles (R x d) in registers; past the budget spilling costs more than the extra
@@ -124,7 +280,10 @@ def _prune_packed(budget: int):
         t, d = kwargs["T_PAD"], kwargs["BLOCK_D"]
         fitting = [c for c in configs
                    if c.kwargs["SEQS"] * t <= 256 and c.kwargs["SEQS"] * t * (t + d) <= 2 * budget]
-        return fitting or [c for c in configs if c.kwargs["SEQS"] == 1]
+        fitting = fitting or [c for c in configs if c.kwargs["SEQS"] == 1]
+        if "Q" not in named_args:  # the offline resource check asks for the shape pruning alone
+            return fitting
+        return prune_shared(kernel, fitting, named_args["Q"].element_size(), d, t, _current_shared_limit())
     return prune
 
 
@@ -150,11 +309,33 @@ def _offset(b, z, h, stride_b, stride_z, stride_h):
 # Tiled flash attention
 
 
-@triton.autotune(configs=_flash_configs((64, 128), (32, 64, 128)), key=["N", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_flash})
+@triton.jit
+def _block(N, BLOCK: tl.constexpr, Z, HEADS):
+    """This program's sequence, its (b, z, head) and its block of BLOCK rows: the blocks of one
+    sequence are neighbours in launch order, so they share its other operands in L2."""
+    blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    seq = pid // blocks
+    b, z, h = _sequence(seq, Z, HEADS)
+    return seq, b, z, h, (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _rows(ptr, b, z, h, offs, offs_d, sb, sz, sn, sh, sd):
+    """Pointers of the (rows ``offs``, head dims ``offs_d``) tile of sequence (b, z, h)."""
+    return ptr + _offset(b, z, h, sb, sz, sh) + offs.to(tl.int64)[:, None] * sn + offs_d[None, :] * sd
+
+
+@triton.jit
+def _lse_rows(ptr, b, z, h, offs, sb, sz, sh, sn):
+    return ptr + _offset(b, z, h, sb, sz, sh) + offs.to(tl.int64) * sn
+
+
+@triton.autotune(configs=_configs("_flash_forward"), key=["N", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_flash("_flash_forward")})
 @triton.jit
 def _flash_forward(
-    Q, K, V, O, LSE,
+    Q, K, V, OUT, LSE,
     sqb, sqz, sqn, sqh, sqd,
     skb, skz, skn, skh, skd,
     svb, svz, svn, svh, svd,
@@ -164,19 +345,11 @@ def _flash_forward(
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    # Query blocks of one sequence are neighbours in launch order, so they share its K/V in L2.
-    b, z, h = _sequence(pid // num_m, Z, HEADS)
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
-    rows_m = offs_m.to(tl.int64)
     d_ok = offs_d < D
-
-    q = tl.load(Q + _offset(b, z, h, sqb, sqz, sqh) + rows_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=(offs_m < N)[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + _offset(b, z, h, skb, skz, skh)
-    v_base = V + _offset(b, z, h, svb, svz, svh)
+    q_mask = (offs_m < N)[:, None] & d_ok[None, :]
+    q = tl.load(_rows(Q, b, z, h, offs_m, offs_d, sqb, sqz, sqn, sqh, sqd), mask=q_mask, other=0.0)
 
     # Online softmax in base 2 (qk_scale carries log2 e): m_i the running row max,
     # l_i the running row sum, acc the unnormalised output.
@@ -185,10 +358,9 @@ def _flash_forward(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        rows_n = offs_n.to(tl.int64)
         kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(_rows(K, b, z, h, offs_n, offs_d, skb, skz, skn, skh, skd), mask=kv_mask, other=0.0)
+        v = tl.load(_rows(V, b, z, h, offs_n, offs_d, svb, svz, svn, svh, svd), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -203,39 +375,53 @@ def _flash_forward(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(O + _offset(b, z, h, sob, soz, soh) + rows_m[:, None] * son + offs_d[None, :] * sod,
-             acc.to(O.dtype.element_ty), mask=(offs_m < N)[:, None] & d_ok[None, :])
-    tl.store(LSE + _offset(b, z, h, slb, slz, slh) + rows_m * sln, (m_i + tl.log2(l_i)) * _LN2,
-             mask=offs_m < N)
+    tl.store(_rows(OUT, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), acc.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(_lse_rows(LSE, b, z, h, offs_m, slb, slz, slh, sln), (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
 
 
 @triton.jit
 def _flash_delta(
-    O, DO, DELTA,
+    OUT, DO, DELTA,
     sob, soz, son, soh, sod,
     sgb, sgz, sgn, sgh, sgd,
     Z, HEADS, N, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """DELTA[seq, n] = rowsum(dO * O): the softmax-backward term shared by dQ and dK."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    seq = pid // num_m
-    b, z, h = _sequence(seq, Z, HEADS)
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    seq, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
-    rows_m = offs_m.to(tl.int64)
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + _offset(b, z, h, sob, soz, soh) + rows_m[:, None] * son + offs_d[None, :] * sod,
-                mask=mask, other=0.0)
-    do = tl.load(DO + _offset(b, z, h, sgb, sgz, sgh) + rows_m[:, None] * sgn + offs_d[None, :] * sgd,
-                 mask=mask, other=0.0)
+    o = tl.load(_rows(OUT, b, z, h, offs_m, offs_d, sob, soz, son, soh, sod), mask=mask, other=0.0)
+    do = tl.load(_rows(DO, b, z, h, offs_m, offs_d, sgb, sgz, sgn, sgh, sgd), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + seq.to(tl.int64) * N + rows_m, delta, mask=offs_m < N)
+    tl.store(DELTA + seq.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
-@triton.autotune(configs=_flash_configs((32, 64, 128), (64, 128)), key=["N", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_flash})
+@triton.jit
+def _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N,
+                sqb, sqz, sqn, sqh, sqd, sgb, sgz, sgn, sgh, sgd, slb, slz, slh, sln):
+    """q, dO, lse (base 2) and delta of the query rows ``offs_m``: what both backward passes
+    read per query block. lse = +inf on padded rows makes their p exactly 0."""
+    m_ok = offs_m < N
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(_rows(Q, b, z, h, offs_m, offs_d, sqb, sqz, sqn, sqh, sqd), mask=q_mask, other=0.0)
+    do = tl.load(_rows(DO, b, z, h, offs_m, offs_d, sgb, sgz, sgn, sgh, sgd), mask=q_mask, other=0.0)
+    lse2 = tl.load(_lse_rows(LSE, b, z, h, offs_m, slb, slz, slh, sln), mask=m_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + seq.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+    return q, do, lse2, delta, q_mask
+
+
+@triton.jit
+def _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, skb, skz, skn, skh, skd, svb, svz, svn, svh, svd):
+    """k and v of the key rows ``offs_n`` (padded rows read as zero vectors)."""
+    kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
+    k = tl.load(_rows(K, b, z, h, offs_n, offs_d, skb, skz, skn, skh, skd), mask=kv_mask, other=0.0)
+    v = tl.load(_rows(V, b, z, h, offs_n, offs_d, svb, svz, svn, svh, svd), mask=kv_mask, other=0.0)
+    return k, v, kv_mask
+
+
+@triton.autotune(configs=_configs("_flash_backward_dkdv"), key=["N", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_flash("_flash_backward_dkdv")})
 @triton.jit
 def _flash_backward_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -251,36 +437,18 @@ def _flash_backward_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block, accumulated over all query blocks (no atomics)."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    seq = pid // num_n
-    b, z, h = _sequence(seq, Z, HEADS)
-    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seq, b, z, h, offs_n = _block(N, BLOCK_N, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
-    rows_n = offs_n.to(tl.int64)
     d_ok = offs_d < D
-    kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
-    k = tl.load(K + _offset(b, z, h, skb, skz, skh) + rows_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + _offset(b, z, h, svb, svz, svh) + rows_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
-    q_base = Q + _offset(b, z, h, sqb, sqz, sqh)
-    do_base = DO + _offset(b, z, h, sgb, sgz, sgh)
-    lse_base = LSE + _offset(b, z, h, slb, slz, slh)
-    delta_base = DELTA + seq.to(tl.int64) * N
+    k, v, kv_mask = _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, skb, skz, skn, skh, skd,
+                              svb, svz, svn, svh, svd)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows_m = offs_m.to(tl.int64)
-        m_ok = offs_m < N
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows_m[:, None] * sgn + offs_d[None, :] * sgd, mask=q_mask, other=0.0)
-        # lse = +inf on padded query rows makes their p exactly 0, so they add nothing.
-        lse2 = tl.load(lse_base + rows_m * sln, mask=m_ok, other=float("inf")) * _LOG2E
-        delta = tl.load(delta_base + rows_m, mask=m_ok, other=0.0)
+        q, do, lse2, delta, _ = _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N,
+                                            sqb, sqz, sqn, sqh, sqd, sgb, sgz, sgn, sgh, sgd, slb, slz, slh, sln)
         # Transposed tiles (keys x queries) so that dV and dK come out without transposing them.
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
@@ -291,14 +459,14 @@ def _flash_backward_dkdv(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-    tl.store(DK + _offset(b, z, h, sdkb, sdkz, sdkh) + rows_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + _offset(b, z, h, sdvb, sdvz, sdvh) + rows_n[:, None] * sdvn + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows(DK, b, z, h, offs_n, offs_d, sdkb, sdkz, sdkn, sdkh, sdkd), (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(_rows(DV, b, z, h, offs_n, offs_d, sdvb, sdvz, sdvn, sdvh, sdvd), dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
 
 
-@triton.autotune(configs=_flash_configs((64, 128), (32, 64, 128)), key=["N", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_flash})
+@triton.autotune(configs=_configs("_flash_backward_dq"), key=["N", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_flash("_flash_backward_dq")})
 @triton.jit
 def _flash_backward_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -313,33 +481,16 @@ def _flash_backward_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block, accumulated over all key blocks (no atomics)."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    seq = pid // num_m
-    b, z, h = _sequence(seq, Z, HEADS)
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    seq, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
-    rows_m = offs_m.to(tl.int64)
     d_ok = offs_d < D
-    m_ok = offs_m < N
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + _offset(b, z, h, sqb, sqz, sqh) + rows_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + _offset(b, z, h, sgb, sgz, sgh) + rows_m[:, None] * sgn + offs_d[None, :] * sgd,
-                 mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + _offset(b, z, h, slb, slz, slh) + rows_m * sln, mask=m_ok,
-                   other=float("inf")) * _LOG2E
-    delta = tl.load(DELTA + seq.to(tl.int64) * N + rows_m, mask=m_ok, other=0.0)
-    k_base = K + _offset(b, z, h, skb, skz, skh)
-    v_base = V + _offset(b, z, h, svb, svz, svh)
+    q, do, lse2, delta, q_mask = _query_rows(Q, DO, LSE, DELTA, seq, b, z, h, offs_m, offs_d, d_ok, N,
+                                             sqb, sqz, sqn, sqh, sqd, sgb, sgz, sgn, sgh, sgd, slb, slz, slh, sln)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        rows_n = offs_n.to(tl.int64)
-        kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k, v, _ = _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, skb, skz, skn, skh, skd, svb, svz, svn, svh, svd)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         # Padded keys (zero vectors) score 0, and exp2(0 - lse) overflows when every real
         # score is far below 0, which inf * 0 would turn into NaN in dQ.
@@ -348,8 +499,8 @@ def _flash_backward_dq(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(DQ + _offset(b, z, h, sdqb, sdqz, sdqh) + rows_m[:, None] * sdqn + offs_d[None, :] * sdqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_rows(DQ, b, z, h, offs_m, offs_d, sdqb, sdqz, sdqn, sdqh, sdqd), (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,11 +525,11 @@ def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, sb, sz, sh, st):
     return ptrs, seq_ok[:, None] & (offs_t < T)[None, :]
 
 
-@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_FORWARD)})
+@triton.autotune(configs=_configs("_packed_forward"), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_packed("_packed_forward")})
 @triton.jit
 def _packed_forward(
-    Q, K, V, O, LSE,
+    Q, K, V, OUT, LSE,
     sqb, sqz, sqn, sqh, sqd,
     skb, skz, skn, skh, skd,
     svb, svz, svn, svh, svd,
@@ -408,17 +559,17 @@ def _packed_forward(
     row_sum = tl.sum(p, 2)
     out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, :, None]
 
-    o_ptrs, _ = _packed_pointers(O, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
+    o_ptrs, _ = _packed_pointers(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
     lse_ptrs, lse_mask = _packed_lse_pointers(LSE, seq, seq_ok, offs_t, N, Z, HEADS, slb, slz, slh, sln)
     tl.store(lse_ptrs, (m + tl.log2(row_sum)) * _LN2, mask=lse_mask)
 
 
-@triton.autotune(configs=_packed_configs(), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune_packed(_PACKED_BUDGET_BACKWARD)})
+@triton.autotune(configs=_configs("_packed_backward"), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_packed("_packed_backward")})
 @triton.jit
 def _packed_backward(
-    Q, K, V, O, DO, LSE, DQ, DK, DV,
+    Q, K, V, OUT, DO, LSE, DQ, DK, DV,
     sqb, sqz, sqn, sqh, sqd,
     skb, skz, skn, skh, skd,
     svb, svz, svn, svh, svd,
@@ -440,7 +591,7 @@ def _packed_backward(
     q_ptrs, mask = _packed_pointers(Q, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sqb, sqz, sqn, sqh, sqd)
     k_ptrs, _ = _packed_pointers(K, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, skb, skz, skn, skh, skd)
     v_ptrs, _ = _packed_pointers(V, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, svb, svz, svn, svh, svd)
-    o_ptrs, _ = _packed_pointers(O, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
+    o_ptrs, _ = _packed_pointers(OUT, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sob, soz, son, soh, sod)
     do_ptrs, _ = _packed_pointers(DO, seq, seq_ok, offs_t, offs_d, N, D, Z, HEADS, sgb, sgz, sgn, sgh, sgd)
     q = tl.load(q_ptrs, mask=mask, other=0.0)
     k = tl.load(k_ptrs, mask=mask, other=0.0)

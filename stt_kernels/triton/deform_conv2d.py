@@ -11,6 +11,8 @@ kernels index plain NCHW / OIHW layouts. Pixels of all images are flattened into
   (pixel, group, tap) of grad_offset / grad_mask is reduced over its group's channels in one
   program and stored without atomics; the column gradient ``W^T grad_out`` is recomputed
   per tile and scattered into grad_x with float32 atomics (sampling points overlap);
+  relaxed ones: they only accumulate, nothing reads the sums before the kernel ends, so the
+  default acq_rel ordering would only add fences;
 * backward, weight: the forward's tiling, ``grad_out^T columns`` per pixel block, summed
   across pixel blocks with float32 atomics: a second reduction pass would need a
   (pixel blocks x C_out x C x K) buffer, and the number of pixel blocks adding to one weight
@@ -43,9 +45,19 @@ _BLOCK_C = 16 if _INTERPRET else 32
 _BLOCK_CO = 16 if _INTERPRET else 32
 # 8 warps and no software pipelining: compiled offline for sm_90, 4 warps at Triton's default 3
 # stages needed 128 KB of shared memory, 255 registers and 1.6 KB of spills in float32 (over the
-# 99 KB of sm_86/89 and the 64 KB LDS of MI250X); 8 warps, 1 stage: 12-16 KB, at most 104 B spilled.
+# 99 KB of sm_86/89 and the 64 KB LDS of MI250X); 8 warps, 1 stage: 8-16 KB. The x/offset/mask
+# gradient holds six (pixels x channels) float32 tiles at once: at 32 channels it spilled
+# 160-184 B on sm_80, at 16 nothing on sm_80 or sm_90 (stt_kernels.triton.resources).
 _NUM_WARPS = 1 if _INTERPRET else 8
 _NUM_STAGES = 1
+_BLOCK_C_GRAD_INPUT = 16
+
+
+def block_config(kernel: str) -> triton.Config:
+    """The fixed blocks, warps and stages of ``kernel`` (no autotuning: see the module notes)."""
+    block_c = _BLOCK_C_GRAD_INPUT if kernel == "_grad_input_kernel" else _BLOCK_C
+    return triton.Config(dict(BLOCK_P=_BLOCK_P, BLOCK_C=block_c, BLOCK_CO=_BLOCK_CO), num_warps=_NUM_WARPS,
+                         num_stages=_NUM_STAGES)
 
 
 @triton.jit
@@ -172,7 +184,7 @@ def _grad_weight_kernel(x_ptr, off_ptr, mask_ptr, gout_ptr, gw_ptr, NP, C, H, W,
                             k, C, G, CPG, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK)
             gw = tl.dot(gout_t, cols.to(gout.dtype), input_precision=DOT_PRECISION)  # (co, c)
             dst = gw_ptr + (tl.trans(co) * CG + cl[None, :]) * K + k
-            tl.atomic_add(dst, gw, mask=tl.trans(co_ok) & c_ok[None, :])
+            tl.atomic_add(dst, gw, mask=tl.trans(co_ok) & c_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -233,10 +245,10 @@ def _grad_input_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_p
             gs = gcol * m[:, None]
             g_dy += tl.sum(gs * d_y, axis=1)
             g_dx += tl.sum(gs * d_x, axis=1)
-            tl.atomic_add(gx_ptr + plane + a, gs * (1.0 - fy) * (1.0 - fx), mask=c_ok & v00)
-            tl.atomic_add(gx_ptr + plane + a + 1, gs * (1.0 - fy) * fx, mask=c_ok & v01)
-            tl.atomic_add(gx_ptr + plane + a + W, gs * fy * (1.0 - fx), mask=c_ok & v10)
-            tl.atomic_add(gx_ptr + plane + a + W + 1, gs * fy * fx, mask=c_ok & v11)
+            tl.atomic_add(gx_ptr + plane + a, gs * (1.0 - fy) * (1.0 - fx), mask=c_ok & v00, sem="relaxed")
+            tl.atomic_add(gx_ptr + plane + a + 1, gs * (1.0 - fy) * fx, mask=c_ok & v01, sem="relaxed")
+            tl.atomic_add(gx_ptr + plane + a + W, gs * fy * (1.0 - fx), mask=c_ok & v10, sem="relaxed")
+            tl.atomic_add(gx_ptr + plane + a + W + 1, gs * fy * fx, mask=c_ok & v11, sem="relaxed")
         och = (n * G + g) * (2 * K) + 2 * k
         tl.store(goff_ptr + och.to(tl.int64) * HWo + pix, g_dy, mask=p_ok)
         tl.store(goff_ptr + (och + 1).to(tl.int64) * HWo + pix, g_dx, mask=p_ok)
@@ -266,6 +278,11 @@ def _precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
+def _launch(kernel: str) -> dict:
+    config = block_config(kernel)
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
     _check_dtype(x)
     x, offset, weight = x.contiguous(), offset.contiguous(), weight.contiguous()
@@ -279,8 +296,7 @@ def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, offset_groups
     _forward_kernel[grid](x, offset, mask if mask is not None else offset, weight,
                           bias.contiguous() if bias is not None else weight, out, **s,
                           HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype),
-                          BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_CO=_BLOCK_CO, num_warps=_NUM_WARPS,
-                          num_stages=_NUM_STAGES)
+                          **_launch("_forward_kernel"))
     return out
 
 
@@ -295,16 +311,15 @@ def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, offset_g
     grad_mask = torch.zeros(mask.shape, **f32) if mask is not None else None
     grad_weight = torch.zeros(weight.shape, **f32)
     if s["NP"] > 0 and s["C_out"] > 0:
-        meta = dict(HAS_MASK=mask is not None, DOT_PRECISION=_precision(x.dtype),
-                    BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_CO=_BLOCK_CO, num_warps=_NUM_WARPS,
-                    num_stages=_NUM_STAGES)
+        meta = dict(HAS_MASK=mask is not None, DOT_PRECISION=_precision(x.dtype))
         m = mask if mask is not None else offset
         grid = (triton.cdiv(s["NP"], _BLOCK_P), offset_groups)
         _grad_input_kernel[grid](x, offset, m, weight, grad_out, grad_x, grad_offset,
-                                 grad_mask if grad_mask is not None else grad_offset, **s, **meta)
+                                 grad_mask if grad_mask is not None else grad_offset, **s, **meta,
+                                 **_launch("_grad_input_kernel"))
         cog = s["C_out"] // weight_groups
         grid = (triton.cdiv(s["NP"], _BLOCK_P), weight_groups * triton.cdiv(cog, _BLOCK_CO))
-        _grad_weight_kernel[grid](x, offset, m, grad_out, grad_weight, **s, **meta)
+        _grad_weight_kernel[grid](x, offset, m, grad_out, grad_weight, **s, **meta, **_launch("_grad_weight_kernel"))
     grad_mask = grad_mask.to(x.dtype) if grad_mask is not None else x.new_empty((0,))
     return grad_x.to(x.dtype), grad_offset.to(x.dtype), grad_mask, grad_weight.to(x.dtype)
 

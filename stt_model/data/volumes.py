@@ -4,12 +4,18 @@
 what a window ``volume[z0:z1, y0:y1, x0:x1]`` touches, so volumes larger than memory can be
 sampled and predicted. Specs: ``file.h5[:dataset]`` / ``file.hdf5[:dataset]``,
 ``stack.tif[f]``, a folder of ``.png``/``.tif`` slices (one per z, natural sort order, MitoEM's
-layout), ``array.zarr[:path]``. Readers open their file on first use in each process (a forked
-DataLoader worker opens its own) and drop the handle when pickled.
+layout), ``array.zarr[:path]``. An OME-Zarr image (a group with ``multiscales`` metadata,
+OME-Zarr 0.4 on zarr v2 or 0.5 on zarr v3) opens at its level 0, the full resolution; another
+level is named as ``image.ome.zarr:1`` or ``image.ome.zarr/1``, a label image as
+``image.ome.zarr:labels/cells``, and its leading time/channel axes of size 1 are dropped, so a
+``(1, 1, Z, Y, X)`` image reads as ``(Z, Y, X)``. N5 datasets (``vol.n5[:dataset]``, or the
+dataset's folder) are read by :mod:`stt_model.data.n5`, zarr 3 having dropped N5. Readers open
+their file on first use in each process (a forked DataLoader worker opens its own) and drop the
+handle when pickled.
 
 A volume with no voxels is refused at open. Damaged data (a truncated slice or stack, a chunk
 that fails to decompress) raises :class:`VolumeReadError`, one line naming the file and the
-window, and for chunked HDF5/zarr the first damaged chunk in it.
+window, and for chunked HDF5/zarr/N5 the first damaged chunk in it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from .scan import describe, refuse_empty
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 TIFF_SUFFIXES = (".tif", ".tiff")
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
-ZARR_SUFFIXES = (".zarr", ".n5")
+ZARR_SUFFIXES = (".zarr",)
+N5_SUFFIXES = (".n5",)
+ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 # Conventional names of the image dataset in EM files (CREMI/MitoEM use "main").
 DEFAULT_DATASETS = ("main", "image", "raw", "data")
 # What the readers' libraries raise for damaged or truncated data (h5py: OSError; PIL: OSError,
@@ -125,6 +133,67 @@ class Volume(Protocol):
     def __getitem__(self, key: Key) -> np.ndarray: ...
 
 
+class _Reader:
+    """What the file readers share: the shape and dtype read from the header at open, and a repr
+    naming the source. Subclasses set ``_shape``/``_dtype`` and implement ``__getitem__``."""
+
+    _shape: tuple[int, ...]
+    _dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def source(self) -> str:
+        """The file (and dataset) read, as errors and the repr name it."""
+        return str(self.path)  # type: ignore[attr-defined]
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('{self.source}', shape={self.shape}, dtype={self.dtype})"
+
+
+class _ChunkedReader(_Reader):
+    """An HDF5 dataset or zarr array: its library reads the chunks a window touches, and a failing
+    read is narrowed down to the first damaged chunk. ``_lead`` leading axes of size 1 in the
+    stored array are hidden (an OME-Zarr image's time and channel axes)."""
+
+    chunks: Optional[tuple[int, ...]]
+    _lead = 0
+    _what = "the array"
+
+    def _stored(self) -> Any:
+        """The array object of this process (opened on first use)."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        try:
+            array = self._stored()
+        except DAMAGED_DATA as exc:
+            raise _damaged(self.source, self._what, exc) from exc
+        if self._lead:
+            key = (0,) * self._lead + (key if isinstance(key, tuple) else (key,))
+        return _read_chunked(self.source, array.__getitem__, key, (1,) * self._lead + self._shape, self.chunks)
+
+
+class _PlaneReader(_Reader):
+    """A stack read one z plane at a time (TIFF pages, slice files)."""
+
+    def _stack(self, key: Key, read_plane: Callable[[int, tuple[slice, slice]], np.ndarray]) -> np.ndarray:
+        """``key``'s window from ``read_plane(z, (ys, xs))`` of each z it touches."""
+        zs, rest, squeeze = normalise_key(key, self._shape)
+        planes = [read_plane(z, rest) for z in zs]
+        out = np.stack(planes) if planes else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
+        return out[squeeze]
+
+
 class _Handle:
     """An open file handle made on first use and remade in each new process. A forked DataLoader
     worker must not share its parent's HDF5 handle or file offset: reads would interleave and
@@ -147,11 +216,12 @@ class _Handle:
 def split_spec(spec: Union[str, Path]) -> tuple[Path, Optional[str]]:
     """``"a/b.h5:image"`` -> ``(Path("a/b.h5"), "image")``; the dataset part is optional.
 
-    The colon counts only after an HDF5 or zarr suffix, so other paths with colons survive.
+    The colon counts only after an HDF5, zarr or N5 suffix, so other paths with colons survive.
     """
     text = str(spec)
-    match = re.match(r"^(.*?(?:%s))(?::(.+))?$" % "|".join(re.escape(s) for s in HDF5_SUFFIXES + ZARR_SUFFIXES),
-                     text, flags=re.IGNORECASE)
+    suffixes = HDF5_SUFFIXES + ZARR_SUFFIXES + N5_SUFFIXES
+    alternatives = "|".join(re.escape(s) for s in suffixes)
+    match = re.match(rf"^(.*?(?:{alternatives}))(?::(.+))?$", text, flags=re.IGNORECASE)
     if match:
         return Path(match.group(1)), match.group(2)
     return Path(text), None
@@ -171,8 +241,10 @@ def _pick_dataset(path: Path, requested: Optional[str], available: list[str]) ->
                      f"name one as {path}:<dataset> (available: {', '.join(available) or 'none'})")
 
 
-class HDF5Volume:
+class HDF5Volume(_ChunkedReader):
     """A dataset of an HDF5 file; h5py reads only the chunks a window touches."""
+
+    _what = "the dataset"
 
     def __init__(self, path: Path, dataset: Optional[str] = None):
         import h5py
@@ -192,26 +264,14 @@ class HDF5Volume:
         self._file = _Handle(functools.partial(h5py.File, path, "r"))
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
+    def source(self) -> str:
+        return f"{self.path}:{self.dataset}"
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    def __getitem__(self, key: Key) -> np.ndarray:
-        name = f"{self.path}:{self.dataset}"
-        try:
-            dataset = self._file.get()[self.dataset]
-        except DAMAGED_DATA as exc:
-            raise _damaged(name, "the dataset", exc) from exc
-        return _read_chunked(name, dataset.__getitem__, key, self._shape, self.chunks)
-
-    def __repr__(self) -> str:
-        return f"HDF5Volume('{self.path}:{self.dataset}', shape={self.shape}, dtype={self.dtype})"
+    def _stored(self) -> Any:
+        return self._file.get()[self.dataset]
 
 
-class TiffVolume:
+class TiffVolume(_PlaneReader):
     """A multi-page TIFF stack (Z, Y, X), one page per z: memory-mapped when uncompressed, else read
     page by page."""
 
@@ -238,36 +298,23 @@ class TiffVolume:
         self._shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         self._data = _Handle(functools.partial(_open_tiff, path, shape))
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
     def __getitem__(self, key: Key) -> np.ndarray:
         try:
             data = self._data.get()
         except DAMAGED_DATA as exc:
-            raise _damaged(str(self.path), "the stack", exc) from exc
+            raise _damaged(self.source, "the stack", exc) from exc
         if isinstance(data, np.ndarray):
             try:
                 return np.array(data[key])
             except DAMAGED_DATA as exc:
-                raise _damaged(str(self.path), _describe_window(_window(key, self._shape), key), exc) from exc
-        zs, rest, squeeze = normalise_key(key, self._shape)
-        pages = []
-        for z in zs:
-            try:
-                pages.append(data.pages[z].asarray()[rest])
-            except DAMAGED_DATA as exc:
-                raise _damaged(str(self.path), f"page z={z}", exc) from exc
-        out = np.stack(pages) if pages else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
-        return out[squeeze]
+                raise _damaged(self.source, _describe_window(_window(key, self._shape), key), exc) from exc
 
-    def __repr__(self) -> str:
-        return f"TiffVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+        def page(z: int, rest: tuple[slice, slice]) -> np.ndarray:
+            try:
+                return data.pages[z].asarray()[rest]
+            except DAMAGED_DATA as exc:
+                raise _damaged(self.source, f"page z={z}", exc) from exc
+        return self._stack(key, page)
 
 
 @contextlib.contextmanager
@@ -367,7 +414,7 @@ def _read_slice(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
-class SliceFolderVolume:
+class SliceFolderVolume(_PlaneReader):
     """A folder of 2-d slices, one file per z in natural sort order; reads only the slices a
     window touches."""
 
@@ -391,69 +438,158 @@ class SliceFolderVolume:
         self._shape = (len(files), *plane)
         self._dtype = headers[0][1]
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
     def __getitem__(self, key: Key) -> np.ndarray:
-        zs, rest, squeeze = normalise_key(key, self._shape)
-        planes = []
-        for z in zs:
+        def plane(z: int, rest: tuple[slice, slice]) -> np.ndarray:
             try:
-                planes.append(_read_slice(self.files[z])[rest])
+                return _read_slice(self.files[z])[rest]
             except DAMAGED_DATA as exc:
                 raise _damaged(str(self.files[z]), f"slice z={z} of {self.path}", exc) from exc
-        out = np.stack(planes) if planes else np.empty((0, *_rest_shape(rest, self._shape)), self._dtype)
-        return out[squeeze]
-
-    def __repr__(self) -> str:
-        return f"SliceFolderVolume('{self.path}', shape={self.shape}, dtype={self.dtype})"
+        return self._stack(key, plane)
 
 
-class ZarrVolume:
-    """A zarr array (or an array inside a zarr group); zarr reads only the touched chunks."""
+class N5Volume(_ChunkedReader):
+    """A dataset of an N5 container; only the blocks a window touches are read."""
+
+    _what = "the dataset"
+
+    def __init__(self, path: Path, dataset: Optional[str] = None):
+        from .n5 import N5Array, dataset_attributes, list_datasets
+
+        self.path = path
+        if not path.is_dir():
+            raise ValueError(f"{path} is not an N5 container: N5 is a folder (attributes.json, one file per block)")
+        if dataset_attributes(path) is not None:
+            if dataset is not None:
+                raise ValueError(f"{path} is a single N5 dataset; it has no dataset {dataset!r}")
+            self.dataset: Optional[str] = None
+            folder = path
+        else:
+            self.dataset = _pick_dataset(path, dataset, list_datasets(path))
+            folder = path / self.dataset
+        array = N5Array(folder)
+        self._shape, self._dtype, self.chunks = array.shape, array.dtype, array.chunks
+        self._array = _Handle(functools.partial(N5Array, folder))
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
+
+    def _stored(self) -> Any:
+        return self._array.get()
+
+
+class ZarrVolume(_ChunkedReader):
+    """A zarr array (or an array inside a zarr group, or a level of an OME-Zarr image); zarr reads
+    only the touched chunks."""
 
     def __init__(self, path: Path, dataset: Optional[str] = None):
         import zarr
 
         self.path = path
         node = zarr.open(str(path), mode="r")
+        image: Optional[dict[str, Any]] = None    # the OME-Zarr multiscale image the array is a level of
         if isinstance(node, zarr.Array):
             if dataset is not None:
                 raise ValueError(f"{path} is a single zarr array; it has no dataset {dataset!r}")
             self.dataset: Optional[str] = None
             array = node
+            image = _parent_multiscale(path)
         else:
-            names = sorted(name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array))
-            self.dataset = _pick_dataset(path, dataset, names)
+            self.dataset, image = _pick_zarr_array(path, node, dataset)
             array = node[self.dataset]
-        self._shape, self._dtype = tuple(array.shape), np.dtype(array.dtype)
+        self.multiscale = image
+        self._lead = _hidden_axes(tuple(array.shape), image)
+        self._shape, self._dtype = tuple(array.shape)[self._lead:], np.dtype(array.dtype)
         self.chunks: Optional[tuple[int, ...]] = tuple(array.chunks)
         self._array = _Handle(functools.partial(_open_zarr, path, self.dataset))
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
+    def source(self) -> str:
+        return f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
+    def _stored(self) -> Any:
+        return self._array.get()
 
-    def __getitem__(self, key: Key) -> np.ndarray:
-        name = f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
-        try:
-            array = self._array.get()
-        except DAMAGED_DATA as exc:
-            raise _damaged(name, "the array", exc) from exc
-        return _read_chunked(name, array.__getitem__, key, self._shape, self.chunks)
 
-    def __repr__(self) -> str:
-        name = f"{self.path}:{self.dataset}" if self.dataset else str(self.path)
-        return f"ZarrVolume('{name}', shape={self.shape}, dtype={self.dtype})"
+def _multiscale(attrs: Any) -> Optional[dict[str, Any]]:
+    """The first multiscale image described by a zarr group's attributes (OME-Zarr 0.5 nests
+    them under ``ome``), or ``None``."""
+    meta = attrs.get("ome", attrs) if hasattr(attrs, "get") else {}
+    images = meta.get("multiscales") if hasattr(meta, "get") else None
+    if not isinstance(images, list) or not images or not isinstance(images[0], dict):
+        return None
+    datasets = images[0].get("datasets")
+    if not isinstance(datasets, list) or not datasets or not all(isinstance(d, dict) and "path" in d
+                                                                   for d in datasets):
+        return None
+    return images[0]
+
+
+def _levels(image: dict[str, Any], prefix: str = "") -> list[str]:
+    """The arrays of a multiscale image, full resolution first, as paths below the opened group."""
+    return [f"{prefix}{str(d['path']).strip('/')}" for d in image["datasets"]]
+
+
+def _pick_zarr_array(path: Path, group: Any, requested: Optional[str]) -> tuple[str, Optional[dict[str, Any]]]:
+    """The array a spec names in a zarr group, and the multiscale image it is a level of: a named
+    array, the level 0 of a named (or the opened) OME-Zarr image, or the one conventional name."""
+    import zarr
+
+    arrays = sorted(name for name, member in group.members(max_depth=None) if isinstance(member, zarr.Array))
+    target = group
+    if requested is not None:
+        name = requested.strip("/")
+        if name in arrays:
+            parent = name.rpartition("/")[0]
+            image = _multiscale((group[parent] if parent else group).attrs)
+            return name, image if image is not None and name.rpartition("/")[2] in _levels(image) else None
+        member = group.get(name) if name else None
+        if not isinstance(member, zarr.Group) or _multiscale(member.attrs) is None:
+            levels = _levels(_multiscale(group.attrs)) if _multiscale(group.attrs) else []
+            hint = f" (multiscale levels: {', '.join(levels)})" if levels else ""
+            raise ValueError(f"{path} has no dataset {requested!r}{hint}; available: {', '.join(arrays) or 'none'}")
+        target, prefix = member, f"{name}/"
+    else:
+        prefix = ""
+    image = _multiscale(target.attrs)
+    if image is None:
+        return _pick_dataset(path, None, arrays), None
+    level0 = _levels(image, prefix)[0]
+    if level0 not in arrays:
+        raise ValueError(f"{path}: its OME-Zarr multiscales metadata names level 0 {level0!r}, which is not an "
+                         f"array there (available: {', '.join(arrays) or 'none'})")
+    return level0, image
+
+
+def _parent_multiscale(path: Path) -> Optional[dict[str, Any]]:
+    """The multiscale image whose level the array at ``path`` is (``image.ome.zarr/0``), if any."""
+    import zarr
+
+    parent = path.parent
+    if not any((parent / marker).exists() for marker in ZARR_MARKERS):
+        return None
+    try:
+        image = _multiscale(zarr.open_group(str(parent), mode="r").attrs)
+    except (OSError, ValueError, KeyError):  # zarr's own errors are ValueErrors
+        return None
+    return image if image is not None and path.name in _levels(image) else None
+
+
+def _hidden_axes(shape: tuple[int, ...], image: Optional[dict[str, Any]]) -> int:
+    """How many leading axes of an OME-Zarr level to hide: those of size 1 that the metadata says
+    are not spatial (time, channel), while more than three axes are left."""
+    axes = image.get("axes") if image is not None else None
+    if not isinstance(axes, list) or len(axes) != len(shape):
+        return 0
+    lead = 0
+    for axis, size in zip(axes, shape):
+        kind = axis.get("type") if isinstance(axis, dict) else None
+        name = axis.get("name") if isinstance(axis, dict) else axis
+        spatial = kind == "space" if kind is not None else name in ("z", "y", "x")
+        if len(shape) - lead <= 3 or size != 1 or spatial:
+            break
+        lead += 1
+    return lead
 
 
 def _open_zarr(path: Path, dataset: Optional[str]) -> Any:
@@ -472,13 +608,32 @@ def open_volume(spec: Union[str, Path, np.ndarray, Volume]) -> Volume:
     return volume
 
 
-def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFolderVolume, ZarrVolume]:
+def _n5_root(path: Path) -> Optional[Path]:
+    """The N5 container ``path`` is or lies in (a ``.n5`` folder, or one whose attributes.json
+    names an N5 version), or ``None``."""
+    for folder in (path, *path.parents):
+        if folder.suffix.lower() in N5_SUFFIXES:
+            return folder
+        if folder.is_dir() and not any((folder / m).exists() for m in ZARR_MARKERS) \
+                and (folder / "attributes.json").is_file():
+            try:
+                import json
+
+                if "n5" in json.loads((folder / "attributes.json").read_text()):
+                    return folder
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFolderVolume, ZarrVolume, N5Volume]:
     path, dataset = split_spec(spec)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     suffix = path.suffix.lower()
-    if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in
-                                                         ("zarr.json", ".zarray", ".zgroup"))):
+    if _n5_root(path) is not None:
+        return N5Volume(path, dataset)
+    if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
         return ZarrVolume(path, dataset)
     if path.is_dir():
         return SliceFolderVolume(path)
@@ -487,7 +642,7 @@ def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFol
     if suffix in TIFF_SUFFIXES:
         return TiffVolume(path)
     raise ValueError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
-                     f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr or a folder of PNG/TIFF slices")
+                     f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr, .n5 or a folder of PNG/TIFF slices")
 
 
 class ZRange:

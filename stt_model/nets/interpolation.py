@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stt_kernels.validation import shape_text
+
 
 class KernelPredictor(nn.Module):
     """A small 2D encoder-decoder: ``(N, 2, H, W)`` neighbours -> ``(N, 2*k*k, H, W)`` kernels."""
@@ -67,13 +69,14 @@ class InterpolationNet(nn.Module):
             return flat, flat
         before = torch.cat([volume[:, :, 1:2], volume[:, :, :-1]], dim=2)
         after = torch.cat([volume[:, :, 1:], volume[:, :, -2:-1]], dim=2)
-        return tuple(x.transpose(1, 2).reshape(b * t, c, h, w) for x in (before, after))  # type: ignore[return-value]
+        return before.transpose(1, 2).reshape(b * t, c, h, w), after.transpose(1, 2).reshape(b * t, c, h, w)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = volume.shape
         if c != 1:
-            raise ValueError(f"InterpolationNet expects one channel (B, 1, T, H, W); got {tuple(volume.shape)}")
-        restored = self.restore(*self.neighbours(volume)).view(b, t, 1, h, w).transpose(1, 2)
+            raise ValueError(f"InterpolationNet expects one channel (B, 1, T, H, W); got {shape_text(volume)}")
+        before, after = self.neighbours(volume)
+        restored = self.restore(before, after).view(b, t, 1, h, w).transpose(1, 2)
         return self.blend * restored + (1 - self.blend) * volume
 
     def restoration_loss(self, volume: torch.Tensor) -> torch.Tensor:

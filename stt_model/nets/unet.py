@@ -10,19 +10,46 @@ Table 3 (same network, no SST).
 
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from stt_kernels import SSTAttention
+from stt_kernels.validation import shape_text
 
 from ..config import ModelConfig
 from .blocks import AnisotropicResBlock, Down, Up
+from .capture import capturing_graph
 from .conv import Conv3d
 from .interpolation import InterpolationNet
 
 
+def check_input(x: torch.Tensor, multiple: Tuple[int, int, int]) -> torch.Tensor:
+    """``x`` if it is ``(B, C, T, H, W)`` with ``T, H, W`` divisible by ``multiple``, else a ValueError.
+
+    A function of its own so that a ``torch.fx`` graph holds it as one node (run when the graph
+    runs) and TorchScript compiles it.
+    """
+    if x.dim() != 5:
+        raise ValueError(f"STTUNet expects (B, C, T, H, W); got shape {shape_text(x)}")
+    t, h, w = x.shape[2], x.shape[3], x.shape[4]
+    if t % multiple[0] != 0 or h % multiple[1] != 0 or w % multiple[2] != 0:
+        raise ValueError(f"STTUNet needs (T, H, W) divisible by {multiple}; got ({t}, {h}, {w})")
+    return x
+
+
+torch.fx.wrap("check_input")
+
+
 class STTUNet(nn.Module):
+    """The network of the module docstring; it scripts (``torch.jit.script``), traces
+    (``torch.jit.trace``, ``torch.fx``) and exports, without the eager-only layout changes
+    (:func:`.capture.capturing_graph`)."""
+
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         channels, levels = cfg.channels, len(cfg.channels)
@@ -52,20 +79,16 @@ class STTUNet(nn.Module):
             if isinstance(module, nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
 
-    def train(self, mode: bool = True) -> "STTUNet":
+    def train(self, mode: bool = True) -> STTUNet:
         super().train(mode)
         if self.frozen_interpolation:
             self.interpolation.eval()  # a frozen network keeps its behaviour in training too
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"STTUNet expects (B, C, T, H, W); got shape {tuple(x.shape)}")
-        down = 2 ** (self.levels - 1)
+        down = 1 << (self.levels - 1)
         ft, fh, fw = self.input_downsample
-        multiple = (ft, fh * down, fw * down)
-        if any(n % m for n, m in zip(x.shape[-3:], multiple)):
-            raise ValueError(f"STTUNet needs (T, H, W) divisible by {multiple}; got {tuple(x.shape[-3:])}")
+        x = check_input(x, (ft, fh * down, fw * down))
         if self.interpolation is not None:
             x = self.interpolation(x)
         if self.input_downsample == (1, 1, 1):
@@ -74,11 +97,20 @@ class STTUNet(nn.Module):
         return F.interpolate(logits, size=x.shape[-3:], mode="trilinear", align_corners=False)
 
     def _unet(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder_sst[0](self.stem(x.contiguous(memory_format=torch.channels_last_3d)))
-        skips = [h]
-        for level in range(1, self.levels):
-            h = self.encoder_sst[level](self.down[level - 1](h))
+        if not capturing_graph():
+            # A recorded graph keeps the caller's layout: the legacy ONNX exporter refuses
+            # memory_format, and other runtimes choose their own layouts.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        h = self.stem(x)
+        skips: List[torch.Tensor] = []
+        for level, sst in enumerate(self.encoder_sst):
+            # self.down[level - 1], found by a loop: TorchScript indexes a ModuleList by literals
+            # only, and scripts no ModuleList slice.
+            for i, down in enumerate(self.down):
+                if i == level - 1:
+                    h = down(h)
+            h = sst(h)
             skips.append(h)
-        for up, sst, skip in zip(self.up, self.decoder_sst, reversed(skips[:-1])):
-            h = sst(up(h, skip))
+        for level, (up, sst) in enumerate(zip(self.up, self.decoder_sst)):
+            h = sst(up(h, skips[-2 - level]))  # the skips from the finest but one back to the finest
         return self.head(h)

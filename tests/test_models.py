@@ -1,0 +1,93 @@
+"""The shipped-model registry: cards, SHA-256-verified weights, ``stt models``, ``stt predict
+--model`` and ``stt_model.load_pretrained``."""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import stt_model
+from stt_model import pretrained
+from stt_model.cli import main
+from stt_model.pretrained import ModelRegistryError, list_models, load_pretrained, verified_weights
+from stt_model.tune import file_sha256
+
+
+@pytest.fixture()
+def registry(tmp_path, monkeypatch):
+    """A copy of the shipped registry that a test may damage; the CLI reads it."""
+    folder = tmp_path / "models"
+    shutil.copytree(pretrained.MODELS_DIR, folder)
+    monkeypatch.setattr(pretrained, "MODELS_DIR", folder)
+    return folder
+
+
+def test_the_shipped_demo_model_matches_its_card_and_predicts():
+    cards = {card["name"]: card for card in list_models()}
+    card = cards["synthetic-demo"]
+    weights = pretrained.MODELS_DIR / card["weights"]["file"]
+    assert file_sha256(weights) == card["weights"]["sha256"] and weights.stat().st_size == card["weights"]["bytes"]
+    assert card["weights"]["bytes"] < 1_000_000, "small enough to ship in the wheel"
+    for key in ("data", "recipe", "command", "steps", "training_seconds", "held_out"):
+        assert card[key], key
+    assert (pretrained.MODELS_DIR.parent.parent / card["recipe"]).is_file()
+    shipped = stt_model.load_pretrained("synthetic-demo")
+    assert not shipped.model.training and shipped.thresholds.__dict__ == {**shipped.thresholds.__dict__,
+                                                                          **card["held_out"]["thresholds"]}
+    with torch.no_grad():
+        logits = shipped.model(torch.rand(1, 1, *shipped.config.data.patch))
+    assert logits.shape == (1, shipped.config.model.out_channels, *shipped.config.data.patch)
+
+
+def test_a_damaged_or_replaced_model_is_refused(registry, tmp_path, capsys):
+    weights = registry / "synthetic-demo.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF            # one flipped byte, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelRegistryError, match="does not match its card .* is not loaded"):
+        load_pretrained("synthetic-demo", folder=registry)
+    image = tmp_path / "v.h5"
+    with h5py.File(image, "w") as f:
+        f["image"] = np.zeros((8, 64, 64), np.uint8)
+    assert main(["predict", "--model", "synthetic-demo", "--image", f"{image}:image", "--out",
+                 str(tmp_path / "p.h5")]) == 2
+    assert "does not match its card" in capsys.readouterr().err and not (tmp_path / "p.h5").exists()
+    weights.unlink()
+    with pytest.raises(ModelRegistryError, match="its weights .* are missing"):
+        verified_weights("synthetic-demo", folder=registry)
+    with pytest.raises(ModelRegistryError, match="no shipped model named 'nope'; the models are: synthetic-demo"):
+        load_pretrained("nope", folder=registry)
+
+
+def test_a_card_without_its_fields_is_refused(registry):
+    card = json.loads((registry / "synthetic-demo.card.json").read_text())
+    del card["weights"]
+    (registry / "synthetic-demo.card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelRegistryError, match="is not an stt-model-card/1 card \\(missing weights\\)"):
+        list_models(registry)
+
+
+def test_stt_models_lists_the_cards(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("synthetic-demo  v") and "held out: ap75" in out and "made by: make model-synthetic-demo" in out
+    assert main(["models", "synthetic-demo"]) == 0
+    assert '"sha256"' in capsys.readouterr().out
+    assert main(["models", "nope"]) == 2
+    assert "stt models: error: no shipped model named 'nope'" in capsys.readouterr().err
+
+
+def test_predict_with_a_shipped_model_uses_its_thresholds(tmp_path, capsys):
+    from stt_model.data import synthetic_volume
+
+    volume = synthetic_volume((8, 64, 64), seed=9)
+    image = tmp_path / "v.h5"
+    with h5py.File(image, "w") as f:
+        f["image"] = volume.image
+    assert main(["predict", "--model", "synthetic-demo", "--image", f"{image}:image", "--out", str(tmp_path / "p.h5"),
+                 "--instances", str(tmp_path / "i.h5")]) == 0
+    err = capsys.readouterr().err
+    assert "thresholds from" in err and "synthetic-demo.thresholds.json" in err
