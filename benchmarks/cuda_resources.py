@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stt_kernels import _ptxas  # noqa: E402
+from stt_kernels.atomic_file import atomic_write_text  # noqa: E402
 
 HEADING = "## CUDA kernels: registers, shared memory, spills (ptxas, no GPU needed)"
 _MARK = "<!-- results: cuda-resources -->"
@@ -71,7 +72,7 @@ def section(by_source: dict[str, list[_ptxas.KernelResources]], archs: str) -> s
 
 def replace_section(results: Path, text: str) -> None:
     """Replaces this table's section of ``results`` (up to the next ``<!-- results:`` mark or
-    the end), or appends it; written to a temporary file and renamed."""
+    the end), or appends it."""
     old = results.read_text() if results.exists() else ""
     if _MARK in old:
         before, _, after = old.partition(_MARK)
@@ -79,9 +80,7 @@ def replace_section(results: Path, text: str) -> None:
         new = before + text + ("\n" + after[rest:] if rest >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + text
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text(new)
-    tmp.replace(results)
+    atomic_write_text(results, new)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
