@@ -258,7 +258,9 @@ def extensions(mode: str) -> list:
         return [cpp_extension.CppExtension(extra_compile_args={"cxx": baseline}, **kwargs), *kernels]
     gpu_flags = ["-O0", "-g"] if debug else ["-O3"]  # nvcc has no -g0 (nor gets -g from Python's CFLAGS)
     if mode == "cuda":
-        gpu_flags += ["--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        # --resource-usage (-Xptxas -v): each kernel's registers, shared memory and spills, kept
+        # by _record_cuda_resources.
+        gpu_flags += ["--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo", "--resource-usage"]
         kwargs["include_dirs"] += _pip_cuda_includes()
         defines.append(("STT_WITH_CUDA", "1"))
     else:
@@ -276,7 +278,54 @@ class BuildExtension(_TorchBuildExtension):
         library = ext.name.rpartition(".")[2]
         folder = f"temp-{MODE}-{python}" if library == "_C" else f"temp-{python}-{library}"
         self.build_temp = str(ROOT / "build" / folder)
-        super().build_extension(ext)
+        if library == "_C" and MODE == "cuda":
+            _record_cuda_resources(functools.partial(super().build_extension, ext), Path(self.build_temp))
+        else:
+            super().build_extension(ext)
+
+
+def _record_cuda_resources(build, folder: Path) -> None:
+    """Runs ``build()`` with this process's stdout, where torch's ninja writes what every compile
+    printed, going to ``folder/ninja.log`` (echoed afterwards); keeps each CUDA source's ptxas
+    report in ``folder/ptxas/`` (ninja recompiles only what changed, so a report lives as long
+    as its object) and adds the parsed figures of every source to ``_build_info.json`` as
+    ``cuda_resources`` (``tests/test_cuda_resources.py`` reads them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "ninja.log"
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with log.open("wb") as handle:
+            os.dup2(handle.fileno(), 1)
+            try:
+                build()
+            finally:
+                sys.stdout.flush()
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+        sys.stdout.write(log.read_text(errors="replace"))
+        sys.stdout.flush()
+    spec = importlib.util.spec_from_file_location("_stt_ptxas", ROOT / "stt_kernels" / "_ptxas.py")
+    ptxas = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ptxas  # dataclasses look up their module
+    spec.loader.exec_module(ptxas)
+    reports = folder / "ptxas"
+    reports.mkdir(exist_ok=True)
+
+    def report_of(source: str) -> Path:
+        return reports / (str((ROOT / source).resolve().relative_to(ROOT)).replace("/", "__") + ".log")
+
+    for source, report in ptxas.split_by_source(log.read_text(errors="replace")).items():
+        report_of(source).write_text(report)
+    resources = {source: ptxas.as_records(ptxas.parse(report_of(source).read_text()))
+                 if report_of(source).exists() else None
+                 for source in sources(MODE, "binding") if source.endswith(".cu")}
+    target = ROOT / "stt_kernels" / "_build_info.json"
+    record = {**json.loads(target.read_text()), "cuda_resources": resources}
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(target)
 
 
 def write_build_record(mode: str) -> None:

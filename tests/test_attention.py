@@ -6,6 +6,8 @@ GPU backends (cuda, triton) run the same cases on a GPU machine and skip here; T
 the interpreter is tested in test_attention_triton.py.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -79,6 +81,18 @@ def run(kind, backend, qkv, grad):
     return out.detach(), dx
 
 
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """torch.set_float32_matmul_precision for the block: "high" lets float32 products on GPUs
+    round their inputs to TF32 (Triton's tl.dot follows it, as torch.matmul does)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def relative_error(got, expected, scale=None):
     """Largest error relative to the largest expected value (or to ``scale``, for parts that
     may be all zeros, as the gradients of q and k of a single-token sequence are)."""
@@ -93,16 +107,59 @@ def test_values_and_gradients_match_float64_oracle(backend, dtype, tol, kind, sh
     qkv, q, _, _ = packed_qkv(shape, dtype, device_of(backend))
     assert not q.is_contiguous()
     grad = torch.randn(q.shape, dtype=dtype, device=q.device)
-    out, dx = run(kind, backend, qkv, grad)
+    # float32 tolerances are IEEE products' (TF32 has its own test below).
+    with matmul_precision("highest"):
+        out, dx = run(kind, backend, qkv, grad)
     want_out, want_dx = oracle(kind, qkv, grad)
     assert out.dtype == dtype and out.shape == q.shape and dx.shape == qkv.shape
     assert relative_error(out, want_out) <= tol
-    # The saved lse is float32 by contract: the cpu kernel recomputes it for a float64
-    # backward, the GPU kernels use it as saved, which bounds their float64 gradients at ~1e-7.
-    grad_tol = 1e-6 if dtype == torch.float64 and backend in ("cuda", "triton") else tol
     for i, name in enumerate("qkv"):
-        assert relative_error(dx[..., i, :, :], want_dx[..., i, :, :], want_dx.abs().max()) <= grad_tol, \
-            f"grad of {name}"
+        assert relative_error(dx[..., i, :, :], want_dx[..., i, :, :], want_dx.abs().max()) <= tol, f"grad of {name}"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 9, 15, 2, 40)), ("temporal", (2, 5, 4, 3, 3, 24))],
+                         ids=["spatial-135", "temporal-5"])
+def test_float32_under_tf32_matmul_precision(backend, kind, shape):
+    """Under torch.set_float32_matmul_precision("high") Triton's float32 products take TF32
+    inputs (10-bit mantissas, ~5e-4 relative rounding each): a TF32-sized tolerance. The CUDA
+    kernels multiply in IEEE float32 whatever the setting, so theirs stays at 1e-5."""
+    qkv, q, _, _ = packed_qkv(shape, torch.float32, "cuda")
+    grad = torch.randn(q.shape, device=q.device)
+    with matmul_precision("high"):
+        out, dx = run(kind, backend, qkv, grad)
+    want_out, want_dx = oracle(kind, qkv, grad)
+    tol = 2e-2 if backend == "triton" else 1e-5
+    assert relative_error(out, want_out) <= tol
+    assert relative_error(dx, want_dx) <= tol
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpu"), backend_param("cuda")])
+def test_float64_gradients_at_4097_keys_use_a_float64_lse(backend):
+    """A float32 lse would put ~6e-8 |lse| of relative error into every recomputed probability
+    (about 5e-7 here, |lse| ~ 9): the float64 lse keeps the gradients at float64 accuracy."""
+    qkv, q, k, v = packed_qkv((1, 1, 17, 241, 1, 8), torch.float64, device_of(backend))
+    _, lse = torch.ops.stt.spatial_attention(q, k, v, 8 ** -0.5, backend)
+    scores = torch.einsum("bzxyhd,bzuvhd->bzhxyuv", q, k).flatten(3, 4).flatten(4, 5) * 8 ** -0.5
+    assert lse.dtype == torch.float64
+    assert relative_error(lse.flatten(), scores.logsumexp(-1).flatten()) <= 1e-13
+    grad = torch.randn(q.shape, dtype=torch.float64, device=q.device)
+    _, dx = run("spatial", backend, qkv, grad)
+    _, want_dx = oracle("spatial", qkv, grad)
+    assert relative_error(dx, want_dx) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS[:1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_cuda_head_dim_128_over_48_kib_of_shared_memory(backend, dtype):
+    """d = 128: the dK/dV tiles take 66 KB (float32) or 133 KB (float64) per warp, over the
+    default 48 KB a block gets; the launch opts in to the device's limit or tiles narrower."""
+    qkv, q, _, _ = packed_qkv((1, 1, 5, 13, 1, 128), dtype, "cuda")
+    grad = torch.randn(q.shape, dtype=dtype, device=q.device)
+    out, dx = run("spatial", backend, qkv, grad)
+    want_out, want_dx = oracle("spatial", qkv, grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert relative_error(out, want_out) <= tol and relative_error(dx, want_dx) <= tol
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -207,6 +264,8 @@ def _kernel_args(n=4, d=8, **overrides):
 
 @pytest.mark.parametrize("overrides, words", [
     (dict(lse=torch.empty(2, 3, 2, 4, dtype=torch.float64)), "lse must be float32"),
+    ({**{name: torch.randn(2, 3, 4, 2, 8, dtype=torch.float64) for name in ("q", "k", "v", "out")},
+      "lse": torch.empty(2, 3, 2, 4)}, "lse must be float64 for float64 q"),
     (dict(lse=torch.empty(2, 3, 4, 2)), "lse must have shape"),
     (dict(k=torch.randn(2, 3, 5, 2, 8)), "k must have the shape of q"),
     (dict(out=torch.randn(2, 3, 4, 2, 8, dtype=torch.float64)), "out must have the dtype of q"),

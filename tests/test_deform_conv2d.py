@@ -253,21 +253,31 @@ def test_cuda_float64_matches_torchvision(case):
 
 
 @requires_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_low_precision(dtype):
-    """float32 within ~1e-5 of the float64 oracle; float16/bfloat16 within twice the error of
-    the reference run in the same precision."""
+@pytest.mark.parametrize("dtype, precision", [(torch.float32, "highest"), (torch.float32, "high"),
+                                              (torch.float16, "highest"), (torch.bfloat16, "highest")],
+                         ids=["float32", "float32-tf32", "float16", "bfloat16"])
+def test_cuda_low_precision(dtype, precision):
+    """float32 within ~1e-5 of the float64 oracle with IEEE products, and within a TF32-sized
+    1e-2 under torch.set_float32_matmul_precision("high") (cuBLAS rounds the products' inputs
+    to 10-bit mantissas); float16/bfloat16 within twice the error of the reference run in the
+    same precision."""
     _skip_unless("cuda")
     a64 = make_inputs(n=2, c=16, c_out=8, h=19, w=17, groups=2, device="cuda")
     low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in a64.items()}
     expected, expected_grads, grad_out = values_and_grads(lambda t: stt_call(t, "reference"), a64)
-    got, got_grads, _ = values_and_grads(lambda t: stt_call(t, "cuda"), low, grad_out.to(dtype))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got, got_grads, _ = values_and_grads(lambda t: stt_call(t, "cuda"), low, grad_out.to(dtype))
+    finally:
+        torch.set_float32_matmul_precision(before)
     ref_low, ref_low_grads, _ = values_and_grads(lambda t: stt_call(t, "reference"), low, grad_out.to(dtype))
     pairs = [("out", expected, got, ref_low)] + [(k, v, got_grads[k], ref_low_grads[k]) for k, v in expected_grads.items()]
     for name, value, result, baseline in pairs:
         error = (result.double() - value).abs().max().item()
         if dtype == torch.float32:
-            assert error <= 1e-5 * value.abs().max().item() + 1e-6, (name, error)
+            tol = 1e-5 if precision == "highest" else 1e-2
+            assert error <= tol * value.abs().max().item() + 1e-6, (name, error)
         else:
             allowed = 2 * (baseline.double() - value).abs().max().item() + 1e-3 * value.abs().max().item()
             assert error <= allowed, (name, error, allowed)

@@ -18,7 +18,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "stt/attention_checks.h"
@@ -232,15 +231,16 @@ struct View {
   }
 };
 
-// lse (B, Z, heads, N) float32 with any strides.
+// lse (B, Z, heads, N) in the compute type T (float64 for float64 inputs) with any strides.
+template <typename T>
 struct LseView {
-  float* data;
+  T* data;
   int64_t sb, sz, sh, sn;
 
   explicit LseView(const at::Tensor& t)
-      : data(t.data_ptr<float>()), sb(t.stride(0)), sz(t.stride(1)), sh(t.stride(2)), sn(t.stride(3)) {}
+      : data(t.data_ptr<T>()), sb(t.stride(0)), sz(t.stride(1)), sh(t.stride(2)), sn(t.stride(3)) {}
 
-  float* seq(int64_t s, const Geometry& g) const {
+  T* seq(int64_t s, const Geometry& g) const {
     const int64_t h = s % g.H, bz = s / g.H, z = bz % g.Z, b = bz / g.Z;
     return data + b * sb + z * sz + h * sh;
   }
@@ -370,7 +370,7 @@ void short_sequence(ShortForwardScratch<T>& w, int64_t local, int64_t d, T scale
 
 template <typename T>
 void forward_short_block(const View<T>& q, const View<T>& k, const View<T>& v, const View<T>& out,
-                         const LseView& lse, const Geometry& g, int64_t s0, int64_t s1, T scale,
+                         const LseView<T>& lse, const Geometry& g, int64_t s0, int64_t s1, T scale,
                          ShortForwardScratch<T>& w) {
   const int64_t dp = w.dp;
   for (int64_t t = 0; t < g.N; ++t) {
@@ -383,10 +383,8 @@ void forward_short_block(const View<T>& q, const View<T>& k, const View<T>& v, c
   }
   for (int64_t s = s0; s < s1; ++s) {
     short_sequence(w, s - s0, g.D, scale);
-    float* ls = lse.seq(s, g);
-    for (int64_t i = 0; i < g.N; ++i) {
-      ls[i * lse.sn] = static_cast<float>(online_softmax_lse(OnlineSoftmaxRow<T>{w.max[i], w.sum[i]}));
-    }
+    T* ls = lse.seq(s, g);
+    for (int64_t i = 0; i < g.N; ++i) ls[i * lse.sn] = online_softmax_lse(OnlineSoftmaxRow<T>{w.max[i], w.sum[i]});
   }
   for (int64_t t = 0; t < g.N; ++t) {
     for (int64_t s = s0; s < s1; ++s) {
@@ -400,7 +398,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
                     const at::Tensor& lse_t, T scale) {
   const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
   const View<T> q(q_t), k(k_t), v(v_t), out(out_t);
-  const LseView lse(lse_t);
+  const LseView<T> lse(lse_t);
   const int64_t q_tiles = (g.N + kQTile - 1) / kQTile;
   const int64_t dp = padded<T>(g.D);
 
@@ -442,10 +440,10 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       }
 
       T* os = out.seq(s, g) + q0 * out.sn;
-      float* ls = lse.seq(s, g) + q0 * lse.sn;
+      T* ls = lse.seq(s, g) + q0 * lse.sn;
       for (int64_t i = 0; i < mq; ++i) {
         store_row(os + i * out.sn, out.sd, acc.data() + i * dp, g.D, online_softmax_inv_sum(rows[i]));
-        ls[i * lse.sn] = static_cast<float>(online_softmax_lse(rows[i]));
+        ls[i * lse.sn] = online_softmax_lse(rows[i]);
       }
     }
   });
@@ -526,42 +524,20 @@ void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T*
   }
 }
 
-// The saved lse is float32 by contract, which would cap float64 gradients at about 1e-7
-// relative accuracy; a float64 backward recomputes it for the query tile at q0 instead (a
-// score pass without the PV product, about a quarter of the backward's work).
-template <typename T>
-void exact_lse_tile(const BackwardArgs<T>& a, int64_t s, int64_t q0, T* lse_row, BackwardScratch<T>& w) {
-  const Geometry& g = a.g;
-  const int64_t mq = std::min(kBwdQTile, g.N - q0);
-  pack_rows(a.q.seq(s, g) + q0 * a.q.sn, a.q.sn, a.q.sd, mq, g.D, w.qp.data(), w.dp);
-  std::vector<OnlineSoftmaxRow<T>> rows(mq, online_softmax_init<T>());
-  for (int64_t k0 = 0; k0 < g.N; k0 += kBwdKTile) {
-    const int64_t nk = std::min(kBwdKTile, g.N - k0), np = padded<T>(nk);
-    pack_transposed(a.k.seq(s, g) + k0 * a.k.sn, a.k.sn, a.k.sd, nk, g.D, w.kt.data(), np);
-    tile_product<T>(mq, np, g.D, w.qp.data(), w.dp, 1, w.kt.data(), np, w.p.data(), np, a.scale, false);
-    for (int64_t i = 0; i < mq; ++i) {
-      T* row = w.p.data() + i * np;
-      const T new_max = online_softmax_new_max(rows[i], row_max(row, nk));
-      online_softmax_update(rows[i], new_max, exp_sum_inplace(row, nk, new_max));
-    }
-  }
-  for (int64_t i = 0; i < mq; ++i) lse_row[q0 + i] = online_softmax_lse(rows[i]);
-}
-
 // delta_i = rowsum(dO_i * O_i) and the saved lse of one sequence, in the compute type.
 template <typename T>
-void row_terms(const Geometry& g, const View<T>& out, const View<T>& grad_out, const LseView& lse, int64_t s,
+void row_terms(const Geometry& g, const View<T>& out, const View<T>& grad_out, const LseView<T>& lse, int64_t s,
                T* delta, T* lse_row) {
   const T* os = out.seq(s, g);
   const T* dos = grad_out.seq(s, g);
-  const float* ls = lse.seq(s, g);
+  const T* ls = lse.seq(s, g);
   for (int64_t i = 0; i < g.N; ++i) {
     const T* o = os + i * out.sn;
     const T* d = dos + i * grad_out.sn;
     T acc = 0;
     for (int64_t c = 0; c < g.D; ++c) acc += o[c * out.sd] * d[c * grad_out.sd];
     delta[i] = acc;
-    lse_row[i] = static_cast<T>(ls[i * lse.sn]);
+    lse_row[i] = ls[i * lse.sn];
   }
 }
 
@@ -571,7 +547,7 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
                      const at::Tensor& grad_k_t, const at::Tensor& grad_v_t) {
   const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
   const View<T> out(out_t), grad_q(grad_q_t);
-  const LseView lse(lse_t);
+  const LseView<T> lse(lse_t);
   const BackwardArgs<T> a{g,           View<T>(q_t),      View<T>(k_t),      View<T>(v_t), View<T>(grad_out_t),
                           View<T>(grad_k_t), View<T>(grad_v_t), scale};
   const int64_t k_tiles = (g.N + kBwdKTile - 1) / kBwdKTile;
@@ -591,9 +567,6 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
       std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * dp);
       for (int64_t s = begin; s < end; ++s) {
         row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
-        if constexpr (std::is_same_v<T, double>) {
-          for (int64_t q0 = 0; q0 < g.N; q0 += kBwdQTile) exact_lse_tile(a, s, q0, lse_row.data(), w);
-        }
         std::fill(dq.begin(), dq.end(), T(0));
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), dq.data(), w);
@@ -605,28 +578,26 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
   }
 
   // Few long sequences: split each one's key tiles across threads. dK/dV rows belong to one
-  // key tile; dQ gathers from all of them, so every thread sums into its own dQ buffer and
-  // the buffers are added up afterwards.
-  std::vector<T> delta(g.N), lse_row(g.N), dq(threads * g.N * dp);
+  // key tile; dQ gathers from all of them, so each fixed group of consecutive key tiles sums
+  // into its own dQ buffer and the buffers are added up in group order afterwards: the sums
+  // run in one order whichever thread takes a group (the backward is deterministic).
+  const int64_t groups = std::min(threads, k_tiles);
+  std::vector<T> delta(g.N), lse_row(g.N), dq(groups * g.N * dp);
   for (int64_t s = 0; s < g.sequences(); ++s) {
     row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
-    if constexpr (std::is_same_v<T, double>) {
-      balanced_parallel_for((g.N + kBwdQTile - 1) / kBwdQTile, [&](int64_t begin, int64_t end) {
-        BackwardScratch<T> w(g);
-        for (int64_t qt = begin; qt < end; ++qt) exact_lse_tile(a, s, qt * kBwdQTile, lse_row.data(), w);
-      });
-    }
     std::fill(dq.begin(), dq.end(), T(0));
-    balanced_parallel_for(k_tiles, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       BackwardScratch<T> w(g);
-      T* mine = dq.data() + at::get_thread_num() * g.N * dp;
-      for (int64_t kt = begin; kt < end; ++kt) {
-        backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), mine, w);
+      for (int64_t group = begin; group < end; ++group) {
+        T* mine = dq.data() + group * g.N * dp;
+        for (int64_t kt = group * k_tiles / groups; kt < (group + 1) * k_tiles / groups; ++kt) {
+          backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), mine, w);
+        }
       }
     });
     at::parallel_for(0, g.N, 256, [&](int64_t i0, int64_t i1) {
-      for (int64_t t = 1; t < threads; ++t) {
-        const T* other = dq.data() + t * g.N * dp;
+      for (int64_t group = 1; group < groups; ++group) {
+        const T* other = dq.data() + group * g.N * dp;
         for (int64_t e = i0 * dp; e < i1 * dp; ++e) dq[e] += other[e];
       }
       store_dq(s, i0, i1, dq.data());

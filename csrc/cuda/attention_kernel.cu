@@ -1,20 +1,25 @@
 // CUDA (and, hipified, ROCm) kernels of stt::_attention_forward / _attention_backward
-// (schemas in ../attention.cpp). The fallback GPU path where Triton is missing: simple, exact
-// and O(N) in memory rather than peak-fast.
+// (schemas in ../attention.cpp). The fallback GPU path where Triton is missing: simple, exact,
+// deterministic and O(N) in memory rather than peak-fast.
 //
 // Work is split into warp tasks (32 lanes; on 64-wide AMD wavefronts two tasks share one),
 // each with its own shared-memory tiles, so no block-wide barrier is needed and the last
-// block may hold idle warps. A key tile is 32 keys, one per lane:
+// block may hold idle warps. A key tile is up to 32 keys, one per lane: 32 unless the device's
+// shared memory cannot hold such tiles (choose_tiling below).
 //   forward   task = (sequence, kRows query rows); lane j scores key j of the tile, the warp
 //             reduces max/sum with shuffles, and each lane accumulates d/32 output columns
-//             with the online softmax of stt/online_softmax.h. Short sequences (N <= 32, the
-//             temporal case) take one task per sequence: the whole T x T problem is one tile
-//             loaded once, and the grid is just the batch of sequences.
-//   backward  task = (sequence, key tile); dK, dV of the tile accumulate in shared memory,
-//             P is recomputed from the saved lse, and dQ rows gather the tiles' contributions
-//             with atomicAdd into a float accumulator (grad_q itself when it is float32/64).
+//             with the online softmax of stt/online_softmax.h. Short sequences (N <= one key
+//             tile, the temporal case) take one task per sequence: the whole T x T problem is
+//             one tile loaded once, and the grid is just the batch of sequences.
+//   dQ        task = (sequence, kRows query rows), the forward's shape: it owns its rows of dQ
+//             and loops over the key tiles, recomputing P from the saved lse and dP = dO V^T
+//             (FlashAttention-2's split), so dQ needs no atomics.
+//   dK, dV    task = (sequence, key tile, column block); the tile's dK, dV accumulate in shared
+//             memory over the query rows in order. Column blocks narrower than d (P and dS
+//             recomputed per block) only where full-width tiles do not fit the device.
+// Every sum of the backward thus runs in one fixed order: it is deterministic, run to run.
 // The grid is one-dimensional (axis x holds up to 2^31 - 1 blocks; y and z cap at 65,535).
-// Accumulation is float32 (float64 for float64 inputs); head dims up to 128.
+// Accumulation and the saved lse are float32 (float64 for float64 inputs); head dims up to 128.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +28,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "stt/attention_checks.h"
@@ -31,11 +37,14 @@
 namespace stt {
 namespace {
 
-constexpr int kLanes = 32;           // threads of a warp task = keys of a tile
-constexpr int kRows = 8;             // query rows a forward task carries in registers
-constexpr int kChunks = 4;           // output columns per lane: d <= kChunks * kLanes = 128
-constexpr int kMaxWarps = 4;         // warp tasks per block
-constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr int kLanes = 32;    // threads of a warp task = the most keys of a tile
+constexpr int kRows = 8;      // query rows a forward or dQ task carries in registers
+constexpr int kChunks = 4;    // output columns per lane: d <= kChunks * kLanes = 128
+constexpr int kMaxWarps = 4;  // warp tasks per block
+// The kernels' __launch_bounds__(kMaxWarps * kLanes, 1): one resident block is enough, so
+// ptxas may use the registers the accumulators need. Without the 1, CUDA 13's ptxas capped the
+// float32 forward and dQ kernels at 128 registers and spilled 48-124 bytes
+// (tests/test_cuda_resources.py fails on any spill).
 
 struct Geometry {
   int64_t B, Z, N, H, D;
@@ -98,6 +107,15 @@ __device__ __forceinline__ void load_rows(const scalar_t* src, int64_t s_row, in
   }
 }
 
+// kRows query rows of q (pre-scaled, so that scores come out of the dot product ready) or
+// of dO at row r0, of which nr exist; absent rows are zeros.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_row_group(const scalar_t* src, int64_t s_row, int64_t s_col, int nr, int d,
+                                               acc_t* dst, int lane, acc_t factor) {
+  load_rows(src, s_row, s_col, nr, d, dst, d, lane, factor);
+  for (int e = nr * d + lane; e < kRows * d; e += kLanes) dst[e] = acc_t(0);
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int d) {
   acc_t s = 0;
@@ -109,23 +127,28 @@ __device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int d) {
 // puts the 32 lanes' words in 32 different banks; d + 1 would be even, 8-way conflicts at d = 7.
 __host__ __device__ inline int padded_pitch(int64_t d) { return static_cast<int>(d | 1); }
 
-// Shared memory of one warp task, in units of acc_t.
-__host__ __device__ inline int64_t forward_smem_per_warp(int64_t d) {
-  return kLanes * padded_pitch(d) + kLanes * d + kRows * d;  // K tile (padded rows), V tile, q rows
+// Shared memory of one warp task, in units of acc_t, for key tiles of `keys` keys.
+__host__ __device__ inline int64_t forward_smem_per_warp(int64_t d, int keys) {
+  return keys * padded_pitch(d) + keys * d + kRows * d;  // K tile (padded rows), V tile, q rows
 }
 
-__host__ __device__ inline int64_t backward_smem_per_warp(int64_t d) {
-  return 4 * kLanes * padded_pitch(d) + 2 * d;  // K, V, dK, dV tiles (padded rows), one q and dO row
+__host__ __device__ inline int64_t dq_smem_per_warp(int64_t d, int keys) {
+  return 2 * keys * padded_pitch(d) + 2 * kRows * d;  // K, V tiles (padded rows), q and dO rows
+}
+
+// cols: the width of the task's column block of dK and dV.
+__host__ __device__ inline int64_t dkdv_smem_per_warp(int64_t d, int keys, int cols) {
+  return 2 * keys * padded_pitch(d) + 2 * keys * padded_pitch(cols) + 2 * d;  // K, V, dK, dV tiles; q, dO rows
 }
 
 // ---------------------------------------------------------------------------------------
 // Forward.
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxWarps* kLanes)
+__global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
     attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                             const scalar_t* __restrict__ v, scalar_t* __restrict__ out, float* __restrict__ lse,
-                             Strides5 sq, Strides5 sk, Strides5 sv, Strides5 so, Strides4 sl, Geometry g,
+                             const scalar_t* __restrict__ v, scalar_t* __restrict__ out, acc_t* __restrict__ lse,
+                             Strides5 sq, Strides5 sk, Strides5 sv, Strides5 so, Strides4 sl, Geometry g, int keys,
                              int64_t rows_per_task, int64_t tasks_per_seq, int64_t tasks, acc_t scale) {
   extern __shared__ __align__(sizeof(double)) unsigned char smem_bytes[];
   const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
@@ -133,9 +156,9 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
   if (task >= tasks) return;  // whole warps only: nothing below waits on other warps
 
   const int d = static_cast<int>(g.D), ldk = padded_pitch(d);
-  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * forward_smem_per_warp(d);
-  acc_t* vs = ks + kLanes * ldk;
-  acc_t* qs = vs + kLanes * d;
+  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * forward_smem_per_warp(d, keys);
+  acc_t* vs = ks + keys * ldk;
+  acc_t* qs = vs + keys * d;
 
   const int64_t s = task / tasks_per_seq;
   const int64_t row_begin = (task % tasks_per_seq) * rows_per_task;
@@ -143,14 +166,12 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
   const scalar_t* qb = q + sq.base(s, g);
   const scalar_t* kb = k + sk.base(s, g);
   const scalar_t* vb = v + sv.base(s, g);
-  const int64_t k_tiles = (g.N + kLanes - 1) / kLanes;
+  const int64_t k_tiles = (g.N + keys - 1) / keys;
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
     const int nr = static_cast<int>(min64(kRows, row_end - r0));
     WARP_SYNC();
-    // q pre-scaled, so scores come out of the dot product ready; absent rows are zeros.
-    load_rows(qb + r0 * sq.n, sq.n, sq.d, nr, d, qs, d, lane, scale);
-    for (int e = nr * d + lane; e < kRows * d; e += kLanes) qs[e] = acc_t(0);
+    load_row_group(qb + r0 * sq.n, sq.n, sq.d, nr, d, qs, lane, scale);
 
     OnlineSoftmaxRow<acc_t> row[kRows];
     acc_t o[kRows][kChunks];
@@ -162,8 +183,8 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
     }
 
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      const int64_t k0 = kt * kLanes;
-      const int nk = static_cast<int>(min64(kLanes, g.N - k0));
+      const int64_t k0 = kt * keys;
+      const int nk = static_cast<int>(min64(keys, g.N - k0));
       if (k_tiles > 1 || r0 == row_begin) {  // a single tile stays loaded for all row groups
         WARP_SYNC();
         load_rows(kb + k0 * sk.n, sk.n, sk.d, nk, d, ks, ldk, lane);
@@ -201,129 +222,262 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes)
           const int c = lane + t * kLanes;
           if (c < d) orow[c * so.d] = static_cast<scalar_t>(o[r][t] * inv);
         }
-        if (lane == 0) lse[sl.base(s, g) + i * sl.n] = static_cast<float>(online_softmax_lse(row[r]));
+        if (lane == 0) lse[sl.base(s, g) + i * sl.n] = online_softmax_lse(row[r]);
       }
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward.
+// Backward: dQ.
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxWarps* kLanes)
-    attention_backward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ grad_out,
-                              const float* __restrict__ lse, const acc_t* __restrict__ delta, acc_t* dq_acc,
-                              scalar_t* __restrict__ grad_k, scalar_t* __restrict__ grad_v, Strides5 sq,
-                              Strides5 sk, Strides5 sv, Strides5 sdo, Strides4 sl, Strides4 sdelta, Strides5 sdq,
-                              Strides5 sdk, Strides5 sdv, Geometry g, int64_t k_tiles, int64_t tasks, acc_t scale) {
+__global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
+    attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                 const scalar_t* __restrict__ v, const scalar_t* __restrict__ grad_out,
+                                 const acc_t* __restrict__ lse, const acc_t* __restrict__ delta,
+                                 scalar_t* __restrict__ grad_q, Strides5 sq, Strides5 sk, Strides5 sv, Strides5 sdo,
+                                 Strides4 sl, Strides4 sdelta, Strides5 sdq, Geometry g, int keys,
+                                 int64_t rows_per_task, int64_t tasks_per_seq, int64_t tasks, acc_t scale) {
   extern __shared__ __align__(sizeof(double)) unsigned char smem_bytes[];
   const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
   if (task >= tasks) return;
 
   const int d = static_cast<int>(g.D), ld = padded_pitch(d);
-  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * backward_smem_per_warp(d);
-  acc_t* vs = ks + kLanes * ld;
-  acc_t* dks = vs + kLanes * ld;
-  acc_t* dvs = dks + kLanes * ld;
-  acc_t* qrow = dvs + kLanes * ld;
+  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * dq_smem_per_warp(d, keys);
+  acc_t* vs = ks + keys * ld;
+  acc_t* qs = vs + keys * ld;
+  acc_t* dos = qs + kRows * d;
+
+  const int64_t s = task / tasks_per_seq;
+  const int64_t row_begin = (task % tasks_per_seq) * rows_per_task;
+  const int64_t row_end = min64(g.N, row_begin + rows_per_task);
+  const scalar_t* kb = k + sk.base(s, g);
+  const scalar_t* vb = v + sv.base(s, g);
+  const acc_t* lb = lse + sl.base(s, g);
+  const acc_t* deltab = delta + sdelta.base(s, g);
+  const int64_t k_tiles = (g.N + keys - 1) / keys;
+
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
+    const int nr = static_cast<int>(min64(kRows, row_end - r0));
+    WARP_SYNC();
+    load_row_group(q + sq.base(s, g) + r0 * sq.n, sq.n, sq.d, nr, d, qs, lane, scale);
+    load_row_group(grad_out + sdo.base(s, g) + r0 * sdo.n, sdo.n, sdo.d, nr, d, dos, lane, acc_t(1));
+
+    acc_t lse_r[kRows], delta_r[kRows], dq[kRows][kChunks];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      lse_r[r] = r < nr ? lb[(r0 + r) * sl.n] : acc_t(0);
+      delta_r[r] = r < nr ? deltab[(r0 + r) * sdelta.n] : acc_t(0);
+#pragma unroll
+      for (int t = 0; t < kChunks; ++t) dq[r][t] = acc_t(0);
+    }
+
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+      const int64_t k0 = kt * keys;
+      const int nk = static_cast<int>(min64(keys, g.N - k0));
+      if (k_tiles > 1 || r0 == row_begin) {
+        WARP_SYNC();
+        load_rows(kb + k0 * sk.n, sk.n, sk.d, nk, d, ks, ld, lane);
+        load_rows(vb + k0 * sv.n, sv.n, sv.d, nk, d, vs, ld, lane);
+      }
+      WARP_SYNC();
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < nr) {  // the same for the whole warp: the shuffles below see every lane
+          // Lane j: dS_rj = P_rj (dP_rj - D_r), P recomputed from the saved lse.
+          acc_t ds = 0;
+          if (lane < nk) {
+            const acc_t p = softmax_prob_from_lse<acc_t>(dot(qs + r * d, ks + lane * ld, d), lse_r[r]);
+            ds = softmax_grad<acc_t>(p, dot(dos + r * d, vs + lane * ld, d), delta_r[r]);
+          }
+          // dQ_r += dS_r K: lanes own columns, dS_rj travels by shuffle, keys in order.
+          for (int j = 0; j < nk; ++j) {
+            const acc_t dsj = WARP_SHFL(ds, j, kLanes);
+#pragma unroll
+            for (int t = 0; t < kChunks; ++t) {
+              const int c = lane + t * kLanes;
+              if (c < d) dq[r][t] += dsj * ks[j * ld + c];
+            }
+          }
+        }
+      }
+    }
+
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (r < nr) {
+        scalar_t* dqrow = grad_q + sdq.base(s, g) + (r0 + r) * sdq.n;
+#pragma unroll
+        for (int t = 0; t < kChunks; ++t) {
+          const int c = lane + t * kLanes;
+          if (c < d) dqrow[c * sdq.d] = static_cast<scalar_t>(scale * dq[r][t]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: dK, dV.
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
+    attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                   const scalar_t* __restrict__ v, const scalar_t* __restrict__ grad_out,
+                                   const acc_t* __restrict__ lse, const acc_t* __restrict__ delta,
+                                   scalar_t* __restrict__ grad_k, scalar_t* __restrict__ grad_v, Strides5 sq,
+                                   Strides5 sk, Strides5 sv, Strides5 sdo, Strides4 sl, Strides4 sdelta,
+                                   Strides5 sdk, Strides5 sdv, Geometry g, int keys, int cols, int64_t k_tiles,
+                                   int64_t col_blocks, int64_t tasks, acc_t scale) {
+  extern __shared__ __align__(sizeof(double)) unsigned char smem_bytes[];
+  const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
+  if (task >= tasks) return;
+
+  const int d = static_cast<int>(g.D), ld = padded_pitch(d), ldc = padded_pitch(cols);
+  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * dkdv_smem_per_warp(d, keys, cols);
+  acc_t* vs = ks + keys * ld;
+  acc_t* dks = vs + keys * ld;
+  acc_t* dvs = dks + keys * ldc;
+  acc_t* qrow = dvs + keys * ldc;
   acc_t* dorow = qrow + d;
 
-  const int64_t s = task / k_tiles;
-  const int64_t k0 = (task % k_tiles) * kLanes;
-  const int nk = static_cast<int>(min64(kLanes, g.N - k0));
+  // The column blocks of one key tile are neighbours in launch order: they share K, V in L2.
+  const int64_t s = task / (k_tiles * col_blocks);
+  const int64_t tile = task % (k_tiles * col_blocks);
+  const int64_t k0 = (tile / col_blocks) * keys;
+  const int c0 = static_cast<int>(tile % col_blocks) * cols;
+  const int nk = static_cast<int>(min64(keys, g.N - k0));
+  const int nc = min(cols, d - c0);
   const scalar_t* qb = q + sq.base(s, g);
   const scalar_t* dob = grad_out + sdo.base(s, g);
-  const float* lb = lse + sl.base(s, g);
+  const acc_t* lb = lse + sl.base(s, g);
   const acc_t* deltab = delta + sdelta.base(s, g);
-  acc_t* dqb = dq_acc + sdq.base(s, g);
 
   load_rows(k + sk.base(s, g) + k0 * sk.n, sk.n, sk.d, nk, d, ks, ld, lane);
   load_rows(v + sv.base(s, g) + k0 * sv.n, sv.n, sv.d, nk, d, vs, ld, lane);
-  for (int e = lane; e < kLanes * ld; e += kLanes) {
+  for (int e = lane; e < keys * ldc; e += kLanes) {
     dks[e] = acc_t(0);
     dvs[e] = acc_t(0);
   }
 
   for (int64_t i = 0; i < g.N; ++i) {
     WARP_SYNC();  // the previous row is no longer read
-    load_rows(qb + i * sq.n, sq.n, sq.d, 1, d, qrow, d, lane);
+    // q pre-scaled: its dot with K is the score, and dS q_scaled is dK's scale * dS q.
+    load_rows(qb + i * sq.n, sq.n, sq.d, 1, d, qrow, d, lane, scale);
     load_rows(dob + i * sdo.n, sdo.n, sdo.d, 1, d, dorow, d, lane);
     WARP_SYNC();
-    const acc_t lse_i = static_cast<acc_t>(lb[i * sl.n]);
-    const acc_t delta_i = deltab[i * sdelta.n];
 
-    // Lane j owns key j: its P, dS and its rows of dK, dV.
-    acc_t ds = 0;
+    // Lane j owns key j: its P, dS and its rows of the dK, dV block.
     if (lane < nk) {
-      const acc_t p = softmax_prob_from_lse<acc_t>(scale * dot(qrow, ks + lane * ld, d), lse_i);
-      ds = softmax_grad<acc_t>(p, dot(dorow, vs + lane * ld, d), delta_i);
-      acc_t* dv_row = dvs + lane * ld;
-      acc_t* dk_row = dks + lane * ld;
-      const acc_t sds = scale * ds;
-      for (int c = 0; c < d; ++c) {
-        dv_row[c] += p * dorow[c];
-        dk_row[c] += sds * qrow[c];
+      const acc_t p = softmax_prob_from_lse<acc_t>(dot(qrow, ks + lane * ld, d), lb[i * sl.n]);
+      const acc_t ds = softmax_grad<acc_t>(p, dot(dorow, vs + lane * ld, d), deltab[i * sdelta.n]);
+      acc_t* dv_row = dvs + lane * ldc;
+      acc_t* dk_row = dks + lane * ldc;
+      for (int c = 0; c < nc; ++c) {
+        dv_row[c] += p * dorow[c0 + c];
+        dk_row[c] += ds * qrow[c0 + c];
       }
-    }
-
-    // dQ_i = scale * sum_j dS_j K_j: lanes own columns, dS_j travels by shuffle.
-    acc_t dq[kChunks];
-#pragma unroll
-    for (int t = 0; t < kChunks; ++t) dq[t] = acc_t(0);
-    for (int j = 0; j < nk; ++j) {
-      const acc_t dsj = WARP_SHFL(ds, j, kLanes);
-#pragma unroll
-      for (int t = 0; t < kChunks; ++t) {
-        const int c = lane + t * kLanes;
-        if (c < d) dq[t] += dsj * ks[j * ld + c];
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < kChunks; ++t) {
-      const int c = lane + t * kLanes;
-      if (c < d) atomicAdd(dqb + i * sdq.n + c * sdq.d, scale * dq[t]);
     }
   }
 
   WARP_SYNC();
-  scalar_t* dkb = grad_k + sdk.base(s, g) + k0 * sdk.n;
-  scalar_t* dvb = grad_v + sdv.base(s, g) + k0 * sdv.n;
-  for (int e = lane; e < nk * d; e += kLanes) {
-    const int j = e / d, c = e - j * d;
-    dkb[j * sdk.n + c * sdk.d] = static_cast<scalar_t>(dks[j * ld + c]);
-    dvb[j * sdv.n + c * sdv.d] = static_cast<scalar_t>(dvs[j * ld + c]);
+  scalar_t* dkb = grad_k + sdk.base(s, g) + k0 * sdk.n + c0 * sdk.d;
+  scalar_t* dvb = grad_v + sdv.base(s, g) + k0 * sdv.n + c0 * sdv.d;
+  for (int e = lane; e < nk * nc; e += kLanes) {
+    const int j = e / nc, c = e - j * nc;
+    dkb[j * sdk.n + c * sdk.d] = static_cast<scalar_t>(dks[j * ldc + c]);
+    dvb[j * sdv.n + c * sdv.d] = static_cast<scalar_t>(dvs[j * ldc + c]);
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Launch helpers.
 
-struct LaunchConfig {
-  int warps;
-  size_t smem;
-  int64_t blocks;
+enum class Pass { kForward, kDq, kDkDv };
+
+const char* pass_name(Pass pass) {
+  return pass == Pass::kForward ? "forward" : pass == Pass::kDq ? "dQ backward" : "dK/dV backward";
+}
+
+// Tile sizes of one launch: keys per key tile (at most one per lane) and the width of the
+// dK/dV column block (d in the forward and dQ passes).
+struct Tiling {
+  int keys, cols;
+  size_t per_warp_bytes;
 };
 
-// As many warps per block as fit the default 48 KiB of shared memory (at least one; a single
-// warp over that limit, float64 with a large d, opts in to the device's larger maximum).
+size_t per_warp_bytes(Pass pass, int64_t d, int keys, int cols, size_t word) {
+  const int64_t words = pass == Pass::kForward ? forward_smem_per_warp(d, keys)
+                        : pass == Pass::kDq    ? dq_smem_per_warp(d, keys)
+                                               : dkdv_smem_per_warp(d, keys, cols);
+  return static_cast<size_t>(words) * word;
+}
+
+// The largest tiles whose one warp task fits `limit` bytes of shared memory: full 32-key tiles
+// and full-width dK/dV blocks where they fit (every CUDA GPU since sm_70 up to d = 128 in
+// float32); narrower column blocks first (they repeat the two dot products per score, 1.5x the
+// work at half width), then fewer keys per tile (idle lanes, 2x the work at half the keys).
+// Zero keys when nothing fits.
+Tiling choose_tiling(Pass pass, int64_t d, size_t word, size_t limit) {
+  const int width = static_cast<int>(d);
+  for (int keys = kLanes; keys >= 8; keys /= 2) {
+    for (int split = 1; split <= (pass == Pass::kDkDv ? 4 : 1); split *= 2) {
+      const int cols = (width + split - 1) / split;
+      const size_t bytes = per_warp_bytes(pass, d, keys, cols, word);
+      if (bytes <= limit) return {keys, cols, bytes};
+    }
+  }
+  return {0, 0, 0};
+}
+
+// Shared memory a block may use: the opt-in maximum on CUDA (99 KB on sm_86/89, 163 KB on
+// sm_80, 227 KB on sm_90); on ROCm the 64 KB of LDS per workgroup, which has no opt-in beyond
+// the default.
+size_t shared_memory_limit() {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+#if defined(USE_ROCM)
+  return props->sharedMemPerBlock;
+#else
+  return std::max(props->sharedMemPerBlockOptin, props->sharedMemPerBlock);
+#endif
+}
+
+struct LaunchConfig {
+  Tiling tiling;
+  int warps;
+  size_t smem;
+};
+
+// The tiles for this device, and as many warp tasks per block (up to kMaxWarps) as its shared
+// memory holds; opts the kernel in to more than the default per-block amount where needed.
 template <typename Kernel>
-LaunchConfig launch_config(Kernel kernel, int64_t tasks, size_t per_warp_bytes) {
-  int warps = kMaxWarps;
-  while (warps > 1 && warps * per_warp_bytes > kDefaultSmem) warps /= 2;
-  const size_t smem = warps * per_warp_bytes;
-  if (smem > kDefaultSmem) {
-    const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    TORCH_CHECK(smem <= optin, "stt::_attention (cuda): needs ", smem, " bytes of shared memory per block, the GPU ",
-                "allows ", optin, "; use a smaller head dim or another dtype");
+LaunchConfig launch_config(Kernel kernel, Pass pass, int64_t d, size_t word, at::ScalarType dtype) {
+  const size_t limit = shared_memory_limit();
+  const Tiling tiling = choose_tiling(pass, d, word, limit);
+  if (tiling.keys == 0) {
+    int64_t fits = d;
+    while (fits > 1 && choose_tiling(pass, fits, word, limit).keys == 0) --fits;
+    TORCH_CHECK(false, "stt::_attention (cuda): the ", pass_name(pass), " pass needs ",
+                per_warp_bytes(pass, d, 8, static_cast<int>((d + 3) / 4), word),
+                " bytes of shared memory per block for head dim ", d, " in ", dtype, ", even with its smallest tiles; ",
+                "this GPU allows ", limit, ", enough for head dims up to ", fits);
+  }
+  const int warps = static_cast<int>(std::min<size_t>(kMaxWarps, limit / tiling.per_warp_bytes));
+  const size_t smem = warps * tiling.per_warp_bytes;
+  if (smem > at::cuda::getCurrentDeviceProperties()->sharedMemPerBlock) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
+  return {tiling, warps, smem};
+}
+
+unsigned int grid_blocks(int64_t tasks, int warps) {
   const int64_t blocks = (tasks + warps - 1) / warps;
   TORCH_CHECK(blocks <= INT_MAX, "stt::_attention (cuda): ", tasks, " warp tasks exceed one launch grid");
-  return {warps, smem, blocks};
+  return static_cast<unsigned int>(blocks);
 }
 
 Geometry geometry(const at::Tensor& q) {
@@ -334,6 +488,18 @@ bool empty_problem(const at::Tensor& q) {
   return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0;
 }
 
+// Query-row tasks (forward, dQ): short sequences, a single key tile, take one task per
+// sequence so that the tile is loaded once for all its rows.
+struct RowTasks {
+  int64_t rows_per_task, tasks_per_seq, tasks;
+};
+
+RowTasks row_tasks(const Geometry& g, int keys) {
+  const int64_t rows_per_task = g.N <= keys ? g.N : kRows;
+  const int64_t tasks_per_seq = (g.N + rows_per_task - 1) / rows_per_task;
+  return {rows_per_task, tasks_per_seq, g.B * g.Z * g.H * tasks_per_seq};
+}
+
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                             const at::Tensor& lse, double scale) {
   check_attention_forward(q, k, v, out, lse, scale, c10::DeviceType::CUDA);
@@ -342,20 +508,16 @@ void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   if (empty_problem(q)) return;
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   const Geometry g = geometry(q);
-  // Short sequences: one task per sequence keeps its single key tile loaded for every row.
-  const int64_t rows_per_task = g.N <= kLanes ? g.N : kRows;
-  const int64_t tasks_per_seq = (g.N + rows_per_task - 1) / rows_per_task;
-  const int64_t tasks = g.B * g.Z * g.H * tasks_per_seq;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "stt_attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto kernel = attention_forward_kernel<scalar_t, acc_t>;
-    const LaunchConfig cfg = launch_config(kernel, tasks, forward_smem_per_warp(g.D) * sizeof(acc_t));
-    kernel<<<static_cast<unsigned int>(cfg.blocks), cfg.warps * kLanes, cfg.smem,
-             at::cuda::getCurrentCUDAStream()>>>(
+    const LaunchConfig cfg = launch_config(kernel, Pass::kForward, g.D, sizeof(acc_t), q.scalar_type());
+    const RowTasks rt = row_tasks(g, cfg.tiling.keys);
+    kernel<<<grid_blocks(rt.tasks, cfg.warps), cfg.warps * kLanes, cfg.smem, at::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-        lse.data_ptr<float>(), strides5(q), strides5(k), strides5(v), strides5(out), strides4(lse), g,
-        rows_per_task, tasks_per_seq, tasks, static_cast<acc_t>(scale));
+        lse.data_ptr<acc_t>(), strides5(q), strides5(k), strides5(v), strides5(out), strides4(lse), g,
+        cfg.tiling.keys, rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -372,27 +534,33 @@ void attention_backward_cuda(const at::Tensor& q, const at::Tensor& k, const at:
   const auto acc_type = at::toOpMathType(q.scalar_type());
   // D_i = rowsum(dO_i * O_i), (B, Z, N, heads) viewed as (B, Z, heads, N).
   const at::Tensor delta = (out.to(acc_type) * grad_out.to(acc_type)).sum(-1).transpose(2, 3);
-  // dQ gathers from every key tile: atomics into an accumulator of the accumulation type.
-  const bool in_place = grad_q.scalar_type() == acc_type;
-  at::Tensor dq_acc = in_place ? grad_q : at::empty(grad_q.sizes(), grad_q.options().dtype(acc_type));
-  dq_acc.zero_();
-  const int64_t k_tiles = (g.N + kLanes - 1) / kLanes;
-  const int64_t tasks = g.B * g.Z * g.H * k_tiles;
+  const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "stt_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = attention_backward_kernel<scalar_t, acc_t>;
-    const LaunchConfig cfg = launch_config(kernel, tasks, backward_smem_per_warp(g.D) * sizeof(acc_t));
-    kernel<<<static_cast<unsigned int>(cfg.blocks), cfg.warps * kLanes, cfg.smem,
-             at::cuda::getCurrentCUDAStream()>>>(
+    auto dq_kernel = attention_backward_dq_kernel<scalar_t, acc_t>;
+    const LaunchConfig dq_cfg = launch_config(dq_kernel, Pass::kDq, g.D, sizeof(acc_t), q.scalar_type());
+    const RowTasks rt = row_tasks(g, dq_cfg.tiling.keys);
+    dq_kernel<<<grid_blocks(rt.tasks, dq_cfg.warps), dq_cfg.warps * kLanes, dq_cfg.smem, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-        lse.data_ptr<float>(), delta.data_ptr<acc_t>(), dq_acc.data_ptr<acc_t>(), grad_k.data_ptr<scalar_t>(),
-        grad_v.data_ptr<scalar_t>(), strides5(q), strides5(k), strides5(v), strides5(grad_out), strides4(lse),
-        strides4(delta), strides5(dq_acc), strides5(grad_k), strides5(grad_v), g, k_tiles, tasks,
+        lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), grad_q.data_ptr<scalar_t>(), strides5(q), strides5(k),
+        strides5(v), strides5(grad_out), strides4(lse), strides4(delta), strides5(grad_q), g, dq_cfg.tiling.keys,
+        rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    auto dkdv_kernel = attention_backward_dkdv_kernel<scalar_t, acc_t>;
+    const LaunchConfig cfg = launch_config(dkdv_kernel, Pass::kDkDv, g.D, sizeof(acc_t), q.scalar_type());
+    const int64_t k_tiles = (g.N + cfg.tiling.keys - 1) / cfg.tiling.keys;
+    const int64_t col_blocks = (g.D + cfg.tiling.cols - 1) / cfg.tiling.cols;
+    const int64_t tasks = g.B * g.Z * g.H * k_tiles * col_blocks;
+    dkdv_kernel<<<grid_blocks(tasks, cfg.warps), cfg.warps * kLanes, cfg.smem, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+        lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
+        strides5(q), strides5(k), strides5(v), strides5(grad_out), strides4(lse), strides4(delta), strides5(grad_k),
+        strides5(grad_v), g, cfg.tiling.keys, cfg.tiling.cols, k_tiles, col_blocks, tasks,
         static_cast<acc_t>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (!in_place) grad_q.copy_(dq_acc);
 }
 
 }  // namespace

@@ -8,6 +8,10 @@
 // the group's channels by one thread) and scatters grad_x with atomics; it also rewrites the
 // sampled columns, from which cuBLAS forms the weight gradient. Arithmetic in at::opmath_type
 // (float for half/bfloat16, float32 atomics into a float buffer).
+// Determinism: grad_offset and grad_mask are each written by one thread, and grad_weight is
+// the sum of one cuBLAS product per chunk added in chunk order (fixed-order sums); grad_x's
+// scatter by atomics is the one run-dependent sum, so under
+// torch.use_deterministic_algorithms(True) the backward raises (stt_kernels/backend.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

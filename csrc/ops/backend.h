@@ -27,7 +27,8 @@ std::string_view compiled_backend(std::string_view backend, const at::Tensor& li
                                   const char* kernels);
 
 // torch's deterministic-mode error (or warning, with warn_only) for a backward that accumulates
-// with atomics: the CUDA kernels' (the CPU kernels sum in a fixed order).
+// with atomics: the CUDA deform_conv2d's (the attention kernels and the CPU kernels sum in a
+// fixed order).
 void check_deterministic_backward(std::string_view backend, const char* op);
 
 }  // namespace stt::ops

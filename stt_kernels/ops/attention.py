@@ -11,9 +11,9 @@ Each op ``stt::<name>`` returns ``(out, lse)`` and has a fake kernel and a backw
 (``csrc/ops``), which hands each call to the implementation here while Python is loaded
 (``kernels.register_ops``). Every output is contiguous whatever the
 inputs' strides: ``out`` and the gradients ``(B, T, H, W, heads, d)``, ``lse`` float32
-``(B, Z, heads, N)``. The op's ``backend`` argument may be ``auto``, resolved by device when
-the op runs. ``backend='reference'`` asked for by name bypasses the custom op and runs the
-plain-PyTorch spec under ordinary autograd.
+(float64 for float64 inputs) ``(B, Z, heads, N)``. The op's ``backend`` argument may be
+``auto``, resolved by device when the op runs. ``backend='reference'`` asked for by name
+bypasses the custom op and runs the plain-PyTorch spec under ordinary autograd.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ def _lse_shape(view: torch.Tensor) -> tuple[int, ...]:
     return (b, z, heads, n)
 
 
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    # The kernels' accumulation type: a float32 lse would cap float64 gradients at ~1e-7 |lse|.
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 class _AttentionOp:
     """The Python halves of ``stt::<name>`` and ``stt::<name>_backward`` for one sequence layout."""
 
@@ -58,7 +63,7 @@ class _AttentionOp:
     def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(_lse_shape(self.view(q)), dtype=torch.float32, device=q.device)
+        lse = torch.empty(_lse_shape(self.view(q)), dtype=_lse_dtype(q), device=q.device)
         kernels = attention_kernels.for_call(backend, q.device, q.dtype)
         kernels.forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
         return out, lse
@@ -66,7 +71,7 @@ class _AttentionOp:
     def _forward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                q.new_empty(_lse_shape(self.view(q)), dtype=torch.float32))
+                q.new_empty(_lse_shape(self.view(q)), dtype=_lse_dtype(q)))
 
     def _backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
@@ -109,7 +114,7 @@ def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        scale: float) -> None:
     # Attention along N of a sequence view is the spec's spatial attention on N x 1 slices.
     out.copy_(reference.spatial_attention(_as_slice(q), _as_slice(k), _as_slice(v), scale).squeeze(3))
-    scores = torch.einsum("bznhd,bzmhd->bzhnm", q.float(), k.float()) * scale
+    scores = torch.einsum("bznhd,bzmhd->bzhnm", q.to(lse.dtype), k.to(lse.dtype)) * scale
     lse.copy_(torch.logsumexp(scores, dim=-1))
 
 
