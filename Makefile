@@ -1,6 +1,7 @@
 # Developer entry points. Each target does its own set-up on a fresh clone.
 #   make test       venv + dependencies + build (CPU and, where nvcc is found, CUDA kernels) + all tests
 #                   + test-install
+#   make lint       ruff check + ruff format --check (Python), clang-format --dry-run (csrc/); make test runs it
 #   make test-install  sdist and wheel from a clean tree, installed into a fresh venv, used from
 #                   outside the checkout (tests/install_check.py; CPU kernels only, to keep CI short)
 #   make demo       the main job: the shipped synthetic-demo model segments held-out synthetic EM ->
@@ -37,10 +38,16 @@ build: $(DEPS)
 build-cpu: $(DEPS)
 	STT_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
-test: build
+test: build lint
 	$(PY) -m stt_kernels
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 	$(MAKE) test-install
+
+# ruff (lint + format check, ruff.toml) over the Python tree, clang-format (.clang-format) over csrc/.
+lint: $(DEPS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $$(git ls-files 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.h' 'csrc/*.cuh' 'tests/libtorch/*.cpp')
 
 test-install: $(DEPS)
 	$(PY) tests/install_check.py

@@ -59,7 +59,8 @@ def _find_cuda_home() -> str | None:
 
 # Commands that compile the extension, and so need the torch it is built against.
 _COMPILING_COMMANDS = frozenset(
-    {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "install", "develop"})
+    {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "install", "develop"}
+)
 
 # Folder names of the temporary environments that isolated builds create: pip
 # (pip-build-env-*), python -m build (build-env-*), uv (builds-v0).
@@ -96,9 +97,12 @@ def torch_for_build():
         sys.exit(_USE_INSTALLED_TORCH.format(reason=f"torch cannot be imported here ({exc})"))
     env = isolated_build_env(torch.__file__)
     if env is not None:
-        sys.exit(_USE_INSTALLED_TORCH.format(
-            reason=f"torch {torch.__version__} comes from a temporary build environment ({env}), "
-                   "not from the environment that will run it"))
+        sys.exit(
+            _USE_INSTALLED_TORCH.format(
+                reason=f"torch {torch.__version__} comes from a temporary build environment ({env}), "
+                "not from the environment that will run it"
+            )
+        )
     return torch
 
 
@@ -170,7 +174,7 @@ def _default_archs(mode: str) -> None:
     without a GPU, A100 + H100 (CUDA) or MI250X + MI300X (ROCm)."""
     gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
     if mode == "cuda" and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        visible = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in gpus})
+        visible = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in gpus})
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(visible) or "8.0;9.0"
     if mode == "hip" and not os.environ.get("PYTORCH_ROCM_ARCH"):
         visible = sorted({torch.cuda.get_device_properties(i).gcnArchName.split(":")[0] for i in gpus})
@@ -193,22 +197,31 @@ def sources(mode: str, part: str) -> list[str]:
     """``part`` "binding": the sources of ``_C`` (schemas, Python binding, GPU kernels); "cpu":
     those of a CPU kernel library. Together the same globs as CMakeLists.txt, plus the Python
     binding that only this build has."""
-    patterns = {"binding": ["csrc/ops/*.cpp", "csrc/ops/autograd/*.cpp", "csrc/python/*.cpp",
-                            *(["csrc/cuda/*.cu"] if mode != "cpu" else [])],
-                "cpu": ["csrc/cpu/*.cpp"]}[part]
+    patterns = {
+        "binding": [
+            "csrc/ops/*.cpp",
+            "csrc/ops/autograd/*.cpp",
+            "csrc/python/*.cpp",
+            *(["csrc/cuda/*.cu"] if mode != "cpu" else []),
+        ],
+        "cpu": ["csrc/cpu/*.cpp"],
+    }[part]
     return sorted(str(Path(p).relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
 
 
 def _archs(mode: str) -> str:
     if mode == "cuda":
-        return "sm_" + ",sm_".join(a.replace(".", "").replace("+PTX", "") for a in
-                                   os.environ.get("TORCH_CUDA_ARCH_LIST", "native").replace(" ", ";").split(";") if a)
+        return "sm_" + ",sm_".join(
+            a.replace(".", "").replace("+PTX", "")
+            for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "native").replace(" ", ";").split(";")
+            if a
+        )
     if mode == "hip":
         return os.environ.get("PYTORCH_ROCM_ARCH", "native").replace(";", ",")
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _isa():
     """``stt_kernels/_isa.py``, read by path: the package cannot be imported while it is built."""
     spec = importlib.util.spec_from_file_location("_stt_isa", ROOT / "stt_kernels" / "_isa.py")
@@ -237,15 +250,22 @@ def extensions(mode: str) -> list:
     # include_dirs: a list of its own each, as CppExtension appends torch's folders in place.
     kernels = [
         cpp_extension.CppExtension(
-            name=f"stt_kernels._cpu_{capability.name}", sources=sources(mode, "cpu"),
-            include_dirs=[str(CSRC / "include")], depends=headers,
-            extra_compile_args={"cxx": [*cxx, *capability.flags]}, extra_link_args=link)
+            name=f"stt_kernels._cpu_{capability.name}",
+            sources=sources(mode, "cpu"),
+            include_dirs=[str(CSRC / "include")],
+            depends=headers,
+            extra_compile_args={"cxx": [*cxx, *capability.flags]},
+            extra_link_args=link,
+        )
         for capability in cpu_builds()
     ]
     baseline = [*cxx, *_isa().baseline_flags(platform.machine())]
-    defines = [("STT_TORCH_VERSION", f'"{torch.__version__}"'), ("STT_ARCHS", f'"{_archs(mode)}"'),
-               ("STT_CPU_CAPABILITIES", '"' + ",".join(c.name for c in cpu_builds()) + '"'),
-               *([("STT_DEBUG_BUILD", "1")] if debug else [])]
+    defines = [
+        ("STT_TORCH_VERSION", f'"{torch.__version__}"'),
+        ("STT_ARCHS", f'"{_archs(mode)}"'),
+        ("STT_CPU_CAPABILITIES", '"' + ",".join(c.name for c in cpu_builds()) + '"'),
+        *([("STT_DEBUG_BUILD", "1")] if debug else []),
+    ]
     kwargs = dict(
         name="stt_kernels._C",
         sources=sources(mode, "binding"),
@@ -318,9 +338,11 @@ def _record_cuda_resources(build, folder: Path) -> None:
 
     for source, report in ptxas.split_by_source(log.read_text(errors="replace")).items():
         report_of(source).write_text(report)
-    resources = {source: ptxas.as_records(ptxas.parse(report_of(source).read_text()))
-                 if report_of(source).exists() else None
-                 for source in sources(MODE, "binding") if source.endswith(".cu")}
+    resources = {
+        source: ptxas.as_records(ptxas.parse(report_of(source).read_text())) if report_of(source).exists() else None
+        for source in sources(MODE, "binding")
+        if source.endswith(".cu")
+    }
     target = ROOT / "stt_kernels" / "_build_info.json"
     record = {**json.loads(target.read_text()), "cuda_resources": resources}
     tmp = target.with_suffix(".tmp")
@@ -367,8 +389,10 @@ if COMPILING:
 
 setup(
     packages=find_packages(include=["stt_kernels*", "stt_model*"]),
-    package_data={"stt_kernels": ["_build_info.json", "py.typed"],
-                  "stt_model": ["configs/*.yaml", "py.typed", "models/*.json", "models/*.pt", "models/*.yaml"]},
+    package_data={
+        "stt_kernels": ["_build_info.json", "py.typed"],
+        "stt_model": ["configs/*.yaml", "py.typed", "models/*.json", "models/*.pt", "models/*.yaml"],
+    },
     install_requires=[torch_requirement(_pinned_torch())],
     ext_modules=extensions(MODE) if COMPILING else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if COMPILING else {},

@@ -32,13 +32,17 @@ _MARK = "<!-- results: cuda-resources -->"
 
 def figures(log: Optional[Path]) -> dict[str, list[_ptxas.KernelResources]]:
     if log is not None:
-        return {source.rsplit("/", 1)[-1]: _ptxas.parse(text)
-                for source, text in _ptxas.split_by_source(log.read_text(errors="replace")).items()}
+        return {
+            source.rsplit("/", 1)[-1]: _ptxas.parse(text)
+            for source, text in _ptxas.split_by_source(log.read_text(errors="replace")).items()
+        }
     record = json.loads((ROOT / "stt_kernels" / "_build_info.json").read_text())
     resources = record.get("cuda_resources")
     if not resources:
-        sys.exit("stt_kernels/_build_info.json has no cuda_resources: build with the CUDA kernels "
-                 "(STT_BUILD_CUDA=1 python setup.py build_ext --inplace)")
+        sys.exit(
+            "stt_kernels/_build_info.json has no cuda_resources: build with the CUDA kernels "
+            "(STT_BUILD_CUDA=1 python setup.py build_ext --inplace)"
+        )
     missing = [source for source, records in resources.items() if records is None]
     if missing:
         sys.exit(f"no ptxas report for {', '.join(missing)}: rebuild them (rm -r build/temp-cuda-*)")
@@ -47,11 +51,13 @@ def figures(log: Optional[Path]) -> dict[str, list[_ptxas.KernelResources]]:
 
 def _provenance() -> str:
     """The toolkit and commit the figures come from."""
+
     def run(*command: str) -> str:
         try:
             return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
         except OSError:
             return ""
+
     nvcc = run("nvcc", "--version").splitlines()
     commit = run("git", "rev-parse", "--short=12", "HEAD")
     return f"nvcc: {nvcc[-1] if nvcc else 'unknown'}; commit: `{commit or 'unknown'}`"
@@ -63,11 +69,14 @@ def section(by_source: dict[str, list[_ptxas.KernelResources]], archs: str) -> s
         "`stt_kernels/_build_info.json` and checked by `tests/test_cuda_resources.py` (no spills, at most "
         "255 registers, static shared memory within 48 KB). The attention kernels' tiles are dynamic "
         "shared memory, sized at launch to the device (`choose_tiling` in `csrc/cuda/attention_kernel.cu`), "
-        "so ptxas reports none. Spills are bytes stored plus bytes loaded.", 100)
-    return (f"{_MARK}\n{HEADING}\n\n{prose}\n\n- {_provenance()}\n"
-            "- Command: `python benchmarks/cuda_resources.py --results-md benchmarks/RESULTS.md` "
-            "(after `STT_BUILD_CUDA=1 python setup.py build_ext --inplace`)\n\n"
-            + _ptxas.markdown_table(by_source))
+        "so ptxas reports none. Spills are bytes stored plus bytes loaded.",
+        100,
+    )
+    return (
+        f"{_MARK}\n{HEADING}\n\n{prose}\n\n- {_provenance()}\n"
+        "- Command: `python benchmarks/cuda_resources.py --results-md benchmarks/RESULTS.md` "
+        "(after `STT_BUILD_CUDA=1 python setup.py build_ext --inplace`)\n\n" + _ptxas.markdown_table(by_source)
+    )
 
 
 def replace_section(results: Path, text: str) -> None:

@@ -54,7 +54,7 @@ def _gpu_reason() -> Optional[str]:
 def _cap(path: Path) -> None:
     if path.exists() and path.stat().st_size > MAX_FILE_BYTES:
         data = path.read_bytes()
-        path.write_bytes(data[:MAX_FILE_BYTES // 2] + b"\n[... cut ...]\n" + data[-MAX_FILE_BYTES // 2 + 64:])
+        path.write_bytes(data[: MAX_FILE_BYTES // 2] + b"\n[... cut ...]\n" + data[-MAX_FILE_BYTES // 2 + 64 :])
 
 
 def _run(command: list[str], log: Path, deadline: float, env: Optional[dict[str, str]] = None) -> str:
@@ -68,8 +68,14 @@ def _run(command: list[str], log: Path, deadline: float, env: Optional[dict[str,
         handle.write(f"$ {' '.join(command)}\n".encode())
         handle.flush()
         try:
-            code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=deadline,
-                                  env={**os.environ, "PYTHONPATH": path, **(env or {})}).returncode
+            code = subprocess.run(
+                command,
+                cwd=ROOT,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=deadline,
+                env={**os.environ, "PYTHONPATH": path, **(env or {})},
+            ).returncode
         except subprocess.TimeoutExpired:
             return f"timed out after {deadline:.0f} s"
     _cap(log)
@@ -79,23 +85,35 @@ def _run(command: list[str], log: Path, deadline: float, env: Optional[dict[str,
 def _steps(out: Path, python: str) -> list[tuple[str, float, Callable[[], str]]]:
     me = [python, str(Path(__file__).resolve())]
     sanitizer = shutil.which("compute-sanitizer")
-    build_env = {"STT_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
-                 "NVCC_APPEND_FLAGS": "-Xptxas -v", "MAX_JOBS": str(os.cpu_count() or 4)}
+    build_env = {
+        "STT_BUILD_CUDA": "1",
+        "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+        "NVCC_APPEND_FLAGS": "-Xptxas -v",
+        "MAX_JOBS": str(os.cpu_count() or 4),
+    }
 
     def sanitize() -> str:
         if sanitizer is None:
             return "skipped: compute-sanitizer is not on PATH"
-        verdicts = [_run([sanitizer, "--tool", tool, "--error-exitcode", "3", *me, "tiny"],
-                         out / "sanitizer.txt", 30) for tool in ("memcheck", "racecheck")]
+        verdicts = [
+            _run([sanitizer, "--tool", tool, "--error-exitcode", "3", *me, "tiny"], out / "sanitizer.txt", 30)
+            for tool in ("memcheck", "racecheck")
+        ]
         return ", ".join(f"{tool} {v}" for tool, v in zip(("memcheck", "racecheck"), verdicts))
 
     return [
-        ("build", 200, lambda: _run([python, "setup.py", "build_ext", "--inplace"], out / "build.log", 200,
-                                    build_env)),
+        ("build", 200, lambda: _run([python, "setup.py", "build_ext", "--inplace"], out / "build.log", 200, build_env)),
         ("report", 20, lambda: _run([python, "-m", "stt_kernels"], out / "report.txt", 20)),
-        ("gpu tests", 120, lambda: _run([python, "-m", "pytest", "tests", "-m", "gpu", "-q", "-x",
-                                         "-p", "no:cacheprovider"], out / "gpu_tests.txt", 120,
-                                        {"STT_TRITON_QUICK_TUNE": "1"})),
+        (
+            "gpu tests",
+            120,
+            lambda: _run(
+                [python, "-m", "pytest", "tests", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider"],
+                out / "gpu_tests.txt",
+                120,
+                {"STT_TRITON_QUICK_TUNE": "1"},
+            ),
+        ),
         ("probe", 60, lambda: _run([*me, "probe", str(out / "probe.json")], out / "steps.log", 60)),
         ("sanitizer", 60, sanitize),
         ("bench", 80, lambda: _run([*me, "bench", str(out / "bench")], out / "steps.log", 80)),
@@ -127,6 +145,7 @@ def orchestrate(out: Path, dry: bool) -> int:
 
 
 # -- the steps that run inside this file ------------------------------------------------------
+
 
 def _attention_inputs(shape, dtype, device, grad=True):
     import torch
@@ -162,9 +181,11 @@ def probe(path: Path) -> int:
         out = stt_kernels.temporal_attention(q, k, v, backend=backend)
         out.float().square().mean().backward()
         torch.cuda.synchronize()
-        return {"seconds_first_call": time.perf_counter() - start,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "grad_finite": bool(torch.isfinite(qkv.grad).all())}
+        return {
+            "seconds_first_call": time.perf_counter() - start,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "grad_finite": bool(torch.isfinite(qkv.grad).all()),
+        }
 
     def big_backward() -> dict[str, float]:
         qkv, (q, k, v) = _attention_inputs((1, 1, 16, 16, 1, 128), torch.float32, "cuda")
@@ -237,9 +258,18 @@ def bench(out: Path) -> int:
     FlexAttention and torchvision: ``out/results.json`` and ``out/report.md``."""
     from stt_kernels.bench import Options, run_measuring
 
-    run_measuring(Options(out=out, tier="quick", suites=["issue-shapes"], dtypes=["bfloat16"], passes=["forward"],
-                          peers=["sdpa:flash", "sdpa:efficient", "flex_attention", "torchvision"], device="cuda",
-                          overwrite=True))
+    run_measuring(
+        Options(
+            out=out,
+            tier="quick",
+            suites=["issue-shapes"],
+            dtypes=["bfloat16"],
+            passes=["forward"],
+            peers=["sdpa:flash", "sdpa:efficient", "flex_attention", "torchvision"],
+            device="cuda",
+            overwrite=True,
+        )
+    )
     return 0
 
 

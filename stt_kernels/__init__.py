@@ -21,7 +21,18 @@ except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never i
     __version__ = "0+unknown"
 
 __all__ = [
-    "BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "use_backend",
-    "spatial_attention", "temporal_attention", "deform_conv2d",
-    "SSTAttention", "SpatialAttention", "TemporalAttention", "DeformableFusion", "DeformConv2d", "__version__",
+    "BACKENDS",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "backends",
+    "use_backend",
+    "spatial_attention",
+    "temporal_attention",
+    "deform_conv2d",
+    "SSTAttention",
+    "SpatialAttention",
+    "TemporalAttention",
+    "DeformableFusion",
+    "DeformConv2d",
+    "__version__",
 ]

@@ -23,8 +23,10 @@ from . import _isa
 
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
 _REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in the source tree (or `make build`)"
-_REINSTALL_HINT = ("rebuild it against your torch: `pip install --no-build-isolation --no-deps --force-reinstall "
-                   "--no-binary stt-kernels stt-kernels`")
+_REINSTALL_HINT = (
+    "rebuild it against your torch: `pip install --no-build-isolation --no-deps --force-reinstall "
+    "--no-binary stt-kernels stt-kernels`"
+)
 
 
 def _in_source_tree() -> bool:
@@ -76,14 +78,20 @@ def _read_build_record() -> dict[str, Any]:
 
 
 def _runtime_description() -> str:
-    gpu = f"CUDA {torch.version.cuda}" if torch.version.cuda else (
-        f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else "no CUDA")
+    gpu = (
+        f"CUDA {torch.version.cuda}"
+        if torch.version.cuda
+        else (f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else "no CUDA")
+    )
     return f"torch {torch.__version__}, {gpu}"
 
 
 def _built_description(record: dict[str, Any]) -> str:
-    gpu = record.get("cuda_version") and f"CUDA {record['cuda_version']}" or (
-        record.get("hip_version") and f"ROCm {record['hip_version']}" or "no CUDA")
+    gpu = (
+        record.get("cuda_version")
+        and f"CUDA {record['cuda_version']}"
+        or (record.get("hip_version") and f"ROCm {record['hip_version']}" or "no CUDA")
+    )
     return f"torch {record.get('torch_version', '?')}, {gpu}"
 
 
@@ -91,13 +99,17 @@ def _mismatch(record: dict[str, Any]) -> Optional[str]:
     built = record.get("torch_version")
     if built is None:
         return None
+
     # The C++ ABI follows major.minor (and the local build tag such as +cu130).
     def key(version: str) -> tuple[str, str]:
         public, _, local = version.partition("+")
         return ".".join(public.split(".")[:2]), local
+
     if key(built) != key(torch.__version__):
-        return (f"stt_kernels._C was built for {_built_description(record)}; "
-                f"you have {_runtime_description()}: {_fix_hint()}")
+        return (
+            f"stt_kernels._C was built for {_built_description(record)}; "
+            f"you have {_runtime_description()}: {_fix_hint()}"
+        )
     return None
 
 
@@ -111,8 +123,11 @@ def _load() -> Extension:
         if record or not _in_source_tree():
             # Built or installed, so the compiled backends were expected: their absence must
             # not pass for the normal state of a fresh checkout.
-            return Extension(loaded=False, error=f"stt_kernels._C is missing from {Path(__file__).parent}; "
-                             f"{_fix_hint()}", broken=True)
+            return Extension(
+                loaded=False,
+                error=f"stt_kernels._C is missing from {Path(__file__).parent}; {_fix_hint()}",
+                broken=True,
+            )
         return Extension(loaded=False, error=f"stt_kernels._C is not built; {_REBUILD_HINT}")
     except ImportError as exc:
         reason = _mismatch(record) or f"stt_kernels._C failed to load; {_fix_hint()}"
@@ -133,8 +148,12 @@ if EXTENSION.broken:
     # A library was expected (it exists, or the package was built or installed) but cannot
     # be used: say so once, at import, or 'auto' would quietly run the slow reference. In a
     # checkout that was never built the backend report is enough.
-    warnings.warn(f"{EXTENSION.error}; the 'cpu' and 'cuda' backends are off, "
-                  "'reference' and 'triton' still work", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"{EXTENSION.error}; the 'cpu' and 'cuda' backends are off, 'reference' and 'triton' still work",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 elif EXTENSION.loaded and not EXTENSION.with_cpu:
-    warnings.warn(f"{EXTENSION.cpu_report}; the 'cpu' backend is off, 'reference' runs CPU tensors",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"{EXTENSION.cpu_report}; the 'cpu' backend is off, 'reference' runs CPU tensors", RuntimeWarning, stacklevel=2
+    )

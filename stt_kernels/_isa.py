@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from importlib.machinery import EXTENSION_SUFFIXES
 from dataclasses import dataclass
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -47,8 +47,11 @@ _AVX2_FEATURES = ("sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", 
 X86_CAPABILITIES = (
     Capability("default", ("-march=x86-64",), ()),
     Capability("avx2", ("-march=x86-64", "-mavx2", "-mfma", "-mf16c"), _AVX2_FEATURES),
-    Capability("avx512", ("-march=x86-64", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mf16c"),
-               (*_AVX2_FEATURES, "avx512f", "avx512bw", "avx512dq", "avx512vl")),
+    Capability(
+        "avx512",
+        ("-march=x86-64", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mf16c"),
+        (*_AVX2_FEATURES, "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+    ),
 )
 NATIVE = Capability("native", ("-march=native",), ())
 _PORTABLE = {c.name: c for c in X86_CAPABILITIES}
@@ -78,8 +81,7 @@ class Choice:
     note: str  # what decided it, for the backend report; the reason when name is None
 
 
-def choose(built: Sequence[str], cpu_features: Mapping[str, bool],
-           environ: Mapping[str, str] = os.environ) -> Choice:
+def choose(built: Sequence[str], cpu_features: Mapping[str, bool], environ: Mapping[str, str] = os.environ) -> Choice:
     """The best of the ``built`` kernel libraries this CPU runs, capped by ATEN_CPU_CAPABILITY."""
     if not built:
         return Choice(None, "stt_kernels._C lists no CPU kernel library (it predates them)")
@@ -97,12 +99,17 @@ def choose(built: Sequence[str], cpu_features: Mapping[str, bool],
         return Choice(best, f"the best this CPU runs of {', '.join(built)}")
     if requested not in _RANK:
         # torch warns about the value too and ignores it; so do we.
-        return Choice(best, f"the best this CPU runs of {', '.join(built)}; ATEN_CPU_CAPABILITY="
-                      f"{requested!r} ignored (expected one of {', '.join(_RANK)})")
+        return Choice(
+            best,
+            f"the best this CPU runs of {', '.join(built)}; ATEN_CPU_CAPABILITY="
+            f"{requested!r} ignored (expected one of {', '.join(_RANK)})",
+        )
     capped = [name for name in runnable if _RANK[name] <= _RANK[requested]]
     if not capped:
-        return Choice(None, f"ATEN_CPU_CAPABILITY={requested} but no CPU kernel library at or below it "
-                      f"was built ({', '.join(built)})")
+        return Choice(
+            None,
+            f"ATEN_CPU_CAPABILITY={requested} but no CPU kernel library at or below it was built ({', '.join(built)})",
+        )
     chosen = max(capped, key=_RANK.__getitem__)
     if chosen != best:
         return Choice(chosen, f"capped by ATEN_CPU_CAPABILITY={requested}; this CPU runs {best}")
@@ -124,8 +131,9 @@ class CpuKernels:
         return {"cpu_capability": self.capability, "cpu_compiled_for": self.compiled_for}
 
 
-def load_cpu_kernels(built: Sequence[str], cpu_features: Mapping[str, bool],
-                     environ: Mapping[str, str] = os.environ) -> CpuKernels:
+def load_cpu_kernels(
+    built: Sequence[str], cpu_features: Mapping[str, bool], environ: Mapping[str, str] = os.environ
+) -> CpuKernels:
     """Load the one kernel library :func:`choose` picks; it registers the CPU kernels with torch."""
     choice = choose(built, cpu_features, environ)
     if choice.name is None:

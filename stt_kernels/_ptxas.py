@@ -19,10 +19,12 @@ from typing import Iterable, Optional
 
 # Per-thread registers and static shared memory per block that a kernel may use, per target.
 # Dynamic shared memory is sized at launch (csrc/cuda/attention_kernel.cu checks it then).
-LIMITS = {"sm_80": {"registers": 255, "static_smem": 48 * 1024},
-          "sm_86": {"registers": 255, "static_smem": 48 * 1024},
-          "sm_89": {"registers": 255, "static_smem": 48 * 1024},
-          "sm_90": {"registers": 255, "static_smem": 48 * 1024}}
+LIMITS = {
+    "sm_80": {"registers": 255, "static_smem": 48 * 1024},
+    "sm_86": {"registers": 255, "static_smem": 48 * 1024},
+    "sm_89": {"registers": 255, "static_smem": 48 * 1024},
+    "sm_90": {"registers": 255, "static_smem": 48 * 1024},
+}
 
 _STATUS = re.compile(r"^\[\d+/\d+\] (.*)$")
 _SOURCE = re.compile(r"\s-c\s+(\S+\.cu)\b")
@@ -93,8 +95,9 @@ def violations(kernels: Iterable[KernelResources]) -> list[str]:
             problems.append(f"{k.kernel} ({k.arch}): no limits known for {k.arch}")
             continue
         if k.spill_stores or k.spill_loads:
-            problems.append(f"{demangle(k.kernel)} ({k.arch}): spills {k.spill_stores} bytes stored, "
-                            f"{k.spill_loads} loaded")
+            problems.append(
+                f"{demangle(k.kernel)} ({k.arch}): spills {k.spill_stores} bytes stored, {k.spill_loads} loaded"
+            )
         for field, limit in limits.items():
             if getattr(k, field) > limit:
                 problems.append(f"{demangle(k.kernel)} ({k.arch}): {field} {getattr(k, field)} > {limit}")
@@ -140,7 +143,10 @@ def markdown_table(by_source: dict[str, list[KernelResources]]) -> str:
             cells = [f"`{source.rsplit('/', 1)[-1]}`", f"`{demangle(kernel)}`"]
             for a in archs:
                 k = per_arch.get(a)
-                cells += ["-"] * 4 if k is None else [str(k.registers), str(k.static_smem), str(k.stack),
-                                                      str(k.spill_stores + k.spill_loads)]
+                cells += (
+                    ["-"] * 4
+                    if k is None
+                    else [str(k.registers), str(k.static_smem), str(k.stack), str(k.spill_stores + k.spill_loads)]
+                )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -46,13 +46,14 @@ class Capability:
 
 CAPABILITIES: dict[str, Capability] = {
     # Triton's float64 dot is not worth a kernel; the CUDA kernels cover float64 on GPUs.
-    "triton": Capability(("cuda",), {"attention": _FLOATS[:1] + _FLOATS[2:],
-                                     "deform_conv2d": _FLOATS[:1] + _FLOATS[2:]},
-                         atomic_backward=("deform_conv2d",)),
+    "triton": Capability(
+        ("cuda",),
+        {"attention": _FLOATS[:1] + _FLOATS[2:], "deform_conv2d": _FLOATS[:1] + _FLOATS[2:]},
+        atomic_backward=("deform_conv2d",),
+    ),
     # The CUDA attention backward owns its rows of dQ (a pass of its own) and of dK, dV: no atomics.
     # Its deform_conv2d backward scatters grad_x with atomics (grad_weight: cuBLAS, fixed order).
-    "cuda": Capability(("cuda",), {"attention": _FLOATS, "deform_conv2d": _FLOATS},
-                       atomic_backward=("deform_conv2d",)),
+    "cuda": Capability(("cuda",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}, atomic_backward=("deform_conv2d",)),
     # The CPU attention kernels compute 16-bit inputs in float32; no 16-bit deform_conv2d yet.
     "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS[:2]}),
     "reference": Capability(("cpu", "cuda", "meta"), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
@@ -75,8 +76,10 @@ def check_deterministic_backward(name: str, op: str) -> None:
         # The helper torch's own meta kernels call: the same message, warn_only honoured.
         from torch._prims_common import alert_not_deterministic
 
-        alert_not_deterministic(f"stt::{op} backward on the '{name}' backend (atomic accumulation; "
-                                "the 'cpu' and 'reference' backends are deterministic)")
+        alert_not_deterministic(
+            f"stt::{op} backward on the '{name}' backend (atomic accumulation; "
+            "the 'cpu' and 'reference' backends are deterministic)"
+        )
 
 
 def _op_family(op: str) -> str:
@@ -116,7 +119,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -130,9 +133,15 @@ def _status(name: str) -> BackendStatus:
         if not EXTENSION.loaded:
             return BackendStatus(name, False, EXTENSION.error or "stt_kernels._C is not built", False)
         if not (EXTENSION.with_cuda or EXTENSION.with_hip):
-            return BackendStatus(name, False, (
-                "stt_kernels._C was built without CUDA/HIP kernels: install a CUDA or ROCm build of "
-                "torch, put nvcc on PATH (or set CUDA_HOME) and rebuild with STT_BUILD_CUDA=1"), False)
+            return BackendStatus(
+                name,
+                False,
+                (
+                    "stt_kernels._C was built without CUDA/HIP kernels: install a CUDA or ROCm build of "
+                    "torch, put nvcc on PATH (or set CUDA_HOME) and rebuild with STT_BUILD_CUDA=1"
+                ),
+                False,
+            )
         kind = "HIP" if EXTENSION.with_hip else "CUDA"
         archs = EXTENSION.info.get("archs", "")
         if not _gpu_visible():
@@ -140,15 +149,26 @@ def _status(name: str) -> BackendStatus:
         return BackendStatus(name, True, f"{kind} kernels compiled ({archs})", True)
     if name == "triton":
         if not _triton_installed():
-            return BackendStatus(name, False, "Triton is not installed: `pip install triton` "
-                                 "(on ROCm, `pytorch-triton-rocm`)", False)
+            return BackendStatus(
+                name, False, "Triton is not installed: `pip install triton` (on ROCm, `pytorch-triton-rocm`)", False
+            )
         if _gpu_visible():
             return BackendStatus(name, True, "Triton kernels on the GPU", True)
         if _interpreting():
-            return BackendStatus(name, True, "interpreter only (TRITON_INTERPRET=1): CPU tensors, slow, "
-                                 "for tests, float32 only (bfloat16 is refused); use 'cpu' for real work", True)
-        return BackendStatus(name, False, "no GPU is visible; on CPU tensors use 'cpu' (Triton's interpreter, "
-                             "TRITON_INTERPRET=1, is for tests, float32 only)", True)
+            return BackendStatus(
+                name,
+                True,
+                "interpreter only (TRITON_INTERPRET=1): CPU tensors, slow, "
+                "for tests, float32 only (bfloat16 is refused); use 'cpu' for real work",
+                True,
+            )
+        return BackendStatus(
+            name,
+            False,
+            "no GPU is visible; on CPU tensors use 'cpu' (Triton's interpreter, "
+            "TRITON_INTERPRET=1, is for tests, float32 only)",
+            True,
+        )
     raise ValueError(f"backend must be one of {', '.join(_CHOICES)}; got {name!r}")
 
 
@@ -207,8 +227,10 @@ def _runs_on(name: str, device: torch.device) -> Optional[str]:
     if name == "cuda" and not on_gpu:
         return "it runs on GPU tensors only; move the tensors with .cuda() or pick 'cpu'"
     if name == "triton" and not on_gpu and not _interpreting():
-        return ("it runs on GPU tensors; use 'cpu' for CPU tensors (TRITON_INTERPRET=1 runs Triton on the CPU "
-                "for tests, float32 only)")
+        return (
+            "it runs on GPU tensors; use 'cpu' for CPU tensors (TRITON_INTERPRET=1 runs Triton on the CPU "
+            "for tests, float32 only)"
+        )
     if name == "triton" and on_gpu and _interpreting():
         return "TRITON_INTERPRET=1 is set, which runs Triton on CPU tensors only"
     if device.type not in ("cpu", "cuda", "meta") and name != "reference":
@@ -216,13 +238,19 @@ def _runs_on(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def resolve(backend: Optional[str], device: torch.device, op: str, implemented: frozenset[str],
-            dtype: Optional[torch.dtype] = None) -> str:
+def resolve(
+    backend: Optional[str],
+    device: torch.device,
+    op: str,
+    implemented: frozenset[str],
+    dtype: Optional[torch.dtype] = None,
+) -> str:
     """Pick the concrete backend for one call of ``op`` on ``dtype`` tensors living on ``device``.
 
     ``implemented`` names the backends that have a kernel for ``op``; ``dtype=None`` skips the
     dtype check (callers that have no tensor yet).
     """
+
     def takes(candidate: str) -> bool:
         return dtype is None or dtype in claimed_dtypes(candidate, op)
 
@@ -237,12 +265,18 @@ def resolve(backend: Optional[str], device: torch.device, op: str, implemented: 
         raise BackendUnavailableError(f"backend '{name}' cannot run {op} on {device.type} tensors: {why_not}")
     if name not in implemented:
         raise NotImplementedError(
-            f"{op} has no '{name}' kernel yet; available for it: {', '.join(sorted(implemented))}")
+            f"{op} has no '{name}' kernel yet; available for it: {', '.join(sorted(implemented))}"
+        )
     if not takes(name):
         able = [c for c in BACKENDS if c != name and c in implemented and _runs_on(c, device) is None and takes(c)]
-        why = (" under TRITON_INTERPRET=1: Triton's interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9)"
-               if name == "triton" and _interpreting() and dtype == torch.bfloat16 else "")
-        raise TypeError(f"backend '{name}' does not take {_dtype_name(dtype)} tensors for {op}{why} (it takes "
-                        f"{', '.join(map(_dtype_name, claimed_dtypes(name, op)))}); on {device.type} tensors "
-                        f"use {' or '.join(repr(c) for c in able)}, or 'auto'")
+        why = (
+            " under TRITON_INTERPRET=1: Triton's interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9)"
+            if name == "triton" and _interpreting() and dtype == torch.bfloat16
+            else ""
+        )
+        raise TypeError(
+            f"backend '{name}' does not take {_dtype_name(dtype)} tensors for {op}{why} (it takes "
+            f"{', '.join(map(_dtype_name, claimed_dtypes(name, op)))}); on {device.type} tensors "
+            f"use {' or '.join(repr(c) for c in able)}, or 'auto'"
+        )
     return name

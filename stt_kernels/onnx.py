@@ -128,9 +128,20 @@ def _temporal_attention(op: _Emitter, q: Any, k: Any, v: Any, scale: float) -> t
     return op("Transpose", out, perm=_TEMPORAL_BACK), op("Reshape", lse, lse_shape)
 
 
-def _deform_conv2d(op: _Emitter, x: Any, offset: Any, mask: Any, weight: Any, bias: Any,
-                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], offset_groups: int,
-                   channels: int, weight_channels: int) -> Any:
+def _deform_conv2d(
+    op: _Emitter,
+    x: Any,
+    offset: Any,
+    mask: Any,
+    weight: Any,
+    bias: Any,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    offset_groups: int,
+    channels: int,
+    weight_channels: int,
+) -> Any:
     """ONNX ``DeformConv`` with torchvision's argument order mapped onto its ``(X, W, offset, B, mask)``.
 
     ``channels`` is ``C`` of ``x (N, C, H, W)`` and ``weight_channels`` ``C / weight_groups``
@@ -141,8 +152,15 @@ def _deform_conv2d(op: _Emitter, x: Any, offset: Any, mask: Any, weight: Any, bi
         inputs.append(bias if bias is not None else _empty_input(op))
     if mask is not None:
         inputs.append(mask)
-    return op("DeformConv", *inputs, strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
-              dilations=list(dilation), group=channels // weight_channels, offset_group=offset_groups)
+    return op(
+        "DeformConv",
+        *inputs,
+        strides=list(stride),
+        pads=[padding[0], padding[1], padding[0], padding[1]],
+        dilations=list(dilation),
+        group=channels // weight_channels,
+        offset_group=offset_groups,
+    )
 
 
 def _empty_input(op: _Emitter) -> Any:
@@ -170,11 +188,32 @@ def _dynamo_temporal(q: Any, k: Any, v: Any, scale: float, backend: str) -> tupl
     return _temporal_attention(_Emitter(), q, k, v, scale)
 
 
-def _dynamo_deform_conv2d(x: Any, offset: Any, mask: Any, weight: Any, bias: Any, stride: Sequence[int],
-                          padding: Sequence[int], dilation: Sequence[int], offset_groups: int, backend: str) -> Any:
-    return _deform_conv2d(_Emitter(), x, offset, mask, weight, bias, stride, padding, dilation, offset_groups,
-                          _static_size(x, 1, "channel count C of x"),
-                          _static_size(weight, 1, "weight.shape[1]"))
+def _dynamo_deform_conv2d(
+    x: Any,
+    offset: Any,
+    mask: Any,
+    weight: Any,
+    bias: Any,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    offset_groups: int,
+    backend: str,
+) -> Any:
+    return _deform_conv2d(
+        _Emitter(),
+        x,
+        offset,
+        mask,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        offset_groups,
+        _static_size(x, 1, "channel count C of x"),
+        _static_size(weight, 1, "weight.shape[1]"),
+    )
 
 
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
@@ -203,15 +242,39 @@ def _legacy_symbolics() -> dict[str, Callable[..., Any]]:
         return _temporal_attention(_Emitter(g), q, k, v, scale)
 
     @sh.parse_args("v", "v", "v", "v", "v", "is", "is", "is", "i", "s")
-    def deform(g: Any, x: Any, offset: Any, mask: Any, weight: Any, bias: Any, stride: list[int],
-               padding: list[int], dilation: list[int], offset_groups: int, backend: str) -> Any:
+    def deform(
+        g: Any,
+        x: Any,
+        offset: Any,
+        mask: Any,
+        weight: Any,
+        bias: Any,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        offset_groups: int,
+        backend: str,
+    ) -> Any:
         channels, weight_channels = sh._get_tensor_dim_size(x, 1), sh._get_tensor_dim_size(weight, 1)
         if channels is None or weight_channels is None:
-            raise ValueError("stt::deform_conv2d exports with static channel counts of x and weight; the traced "
-                             "graph did not record them")
-        return _deform_conv2d(_Emitter(g), x, offset, None if sh._is_none(mask) else mask, weight,
-                              None if sh._is_none(bias) else bias, stride, padding, dilation, offset_groups,
-                              channels, weight_channels)
+            raise ValueError(
+                "stt::deform_conv2d exports with static channel counts of x and weight; the traced "
+                "graph did not record them"
+            )
+        return _deform_conv2d(
+            _Emitter(g),
+            x,
+            offset,
+            None if sh._is_none(mask) else mask,
+            weight,
+            None if sh._is_none(bias) else bias,
+            stride,
+            padding,
+            dilation,
+            offset_groups,
+            channels,
+            weight_channels,
+        )
 
     return {"stt::spatial_attention": spatial, "stt::temporal_attention": temporal, "stt::deform_conv2d": deform}
 
@@ -229,8 +292,15 @@ def _check_opset(opset: int) -> None:
         raise ValueError(f"opset must be an int from 19 (ONNX's DeformConv) to {OPSET}; got {opset!r}")
 
 
-def export(model: torch.nn.Module, args: tuple[Any, ...], f: Union[str, os.PathLike], *, dynamo: bool = True,
-           opset: int = OPSET, **kwargs: Any) -> None:
+def export(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    f: Union[str, os.PathLike],
+    *,
+    dynamo: bool = True,
+    opset: int = OPSET,
+    **kwargs: Any,
+) -> None:
     """``torch.onnx.export(model, args, f, ...)`` with the ``stt`` ops written in standard operators.
 
     ``dynamo=True`` (the default) passes :func:`translation_table`; ``dynamo=False`` registers
@@ -241,8 +311,7 @@ def export(model: torch.nn.Module, args: tuple[Any, ...], f: Union[str, os.PathL
     _check_opset(opset)
     if dynamo:
         table = {**translation_table(), **kwargs.pop("custom_translation_table", {})}
-        torch.onnx.export(model, args, f, dynamo=True, opset_version=opset, custom_translation_table=table,
-                          **kwargs)
+        torch.onnx.export(model, args, f, dynamo=True, opset_version=opset, custom_translation_table=table, **kwargs)
     else:
         register_legacy_symbolics(opset)
         torch.onnx.export(model, args, f, dynamo=False, opset_version=opset, **kwargs)

@@ -28,9 +28,16 @@ from .validation import IntPair, pair
 __all__ = ["deform_conv2d", "DeformConv2d"]
 
 
-def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None, stride: IntPair = (1, 1), padding: IntPair = (0, 0),
-                  dilation: IntPair = (1, 1), mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = (1, 1),
+    padding: IntPair = (0, 0),
+    dilation: IntPair = (1, 1),
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Deformable convolution (DCNv1; DCNv2 when ``mask`` is given), ``torchvision.ops.deform_conv2d``'s call.
 
     ``input (N, C, H, W)``, ``offset (N, 2*G*Kh*Kw, H_out, W_out)`` (``G`` offset groups, read
@@ -39,8 +46,9 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     Returns ``(N, C_out, H_out, W_out)``.
     """
     if not torch.jit.is_scripting():
-        traced = leaf_call(deform_conv2d, input, offset, weight, bias, stride=stride, padding=padding,
-                           dilation=dilation, mask=mask)
+        traced = leaf_call(
+            deform_conv2d, input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
+        )
         if traced is not None:
             return traced
     return _stt_deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation)
@@ -53,8 +61,17 @@ class DeformConv2d(nn.Module):
     groups are read off ``offset`` at each call.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -83,12 +100,22 @@ class DeformConv2d(nn.Module):
     def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``input (N, C_in, H, W)``, ``offset (N, 2*G*Kh*Kw, H_out, W_out)``, ``mask
         (N, G*Kh*Kw, H_out, W_out)`` or None -> ``(N, C_out, H_out, W_out)``."""
-        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                             dilation=self.dilation, mask=mask)
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
 
     def extra_repr(self) -> str:
-        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}")
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}"
+        )
         if self.groups != 1:
             text += f", groups={self.groups}"
         if self.bias is None:

@@ -87,8 +87,9 @@ def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     for name, t in (("k", k), ("v", v)):
         check_rank(name, t, 6, "(B, T, H, W, heads, d)")
         if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {shape_text(q)} (B, T, H, W, heads, d); "
-                             f"got {shape_text(t)}")
+            raise ValueError(
+                f"{name} must have the shape of q {shape_text(q)} (B, T, H, W, heads, d); got {shape_text(t)}"
+            )
         check_same("q", q, name, t)
     head_dim = q.shape[-1]
     if not 1 <= head_dim <= max_head_dim:
@@ -107,6 +108,7 @@ def script_scale(scale: Optional[float], head_dim: int) -> float:
 
 def pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     """``value`` as ``(int, int)``: an int means the same on both axes."""
+
     def is_int(x: object) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -134,8 +136,14 @@ def script_pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
 
 
 def check_deform_conv2d(
-    x: object, offset: object, mask: object, weight: object, bias: object,
-    stride: IntPair, padding: IntPair, dilation: IntPair,
+    x: object,
+    offset: object,
+    mask: object,
+    weight: object,
+    bias: object,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], int, int]:
     """Validate the arguments of ``deform_conv2d`` (torchvision's semantics).
 
@@ -154,8 +162,14 @@ def check_deform_conv2d(
 
 
 def check_deform_conv2d_shapes(
-    x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
-    bias: Optional[torch.Tensor], stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
 ) -> Tuple[int, int]:
     """The shapes, dtypes and devices of ``deform_conv2d``'s tensors; ``(offset_groups, weight_groups)``."""
     check_rank("x", x, 4, "(N, C, H, W)")
@@ -167,11 +181,14 @@ def check_deform_conv2d_shapes(
     n, c, h, w = x.shape
     c_out, c_per_group, kh, kw = weight.shape
     if kh < 1 or kw < 1 or c_per_group < 1:
-        raise ValueError("weight must have shape (C_out, C / weight_groups, K_h, K_w) with positive sizes; "
-                         f"got {shape_text(weight)}")
+        raise ValueError(
+            f"weight must have shape (C_out, C / weight_groups, K_h, K_w) with positive sizes; got {shape_text(weight)}"
+        )
     if c % c_per_group != 0:
-        raise ValueError(f"weight.shape[1] ({c_per_group}) must divide the input channels C = {c} "
-                         "(weight groups = C / weight.shape[1])")
+        raise ValueError(
+            f"weight.shape[1] ({c_per_group}) must divide the input channels C = {c} "
+            "(weight groups = C / weight.shape[1])"
+        )
     weight_groups = c // c_per_group
     if c_out % weight_groups != 0:
         raise ValueError(f"weight.shape[0] (C_out = {c_out}) must be divisible by the weight groups ({weight_groups})")
@@ -179,26 +196,35 @@ def check_deform_conv2d_shapes(
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if h_out < 1 or w_out < 1:
-        raise ValueError(f"the output would be empty ({h_out} x {w_out}): input {h} x {w}, kernel {kh} x {kw}, "
-                         f"stride {stride}, padding {padding}, dilation {dilation}")
+        raise ValueError(
+            f"the output would be empty ({h_out} x {w_out}): input {h} x {w}, kernel {kh} x {kw}, "
+            f"stride {stride}, padding {padding}, dilation {dilation}"
+        )
 
     taps = kh * kw
     if offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
-        raise ValueError(f"offset.shape[1] must be a positive multiple of 2 * K_h * K_w = {2 * taps}; "
-                         f"got {offset.shape[1]}")
+        raise ValueError(
+            f"offset.shape[1] must be a positive multiple of 2 * K_h * K_w = {2 * taps}; got {offset.shape[1]}"
+        )
     offset_groups = offset.shape[1] // (2 * taps)
     if c % offset_groups != 0:
-        raise ValueError(f"the offset groups G = offset.shape[1] / (2 * K_h * K_w) = {offset_groups} "
-                         f"must divide the input channels C = {c}")
+        raise ValueError(
+            f"the offset groups G = offset.shape[1] / (2 * K_h * K_w) = {offset_groups} "
+            f"must divide the input channels C = {c}"
+        )
     if list(offset.shape) != [n, 2 * offset_groups * taps, h_out, w_out]:
-        raise ValueError("offset must have shape (N, 2 * G * K_h * K_w, H_out, W_out) = "
-                         f"({n}, {2 * offset_groups * taps}, {h_out}, {w_out}); got {shape_text(offset)}")
+        raise ValueError(
+            "offset must have shape (N, 2 * G * K_h * K_w, H_out, W_out) = "
+            f"({n}, {2 * offset_groups * taps}, {h_out}, {w_out}); got {shape_text(offset)}"
+        )
     if mask is not None:
         check_rank("mask", mask, 4, "(N, G * K_h * K_w, H_out, W_out)")
         check_same("x", x, "mask", mask)
         if list(mask.shape) != [n, offset_groups * taps, h_out, w_out]:
-            raise ValueError(f"mask must have shape (N, G * K_h * K_w, H_out, W_out) = ({n}, {offset_groups * taps}, "
-                             f"{h_out}, {w_out}) (G = {offset_groups} from offset); got {shape_text(mask)}")
+            raise ValueError(
+                f"mask must have shape (N, G * K_h * K_w, H_out, W_out) = ({n}, {offset_groups * taps}, "
+                f"{h_out}, {w_out}) (G = {offset_groups} from offset); got {shape_text(mask)}"
+            )
     if bias is not None:
         check_rank("bias", bias, 1, "(C_out,)")
         check_same("x", x, "bias", bias)

@@ -46,8 +46,10 @@ def _refuse_non_finite(weights: Any, path: Path) -> None:
         if torch.is_tensor(value) and value.is_floating_point():
             bad = int((~torch.isfinite(value)).sum())
             if bad:
-                raise UserInputError(f"{path}: model parameter {name} holds {bad} NaN/Inf value(s) of {value.numel()}; "
-                                 "the checkpoint is damaged or was saved after training diverged")
+                raise UserInputError(
+                    f"{path}: model parameter {name} holds {bad} NaN/Inf value(s) of {value.numel()}; "
+                    "the checkpoint is damaged or was saved after training diverged"
+                )
 
 
 def checkpoint_config(state: dict[str, Any]) -> Config:
@@ -60,5 +62,6 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: Unio
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise UserInputError(f"{path} does not fit this model's config: {str(exc).splitlines()[0]} "
-                         "(was it trained with another config?)") from None
+        raise UserInputError(
+            f"{path} does not fit this model's config: {str(exc).splitlines()[0]} (was it trained with another config?)"
+        ) from None

@@ -19,8 +19,15 @@ from typing import Callable, Optional, Sequence
 # The [model] extra of pyproject.toml (package: import name), which every command needs. Nothing
 # but the standard library is imported at the top, so that without them `stt` still starts and says so.
 MODEL_EXTRA_MODULES = {
-    "numpy": "numpy", "h5py": "h5py", "scipy": "scipy", "scikit-image": "skimage", "tifffile": "tifffile",
-    "pillow": "PIL", "zarr": "zarr", "pyyaml": "yaml", "connected-components-3d": "cc3d",
+    "numpy": "numpy",
+    "h5py": "h5py",
+    "scipy": "scipy",
+    "scikit-image": "skimage",
+    "tifffile": "tifffile",
+    "pillow": "PIL",
+    "zarr": "zarr",
+    "pyyaml": "yaml",
+    "connected-components-3d": "cc3d",
     "matplotlib": "matplotlib",
 }
 
@@ -85,60 +92,111 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    demo = command("demo", "Segment a held-out synthetic EM volume with the shipped synthetic-demo model (or, with "
-                   "--train, a tiny-cpu model trained first), evaluate, write demo_out/.")
-    demo.add_argument("--train", action="store_true",
-                      help="train tiny-cpu from scratch for --minutes instead of using the shipped model "
-                           "(implied by --data and --minutes)")
+    demo = command(
+        "demo",
+        "Segment a held-out synthetic EM volume with the shipped synthetic-demo model (or, with "
+        "--train, a tiny-cpu model trained first), evaluate, write demo_out/.",
+    )
+    demo.add_argument(
+        "--train",
+        action="store_true",
+        help="train tiny-cpu from scratch for --minutes instead of using the shipped model "
+        "(implied by --data and --minutes)",
+    )
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     demo.add_argument("--data", help="run on a real HDF5 volume with 'image' and 'label' datasets instead")
     demo.add_argument("--minutes", type=float, help="training time budget with --train (default: 4)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--overwrite", action="store_true",
-                      help="replace the outputs of an earlier demo in --out (other files there are left alone)")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of an earlier demo in --out (other files there are left alone)",
+    )
 
     train = command("train", "Train STT-UNET on a labelled volume.")
-    train.add_argument("--config", help="preset name or YAML file (default: tiny-cpu; with --resume, the "
-                       "checkpoint's own config, which a different --config may not change)")
+    train.add_argument(
+        "--config",
+        help="preset name or YAML file (default: tiny-cpu; with --resume, the "
+        "checkpoint's own config, which a different --config may not change)",
+    )
     train.add_argument("--image", required=True, help="image volume")
     train.add_argument("--label", required=True, help="label volume (instance ids, or a binary mask)")
-    train.add_argument("--out", type=Path, required=True,
-                       help="run folder: last.pt and train_log.csv of one run (locked while training)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run folder: last.pt and train_log.csv of one run (locked while training)",
+    )
     train.add_argument("--val-z", help="slices z0:z1 held out for validation (not trained on)")
-    train.add_argument("--resume", type=Path, help="continue from a checkpoint (exactly); its rows after the "
-                       "checkpoint's step are dropped from train_log.csv")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in --out; the old last.pt and train_log.csv stay until "
-                            "the new run's first checkpoint replaces them")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        help="continue from a checkpoint (exactly); its rows after the "
+        "checkpoint's step are dropped from train_log.csv",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out; the old last.pt and train_log.csv stay until "
+        "the new run's first checkpoint replaces them",
+    )
     train.add_argument("--minutes", type=float, help="time budget (> 0); a checkpoint is written when it runs out")
     train.add_argument("--iterations", type=int, help="override train.iterations")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                       help="set one config field by dotted key, the value read as YAML (train.lr=3e-4, "
-                            "model.channels=[8,16]); repeatable; checked as a YAML config is")
-    train.add_argument("--tensorboard", action="store_true",
-                       help="also log the losses and validation scores for TensorBoard into --out/tensorboard "
-                            "(needs the tensorboard package); train_curves.png is written either way")
-    train.add_argument("--compile", action="store_true",
-                       help="train the network through torch.compile (inductor): a minute or more of compiling "
-                            "first, faster steps after")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="set one config field by dotted key, the value read as YAML (train.lr=3e-4, "
+        "model.channels=[8,16]); repeatable; checked as a YAML config is",
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log the losses and validation scores for TensorBoard into --out/tensorboard "
+        "(needs the tensorboard package); train_curves.png is written either way",
+    )
+    train.add_argument(
+        "--compile",
+        action="store_true",
+        help="train the network through torch.compile (inductor): a minute or more of compiling "
+        "first, faster steps after",
+    )
 
     predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
     which = predict.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", type=Path, help="a checkpoint (its thresholds file beside it is used)")
     which.add_argument("--model", help="a shipped model by name (stt models lists them), verified by SHA-256")
     predict.add_argument("--image", required=True, help="volume to segment")
-    predict.add_argument("--out", required=True,
-                         help="probabilities (uint8): out.h5 or out.zarr (a whole file), or out.h5:name / "
-                              "out.zarr:name (a dataset added to the file, the rest of it kept)")
+    predict.add_argument(
+        "--out",
+        required=True,
+        help="probabilities (uint8): out.h5 or out.zarr (a whole file), or out.h5:name / "
+        "out.zarr:name (a dataset added to the file, the rest of it kept)",
+    )
     predict.add_argument("--instances", help="also write 3D instances (uint32) here (the same forms)")
-    predict.add_argument("--overwrite", action="store_true",
-                         help="replace an existing --out/--instances: the named dataset, or the whole file when "
-                              "none is named (without it, existing outputs are refused)")
-    predict.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"),
-                         help="output block predicted at a time; memory grows with it (default: 4 windows per axis)")
+    predict.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out/--instances: the named dataset, or the whole file when "
+        "none is named (without it, existing outputs are refused)",
+    )
+    predict.add_argument(
+        "--block",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="output block predicted at a time; memory grows with it (default: 4 windows per axis)",
+    )
     add_prediction_arguments(predict)
     add_threshold_arguments(predict, mask=False)
 
@@ -146,19 +204,33 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pred", required=True, help="predicted instances (or a binary mask)")
     evaluate.add_argument("--gt", required=True, help="ground-truth instances (or a binary mask)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--thresholds", type=Path, help="with probabilities as --pred: a thresholds file "
-                          "(stt tune's) to decode them with; the flags below override it")
+    evaluate.add_argument(
+        "--thresholds",
+        type=Path,
+        help="with probabilities as --pred: a thresholds file "
+        "(stt tune's) to decode them with; the flags below override it",
+    )
     add_threshold_arguments(evaluate)
 
-    add_tune_arguments(command("tune", "Tune the decoding thresholds of a checkpoint on a labelled validation volume "
-                               "(AP-75, or Jaccard for one-channel models); writes a thresholds file beside it."))
+    add_tune_arguments(
+        command(
+            "tune",
+            "Tune the decoding thresholds of a checkpoint on a labelled validation volume "
+            "(AP-75, or Jaccard for one-channel models); writes a thresholds file beside it.",
+        )
+    )
     models = command("models", "List the shipped models with their cards.")
     models.add_argument("name", nargs="?", help="show this model's whole card")
 
     from .export import add_arguments as add_export_arguments
 
-    add_export_arguments(command("export", "Export a checkpoint's network as ONNX, TorchScript, a torch.export "
-                                 "program or an AOTInductor package, checked against eager before it is written."))
+    add_export_arguments(
+        command(
+            "export",
+            "Export a checkpoint's network as ONNX, TorchScript, a torch.export "
+            "program or an AOTInductor package, checked against eager before it is written.",
+        )
+    )
 
     from stt_kernels.bench.cli import add_arguments as add_bench_arguments
 
@@ -181,11 +253,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         scores = score(pred[:], gt[:], thresholds)
     else:
         if tuple(pred.shape) != tuple(gt.shape):
-            raise UsageError(f"--pred has shape {tuple(pred.shape)} but --gt has {tuple(gt.shape)} (or (C, Z, Y, X) "
-                             "probabilities of it)")
-        if args.thresholds is not None or any(v is not None for k, v in vars(args).items() if k.startswith("threshold_")):
-            raise UsageError(f"the thresholds decode probabilities (C, Z, Y, X); --pred {args.pred} holds instances "
-                             f"{tuple(pred.shape)}, scored as they are")
+            raise UsageError(
+                f"--pred has shape {tuple(pred.shape)} but --gt has {tuple(gt.shape)} (or (C, Z, Y, X) "
+                "probabilities of it)"
+            )
+        if args.thresholds is not None or any(
+            v is not None for k, v in vars(args).items() if k.startswith("threshold_")
+        ):
+            raise UsageError(
+                f"the thresholds decode probabilities (C, Z, Y, X); --pred {args.pred} holds instances "
+                f"{tuple(pred.shape)}, scored as they are"
+            )
         scores = evaluate(pred, gt)
     if args.json:
         print(json.dumps(scores))
@@ -256,23 +334,29 @@ def _train(args: argparse.Namespace) -> int:
         given = apply_overrides(load_config(args.config) if args.config is not None else config, args.overrides)
         if args.iterations is not None:
             given.train.iterations = args.iterations
-        differ = [k for k in _config_differences(given.to_dict(), config.to_dict())
-                  if k != "name" or args.config is None]
+        differ = [
+            k for k in _config_differences(given.to_dict(), config.to_dict()) if k != "name" or args.config is None
+        ]
         if differ:
             given_by = [f"--config {args.config}"] * (args.config is not None) + [f"--set {o}" for o in args.overrides]
             flags = "/".join(["--config"] * (args.config is not None) + ["--set"] * bool(args.overrides))
             further = " (to train further, give --iterations)" if "train.iterations" in differ else ""
-            raise UsageError(f"{' '.join(given_by)} differs from the config stored in {args.resume} "
-                             f"({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}); a resumed run "
-                             f"keeps its checkpoint's config{further}: drop {flags}, or start a new run")
+            raise UsageError(
+                f"{' '.join(given_by)} differs from the config stored in {args.resume} "
+                f"({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}); a resumed run "
+                f"keeps its checkpoint's config{further}: drop {flags}, or start a new run"
+            )
     check_backend(config, training_device(None))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # Rank 0 alone writes the run folder, so it alone claims it, before any data is read.
     claim = RunFolder(args.out, resume=args.resume, overwrite=args.overwrite) if rank == 0 else None
     with claim if claim is not None else contextlib.nullcontext() as folder:
         if folder is not None and folder.removed:
-            print(f"stt train: removed {len(folder.removed)} temporary file(s) a killed run left in {args.out}: "
-                  + ", ".join(p.name for p in folder.removed), file=sys.stderr)
+            print(
+                f"stt train: removed {len(folder.removed)} temporary file(s) a killed run left in {args.out}: "
+                + ", ".join(p.name for p in folder.removed),
+                file=sys.stderr,
+            )
         image, label = open_volume(args.image), open_volume(args.label)
         if tuple(image.shape) != tuple(label.shape):
             raise UsageError(f"--image has shape {tuple(image.shape)} but --label has {tuple(label.shape)}")
@@ -286,9 +370,16 @@ def _train(args: argparse.Namespace) -> int:
             gt = instances_from_binary(gt > 0) if gt.max() <= 1 else gt
             validate = validator(config, ZRange(image, z0, z1)[:], gt)
         source = PatchSampler.from_config(pairs, config, rank=rank, world_size=world)
-        options = TrainOptions(out_dir=args.out, resume=args.resume, overwrite=args.overwrite, validate=validate,
-                               time_budget=args.minutes * 60 if args.minutes else None, folder=folder,
-                               compile=args.compile, tensorboard=args.tensorboard)
+        options = TrainOptions(
+            out_dir=args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            validate=validate,
+            time_budget=args.minutes * 60 if args.minutes else None,
+            folder=folder,
+            compile=args.compile,
+            tensorboard=args.tensorboard,
+        )
         result = Trainer(config, source, options).run()
     if rank == 0:
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}")
@@ -327,8 +418,9 @@ def _predict(args: argparse.Namespace) -> int:
     voxels = int(np.prod(image.shape))
     plans = [("--out", targets["--out"], shape[0] * voxels)]
     if world > 1:
-        plans.insert(0, (f"the {world} ranks' parts", output_target(ranks.part_spec(args.out, 0, world)),
-                         shape[0] * voxels))
+        plans.insert(
+            0, (f"the {world} ranks' parts", output_target(ranks.part_spec(args.out, 0, world)), shape[0] * voxels)
+        )
     if args.instances:
         plans.append(("--instances", targets["--instances"], 4 * voxels))
     if rank == 0:
@@ -338,8 +430,13 @@ def _predict(args: argparse.Namespace) -> int:
     check_space(plans)
     model = build_model(config)
     load_model_weights(model, state, args.checkpoint)
-    options = dict(overlap=args.overlap, batch_size=args.batch_size, tta=args.tta, tta_reduce=args.tta_reduce,
-                   block=tuple(args.block) if args.block else None)
+    options = dict(
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        tta_reduce=args.tta_reduce,
+        block=tuple(args.block) if args.block else None,
+    )
     if args.instances and rank == 0:
         print(f"stt predict: instances will be decoded with {threshold_source}", file=sys.stderr)
     if world > 1:
@@ -352,8 +449,17 @@ def _predict(args: argparse.Namespace) -> int:
             spec = ranks.part_spec(args.out, rank, world)
             where = dict(reserve=ranks.part_bytes(shape[0] * voxels, world))
         with create_output(spec, shape, np.uint8, **where) as out:
-            probabilities(model.to(device), config, image, out, device=device, rank=rank, world=world,
-                          progress=rank == 0, **options)
+            probabilities(
+                model.to(device),
+                config,
+                image,
+                out,
+                device=device,
+                rank=rank,
+                world=world,
+                progress=rank == 0,
+                **options,
+            )
         if world > 1:
             ranks.barrier()
             if rank == 0:
@@ -370,8 +476,9 @@ def _predict(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
             raise
-        raise UsageError(f"cannot write {writing}: {exc.strerror or exc}; it is left as it was and the "
-                         f"temporary file is removed") from None
+        raise UsageError(
+            f"cannot write {writing}: {exc.strerror or exc}; it is left as it was and the temporary file is removed"
+        ) from None
     finally:
         ranks.finish()
     return 0
@@ -390,8 +497,14 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     train = args.train or args.data is not None or args.minutes is not None
-    run_demo(args.out, data=args.data, minutes=4.0 if args.minutes is None else args.minutes, seed=args.seed,
-             overwrite=args.overwrite, train=train)
+    run_demo(
+        args.out,
+        data=args.data,
+        minutes=4.0 if args.minutes is None else args.minutes,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        train=train,
+    )
     return 0
 
 
@@ -434,8 +547,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _demo, "train": _train, "predict": _predict, "evaluate": _evaluate, "tune": _tune, "models": _models,
-    "export": _export, "bench": _bench,
+    "demo": _demo,
+    "train": _train,
+    "predict": _predict,
+    "evaluate": _evaluate,
+    "tune": _tune,
+    "models": _models,
+    "export": _export,
+    "bench": _bench,
 }
 
 
@@ -453,8 +572,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one ``stt`` command; returns the exit status: 0, 2 for an error the user can fix (one
     line on stderr), 130 for Ctrl-C and 143 for SIGTERM (``stt <cmd>: interrupted (...)``)."""
     if missing := missing_model_extras():
-        print(f"stt: error: {', '.join(missing)} not installed; the stt commands need the model extras: "
-              "pip install 'stt-kernels[model]'", file=sys.stderr)
+        print(
+            f"stt: error: {', '.join(missing)} not installed; the stt commands need the model extras: "
+            "pip install 'stt-kernels[model]'",
+            file=sys.stderr,
+        )
         return 2
     from stt_kernels import BackendUnavailableError
 
@@ -474,8 +596,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             raise
         notes = "; ".join(getattr(exc, "__notes__", []))
-        print(f"stt {args.command}: interrupted ({describe(exc)})" + (f"; {notes}" if notes else ""),
-              file=sys.stderr)
+        print(f"stt {args.command}: interrupted ({describe(exc)})" + (f"; {notes}" if notes else ""), file=sys.stderr)
         return exit_code(exc)
     # Errors the user can fix are one line; anything else is a bug and keeps its traceback.
     except (UsageError, UserInputError, RunFolderError, BackendUnavailableError, NonFiniteError, OSError) as exc:

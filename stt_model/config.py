@@ -30,7 +30,7 @@ class ConfigError(UserInputError):
 @dataclass
 class ModelConfig:
     in_channels: int = 1
-    out_channels: int = 2                      # 2: mask + contour (MitoEM); 1: mask (Lucchi)
+    out_channels: int = 2  # 2: mask + contour (MitoEM); 1: mask (Lucchi)
     channels: list[int] = field(default_factory=lambda: [28, 36, 48, 64])  # per encoder level
     heads: list[int] = field(default_factory=lambda: [4, 4, 4, 4])
     sst_levels: list[bool] = field(default_factory=lambda: [True, True, True, True])
@@ -49,10 +49,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    patch: list[int] = field(default_factory=lambda: [32, 320, 320])   # (T, H, W)
-    foreground_bias: float = 0.5      # probability that a patch is centred on foreground
+    patch: list[int] = field(default_factory=lambda: [32, 320, 320])  # (T, H, W)
+    foreground_bias: float = 0.5  # probability that a patch is centred on foreground
     augment: bool = True
-    augmentations: Literal["full", "light"] = "full"   # with augment: every EM transform, or symmetries + jitter
+    augmentations: Literal["full", "light"] = "full"  # with augment: every EM transform, or symmetries + jitter
     contour_width: int = 1
     # Stored intensities to [0, 1], the same in training and prediction (stt_model.data.intensity):
     # "dtype" (integers / their dtype's maximum, floats already in [0, 1]) or [min, max] (linear, clipped).
@@ -70,9 +70,9 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    adversarial_weight: float = 0.5   # lambda of L = L_BCE + lambda * L_fg-bg
-    adversarial_warmup: int = 0       # steps over which lambda ramps linearly from 0 (0: full from step 1)
-    lambda1: float = 1.0              # weight of the D(F_gt) - D(F_pr) term of Eq. 4
+    adversarial_weight: float = 0.5  # lambda of L = L_BCE + lambda * L_fg-bg
+    adversarial_warmup: int = 0  # steps over which lambda ramps linearly from 0 (0: full from step 1)
+    lambda1: float = 1.0  # weight of the D(F_gt) - D(F_pr) term of Eq. 4
     # D sees the prediction thresholded at 0.5 (straight-through gradient), binary like the truth.
     discriminator_binary: bool = False
     # The segmentation network's side of Eq. 4 (losses.generator_loss); "minimax" is Eq. 4 itself.
@@ -82,7 +82,7 @@ class LossConfig:
     # its receptive field (a 1x1x1 convolution head, PatchGAN style as in pix2pix, the paper's [8]).
     discriminator_output: Literal["volume", "patch"] = "volume"
     dice_weight: float = 0.0
-    contour_pos_weight: float = 1.0   # weighted BCE for the sparse contour map
+    contour_pos_weight: float = 1.0  # weighted BCE for the sparse contour map
 
 
 @dataclass
@@ -119,8 +119,9 @@ class Config:
             raise ConfigError("model.channels must name at least one level")
         for key, values in (("model.heads", m.heads), ("model.sst_levels", m.sst_levels)):
             if len(values) != levels:
-                raise ConfigError(f"{key} must have one entry per level ({levels}, as model.channels); "
-                                  f"got {len(values)}")
+                raise ConfigError(
+                    f"{key} must have one entry per level ({levels}, as model.channels); got {len(values)}"
+                )
         for level, (c, h) in enumerate(zip(m.channels, m.heads)):
             _positive(f"model.channels[{level}]", c)
             _positive(f"model.heads[{level}]", h)
@@ -144,9 +145,11 @@ class Config:
         down = 2 ** (levels - 1)
         multiple = [ft, fh * down, fw * down]
         if any(n % k for n, k in zip(d.patch, multiple)):
-            raise ConfigError(f"data.patch must be divisible by {multiple}: model.input_downsample "
-                              f"{m.input_downsample}, times 2**(levels-1) = {down} in H and W (the 1x2x2 "
-                              f"downsamplings); got {d.patch}")
+            raise ConfigError(
+                f"data.patch must be divisible by {multiple}: model.input_downsample "
+                f"{m.input_downsample}, times 2**(levels-1) = {down} in H and W (the 1x2x2 "
+                f"downsamplings); got {d.patch}"
+            )
         if not 0 <= d.foreground_bias <= 1:
             raise ConfigError(f"data.foreground_bias must be in [0, 1]; got {d.foreground_bias}")
         d.check_inputs()
@@ -155,11 +158,13 @@ class Config:
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive; got {t.lr}")
         if t.grad_clip <= 0:
-            raise ConfigError(f"train.grad_clip must be > 0 (the largest gradient norm a step may take); "
-                              f"got {t.grad_clip}")
+            raise ConfigError(
+                f"train.grad_clip must be > 0 (the largest gradient norm a step may take); got {t.grad_clip}"
+            )
         if not 0 < t.lr_gamma <= 1:
-            raise ConfigError(f"train.lr_gamma must be in (0, 1] (the LR's factor at each of train.lr_steps); "
-                              f"got {t.lr_gamma}")
+            raise ConfigError(
+                f"train.lr_gamma must be in (0, 1] (the LR's factor at each of train.lr_steps); got {t.lr_gamma}"
+            )
         if t.warmup < 0:
             raise ConfigError(f"train.warmup must be >= 0 steps; got {t.warmup}")
         for i, step in enumerate(t.lr_steps):
@@ -252,17 +257,18 @@ def _build(cls: type, values: Any, prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}{where}: "
-                          f"{', '.join((prefix + '.' if prefix else '') + k for k in unknown)}; "
-                          f"known: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''}{where}: "
+            f"{', '.join((prefix + '.' if prefix else '') + k for k in unknown)}; "
+            f"known: {', '.join(sorted(names))}"
+        )
     return cls(**{k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in values.items()})
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
-            else value
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return merged
 
 
@@ -328,7 +334,7 @@ def apply_overrides(config: Union[Config, dict[str, Any]], overrides: Sequence[s
         for depth in range(len(parts) - 1, 0, -1):
             value = {parts[depth]: value}
         values = _merge(values, {parts[0]: value})
-        _build(Config, values)   # the key and the type, while the override is the one to blame
+        _build(Config, values)  # the key and the type, while the override is the one to blame
     return _build(Config, values).validate()
 
 
@@ -347,8 +353,7 @@ def load_config(source: Union[str, Path, dict[str, Any], Config]) -> Config:
                 raise ConfigError(f"config file {path} does not exist")
             values = _read_yaml(path)
         else:
-            raise ConfigError(f"unknown config {str(source)!r}: not a preset ({', '.join(presets())}) "
-                              "nor a YAML file")
+            raise ConfigError(f"unknown config {str(source)!r}: not a preset ({', '.join(presets())}) nor a YAML file")
     if not isinstance(values, dict):
         raise ConfigError(f"the config must be a mapping; got {type(values).__name__}")
     base = values.pop("base", None)

@@ -43,7 +43,7 @@ TRAIN_SHAPE = (48, 256, 256)
 TEST_SHAPE = (32, 256, 256)
 DEMO_MODEL = "synthetic-demo"
 MONTAGE_SLICES = 4
-MATCH_IOU = 0.75           # a predicted instance is a true positive at this 3D IoU (the AP-75 criterion)
+MATCH_IOU = 0.75  # a predicted instance is a true positive at this 3D IoU (the AP-75 criterion)
 
 
 def _volumes(data: Optional[str], seed: int, train: bool = True) -> tuple[Any, Any, np.ndarray, np.ndarray]:
@@ -112,8 +112,9 @@ def _montage(path: Path, image: np.ndarray, probs: np.ndarray, labels: np.ndarra
         import matplotlib.pyplot as plt
     except ModuleNotFoundError as exc:
         # The demo's results are all written by now: a missing plotting package costs the picture only.
-        print(f"{path.name} skipped: {exc.name} is not installed (matplotlib draws it: "
-              "pip install 'stt-kernels[model]')")
+        print(
+            f"{path.name} skipped: {exc.name} is not installed (matplotlib draws it: pip install 'stt-kernels[model]')"
+        )
         return
 
     tp, found = matched(labels, gt)
@@ -131,17 +132,22 @@ def _montage(path: Path, image: np.ndarray, probs: np.ndarray, labels: np.ndarra
         n_tp = len(set(np.unique(labels[z])) & set(tp.tolist()))
         n_fp = len(set(np.unique(labels[z])) - {0} - set(tp.tolist()))
         n_fn = len(set(np.unique(gt[z])) - {0} - set(found.tolist()))
-        panels = [(f"image (z = {z})", image[z], "gray"), ("probability (mask)", probs[0, z], "magma"),
-                  (f"instances: {n_tp} true (green), {n_fp} false (red)", pred_rgb, None),
-                  (f"ground truth: {n_fn} missed (red)", gt_rgb, None)]
+        panels = [
+            (f"image (z = {z})", image[z], "gray"),
+            ("probability (mask)", probs[0, z], "magma"),
+            (f"instances: {n_tp} true (green), {n_fp} false (red)", pred_rgb, None),
+            (f"ground truth: {n_fn} missed (red)", gt_rgb, None),
+        ]
         for ax, (title, panel, cmap) in zip(row, panels):
             ax.imshow(panel, cmap=cmap, interpolation="nearest")
             ax.set_title(title)
             ax.axis("off")
-    fig.suptitle(f"3D instances, matched to the ground truth at IoU >= {MATCH_IOU:g}: {len(tp)} of "
-                 f"{len(set(np.unique(gt).tolist()) - {0})} true instances found, "
-                 f"{len(set(np.unique(labels).tolist()) - {0}) - len(tp)} false positives")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(rows) / 4.2))   # room for the title above the rows
+    fig.suptitle(
+        f"3D instances, matched to the ground truth at IoU >= {MATCH_IOU:g}: {len(tp)} of "
+        f"{len(set(np.unique(gt).tolist()) - {0})} true instances found, "
+        f"{len(set(np.unique(labels).tolist()) - {0}) - len(tp)} false positives"
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(rows) / 4.2))  # room for the title above the rows
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=70, format="png"))
     plt.close(fig)
 
@@ -158,12 +164,16 @@ def check_demo_folder(out: Path, overwrite: bool = False) -> None:
         return
     existing = [name for name in DEMO_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
     if existing and not overwrite:
-        raise OutputError(f"--out {out} already holds a demo's outputs ({', '.join(existing)}); --overwrite replaces "
-                          f"them (other files there are left alone)")
+        raise OutputError(
+            f"--out {out} already holds a demo's outputs ({', '.join(existing)}); --overwrite replaces "
+            f"them (other files there are left alone)"
+        )
     for name in existing:
         if (out / name).is_dir() != (name == "run"):
-            raise OutputError(f"--out {out}: {out / name} is a {'file' if name == 'run' else 'folder'}, not a demo "
-                              f"output; it is left alone (move it or choose another --out)")
+            raise OutputError(
+                f"--out {out}: {out / name} is a {'file' if name == 'run' else 'folder'}, not a demo "
+                f"output; it is left alone (move it or choose another --out)"
+            )
     for name in ("probabilities.h5", "instances.h5"):
         check_target(output_target(out / name), overwrite=True)
     try:
@@ -173,8 +183,15 @@ def check_demo_folder(out: Path, overwrite: bool = False) -> None:
         raise OutputError(f"--out {out}: cannot write there: {exc.strerror or exc}") from None
 
 
-def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: int = 0,
-             overwrite: bool = False, train: bool = False, model: str = DEMO_MODEL) -> dict[str, float]:
+def run_demo(
+    out: Path,
+    data: Optional[str] = None,
+    minutes: float = 4.0,
+    seed: int = 0,
+    overwrite: bool = False,
+    train: bool = False,
+    model: str = DEMO_MODEL,
+) -> dict[str, float]:
     """The whole demo into the folder ``out`` (see the module doc): the shipped ``model`` on the
     held-out volume, or (``train``) a ``minutes``-long tiny-cpu run first; ``overwrite`` replaces
     the outputs of an earlier demo there, which are refused otherwise."""
@@ -183,14 +200,16 @@ def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: 
     from .pretrained import load_pretrained
 
     if data is not None and not train:
-        raise UserInputError("--data trains a model on that volume: it needs --train (the shipped model knows "
-                         "synthetic EM only)")
+        raise UserInputError(
+            "--data trains a model on that volume: it needs --train (the shipped model knows synthetic EM only)"
+        )
     started = time.monotonic()
     out = Path(out)
     check_demo_folder(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    cleaned = [line for name in ("probabilities.h5", "instances.h5")
-               for line in remove_leftovers(output_target(out / name))]
+    cleaned = [
+        line for name in ("probabilities.h5", "instances.h5") for line in remove_leftovers(output_target(out / name))
+    ]
     if cleaned:
         print(f"stt demo: left by killed runs: {'; '.join(cleaned)}")
     train_image, train_labels, test_image, gt = _volumes(data, seed, train)
@@ -200,8 +219,9 @@ def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: 
         config.train.seed = seed
         print(f"stt demo: {'synthetic EM' if data is None else data}, tiny-cpu, {minutes:g} min of training -> {out}/")
         sampler = PatchSampler.from_config([(train_image, train_labels)], config)
-        trainer = Trainer(config, sampler, TrainOptions(out_dir=out / "run", time_budget=minutes * 60,
-                                                        overwrite=overwrite))
+        trainer = Trainer(
+            config, sampler, TrainOptions(out_dir=out / "run", time_budget=minutes * 60, overwrite=overwrite)
+        )
         result = trainer.run()
         net, thresholds = trainer.model, Thresholds()
         summary = f"trained {result.step} steps (final loss {result.losses[-1]:.4f})"
@@ -210,8 +230,10 @@ def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: 
         config, net, thresholds = shipped.config, shipped.model, shipped.thresholds
         prediction = shipped.card["held_out"].get("prediction", {})
         options = {key: prediction[key] for key in ("tta", "tta_reduce", "overlap") if key in prediction}
-        print(f"stt demo: the shipped {model} v{shipped.card['version']} model on a held-out synthetic EM volume "
-              f"(seed {seed + 1}), tta {options.get('tta', 1)} -> {out}/")
+        print(
+            f"stt demo: the shipped {model} v{shipped.card['version']} model on a held-out synthetic EM volume "
+            f"(seed {seed + 1}), tta {options.get('tta', 1)} -> {out}/"
+        )
         summary = f"{model}: {shipped.card['steps']} steps, {shipped.card['training_seconds'] / 60:.0f} min of training"
 
     shape = (config.model.out_channels, *test_image.shape)
@@ -226,8 +248,9 @@ def run_demo(out: Path, data: Optional[str] = None, minutes: float = 4.0, seed: 
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1) + "\n"))
     _montage(out / "montage.png", np.asarray(test_image), probs, labels, gt)
 
-    print(f"{summary}; test volume {tuple(test_image.shape)}: {int(labels.max())} instances found, "
-          f"{int(gt.max())} true")
+    print(
+        f"{summary}; test volume {tuple(test_image.shape)}: {int(labels.max())} instances found, {int(gt.max())} true"
+    )
     print("  " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     print(f"done in {time.monotonic() - started:.0f} s; outputs in {out}/")
     return metrics

@@ -65,7 +65,7 @@ class ExportOptions:
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
-    input_shape: tuple[int, ...]    # (B, C, T, H, W) traced
+    input_shape: tuple[int, ...]  # (B, C, T, H, W) traced
     dynamic: bool
     max_difference: Optional[float]  # max |exported - eager| on fresh input; None: not run (no onnxruntime)
 
@@ -73,33 +73,53 @@ class ExportResult:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stt export`` options."""
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="onnx (standard operators, opset 20), torchscript (torch.jit.trace), pt2 "
-                             "(torch.export program) or aoti (AOTInductor package)")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="onnx (standard operators, opset 20), torchscript (torch.jit.trace), pt2 "
+        "(torch.export program) or aoti (AOTInductor package)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--input-shape", metavar="T,H,W",
-                        help="example input size traced (default: the checkpoint's data.patch)")
-    parser.add_argument("--batch", type=int, default=1,
-                        help="example batch size (default 1; torchscript runs at this size only)")
-    parser.add_argument("--static", action="store_true",
-                        help="onnx/pt2/aoti: fix batch, T, H, W at the example's (default: dynamic)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="torchscript/pt2/aoti: the kernels' backend recorded in the graph (default: auto, "
-                             "chosen by device where the graph runs)")
+    parser.add_argument(
+        "--input-shape", metavar="T,H,W", help="example input size traced (default: the checkpoint's data.patch)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=1, help="example batch size (default 1; torchscript runs at this size only)"
+    )
+    parser.add_argument(
+        "--static", action="store_true", help="onnx/pt2/aoti: fix batch, T, H, W at the example's (default: dynamic)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="torchscript/pt2/aoti: the kernels' backend recorded in the graph (default: auto, "
+        "chosen by device where the graph runs)",
+    )
     parser.add_argument("--device", default="cpu", help="trace (and for aoti compile) on this device (default cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``stt export``: everything that can be refused is refused before the model is built."""
-    options = ExportOptions(format=args.format, input_shape=parse_input_shape(args.input_shape),
-                            batch=args.batch, dynamic=not args.static, backend=args.backend, device=args.device)
+    options = ExportOptions(
+        format=args.format,
+        input_shape=parse_input_shape(args.input_shape),
+        batch=args.batch,
+        dynamic=not args.static,
+        backend=args.backend,
+        device=args.device,
+    )
     check_output(args.out, args.checkpoint, overwrite=args.overwrite)
     result = export_checkpoint(args.checkpoint, args.out, options)
     shape = "x".join(map(str, result.input_shape))
     sizes = "dynamic batch, T, H, W" if result.dynamic else f"input {shape} only"
-    check = (f"max |exported - eager| = {result.max_difference:.2g}" if result.max_difference is not None
-             else "not run back (onnxruntime not installed)")
+    check = (
+        f"max |exported - eager| = {result.max_difference:.2g}"
+        if result.max_difference is not None
+        else "not run back (onnxruntime not installed)"
+    )
     print(f"{options.format} -> {result.path} (traced at {shape}, {sizes}, backend {options.backend}; {check})")
     return 0
 
@@ -133,8 +153,10 @@ def _check_options(options: ExportOptions) -> None:
     if options.batch < 1:
         raise UserInputError(f"--batch must be >= 1; got {options.batch}")
     if options.format == "onnx" and options.backend != "auto":
-        raise UserInputError("--backend does not apply to --format onnx: the ONNX graph is standard operators, run "
-                         "by the ONNX runtime's own kernels")
+        raise UserInputError(
+            "--backend does not apply to --format onnx: the ONNX graph is standard operators, run "
+            "by the ONNX runtime's own kernels"
+        )
     if options.format == "onnx":
         missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
         if missing:
@@ -162,12 +184,16 @@ def example_input(config: Config, options: ExportOptions, seed: int = 0) -> torc
     shape = options.input_shape or tuple(config.data.patch)
     step = multiples(config)
     if any(n % m for n, m in zip(shape, step)):
-        raise UserInputError(f"--input-shape {','.join(map(str, shape))} must be divisible by {','.join(map(str, step))} "
-                         f"(T by model.input_downsample, H and W by it times 2^(levels-1))")
+        raise UserInputError(
+            f"--input-shape {','.join(map(str, shape))} must be divisible by {','.join(map(str, step))} "
+            f"(T by model.input_downsample, H and W by it times 2^(levels-1))"
+        )
     dynamic = options.dynamic and options.format in DYNAMIC_FORMATS
     if dynamic and min(shape[1] // step[1], shape[2] // step[2]) < 2:
-        raise UserInputError(f"--input-shape {','.join(map(str, shape))}: a dynamic export traces H and W of at least "
-                         f"two multiples ({2 * step[1]},{2 * step[2]}); give a larger one, or --static")
+        raise UserInputError(
+            f"--input-shape {','.join(map(str, shape))}: a dynamic export traces H and W of at least "
+            f"two multiples ({2 * step[1]},{2 * step[2]}); give a larger one, or --static"
+        )
     batch = max(options.batch, 2) if dynamic else options.batch
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand((batch, config.model.in_channels, *shape), generator=generator)
@@ -252,8 +278,16 @@ def _write_onnx(model: torch.nn.Module, x: torch.Tensor, shapes: Any, tmp: str) 
     import stt_kernels.onnx
 
     # One self-contained file (no external-data sidecar beside the temporary name).
-    stt_kernels.onnx.export(model, (x,), tmp, dynamic_shapes=shapes, external_data=False, verbose=False,
-                            input_names=["image"], output_names=["logits"])
+    stt_kernels.onnx.export(
+        model,
+        (x,),
+        tmp,
+        dynamic_shapes=shapes,
+        external_data=False,
+        verbose=False,
+        input_names=["image"],
+        output_names=["logits"],
+    )
 
 
 def _write_torchscript(model: torch.nn.Module, x: torch.Tensor, shapes: Any, tmp: str) -> None:
@@ -278,7 +312,10 @@ def _write_aoti(model: torch.nn.Module, x: torch.Tensor, shapes: Any, tmp: str) 
 
 
 _WRITERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, Any, str], None]] = {
-    "onnx": _write_onnx, "torchscript": _write_torchscript, "pt2": _write_pt2, "aoti": _write_aoti,
+    "onnx": _write_onnx,
+    "torchscript": _write_torchscript,
+    "pt2": _write_pt2,
+    "aoti": _write_aoti,
 }
 
 
@@ -315,17 +352,22 @@ def _load(format: str, path: str) -> Optional[Callable[[torch.Tensor], torch.Ten
     raise UserInputError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
 
 
-def _compare(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor], inputs: Sequence[torch.Tensor],
-             out: Path) -> float:
+def _compare(
+    model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor], inputs: Sequence[torch.Tensor], out: Path
+) -> float:
     worst = 0.0
     for x in inputs:
         expected, got = model(x), run(x)
         if got.shape != expected.shape:
-            raise UserInputError(f"the export for {out} gives shape {tuple(got.shape)} on input {tuple(x.shape)}, eager "
-                             f"{tuple(expected.shape)}; nothing written")
+            raise UserInputError(
+                f"the export for {out} gives shape {tuple(got.shape)} on input {tuple(x.shape)}, eager "
+                f"{tuple(expected.shape)}; nothing written"
+            )
         error = (got - expected).abs()
         worst = max(worst, float(error.max()))
         if not bool((error <= _ATOL + _RTOL * expected.abs()).all()):
-            raise UserInputError(f"the export for {out} differs from the eager model by up to {float(error.max()):.3g} "
-                             f"on input {tuple(x.shape)}; nothing written")
+            raise UserInputError(
+                f"the export for {out} differs from the eager model by up to {float(error.max()):.3g} "
+                f"on input {tuple(x.shape)}; nothing written"
+            )
     return worst

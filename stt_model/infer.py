@@ -74,19 +74,19 @@ def tta_variants(count: int) -> list[Variant]:
 
 @dataclass
 class InferOptions:
-    window: Triple                       # (T, H, W) of one model input
-    overlap: float = 0.25                # fraction of the window shared by neighbours, per axis
+    window: Triple  # (T, H, W) of one model input
+    overlap: float = 0.25  # fraction of the window shared by neighbours, per axis
     batch_size: int = 2
-    block: Optional[Triple] = None       # output block; default: about 4 windows per axis, capped by the volume
-    tta: int = 1                         # test-time variants per window: 1 (none), 4, 8 or 16 (module doc)
+    block: Optional[Triple] = None  # output block; default: about 4 windows per axis, capped by the volume
+    tta: int = 1  # test-time variants per window: 1 (none), 4, 8 or 16 (module doc)
     tta_reduce: Literal["mean", "min", "max"] = "mean"
-    flip_tta: bool = False               # the former switch for tta=4, kept for callers that set it
-    amp: bool = True                     # bfloat16/float16 autocast on GPU
+    flip_tta: bool = False  # the former switch for tta=4, kept for callers that set it
+    amp: bool = True  # bfloat16/float16 autocast on GPU
     device: Optional[str] = None
     rank: int = 0
     world: int = 1
     progress: bool = True
-    intensity: IntensitySpec = "dtype"   # the model's data.intensity: how stored values map to [0, 1]
+    intensity: IntensitySpec = "dtype"  # the model's data.intensity: how stored values map to [0, 1]
 
     def __post_init__(self) -> None:
         if len(self.window) != 3 or min(self.window) < 1:
@@ -104,8 +104,10 @@ class InferOptions:
             self.tta = 4
         tta_variants(self.tta)
         if self.tta == 16 and self.window[1] != self.window[2]:
-            raise UserInputError(f"tta=16 transposes the (H, W) plane of each window, which needs a square window; "
-                             f"the window is {tuple(self.window)} (use tta=8, or a model with H = W patches)")
+            raise UserInputError(
+                f"tta=16 transposes the (H, W) plane of each window, which needs a square window; "
+                f"the window is {tuple(self.window)} (use tta=8, or a model with H = W patches)"
+            )
         if self.tta_reduce not in TTA_REDUCTIONS:
             raise UserInputError(f"tta_reduce must be one of {', '.join(TTA_REDUCTIONS)}; got {self.tta_reduce!r}")
 
@@ -141,8 +143,9 @@ def _blocks(shape: Triple, block: Triple) -> list[tuple[slice, slice, slice]]:
     return [tuple(s) for s in itertools.product(*ranges)]  # type: ignore[misc]
 
 
-def _read_padded(volume: Any, region: Sequence[slice], window: Triple, shape: Triple,
-                 intensity: IntensitySpec = "dtype") -> np.ndarray:
+def _read_padded(
+    volume: Any, region: Sequence[slice], window: Triple, shape: Triple, intensity: IntensitySpec = "dtype"
+) -> np.ndarray:
     """``volume[region]`` as float32 in [0, 1] by the ``intensity`` rule (the one training
     used), reflect-padded up to the window where the volume itself is smaller."""
     data = to_unit_range(np.asarray(volume[tuple(region)]), intensity)
@@ -207,8 +210,9 @@ class SlidingWindow:
         weight_sum = torch.zeros(extent, device=self.device)
         for chunk in _batched(starts, self.options.batch_size):
             offsets = [tuple(s[a] - lo[a] for a in range(3)) for s in chunk]
-            batch = torch.stack([data[o[0]:o[0] + window[0], o[1]:o[1] + window[1], o[2]:o[2] + window[2]]
-                                 for o in offsets])[:, None].to(self.device)
+            batch = torch.stack(
+                [data[o[0] : o[0] + window[0], o[1] : o[1] + window[1], o[2] : o[2] + window[2]] for o in offsets]
+            )[:, None].to(self.device)
             probs = self._probabilities(batch) * self.weight
             if acc is None:
                 acc = torch.zeros((probs.shape[1], *extent), device=self.device)
@@ -239,8 +243,10 @@ class SlidingWindow:
                 raise UserInputError(f"the model predicts {probs.shape[0]} channels but out has {out.shape[0]}")
             if not np.isfinite(probs).all():
                 where = ", ".join(f"{axis} {s.start}:{s.stop}" for axis, s in zip("zyx", block))
-                raise UserInputError(f"the model predicts NaN/Inf probabilities in block {where} of a finite "
-                                 "input; its weights or the numerics (e.g. float16 overflow) are broken")
+                raise UserInputError(
+                    f"the model predicts NaN/Inf probabilities in block {where} of a finite "
+                    "input; its weights or the numerics (e.g. float16 overflow) are broken"
+                )
             if np.dtype(out.dtype) == np.uint8:
                 probs = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
             out[(slice(None), *block)] = probs
@@ -258,12 +264,12 @@ def block_size(shape: Triple, options: InferOptions) -> Triple:
 
 def rank_blocks(shape: Triple, options: InferOptions) -> list[tuple[slice, slice, slice]]:
     """The output blocks of a ``shape`` volume that ``options.rank`` of ``options.world`` predicts."""
-    return _blocks(shape, block_size(shape, options))[options.rank::options.world]
+    return _blocks(shape, block_size(shape, options))[options.rank :: options.world]
 
 
 def _batched(items: Sequence[Triple], size: int) -> Iterator[Sequence[Triple]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def predict(model: nn.Module, volume: Any, out: Any, options: InferOptions) -> Any:

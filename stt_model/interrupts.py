@@ -81,7 +81,7 @@ class HeldInterrupts:
         self._pending: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "HeldInterrupts":
+    def __enter__(self) -> HeldInterrupts:
         if _in_main_thread():
             self._previous = _install(self._handle, (signal.SIGINT, signal.SIGTERM))
         return self

@@ -26,12 +26,14 @@ def fgbg_objective(real_logits: torch.Tensor, fake_logits: torch.Tensor, lambda1
     """The value of Eq. 4 for discriminator logits ``(B,)`` on real and predicted masks."""
     d_real, d_fake = torch.sigmoid(real_logits), torch.sigmoid(fake_logits)
     # log D = logsigmoid(z) and log(1 - D) = logsigmoid(-z), stable for large |z|.
-    return (F.logsigmoid(real_logits).mean() + F.logsigmoid(-fake_logits).mean()
-            + lambda1 * (d_real.mean() - d_fake.mean()))
+    return (
+        F.logsigmoid(real_logits).mean() + F.logsigmoid(-fake_logits).mean() + lambda1 * (d_real.mean() - d_fake.mean())
+    )
 
 
-def generator_loss(real_logits: Optional[torch.Tensor], fake_logits: torch.Tensor, lambda1: float,
-                   objective: str = "non_saturating") -> torch.Tensor:
+def generator_loss(
+    real_logits: Optional[torch.Tensor], fake_logits: torch.Tensor, lambda1: float, objective: str = "non_saturating"
+) -> torch.Tensor:
     """What the segmentation network minimises, D held fixed (see the module doc).
 
     ``"minimax"``: Eq. 4's value. ``"non_saturating"``: -E[log D(F_pr)] - lambda1 E[D(F_pr)]; it
@@ -68,8 +70,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * overlap + eps) / (prob.sum(dims) + target.sum(dims) + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, contour_pos_weight: float = 1.0,
-                      dice_weight: float = 0.0) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, contour_pos_weight: float = 1.0, dice_weight: float = 0.0
+) -> torch.Tensor:
     """BCE on every output channel (mask, and contour if present) against ``target`` of the
     same shape ``(B, out, T, H, W)``; the contour channel (index 1) may weight its sparse
     positives by ``contour_pos_weight``; plus ``dice_weight`` times soft Dice."""

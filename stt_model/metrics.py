@@ -71,8 +71,7 @@ def _as_volume(vol: Any, name: str) -> Any:
         raise UserInputError(f"{name} must be a 3-D (Z, Y, X) volume, got shape {tuple(vol.shape)}")
     if np.dtype(vol.dtype).kind not in "biu":
         raise UserTypeError(
-            f"{name} must hold integer labels (signed/unsigned integer or bool dtype), "
-            f"got dtype {np.dtype(vol.dtype)}"
+            f"{name} must hold integer labels (signed/unsigned integer or bool dtype), got dtype {np.dtype(vol.dtype)}"
         )
     return vol
 
@@ -105,9 +104,7 @@ def _sum_by_id(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     return uniq, total
 
 
-def _sum_by_pair(
-    a: np.ndarray, b: np.ndarray, counts: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sum_by_pair(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique (a, b) pairs with summed counts (each pair counts 1 when ``counts`` is None)."""
     if a.size == 0:
         e = np.zeros(0, np.uint64)

@@ -41,7 +41,7 @@ VOLUMES = {"train": ((64, 384, 384), 1000), "validation": ((32, 256, 256), 2), "
 # More variants score better but cost their number in time: the demo must stay well under a
 # minute on 2 shared cores, where one pass over its volume takes ~25 s.
 TTA_CHOICES = (1,)
-TUNE_ARGS = ("--points", "4", "--anisotropy", "4")   # the generator's z voxels are 4x its xy voxels
+TUNE_ARGS = ("--points", "4", "--anisotropy", "4")  # the generator's z voxels are 4x its xy voxels
 
 
 def _volume(folder: Path, name: str) -> Path:
@@ -82,8 +82,14 @@ def _cli(argv: Sequence[str]) -> None:
         raise SystemExit(f"stt {argv[0]} failed (exit {status})")
 
 
-def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = False, install: bool = False,
-         skip_training: bool = False) -> dict[str, Any]:
+def make(
+    out: Path,
+    minutes: float,
+    resume: bool = False,
+    overwrite: bool = False,
+    install: bool = False,
+    skip_training: bool = False,
+) -> dict[str, Any]:
     """Steps 1-6 of the module doc; returns the card."""
     import torch
 
@@ -101,8 +107,19 @@ def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = Fals
     data = {name: _volume(out, name) for name in VOLUMES}
     run = out / "run"
     if not skip_training:
-        args = ["train", "--config", str(RECIPE), "--image", f"{data['train']}:image", "--label",
-                f"{data['train']}:label", "--out", str(run), "--minutes", f"{minutes:g}"]
+        args = [
+            "train",
+            "--config",
+            str(RECIPE),
+            "--image",
+            f"{data['train']}:image",
+            "--label",
+            f"{data['train']}:label",
+            "--out",
+            str(run),
+            "--minutes",
+            f"{minutes:g}",
+        ]
         if resume:
             args += ["--resume", str(run / "last.pt")]
         elif overwrite:
@@ -117,8 +134,23 @@ def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = Fals
     trials: dict[int, dict[str, Any]] = {}
     for tta in TTA_CHOICES:
         sidecar = out / f"{NAME}.tta{tta}.thresholds.json"
-        _cli(["tune", "--checkpoint", str(weights), "--image", f"{data['validation']}:image", "--label",
-              f"{data['validation']}:label", "--tta", str(tta), "--out", str(sidecar), "--overwrite", *TUNE_ARGS])
+        _cli(
+            [
+                "tune",
+                "--checkpoint",
+                str(weights),
+                "--image",
+                f"{data['validation']}:image",
+                "--label",
+                f"{data['validation']}:label",
+                "--tta",
+                str(tta),
+                "--out",
+                str(sidecar),
+                "--overwrite",
+                *TUNE_ARGS,
+            ]
+        )
         trials[tta] = read_sidecar(sidecar)
     best = max(TTA_CHOICES, key=lambda t: (round(trials[t]["after"]["ap75"], 3), -t))
     shutil.copyfile(out / f"{NAME}.tta{best}.thresholds.json", sidecar_path(weights))
@@ -136,27 +168,35 @@ def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = Fals
     scores = score(probs, gt, thresholds)
     default_scores = score(probs, gt, Thresholds())
     card = {
-        "format": CARD_FORMAT, "name": NAME, "version": VERSION,
+        "format": CARD_FORMAT,
+        "name": NAME,
+        "version": VERSION,
         "description": "tiny-cpu STT-UNET (mask + instance contour) for the synthetic EM of stt demo; "
-                       "not a model of real tissue",
+        "not a model of real tissue",
         "data": f"synthetic_volume{VOLUMES['train'][0]} seed {VOLUMES['train'][1]} (stt_model.data.synthetic): "
-                "capsule mitochondria, 30 % in touching pairs, section artefacts",
+        "capsule mitochondria, 30 % in touching pairs, section artefacts",
         "recipe": f"stt_model/models/{RECIPE.name}",
         "config": state["config"],
         "command": f"make model-synthetic-demo (= OMP_NUM_THREADS=1 python -m stt_model.model_recipe --out "
-                   f"runs/{NAME} --minutes {minutes:g} --install)",
-        "steps": steps, "training_seconds": round(seconds, 1),
+        f"runs/{NAME} --minutes {minutes:g} --install)",
+        "steps": steps,
+        "training_seconds": round(seconds, 1),
         "trained_on": "1 CPU thread (OMP_NUM_THREADS=1) of a 2-core machine shared with other work",
         "held_out": {
             "volume": f"synthetic_volume{VOLUMES['test'][0]} seed {VOLUMES['test'][1]} (what stt demo segments)",
             "prediction": {"tta": best, "tta_reduce": "mean", "overlap": 0.25},
             "thresholds": trials[best]["thresholds"],
-            "scores": scores, "scores_default_thresholds_same_tta": default_scores,
+            "scores": scores,
+            "scores_default_thresholds_same_tta": default_scores,
             "predict_seconds": round(predict_seconds, 1),
         },
-        "validation": {"volume": f"synthetic_volume{VOLUMES['validation'][0]} seed {VOLUMES['validation'][1]}",
-                       "tuned": {str(t): {"before": trials[t]["before"]["ap75"], "after": trials[t]["after"]["ap75"]}
-                                 for t in TTA_CHOICES}},
+        "validation": {
+            "volume": f"synthetic_volume{VOLUMES['validation'][0]} seed {VOLUMES['validation'][1]}",
+            "tuned": {
+                str(t): {"before": trials[t]["before"]["ap75"], "after": trials[t]["after"]["ap75"]}
+                for t in TTA_CHOICES
+            },
+        },
         "weights": {"file": f"{NAME}.pt", "sha256": file_sha256(weights), "bytes": weights.stat().st_size},
         "thresholds_file": f"{NAME}.thresholds.json",
         "license": "BSD-3-Clause (synthetic training data)",
@@ -164,8 +204,10 @@ def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = Fals
     }
     card_path = out / f"{NAME}.card.json"
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=1) + "\n"))
-    print(f"{NAME}: {steps} steps, {seconds / 60:.1f} min; tta {best}; held-out "
-          + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    print(
+        f"{NAME}: {steps} steps, {seconds / 60:.1f} min; tta {best}; held-out "
+        + ", ".join(f"{k}={v:.3f}" for k, v in scores.items())
+    )
     if install:
         for source, target in zip((weights, sidecar_path(weights), card_path), targets):
             shutil.copyfile(source, target)
@@ -174,8 +216,11 @@ def make(out: Path, minutes: float, resume: bool = False, overwrite: bool = Fals
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stt_model.model_recipe", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m stt_model.model_recipe",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=Path("runs") / NAME)
     parser.add_argument("--minutes", type=float, default=35.0, help="training budget (default 35)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out/run")
@@ -183,8 +228,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--install", action="store_true", help="copy the model into stt_model/models/")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run / installed model")
     args = parser.parse_args(argv)
-    make(args.out, args.minutes, resume=args.resume, overwrite=args.overwrite, install=args.install,
-         skip_training=args.skip_training)
+    make(
+        args.out,
+        args.minutes,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        install=args.install,
+        skip_training=args.skip_training,
+    )
     return 0
 
 

@@ -42,12 +42,16 @@ def device_for_rank(requested: str | None) -> str:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise UserInputError(f"--device {requested!r} is not a device stt predicts on; expected cpu, cuda or cuda:<index>")
+        raise UserInputError(
+            f"--device {requested!r} is not a device stt predicts on; expected cpu, cuda or cuda:<index>"
+        )
     if device.type == "cpu":
         return "cpu"
     if not torch.cuda.is_available():
-        raise UserInputError(f"--device {requested}: no CUDA/ROCm GPU is visible here (torch {torch.__version__}, "
-                         f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+        raise UserInputError(
+            f"--device {requested}: no CUDA/ROCm GPU is visible here (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu"
+        )
     count = torch.cuda.device_count()
     index = local_rank % count if device.index is None else device.index
     if index >= count:
@@ -79,8 +83,9 @@ def part_bytes(nbytes: int, world: int) -> int:
     return reserved_bytes(-(-nbytes // world))
 
 
-def merge(spec: str, shape: Sequence[int], window: Sequence[int], options: dict[str, Any], world: int,
-          overwrite: bool = True) -> Path:
+def merge(
+    spec: str, shape: Sequence[int], window: Sequence[int], options: dict[str, Any], world: int, overwrite: bool = True
+) -> Path:
     """Copy every rank's blocks from its part file into the output ``spec`` ``(C, Z, Y, X)``
     uint8, publish it, delete the parts; returns the output's path. ``options``: the
     :class:`~stt_model.infer.InferOptions` fields the ranks ran with (they fix the blocks)."""
@@ -88,8 +93,15 @@ def merge(spec: str, shape: Sequence[int], window: Sequence[int], options: dict[
     with create_output(spec, shape, np.uint8, overwrite=overwrite) as out:
         for rank, part in enumerate(parts):
             volume = open_volume(part)
-            blocks = rank_blocks(tuple(shape[1:]), InferOptions(window=tuple(window), **options,  # type: ignore[arg-type]
-                                                                rank=rank, world=world))
+            blocks = rank_blocks(
+                tuple(shape[1:]),
+                InferOptions(
+                    window=tuple(window),
+                    **options,  # type: ignore[arg-type]
+                    rank=rank,
+                    world=world,
+                ),
+            )
             for block in blocks:
                 out[(slice(None), *block)] = volume[(slice(None), *block)]
     for part in parts:

@@ -127,9 +127,7 @@ def _remove_small_relabel(labels: np.ndarray, n: int, min_size: int) -> np.ndarr
     return out
 
 
-def binary_connected(
-    semantic: Any, *, t_fg: float = 0.8, min_size: int = 128, connectivity: int = 26
-) -> np.ndarray:
+def binary_connected(semantic: Any, *, t_fg: float = 0.8, min_size: int = 128, connectivity: int = 26) -> np.ndarray:
     """Instances as 3D connected components of the foreground (Lucchi-style outputs).
 
     Parameters

@@ -38,11 +38,11 @@ class ModelRegistryError(UserInputError):
 
 @dataclass
 class Pretrained:
-    model: nn.Module            # in eval mode, on the requested device
+    model: nn.Module  # in eval mode, on the requested device
     config: Config
-    thresholds: Thresholds      # the tuned ones when the model ships them, else the defaults
+    thresholds: Thresholds  # the tuned ones when the model ships them, else the defaults
     card: dict[str, Any]
-    path: Path                  # the verified weights file
+    path: Path  # the verified weights file
 
 
 def _read_card(path: Path) -> dict[str, Any]:
@@ -81,9 +81,11 @@ def verified_weights(name: str, folder: Optional[Union[str, Path]] = None) -> Pa
         raise ModelRegistryError(f"model {name}: its weights {path} are missing (the installation is incomplete)")
     size = path.stat().st_size
     if size != weights["bytes"] or file_sha256(path) != weights["sha256"]:
-        raise ModelRegistryError(f"model {name}: {path} does not match its card (SHA-256 {weights['sha256'][:12]}..., "
-                                 f"{weights['bytes']} bytes; the file has {size} bytes): it is damaged or was "
-                                 "replaced, and is not loaded")
+        raise ModelRegistryError(
+            f"model {name}: {path} does not match its card (SHA-256 {weights['sha256'][:12]}..., "
+            f"{weights['bytes']} bytes; the file has {size} bytes): it is damaged or was "
+            "replaced, and is not loaded"
+        )
     return path
 
 
@@ -116,13 +118,18 @@ def describe_card(card: dict[str, Any], full: bool = False) -> str:
     held = card["held_out"]
     found = held.get("scores", {})
     scores = ", ".join(f"{k} {found[k]:.3f}" for k in ("ap75", "ap50", "jaccard") if k in found)
-    lines = [f"{card['name']}  v{card['version']}  {card['weights']['bytes'] / 1024:.0f} KiB  "
-             f"{card['steps']} steps, {card['training_seconds'] / 60:.1f} min training",
-             f"  data: {card['data']}",
-             f"  held out: {scores} ({held.get('volume', '')})"]
+    lines = [
+        f"{card['name']}  v{card['version']}  {card['weights']['bytes'] / 1024:.0f} KiB  "
+        f"{card['steps']} steps, {card['training_seconds'] / 60:.1f} min training",
+        f"  data: {card['data']}",
+        f"  held out: {scores} ({held.get('volume', '')})",
+    ]
     if full:
-        lines += [f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}"
-                  for key, value in card.items() if key not in ("name", "version", "data", "held_out")]
+        lines += [
+            f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}"
+            for key, value in card.items()
+            if key not in ("name", "version", "data", "held_out")
+        ]
         lines.append(f"  held_out: {json.dumps(held)}")
     else:
         lines.append(f"  made by: {card['command']}")

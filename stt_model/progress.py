@@ -8,8 +8,9 @@ from typing import Optional, TextIO
 
 
 class Progress:
-    def __init__(self, total: int, label: str, start: int = 0, stream: Optional[TextIO] = None,
-                 min_interval: float = 0.5):
+    def __init__(
+        self, total: int, label: str, start: int = 0, stream: Optional[TextIO] = None, min_interval: float = 0.5
+    ):
         self.total, self.label, self.done = total, label, start
         self._start_done, self._started = start, time.monotonic()
         self._stream = stream if stream is not None else sys.stderr
@@ -27,7 +28,7 @@ class Progress:
         rate = (done - self._start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        line = (f"{self.label} {done}/{self.total} [{rate:.2f}/s, ETA {_clock(eta)}] {shown}")
+        line = f"{self.label} {done}/{self.total} [{rate:.2f}/s, ETA {_clock(eta)}] {shown}"
         self._stream.write(("\r" + line + "\x1b[K") if self._tty else line + "\n")
         self._stream.flush()
 

@@ -53,6 +53,7 @@ class RunLog:
                 writer = csv.DictWriter(handle, self.columns)
                 writer.writeheader()
                 writer.writerows(rows)
+
         atomic_write(self.path, write)
 
     def _rows(self) -> list[dict[str, Any]]:
@@ -100,10 +101,9 @@ class RunFolder:
     the one being continued (``resume`` lies in it) or ``overwrite`` is set.
     """
 
-    def __init__(self, path: Union[str, Path], resume: Optional[Union[str, Path]] = None,
-                 overwrite: bool = False):
+    def __init__(self, path: Union[str, Path], resume: Optional[Union[str, Path]] = None, overwrite: bool = False):
         self.path = Path(path)
-        self.removed: list[Path] = []     # temporary files of killed runs, removed
+        self.removed: list[Path] = []  # temporary files of killed runs, removed
         self._fd: Optional[int] = None
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is a file; a run folder is a directory")
@@ -135,8 +135,10 @@ class RunFolder:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise RunFolderError(f"{self.path} is in use by another training run (PID {holder}, "
-                                     f"lock {lock}); wait for it to end or choose another --out") from None
+                raise RunFolderError(
+                    f"{self.path} is in use by another training run (PID {holder}, "
+                    f"lock {lock}); wait for it to end or choose another --out"
+                ) from None
             # A holder unlinks the lock file as it releases it: a lock taken on that old file
             # guards nothing, so take the one now at the path instead.
             try:
@@ -156,14 +158,20 @@ class RunFolder:
         found = ", ".join(n for n in (CHECKPOINT, LOG) if (self.path / n).exists())
         if resume is None:
             resumable = (self.path / CHECKPOINT).exists()
-            how = f"continue it with --resume {self.path / CHECKPOINT}, " if resumable else \
-                "it has no checkpoint to continue from; "
-            raise RunFolderError(f"{self.path} already holds a run ({found}); {how}replace it with "
-                                 "--overwrite, or choose another --out")
+            how = (
+                f"continue it with --resume {self.path / CHECKPOINT}, "
+                if resumable
+                else "it has no checkpoint to continue from; "
+            )
+            raise RunFolderError(
+                f"{self.path} already holds a run ({found}); {how}replace it with --overwrite, or choose another --out"
+            )
         if Path(resume).resolve().parent != self.path.resolve():
-            raise RunFolderError(f"{self.path} already holds another run ({found}) than the one "
-                                 f"--resume {resume} continues; resume into the checkpoint's own folder, "
-                                 "replace the run with --overwrite, or choose another --out")
+            raise RunFolderError(
+                f"{self.path} already holds another run ({found}) than the one "
+                f"--resume {resume} continues; resume into the checkpoint's own folder, "
+                "replace the run with --overwrite, or choose another --out"
+            )
 
     def _remove_leftovers(self) -> None:
         for pattern in _TEMPORARY:
@@ -199,10 +207,10 @@ class RunFolder:
             try:
                 self.path.rmdir()
             except OSError:
-                pass   # not empty: it holds the run
+                pass  # not empty: it holds the run
             self._created = False
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -33,13 +33,13 @@ class Thresholds:
     """Decoding thresholds (on probabilities in [0, 1]); defaults are the MitoEM baseline's."""
 
     foreground: float = 0.85
-    seed: float = 0.9          # bc_watershed only
+    seed: float = 0.9  # bc_watershed only
     contour: float = 0.8
     min_size: int = 128
-    mask: float = 0.5          # the semantic mask scored by Jaccard/DSC (Lucchi)
+    mask: float = 0.5  # the semantic mask scored by Jaccard/DSC (Lucchi)
     decoder: str = "watershed"  # with a contour channel: "watershed" (bc_watershed) or "distance"
-    peak_height: float = 2.0   # "distance": h-maxima height of the seeds, in xy voxels
-    anisotropy: float = 1.0    # "distance": z voxel size / xy voxel size
+    peak_height: float = 2.0  # "distance": h-maxima height of the seeds, in xy voxels
+    anisotropy: float = 1.0  # "distance": z voxel size / xy voxel size
 
 
 def infer_options(config: Config, **overrides: Any) -> InferOptions:
@@ -49,8 +49,7 @@ def infer_options(config: Config, **overrides: Any) -> InferOptions:
     return InferOptions(window=tuple(config.data.patch), **overrides)  # type: ignore[arg-type]
 
 
-def probabilities(model: nn.Module, config: Config, volume: Any, out: Optional[Any] = None,
-                  **options: Any) -> Any:
+def probabilities(model: nn.Module, config: Config, volume: Any, out: Optional[Any] = None, **options: Any) -> Any:
     """Probabilities of ``volume (Z, Y, X)`` into ``out (C, Z, Y, X)`` (default: a new uint8 array)."""
     if out is None:
         out = np.zeros((config.model.out_channels, *volume.shape), np.uint8)
@@ -66,12 +65,24 @@ def instances(probs: Any, thresholds: Thresholds = Thresholds()) -> np.ndarray:
     probs = np.asarray(probs)
     semantic = _unit(probs[0])
     if probs.shape[0] > 1 and thresholds.decoder == "distance":
-        return distance_watershed(semantic, _unit(probs[1]), t_fg=thresholds.foreground, t_contour=thresholds.contour,
-                                  peak_height=thresholds.peak_height, anisotropy=thresholds.anisotropy,
-                                  min_size=thresholds.min_size)
+        return distance_watershed(
+            semantic,
+            _unit(probs[1]),
+            t_fg=thresholds.foreground,
+            t_contour=thresholds.contour,
+            peak_height=thresholds.peak_height,
+            anisotropy=thresholds.anisotropy,
+            min_size=thresholds.min_size,
+        )
     if probs.shape[0] > 1:
-        return bc_watershed(semantic, _unit(probs[1]), t_seed=thresholds.seed, t_contour=thresholds.contour,
-                            t_fg=thresholds.foreground, min_size=thresholds.min_size)
+        return bc_watershed(
+            semantic,
+            _unit(probs[1]),
+            t_seed=thresholds.seed,
+            t_contour=thresholds.contour,
+            t_fg=thresholds.foreground,
+            min_size=thresholds.min_size,
+        )
     return binary_connected(semantic, t_fg=thresholds.foreground, min_size=thresholds.min_size)
 
 
@@ -87,8 +98,9 @@ class _Channel:
         return np.asarray(self.volume[(self.channel, *key)])
 
 
-def instances_into(probs: Any, out: Any, thresholds: Thresholds = Thresholds(),
-                   in_memory_voxels: int = IN_MEMORY_VOXELS) -> tuple[int, str]:
+def instances_into(
+    probs: Any, out: Any, thresholds: Thresholds = Thresholds(), in_memory_voxels: int = IN_MEMORY_VOXELS
+) -> tuple[int, str]:
     """Decode ``probs (C, Z, Y, X)`` (array-like, e.g. an HDF5 dataset) into ``out (Z, Y, X)``.
 
     Volumes up to ``in_memory_voxels`` use :func:`instances` (seeded watershed); larger ones
@@ -118,8 +130,9 @@ def score(probs: Any, gt_instances: Any, thresholds: Thresholds = Thresholds()) 
     return scores
 
 
-def validator(config: Config, image: Any, gt_instances: Any, thresholds: Thresholds = Thresholds(),
-              device: Optional[str] = None):
+def validator(
+    config: Config, image: Any, gt_instances: Any, thresholds: Thresholds = Thresholds(), device: Optional[str] = None
+):
     """A ``Validator`` for :func:`stt_model.train.train`: scores the model on a held-out volume."""
     image, gt = np.asarray(image), np.asarray(gt_instances)
 

@@ -58,21 +58,21 @@ Validator = Callable[[nn.Module], dict[str, float]]
 class TrainOptions:
     out_dir: Path
     resume: Optional[Path] = None
-    overwrite: bool = False                    # replace a run already in out_dir (at the first new checkpoint)
-    time_budget: Optional[float] = None        # seconds; stop (and checkpoint) when exceeded
-    max_steps: Optional[int] = None            # stop after this step even if iterations is larger
-    device: Optional[str] = None               # default: cuda if available, else cpu
-    validate: Optional[Validator] = None       # called every train.val_every steps
+    overwrite: bool = False  # replace a run already in out_dir (at the first new checkpoint)
+    time_budget: Optional[float] = None  # seconds; stop (and checkpoint) when exceeded
+    max_steps: Optional[int] = None  # stop after this step even if iterations is larger
+    device: Optional[str] = None  # default: cuda if available, else cpu
+    validate: Optional[Validator] = None  # called every train.val_every steps
     progress: bool = True
-    folder: Optional[RunFolder] = None         # out_dir, claimed already (the CLI does before loading data)
-    compile: bool = False                      # run the network's forward/backward through torch.compile (inductor)
-    tensorboard: bool = False                  # also log scalars into out_dir/tensorboard (needs tensorboard)
+    folder: Optional[RunFolder] = None  # out_dir, claimed already (the CLI does before loading data)
+    compile: bool = False  # run the network's forward/backward through torch.compile (inductor)
+    tensorboard: bool = False  # also log scalars into out_dir/tensorboard (needs tensorboard)
 
 
 @dataclass
 class TrainResult:
     step: int
-    losses: list[float] = field(default_factory=list)   # total loss of every step run here
+    losses: list[float] = field(default_factory=list)  # total loss of every step run here
     checkpoint: Optional[Path] = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -92,8 +92,10 @@ def check_resumable(state: dict[str, Any], path: Union[str, Path], adversarial: 
     run with (``adversarial``; default: as the checkpoint's config says) or without the FG-BG loss."""
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
-        raise UserInputError(f"{path} cannot be resumed: it has no {', '.join(missing)} (a weights-only "
-                         "checkpoint?); --resume needs a last.pt written by stt train")
+        raise UserInputError(
+            f"{path} cannot be resumed: it has no {', '.join(missing)} (a weights-only "
+            "checkpoint?); --resume needs a last.pt written by stt train"
+        )
     if adversarial is None:
         adversarial = checkpoint_config(state).loss.adversarial_weight > 0
     if adversarial:
@@ -127,8 +129,12 @@ def check_backend(config: Config, device: torch.device) -> None:
     """Raise ``BackendUnavailableError`` (the backend report's reason) now, not at the first
     step, if the model's SST ops cannot run their configured backend on ``device``."""
     if any(config.model.sst_levels):
-        resolve(module_backend(config.model.backend), device, "the model's SST attention (model.backend)",
-                frozenset(BACKENDS))
+        resolve(
+            module_backend(config.model.backend),
+            device,
+            "the model's SST attention (model.backend)",
+            frozenset(BACKENDS),
+        )
 
 
 def lr_factor(step: int, warmup: int, milestones: list[int], gamma: float) -> float:
@@ -191,8 +197,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, schedule) if self.opt_d else None
         self.step = 0
-        self._saved: Optional[tuple[Path, int]] = None   # the checkpoint this run last wrote or resumed, its step
-        self._report: Optional[RunReport] = None          # rank 0's, while run() runs
+        self._saved: Optional[tuple[Path, int]] = None  # the checkpoint this run last wrote or resumed, its step
+        self._report: Optional[RunReport] = None  # rank 0's, while run() runs
         if options.resume is not None:
             self._resume(options.resume)
         self.net, self.disc_net = self.model, self.disc
@@ -215,20 +221,28 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "rng": _rng_state(), "source": self.source.state_dict(),
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": _rng_state(),
+            "source": self.source.state_dict(),
         }
         if self.disc is not None:
-            state.update(discriminator=self.disc.state_dict(), optimizer_d=self.opt_d.state_dict(),
-                         scheduler_d=self.sched_d.state_dict())
+            state.update(
+                discriminator=self.disc.state_dict(),
+                optimizer_d=self.opt_d.state_dict(),
+                scheduler_d=self.sched_d.state_dict(),
+            )
         return state
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         if checkpoint_config(state).model != self.cfg.model:
-            raise UserInputError(f"{path} was trained with another model config; resume it with the config "
-                             "stored inside it")
+            raise UserInputError(
+                f"{path} was trained with another model config; resume it with the config stored inside it"
+            )
         check_resumable(state, path, adversarial=self.disc is not None)
         load_model_weights(self.model, state, path)
         self.opt.load_state_dict(state["optimizer"])
@@ -251,8 +265,7 @@ class Trainer:
         for net_name, net in nets:
             for name, tensor in net.state_dict().items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise NonFiniteError(f"step {self.step}: the {net_name}'s {name} holds NaN/Inf; "
-                                         f"{self._kept()}")
+                    raise NonFiniteError(f"step {self.step}: the {net_name}'s {name} holds NaN/Inf; {self._kept()}")
         replacing = folder.replacing
         path = folder.save(self.state_dict())
         self._saved = (path, self.step)
@@ -290,8 +303,11 @@ class Trainer:
                 mask_pred = straight_through_binary(mask_pred)
             # Discriminator: ascend Eq. 4 against a detached prediction.
             with autocast:
-                d_loss = discriminator_loss(self.disc_net(image, mask_gt).float(),
-                                            self.disc_net(image, mask_pred.detach()).float(), loss_cfg.lambda1)
+                d_loss = discriminator_loss(
+                    self.disc_net(image, mask_gt).float(),
+                    self.disc_net(image, mask_pred.detach()).float(),
+                    loss_cfg.lambda1,
+                )
             values["d_loss"] = d_loss.item()
             self._check_finite("d_loss", values["d_loss"], image)
             self.opt_d.zero_grad(set_to_none=True)
@@ -303,8 +319,9 @@ class Trainer:
             self.disc.requires_grad_(False)
             with autocast:
                 real = self.disc(image, mask_gt).float() if loss_cfg.adversarial_objective == "minimax" else None
-                adv = generator_loss(real, self.disc(image, mask_pred).float(), loss_cfg.lambda1,
-                                     loss_cfg.adversarial_objective)
+                adv = generator_loss(
+                    real, self.disc(image, mask_pred).float(), loss_cfg.lambda1, loss_cfg.adversarial_objective
+                )
             loss = seg + self.adversarial_weight() * adv
             values["adv"] = adv.item()
             self._check_finite("adv", values["adv"], image)
@@ -323,8 +340,12 @@ class Trainer:
         values.update(loss=loss.item(), grad_norm=grad_norm, lr=self.sched.get_last_lr()[0])
         return values
 
-    TERMS = {"seg": "the segmentation loss", "adv": "the FG-BG (adversarial) loss",
-             "d_loss": "the discriminator's loss", "grad_norm": "the gradient norm"}
+    TERMS = {
+        "seg": "the segmentation loss",
+        "adv": "the FG-BG (adversarial) loss",
+        "d_loss": "the discriminator's loss",
+        "grad_norm": "the gradient norm",
+    }
 
     def _check_finite(self, term: str, value: float, image: torch.Tensor) -> None:
         """Stop before a non-finite value reaches the weights, naming the step, the term and
@@ -332,10 +353,12 @@ class Trainer:
         if math.isfinite(value):
             return
         bad = int((~torch.isfinite(image)).sum())
-        cause = (f"the batch's image holds {bad} NaN/Inf voxels (check the input volume)" if bad else
-                 "the image is finite, so training diverged (lower train.lr or train.grad_clip)")
-        raise NonFiniteError(f"step {self.step + 1}: {self.TERMS[term]} ({term}) is {value}; {cause}; "
-                             f"{self._kept()}")
+        cause = (
+            f"the batch's image holds {bad} NaN/Inf voxels (check the input volume)"
+            if bad
+            else "the image is finite, so training diverged (lower train.lr or train.grad_clip)"
+        )
+        raise NonFiniteError(f"step {self.step + 1}: {self.TERMS[term]} ({term}) is {value}; {cause}; {self._kept()}")
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -363,8 +386,11 @@ class Trainer:
         result = TrainResult(step=self.step)
         log = folder.log if folder is not None else None
         if folder is not None:
-            self._report = RunReport(folder, tensorboard=self.options.tensorboard,
-                                     resumed_step=self.step if self.options.resume is not None else None)
+            self._report = RunReport(
+                folder,
+                tensorboard=self.options.tensorboard,
+                resumed_step=self.step if self.options.resume is not None else None,
+            )
         progress = Progress(last, "train", start=self.step) if folder is not None and self.options.progress else None
         started = time.monotonic()
         batches = iter(self.source)
@@ -416,7 +442,7 @@ class Trainer:
         """Write the final checkpoint of an interrupted run if there is news to save; say what is on disk."""
         if folder is None:
             return "rank 0 writes the checkpoint"
-        if mid_step:   # a second interrupt cut the step short: its state is not a resumable one
+        if mid_step:  # a second interrupt cut the step short: its state is not a resumable one
             return f"interrupted twice mid-step; {self._kept()}"
         if self.step > 0 and (self._saved is None or self._saved[1] != self.step):
             self.save(folder)

@@ -37,13 +37,17 @@ class TensorBoardUnavailable(RuntimeError):
 def require_tensorboard() -> None:
     """Raise :class:`TensorBoardUnavailable` unless ``torch.utils.tensorboard`` can write events."""
     if importlib.util.find_spec("tensorboard") is None:
-        raise TensorBoardUnavailable("TensorBoard logging needs the tensorboard package, which is not installed: "
-                                     "pip install tensorboard (or pip install 'stt-kernels[tensorboard]')")
+        raise TensorBoardUnavailable(
+            "TensorBoard logging needs the tensorboard package, which is not installed: "
+            "pip install tensorboard (or pip install 'stt-kernels[tensorboard]')"
+        )
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError as exc:
-        raise TensorBoardUnavailable(f"torch cannot use the installed tensorboard ({' '.join(str(exc).split())}); "
-                                     "pip install --upgrade tensorboard") from None
+        raise TensorBoardUnavailable(
+            f"torch cannot use the installed tensorboard ({' '.join(str(exc).split())}); "
+            "pip install --upgrade tensorboard"
+        ) from None
 
 
 def read_curves(log: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -56,7 +60,7 @@ def read_curves(log: Path) -> dict[str, tuple[list[int], list[float]]]:
             try:
                 step = int(row.get("step") or "")
             except ValueError:
-                continue   # a row a kill cut short
+                continue  # a row a kill cut short
             for column, text in row.items():
                 if column is None or not text or not (column in LOSS_COLUMNS or column.startswith("val_")):
                     continue
@@ -112,10 +116,10 @@ def plot_curves(log: Path, out: Path) -> Path:
         bottom = axes[1]
         for index, column in enumerate(scores):
             steps, values = series[column]
-            bottom.plot(steps, values, marker="o", markersize=3, color=f"C{index}", label=column[len("val_"):])
+            bottom.plot(steps, values, marker="o", markersize=3, color=f"C{index}", label=column[len("val_") :])
         bottom.set_ylabel("validation score")
         if all(0 <= v <= 1 for column in scores for v in series[column][1]):
-            bottom.set_ylim(-0.02, 1.02)   # fractions (Jaccard, DSC, AP): their whole range, run after run
+            bottom.set_ylim(-0.02, 1.02)  # fractions (Jaccard, DSC, AP): their whole range, run after run
         bottom.legend(loc="best", fontsize="small")
         bottom.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
@@ -129,8 +133,13 @@ class RunReport:
     one line said when matplotlib is missing (then no curves are drawn).
     """
 
-    def __init__(self, folder: RunFolder, tensorboard: bool = False, resumed_step: Optional[int] = None,
-                 stream: Optional[TextIO] = None):
+    def __init__(
+        self,
+        folder: RunFolder,
+        tensorboard: bool = False,
+        resumed_step: Optional[int] = None,
+        stream: Optional[TextIO] = None,
+    ):
         if tensorboard:
             require_tensorboard()
         self.folder = folder
@@ -194,8 +203,10 @@ class RunReport:
             import matplotlib  # noqa: F401
         except ImportError:
             self._can_draw = False
-            print(f"stt train: matplotlib is not installed; {CURVES} is not drawn (pip install matplotlib)",
-                  file=self._stream)
+            print(
+                f"stt train: matplotlib is not installed; {CURVES} is not drawn (pip install matplotlib)",
+                file=self._stream,
+            )
             return None
         self._drawn_step = step
         return plot_curves(self.folder.log.path, self.curves)

@@ -37,13 +37,25 @@ from .segment import Thresholds, instances, score
 
 SIDECAR_FORMAT = "stt-thresholds/1"
 # CLI flag -> Thresholds field.
-THRESHOLD_FLAGS = {"--fg-threshold": "foreground", "--seed-threshold": "seed", "--contour-threshold": "contour",
-                   "--mask-threshold": "mask", "--min-size": "min_size", "--decoder": "decoder",
-                   "--peak-height": "peak_height", "--anisotropy": "anisotropy"}
+THRESHOLD_FLAGS = {
+    "--fg-threshold": "foreground",
+    "--seed-threshold": "seed",
+    "--contour-threshold": "contour",
+    "--mask-threshold": "mask",
+    "--min-size": "min_size",
+    "--decoder": "decoder",
+    "--peak-height": "peak_height",
+    "--anisotropy": "anisotropy",
+}
 DECODERS = ("watershed", "distance")
 # Search ranges (inclusive) of the tuned fields.
-RANGES = {"foreground": (0.3, 0.9), "seed": (0.5, 0.95), "contour": (0.2, 0.8), "mask": (0.1, 0.9),
-          "peak_height": (1.0, 4.0)}
+RANGES = {
+    "foreground": (0.3, 0.9),
+    "seed": (0.5, 0.95),
+    "contour": (0.2, 0.8),
+    "mask": (0.1, 0.9),
+    "peak_height": (1.0, 4.0),
+}
 
 
 class TuneError(UserInputError):
@@ -81,8 +93,9 @@ def check_thresholds(values: dict[str, Any], source: str) -> Thresholds:
         elif name in ("peak_height", "anisotropy"):
             low_ok = value >= 0 if name == "peak_height" else value > 0
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok or value != value:
-                raise TuneError(f"{source}: {name} must be a number {'>= 0' if name == 'peak_height' else '> 0'}; "
-                                f"got {value!r}")
+                raise TuneError(
+                    f"{source}: {name} must be a number {'>= 0' if name == 'peak_height' else '> 0'}; got {value!r}"
+                )
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise TuneError(f"{source}: {name} must be a probability in [0, 1]; got {value!r}")
     return Thresholds(**values)
@@ -95,8 +108,11 @@ def read_sidecar(path: Union[str, Path]) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TuneError(f"{path} is not a readable thresholds file: {exc}") from None
-    if (not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT
-            or not isinstance(data.get("thresholds"), dict)):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != SIDECAR_FORMAT
+        or not isinstance(data.get("thresholds"), dict)
+    ):
         raise TuneError(f"{path} is not an stt thresholds file (format {SIDECAR_FORMAT!r} with 'thresholds')")
     check_thresholds(data["thresholds"], str(path))
     return data
@@ -112,8 +128,10 @@ def sidecar_thresholds(checkpoint: Union[str, Path]) -> tuple[Optional[Threshold
         return None, ""
     data = read_sidecar(path)
     if data.get("checkpoint_sha256") != file_sha256(checkpoint):
-        return None, (f"{path} was tuned for other weights than {checkpoint} (SHA-256 differs); not used, "
-                      f"the default thresholds are (stt tune --overwrite tunes them again)")
+        return None, (
+            f"{path} was tuned for other weights than {checkpoint} (SHA-256 differs); not used, "
+            f"the default thresholds are (stt tune --overwrite tunes them again)"
+        )
     thresholds = check_thresholds(data["thresholds"], str(path))
     metric = data.get("metric")
     scores = ""
@@ -123,40 +141,53 @@ def sidecar_thresholds(checkpoint: Union[str, Path]) -> tuple[Optional[Threshold
 
 
 def describe(thresholds: Thresholds) -> str:
-    names = ("foreground", "seed", "contour", "mask", "min_size") if thresholds.decoder == "watershed" else \
-        ("foreground", "contour", "peak_height", "anisotropy", "mask", "min_size")
+    names = (
+        ("foreground", "seed", "contour", "mask", "min_size")
+        if thresholds.decoder == "watershed"
+        else ("foreground", "contour", "peak_height", "anisotropy", "mask", "min_size")
+    )
     return f"decoder={thresholds.decoder}, " + ", ".join(f"{name}={getattr(thresholds, name):g}" for name in names)
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser, mask: bool = True) -> None:
     """The threshold flags, each overriding the sidecar's value and the default."""
     group = parser.add_argument_group("decoding thresholds (flags > the checkpoint's sidecar > defaults)")
-    helps = {"foreground": "foreground: mask probability above which a voxel belongs to an instance",
-             "seed": "watershed seeds: mask probability above this (and contour below --contour-threshold)",
-             "contour": "contour probability below which a voxel may be a seed",
-             "mask": "semantic mask probability scored by Jaccard/DSC",
-             "min_size": "instances with fewer voxels are removed",
-             "decoder": "with a contour channel: watershed (seeded, MitoEM baseline) or distance (distance-transform "
-                        "watershed of the mask-and-not-contour core: splits touching instances at their neck)",
-             "peak_height": "distance decoder: how far (xy voxels) a distance peak must rise to seed an instance",
-             "anisotropy": "distance decoder: z voxel size / xy voxel size"}
+    helps = {
+        "foreground": "foreground: mask probability above which a voxel belongs to an instance",
+        "seed": "watershed seeds: mask probability above this (and contour below --contour-threshold)",
+        "contour": "contour probability below which a voxel may be a seed",
+        "mask": "semantic mask probability scored by Jaccard/DSC",
+        "min_size": "instances with fewer voxels are removed",
+        "decoder": "with a contour channel: watershed (seeded, MitoEM baseline) or distance (distance-transform "
+        "watershed of the mask-and-not-contour core: splits touching instances at their neck)",
+        "peak_height": "distance decoder: how far (xy voxels) a distance peak must rise to seed an instance",
+        "anisotropy": "distance decoder: z voxel size / xy voxel size",
+    }
     for flag, name in THRESHOLD_FLAGS.items():
         if name == "mask" and not mask:
             continue
         default = getattr(Thresholds(), name)
         if name == "decoder":
-            group.add_argument(flag, dest=f"threshold_{name}", choices=DECODERS,
-                                help=f"{helps[name]} (default {default})")
+            group.add_argument(
+                flag, dest=f"threshold_{name}", choices=DECODERS, help=f"{helps[name]} (default {default})"
+            )
             continue
-        group.add_argument(flag, dest=f"threshold_{name}", type=int if name == "min_size" else float,
-                           metavar="N" if name in ("min_size", "peak_height", "anisotropy") else "P",
-                            help=f"{helps[name]} (default {default:g})")
+        group.add_argument(
+            flag,
+            dest=f"threshold_{name}",
+            type=int if name == "min_size" else float,
+            metavar="N" if name in ("min_size", "peak_height", "anisotropy") else "P",
+            help=f"{helps[name]} (default {default:g})",
+        )
 
 
 def threshold_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The threshold flags given on the command line, as Thresholds fields, checked."""
-    given = {name: getattr(args, f"threshold_{name}") for name in THRESHOLD_FLAGS.values()
-             if getattr(args, f"threshold_{name}", None) is not None}
+    given = {
+        name: getattr(args, f"threshold_{name}")
+        for name in THRESHOLD_FLAGS.values()
+        if getattr(args, f"threshold_{name}", None) is not None
+    }
     flag_of = {name: flag for flag, name in THRESHOLD_FLAGS.items()}
     for name, value in given.items():
         try:
@@ -173,9 +204,9 @@ def with_flags(base: Thresholds, flags: dict[str, Any]) -> Thresholds:
 @dataclasses.dataclass
 class TuneResult:
     thresholds: Thresholds
-    metric: str                    # "ap75" (instances) or "jaccard" (semantic)
-    before: dict[str, float]       # score() of the starting thresholds
-    after: dict[str, float]        # score() of the tuned ones
+    metric: str  # "ap75" (instances) or "jaccard" (semantic)
+    before: dict[str, float]  # score() of the starting thresholds
+    after: dict[str, float]  # score() of the tuned ones
     evaluations: int
     search: str
 
@@ -185,8 +216,9 @@ def _grid(points: int, names: tuple[str, ...]) -> list[dict[str, float]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
 
 
-def _optuna_search(objective: Callable[[dict[str, float]], float], names: tuple[str, ...], trials: int,
-                   start: dict[str, float]) -> list[dict[str, float]]:
+def _optuna_search(
+    objective: Callable[[dict[str, float]], float], names: tuple[str, ...], trials: int, start: dict[str, float]
+) -> list[dict[str, float]]:
     try:
         import optuna
     except ModuleNotFoundError:
@@ -205,15 +237,24 @@ def _optuna_search(objective: Callable[[dict[str, float]], float], names: tuple[
     return tried
 
 
-def search_thresholds(probs: np.ndarray, gt: np.ndarray, start: Thresholds = Thresholds(), search: str = "grid",
-                      points: int = 5, trials: int = 60, log: Optional[Callable[[str], None]] = None) -> TuneResult:
+def search_thresholds(
+    probs: np.ndarray,
+    gt: np.ndarray,
+    start: Thresholds = Thresholds(),
+    search: str = "grid",
+    points: int = 5,
+    trials: int = 60,
+    log: Optional[Callable[[str], None]] = None,
+) -> TuneResult:
     """Thresholds for probabilities ``probs (C, Z, Y, X)`` (uint8 or float) against ground-truth
     instances ``gt (Z, Y, X)``: see the module doc. ``points`` per threshold for the grid,
     ``trials`` for Optuna; ``start`` is both the first candidate and the fields not tuned."""
     probs, gt = np.asarray(probs), np.asarray(gt)
     if probs.ndim != 4 or probs.shape[1:] != gt.shape:
-        raise TuneError(f"probabilities {probs.shape} and labels {gt.shape} do not match: expected (C, Z, Y, X) "
-                        "and (Z, Y, X) of the same volume")
+        raise TuneError(
+            f"probabilities {probs.shape} and labels {gt.shape} do not match: expected (C, Z, Y, X) "
+            "and (Z, Y, X) of the same volume"
+        )
     if search not in ("grid", "optuna"):
         raise TuneError(f"--search must be grid or optuna; got {search!r}")
     if points < 2 or trials < 1:
@@ -236,17 +277,22 @@ def search_thresholds(probs: np.ndarray, gt: np.ndarray, start: Thresholds = Thr
             cache[key] = instance_ap(labels, gt)["ap75"]
         return cache[key]
 
-    def best_of(objective: Callable[[dict[str, Any]], float], names: tuple[str, ...],
-                fixed: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], float]:
+    def best_of(
+        objective: Callable[[dict[str, Any]], float], names: tuple[str, ...], fixed: Optional[dict[str, Any]] = None
+    ) -> tuple[dict[str, Any], float]:
         fixed = fixed or {}
         first = {**{name: getattr(start, name) for name in names}, **fixed}
         if search == "grid":
-            candidates = [first] + [{**c, **fixed} for c in _grid(points, names)
-                                    if c.get("seed", 1) >= c.get("foreground", 0)]
+            candidates = [first] + [
+                {**c, **fixed} for c in _grid(points, names) if c.get("seed", 1) >= c.get("foreground", 0)
+            ]
         else:
-            candidates = [first] + [{**c, **fixed} for c in
-                                    _optuna_search(lambda c: objective({**c, **fixed}), names, trials,
-                                                   {n: first[n] for n in names})]
+            candidates = [first] + [
+                {**c, **fixed}
+                for c in _optuna_search(
+                    lambda c: objective({**c, **fixed}), names, trials, {n: first[n] for n in names}
+                )
+            ]
         best, best_score = first, objective(first)
         for candidate in candidates[1:]:
             value = objective(candidate)
@@ -263,28 +309,44 @@ def search_thresholds(probs: np.ndarray, gt: np.ndarray, start: Thresholds = Thr
         tuned = dataclasses.replace(tuned, foreground=tuned.mask)
     else:
         # Each decoder's own search; the start's decoder first, so a tie keeps it.
-        searches = {"watershed": ("foreground", "seed", "contour"),
-                    "distance": ("foreground", "contour", "peak_height")}
+        searches = {
+            "watershed": ("foreground", "seed", "contour"),
+            "distance": ("foreground", "contour", "peak_height"),
+        }
         order = sorted(DECODERS, key=lambda d: d != start.decoder)
         results = [best_of(instance_score, searches[d], {"decoder": d}) for d in order]
         best = max(range(len(results)), key=lambda i: (results[i][1], -i))
         tuned = dataclasses.replace(tuned, **results[best][0])
-    return TuneResult(tuned, "jaccard" if semantic else "ap75", score(probs, gt, start), score(probs, gt, tuned),
-                      evaluations, search)
+    return TuneResult(
+        tuned, "jaccard" if semantic else "ap75", score(probs, gt, start), score(probs, gt, tuned), evaluations, search
+    )
 
 
-def write_sidecar(path: Union[str, Path], result: TuneResult, checkpoint: Union[str, Path],
-                  details: dict[str, Any], overwrite: bool = False) -> Path:
+def write_sidecar(
+    path: Union[str, Path],
+    result: TuneResult,
+    checkpoint: Union[str, Path],
+    details: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
     """Write ``result`` as the sidecar ``path`` of ``checkpoint`` (atomically; an existing one
     only with ``overwrite``)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise TuneError(f"{path} exists; --overwrite replaces it")
-    data = {"format": SIDECAR_FORMAT, "checkpoint": Path(checkpoint).name,
-            "checkpoint_sha256": file_sha256(checkpoint), "thresholds": dataclasses.asdict(result.thresholds),
-            "metric": result.metric, "before": result.before, "after": result.after, "search": result.search,
-            "evaluations": result.evaluations, "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **details}
+    data = {
+        "format": SIDECAR_FORMAT,
+        "checkpoint": Path(checkpoint).name,
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "thresholds": dataclasses.asdict(result.thresholds),
+        "metric": result.metric,
+        "before": result.before,
+        "after": result.after,
+        "search": result.search,
+        "evaluations": result.evaluations,
+        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **details,
+    }
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
@@ -292,11 +354,19 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="the trained checkpoint to tune for")
     parser.add_argument("--image", required=True, help="validation volume (held out from training; read whole)")
     parser.add_argument("--label", required=True, help="its labels (instance ids, or a binary mask)")
-    parser.add_argument("--out", type=Path, help="the thresholds file (default: <checkpoint stem>.thresholds.json "
-                        "beside the checkpoint, where stt predict finds it)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the thresholds file (default: <checkpoint stem>.thresholds.json "
+        "beside the checkpoint, where stt predict finds it)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing thresholds file")
-    parser.add_argument("--search", choices=("grid", "optuna"), default="grid",
-                        help="grid (default) or optuna (TPE; needs optuna installed)")
+    parser.add_argument(
+        "--search",
+        choices=("grid", "optuna"),
+        default="grid",
+        help="grid (default) or optuna (TPE; needs optuna installed)",
+    )
     parser.add_argument("--points", type=int, default=5, help="grid points per threshold (default 5)")
     parser.add_argument("--trials", type=int, default=60, help="optuna trials per search (default 60)")
     add_prediction_arguments(parser)
@@ -308,11 +378,23 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     probabilities predicted the way ``stt predict`` will predict them)."""
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--tta", type=int, nargs="?", const=4, default=1, choices=(1, 4, 8, 16), metavar="N",
-                        help="test-time augmentation: 4 (xy flips; --tta alone), 8 (and z flips) or 16 (and the "
-                             "xy transpose; square windows), N times slower (default 1: none)")
-    parser.add_argument("--tta-reduce", choices=("mean", "min", "max"), default="mean",
-                        help="how the variants' probabilities are combined (default mean)")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        nargs="?",
+        const=4,
+        default=1,
+        choices=(1, 4, 8, 16),
+        metavar="N",
+        help="test-time augmentation: 4 (xy flips; --tta alone), 8 (and z flips) or 16 (and the "
+        "xy transpose; square windows), N times slower (default 1: none)",
+    )
+    parser.add_argument(
+        "--tta-reduce",
+        choices=("mean", "min", "max"),
+        default="mean",
+        help="how the variants' probabilities are combined (default mean)",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 
 
@@ -342,8 +424,9 @@ def tune_command(args: argparse.Namespace) -> int:
     start = with_flags(Thresholds(), threshold_flags(args))
     image, label = open_volume(args.image), open_volume(args.label)
     if tuple(image.shape) != tuple(label.shape) or len(image.shape) != 3:
-        raise TuneError(f"--image {tuple(image.shape)} and --label {tuple(label.shape)} must be 3-d volumes of the "
-                        "same shape")
+        raise TuneError(
+            f"--image {tuple(image.shape)} and --label {tuple(label.shape)} must be 3-d volumes of the same shape"
+        )
     check_labels(label, name="--label")
     state = load_checkpoint(args.checkpoint)
     config = checkpoint_config(state)
@@ -353,26 +436,53 @@ def tune_command(args: argparse.Namespace) -> int:
     gt = np.asarray(label[:])
     gt = instances_from_binary(gt > 0) if gt.max() <= 1 else gt
     started = time.monotonic()
-    probs = probabilities(model, config, image, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
-                          tta_reduce=args.tta_reduce, device=args.device, progress=False)
-    print(f"stt tune: predicted {args.image} {tuple(image.shape)} in {time.monotonic() - started:.0f} s "
-          f"(tta {args.tta}, {args.tta_reduce}); searching ({args.search}) ...")
-    result = search_thresholds(probs, gt, start, search=args.search, points=args.points, trials=args.trials,
-                               log=lambda line: print("  " + line))
+    probs = probabilities(
+        model,
+        config,
+        image,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        tta_reduce=args.tta_reduce,
+        device=args.device,
+        progress=False,
+    )
+    print(
+        f"stt tune: predicted {args.image} {tuple(image.shape)} in {time.monotonic() - started:.0f} s "
+        f"(tta {args.tta}, {args.tta_reduce}); searching ({args.search}) ..."
+    )
+    result = search_thresholds(
+        probs,
+        gt,
+        start,
+        search=args.search,
+        points=args.points,
+        trials=args.trials,
+        log=lambda line: print("  " + line),
+    )
     metric = result.metric
     print(f"before: {metric} {result.before[metric]:.4f} ({describe(start)})")
     print(f"after:  {metric} {result.after[metric]:.4f} ({describe(result.thresholds)})")
     print("  all scores after: " + ", ".join(f"{k}={v:.3f}" for k, v in result.after.items()))
-    details = {"validation": {"image": args.image, "label": args.label, "shape": list(image.shape)},
-               "prediction": {"tta": args.tta, "tta_reduce": args.tta_reduce, "overlap": args.overlap}}
+    details = {
+        "validation": {"image": args.image, "label": args.label, "shape": list(image.shape)},
+        "prediction": {"tta": args.tta, "tta_reduce": args.tta_reduce, "overlap": args.overlap},
+    }
     write_sidecar(out, result, args.checkpoint, details, overwrite=args.overwrite)
-    print(f"thresholds -> {out}" + ("" if out == sidecar_path(args.checkpoint) else
-                                    f" (stt predict reads {sidecar_path(args.checkpoint).name} beside the checkpoint)"))
+    print(
+        f"thresholds -> {out}"
+        + (
+            ""
+            if out == sidecar_path(args.checkpoint)
+            else f" (stt predict reads {sidecar_path(args.checkpoint).name} beside the checkpoint)"
+        )
+    )
     return 0
 
 
-def decode_thresholds(args: argparse.Namespace, checkpoint: Optional[Path] = None,
-                      sidecar: Optional[Path] = None) -> tuple[Thresholds, str]:
+def decode_thresholds(
+    args: argparse.Namespace, checkpoint: Optional[Path] = None, sidecar: Optional[Path] = None
+) -> tuple[Thresholds, str]:
     """The thresholds a command decodes with, and where they came from: the threshold flags over
     ``sidecar`` (a thresholds file named by the user) or else ``checkpoint``'s own sidecar (used
     only when tuned for those exact weights), over the defaults."""
@@ -389,7 +499,8 @@ def decode_thresholds(args: argparse.Namespace, checkpoint: Optional[Path] = Non
     flags = threshold_flags(args)
     if flags:
         thresholds = with_flags(thresholds, flags)
-        named = ", ".join(f"{flag} {getattr(args, f'threshold_{name}')}" for flag, name in THRESHOLD_FLAGS.items()
-                          if name in flags)
+        named = ", ".join(
+            f"{flag} {getattr(args, f'threshold_{name}')}" for flag, name in THRESHOLD_FLAGS.items() if name in flags
+        )
         source = f"{source}, overridden by {named}"
     return thresholds, source

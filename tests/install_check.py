@@ -47,11 +47,16 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "build" / "test-install"
 CACHE_MARK = ".stt-install-check"  # only a folder carrying it is ever emptied by this script
-KERNEL_TESTS = ["tests/test_attention.py", "tests/test_deform_conv2d.py", "tests/test_backend.py",
-                # The wheel's per-capability CPU libraries: each loads and is right, none can SIGILL.
-                "tests/test_isa_dispatch.py",
-                # It expects CUDA kernels wherever nvcc is found; this wheel is CPU-only by choice.
-                "--deselect", "tests/test_backend.py::test_cuda_compiled_without_gpu"]
+KERNEL_TESTS = [
+    "tests/test_attention.py",
+    "tests/test_deform_conv2d.py",
+    "tests/test_backend.py",
+    # The wheel's per-capability CPU libraries: each loads and is right, none can SIGILL.
+    "tests/test_isa_dispatch.py",
+    # It expects CUDA kernels wherever nvcc is found; this wheel is CPU-only by choice.
+    "--deselect",
+    "tests/test_backend.py::test_cuda_compiled_without_gpu",
+]
 DEMO_OUTPUTS = ["probabilities.h5", "instances.h5", "instances.tif", "metrics.json", "montage.png"]
 
 
@@ -59,10 +64,12 @@ class CheckFailed(Exception):
     """One check of the install did not hold; the message says which and what was seen."""
 
 
-def _run(command: Sequence[str], *, cwd: Path, env: Optional[dict[str, str]] = None,
-         timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+def _run(
+    command: Sequence[str], *, cwd: Path, env: Optional[dict[str, str]] = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:
         tail = (result.stdout + result.stderr)[-4000:]
         raise CheckFailed(f"`{' '.join(map(str, command))}` exited {result.returncode} in {cwd}:\n{tail}")
@@ -112,12 +119,27 @@ def check_sdist(sdist: Path, tracked: list[str], version: str) -> None:
     with tarfile.open(sdist) as archive:
         members = archive.getnames()
         top = f"stt_kernels-{version}"
-        names = {name[len(top) + 1:] for name in members if name.startswith(top + "/")}
+        names = {name[len(top) + 1 :] for name in members if name.startswith(top + "/")}
         pkg_info = archive.extractfile(f"{top}/PKG-INFO").read().decode()
-    needed = [name for name in tracked if name.startswith(("csrc/", "stt_model/configs/", "stt_model/models/"))
-              or name.endswith(".py") and name.startswith(("stt_kernels/", "stt_model/"))]
-    needed += ["CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE",
-               "CITATION.cff", "CHANGELOG.md", "stt_kernels/py.typed", "stt_model/py.typed"]
+    needed = [
+        name
+        for name in tracked
+        if name.startswith(("csrc/", "stt_model/configs/", "stt_model/models/"))
+        or name.endswith(".py")
+        and name.startswith(("stt_kernels/", "stt_model/"))
+    ]
+    needed += [
+        "CMakeLists.txt",
+        "setup.py",
+        "pyproject.toml",
+        "MANIFEST.in",
+        "README.md",
+        "LICENSE",
+        "CITATION.cff",
+        "CHANGELOG.md",
+        "stt_kernels/py.typed",
+        "stt_model/py.typed",
+    ]
     missing = sorted(set(needed) - names)
     if missing:
         raise CheckFailed(f"the sdist lacks {missing}")
@@ -164,8 +186,23 @@ def unpack_into_cache(sdist: Path, cache: Path) -> Path:
 
 def build_wheel(source: Path, out: Path) -> Path:
     env = {**os.environ, "STT_BUILD_CUDA": "0"}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
-          "--wheel-dir", out, source], cwd=source, env=env, timeout=1200)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "--wheel-dir",
+            out,
+            source,
+        ],
+        cwd=source,
+        env=env,
+        timeout=1200,
+    )
     wheels = list(out.glob("*.whl"))
     if len(wheels) != 1:
         raise CheckFailed(f"expected one wheel in {out}, found {wheels}")
@@ -181,10 +218,13 @@ def check_wheel(wheel: Path, work: Path, torch_version: str) -> None:
         unpacked = work / "wheel-libraries"
         for name in libraries:
             archive.extract(name, unpacked)
-    needed = ["stt_kernels/py.typed", "stt_model/py.typed", "stt_kernels/_build_info.json",
-              *(f"stt_model/configs/{p.name}" for p in sorted((ROOT / "stt_model" / "configs").glob("*.yaml"))),
-              *(f"stt_model/models/{p.name}" for p in sorted((ROOT / "stt_model" / "models").iterdir())
-                if p.is_file())]
+    needed = [
+        "stt_kernels/py.typed",
+        "stt_model/py.typed",
+        "stt_kernels/_build_info.json",
+        *(f"stt_model/configs/{p.name}" for p in sorted((ROOT / "stt_model" / "configs").glob("*.yaml"))),
+        *(f"stt_model/models/{p.name}" for p in sorted((ROOT / "stt_model" / "models").iterdir()) if p.is_file()),
+    ]
     missing = sorted(set(needed) - names)
     if missing:
         raise CheckFailed(f"the wheel lacks {missing}")
@@ -209,10 +249,13 @@ def fresh_venv(wheel: Path, folder: Path) -> tuple[Path, Path]:
     python = folder / "bin" / "python"
     # Installed before the .pth exists, so pip sees an empty environment (not the checkout's
     # editable install) and installs every file into the fresh site-packages.
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel],
-         cwd=folder.parent)
-    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                     cwd=folder.parent).stdout.strip())
+    _run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel],
+        cwd=folder.parent,
+    )
+    site = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=folder.parent).stdout.strip()
+    )
     reused = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
     (site / "_stt_reuse_test_env.pth").write_text("".join(f"{path}\n" for path in reused))
     return python, site
@@ -226,9 +269,11 @@ def _outside_env() -> dict[str, str]:
 
 def check_installed(python: Path, site: Path, outside: Path, version: str) -> None:
     env = _outside_env()
-    probe = ("import sys, stt_kernels, stt_model; "
-             "print(stt_kernels.__file__); print(stt_model.__file__); print(stt_kernels.__version__); "
-             "print('\\n'.join(sys.path))")
+    probe = (
+        "import sys, stt_kernels, stt_model; "
+        "print(stt_kernels.__file__); print(stt_model.__file__); print(stt_kernels.__version__); "
+        "print('\\n'.join(sys.path))"
+    )
     lines = _run([python, "-W", "error::RuntimeWarning", "-c", probe], cwd=outside, env=env).stdout.splitlines()
     kernels_file, model_file, installed_version, *path = lines
     for name, where in (("stt_kernels", kernels_file), ("stt_model", model_file)):
@@ -236,8 +281,11 @@ def check_installed(python: Path, site: Path, outside: Path, version: str) -> No
             raise CheckFailed(f"{name} was imported from {where}, not from the fresh environment's {site}")
     if installed_version != version:
         raise CheckFailed(f"stt_kernels.__version__ is {installed_version!r}; pyproject.toml says {version!r}")
-    inside = [p for p in path if p and Path(p).resolve().is_relative_to(ROOT) and not
-              Path(p).resolve().is_relative_to(ROOT / ".venv")]
+    inside = [
+        p
+        for p in path
+        if p and Path(p).resolve().is_relative_to(ROOT) and not Path(p).resolve().is_relative_to(ROOT / ".venv")
+    ]
     if inside:
         raise CheckFailed(f"the checkout is on sys.path of the fresh environment: {inside}")
 
@@ -272,7 +320,8 @@ def check_kernel_tests(python: Path, site: Path, outside: Path) -> None:
         f"code = pytest.main(['-q', '-p', 'no:cacheprovider', *{KERNEL_TESTS!r}])\n"
         "import stt_kernels\n"
         f"assert stt_kernels.__file__.startswith({str(site.resolve())!r}), stt_kernels.__file__\n"
-        "sys.exit(code)\n")
+        "sys.exit(code)\n"
+    )
     env = {**_outside_env(), "OMP_NUM_THREADS": "1"}
     result = _run([python, "-c", script], cwd=outside, env=env, timeout=900)
     print("    " + result.stdout.strip().splitlines()[-1])
@@ -292,8 +341,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ("clean tree", lambda s: s.update(tracked=clean_tree(work / "tree"))),
         ("sdist (torch hidden)", lambda s: s.update(sdist=build_sdist(work / "tree", work / "dist", work))),
         ("sdist listing", lambda s: check_sdist(s["sdist"], s["tracked"], version)),
-        ("wheel from the sdist (STT_BUILD_CUDA=0)",
-         lambda s: s.update(wheel=build_wheel(unpack_into_cache(s["sdist"], cache), work / "dist"))),
+        (
+            "wheel from the sdist (STT_BUILD_CUDA=0)",
+            lambda s: s.update(wheel=build_wheel(unpack_into_cache(s["sdist"], cache), work / "dist")),
+        ),
         ("wheel listing", lambda s: check_wheel(s["wheel"], work, torch.__version__)),
         ("fresh venv + wheel", lambda s: s.update(zip(("python", "site"), fresh_venv(s["wheel"], work / "venv")))),
         ("imports from the fresh venv", lambda s: check_installed(s["python"], s["site"], s["outside"], version)),
@@ -301,8 +352,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The default demo segments with the shipped model: its weights must be in the wheel.
         ("stt demo (the shipped synthetic-demo model)", lambda s: check_demo(s["python"], s["outside"])),
         ("stt demo --minutes 0.3 (trains)", lambda s: check_demo(s["python"], s["outside"], "--minutes", "0.3")),
-        ("kernel tests against the installed package",
-         lambda s: check_kernel_tests(s["python"], s["site"], s["outside"])),
+        (
+            "kernel tests against the installed package",
+            lambda s: check_kernel_tests(s["python"], s["site"], s["outside"]),
+        ),
     ]
     state: dict = {"outside": work / "outside"}
     state["outside"].mkdir()

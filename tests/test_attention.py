@@ -10,12 +10,11 @@ import contextlib
 
 import pytest
 import torch
+from conftest import GPU, available
 
 import stt_kernels
 from stt_kernels import reference
 from stt_kernels.backend import CAPABILITIES
-
-from conftest import GPU, available
 
 OPS = {
     "spatial": (stt_kernels.spatial_attention, reference.spatial_attention),
@@ -28,10 +27,21 @@ OPS = {
 # and 129 sit on both sides of the one-tile limit. Longer sequences are tiled by 128 queries and
 # keys: N = 551 over 16 sequences is four full tiles and a partial one, on many parallel tasks.
 SHAPES = {
-    "spatial": [(2, 3, 1, 1, 2, 8), (1, 2, 7, 1, 3, 24), (2, 1, 1, 7, 1, 40), (1, 1, 17, 241, 1, 40),
-                (2, 4, 19, 29, 2, 8)],
-    "temporal": [(2, 1, 3, 5, 2, 24), (1, 5, 3, 7, 3, 40), (2, 5, 4, 3, 1, 7), (1, 7, 9, 11, 2, 32),
-                 (1, 128, 3, 5, 2, 16), (1, 129, 2, 3, 1, 16)],
+    "spatial": [
+        (2, 3, 1, 1, 2, 8),
+        (1, 2, 7, 1, 3, 24),
+        (2, 1, 1, 7, 1, 40),
+        (1, 1, 17, 241, 1, 40),
+        (2, 4, 19, 29, 2, 8),
+    ],
+    "temporal": [
+        (2, 1, 3, 5, 2, 24),
+        (1, 5, 3, 7, 3, 40),
+        (2, 5, 4, 3, 1, 7),
+        (1, 7, 9, 11, 2, 32),
+        (1, 128, 3, 5, 2, 16),
+        (1, 129, 2, 3, 1, 16),
+    ],
 }
 CASES = [(kind, shape) for kind, shapes in SHAPES.items() for shape in shapes]
 
@@ -45,8 +55,11 @@ def backend_param(name):
     skips when it is not available here (not built, Triton missing)."""
     marks = []
     if name in ("cuda", "triton") and not GPU:
-        marks.append(pytest.mark.skip(reason=f"{name}: needs a CUDA or ROCm GPU (the interpreter is "
-                                      "tested in test_attention_triton.py)"))
+        marks.append(
+            pytest.mark.skip(
+                reason=f"{name}: needs a CUDA or ROCm GPU (the interpreter is tested in test_attention_triton.py)"
+            )
+        )
     elif not available(name):
         marks.append(pytest.mark.skip(reason=f"{name}: {stt_kernels.backends()[name].reason}"))
     return pytest.param(name, marks=marks, id=name)
@@ -118,8 +131,11 @@ def test_values_and_gradients_match_float64_oracle(backend, dtype, tol, kind, sh
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 9, 15, 2, 40)), ("temporal", (2, 5, 4, 3, 3, 24))],
-                         ids=["spatial-135", "temporal-5"])
+@pytest.mark.parametrize(
+    "kind, shape",
+    [("spatial", (1, 2, 9, 15, 2, 40)), ("temporal", (2, 5, 4, 3, 3, 24))],
+    ids=["spatial-135", "temporal-5"],
+)
 def test_float32_under_tf32_matmul_precision(backend, kind, shape):
     """Under torch.set_float32_matmul_precision("high") Triton's float32 products take TF32
     inputs (10-bit mantissas, ~5e-4 relative rounding each): a TF32-sized tolerance. The CUDA
@@ -139,8 +155,8 @@ def test_float64_gradients_at_4097_keys_use_a_float64_lse(backend):
     """A float32 lse would put ~6e-8 |lse| of relative error into every recomputed probability
     (about 5e-7 here, |lse| ~ 9): the float64 lse keeps the gradients at float64 accuracy."""
     qkv, q, k, v = packed_qkv((1, 1, 17, 241, 1, 8), torch.float64, device_of(backend))
-    _, lse = torch.ops.stt.spatial_attention(q, k, v, 8 ** -0.5, backend)
-    scores = torch.einsum("bzxyhd,bzuvhd->bzhxyuv", q, k).flatten(3, 4).flatten(4, 5) * 8 ** -0.5
+    _, lse = torch.ops.stt.spatial_attention(q, k, v, 8**-0.5, backend)
+    scores = torch.einsum("bzxyhd,bzuvhd->bzhxyuv", q, k).flatten(3, 4).flatten(4, 5) * 8**-0.5
     assert lse.dtype == torch.float64
     assert relative_error(lse.flatten(), scores.logsumexp(-1).flatten()) <= 1e-13
     grad = torch.randn(q.shape, dtype=torch.float64, device=q.device)
@@ -164,9 +180,16 @@ def test_cuda_head_dim_128_over_48_kib_of_shared_memory(backend, dtype):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 9, 15, 2, 40)), ("spatial", (1, 1, 17, 241, 1, 64)),
-                                         ("temporal", (2, 5, 4, 3, 3, 24)), ("temporal", (1, 33, 5, 4, 2, 128))],
-                         ids=["spatial-135", "spatial-4097", "temporal-5", "temporal-33-d128"])
+@pytest.mark.parametrize(
+    "kind, shape",
+    [
+        ("spatial", (1, 2, 9, 15, 2, 40)),
+        ("spatial", (1, 1, 17, 241, 1, 64)),
+        ("temporal", (2, 5, 4, 3, 3, 24)),
+        ("temporal", (1, 33, 5, 4, 2, 128)),
+    ],
+    ids=["spatial-135", "spatial-4097", "temporal-5", "temporal-33-d128"],
+)
 def test_low_precision_within_twice_the_reference_error(backend, dtype, kind, shape):
     """Flash-attention's rule: the kernel's error against the float64 oracle is at most twice
     that of the reference run in the same low precision (plus a little absolute slack)."""
@@ -206,8 +229,9 @@ def test_strided_head_dim_and_separate_tensors(kind):
     want = spec(q, k, v, 0.3)
     torch.testing.assert_close(out, want)
     grad = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad),
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 3, 2, 1, 3)), ("temporal", (2, 3, 1, 2, 1, 3))])
@@ -233,8 +257,10 @@ def test_compile_fullgraph_matches_eager_cpu():
     _, q, k, v = packed_qkv((1, 3, 3, 2, 2, 8), torch.float32, "cpu")
 
     def f(q, k, v):
-        return (stt_kernels.spatial_attention(q, k, v, backend="cpu").square().sum()
-                + stt_kernels.temporal_attention(q, k, v, backend="cpu").sum())
+        return (
+            stt_kernels.spatial_attention(q, k, v, backend="cpu").square().sum()
+            + stt_kernels.temporal_attention(q, k, v, backend="cpu").sum()
+        )
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     want = f(q, k, v)
@@ -262,16 +288,24 @@ def _kernel_args(n=4, d=8, **overrides):
     return args
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (dict(lse=torch.empty(2, 3, 2, 4, dtype=torch.float64)), "lse must be float32"),
-    ({**{name: torch.randn(2, 3, 4, 2, 8, dtype=torch.float64) for name in ("q", "k", "v", "out")},
-      "lse": torch.empty(2, 3, 2, 4)}, "lse must be float64 for float64 q"),
-    (dict(lse=torch.empty(2, 3, 4, 2)), "lse must have shape"),
-    (dict(k=torch.randn(2, 3, 5, 2, 8)), "k must have the shape of q"),
-    (dict(out=torch.randn(2, 3, 4, 2, 8, dtype=torch.float64)), "out must have the dtype of q"),
-    (dict(q=torch.randn(3, 4, 2, 8)), "q must be a 5-d view"),
-    (dict(scale=-1.0), "scale must be positive"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(lse=torch.empty(2, 3, 2, 4, dtype=torch.float64)), "lse must be float32"),
+        (
+            {
+                **{name: torch.randn(2, 3, 4, 2, 8, dtype=torch.float64) for name in ("q", "k", "v", "out")},
+                "lse": torch.empty(2, 3, 2, 4),
+            },
+            "lse must be float64 for float64 q",
+        ),
+        (dict(lse=torch.empty(2, 3, 4, 2)), "lse must have shape"),
+        (dict(k=torch.randn(2, 3, 5, 2, 8)), "k must have the shape of q"),
+        (dict(out=torch.randn(2, 3, 4, 2, 8, dtype=torch.float64)), "out must have the dtype of q"),
+        (dict(q=torch.randn(3, 4, 2, 8)), "q must be a 5-d view"),
+        (dict(scale=-1.0), "scale must be positive"),
+    ],
+)
 def test_kernel_entry_checks_name_the_argument(overrides, words):
     if not available("cpu"):
         pytest.skip(stt_kernels.backends()["cpu"].reason)

@@ -11,15 +11,17 @@ import torch
 
 pytest.importorskip("triton", reason="the triton backend needs Triton installed")
 
+from conftest import GPU, requires_gpu  # noqa: E402
+
 import stt_kernels  # noqa: E402
 from stt_kernels import reference  # noqa: E402
 from stt_kernels.triton import attention as triton_attention  # noqa: E402
 
-from conftest import GPU, requires_gpu  # noqa: E402
-
 DEVICE = "cuda" if GPU else "cpu"
-OPS = {"spatial": (stt_kernels.spatial_attention, reference.spatial_attention),
-       "temporal": (stt_kernels.temporal_attention, reference.temporal_attention)}
+OPS = {
+    "spatial": (stt_kernels.spatial_attention, reference.spatial_attention),
+    "temporal": (stt_kernels.temporal_attention, reference.temporal_attention),
+}
 
 
 @pytest.fixture(params=["packed", "tiled"])
@@ -70,7 +72,7 @@ def test_float32_values_and_gradients(path, kind, shape):
     for name, got, want in zip(("out", "grad_q", "grad_k", "grad_v"), ours, oracle(spec, q, k, v, grad)):
         # The interpreter's dot is exact, so only float32 rounding separates the two; gradients
         # that are exactly 0 (N = 1) come out at rounding level, hence the absolute term.
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("kind", ["spatial", "temporal"])
@@ -126,8 +128,8 @@ def test_kernel_contract_writes_strided_outputs_and_lse(path):
     grad_out = torch.randn(b, z, n, heads, d, device=DEVICE)
     grads = [_strided_like((b, z, n, heads, d)) for _ in range(3)]
     triton_attention.backward(q, k, v, out, grad_out, lse, scale, *grads)
-    for got, want in zip(grads, torch.autograd.grad(want, (q64, k64, v64), grad_out.double())):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for got, want_grad in zip(grads, torch.autograd.grad(want, (q64, k64, v64), grad_out.double())):
+        torch.testing.assert_close(got.double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_empty_batch():
@@ -145,7 +147,7 @@ def test_rejects_float64_with_reason():
 
 def test_opcheck_spatial():
     q, k, v = (torch.randn(1, 2, 2, 3, 1, 8, device=DEVICE, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.stt.spatial_attention, (q, k, v, 8 ** -0.5, "triton"))
+    torch.library.opcheck(torch.ops.stt.spatial_attention, (q, k, v, 8**-0.5, "triton"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,12 +173,15 @@ def _flash_rule(kind, shape, dtype, slack=1e-3):
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind, shape", [
-    ("spatial", (1, 2, 17, 241, 1, 128)),  # N = 4097: a tail of one query and one key
-    ("spatial", (2, 3, 9, 13, 2, 24)),
-    ("temporal", (1, 32, 24, 24, 2, 32)),  # packed kernels
-    ("temporal", (1, 100, 4, 5, 2, 72)),  # tiled kernels
-])
+@pytest.mark.parametrize(
+    "kind, shape",
+    [
+        ("spatial", (1, 2, 17, 241, 1, 128)),  # N = 4097: a tail of one query and one key
+        ("spatial", (2, 3, 9, 13, 2, 24)),
+        ("temporal", (1, 32, 24, 24, 2, 32)),  # packed kernels
+        ("temporal", (1, 100, 4, 5, 2, 72)),  # tiled kernels
+    ],
+)
 def test_low_precision_flash_rule(kind, shape, dtype):
     _flash_rule(kind, shape, dtype)
 
@@ -196,8 +201,9 @@ def test_temporal_batch_beyond_grid_axis_limit(t):
         return x.detach()[:, :, rows]
 
     want = oracle(reference.temporal_attention, pick(q), pick(k), pick(v), pick(grad))
-    theirs = run(stt_kernels.temporal_attention, *(pick(x).requires_grad_() for x in (q, k, v)), pick(grad),
-                 backend="reference")
+    theirs = run(
+        stt_kernels.temporal_attention, *(pick(x).requires_grad_() for x in (q, k, v)), pick(grad), backend="reference"
+    )
     for i in range(4):
         assert torch.isfinite(ours[i]).all()
         assert _max_error([pick(ours[i])], [want[i]]) <= 2 * _max_error([theirs[i]], [want[i]]) + 1e-3

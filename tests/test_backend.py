@@ -6,13 +6,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import GPU
 
 import stt_kernels
 from stt_kernels import backend as backend_module
 from stt_kernels.backend import BackendUnavailableError, resolve
 from stt_kernels.ops.kernels import attention_kernels
-
-from conftest import GPU
 
 EVERYWHERE = frozenset({"triton", "cuda", "cpu", "reference"})
 CPU = torch.device("cpu")
@@ -33,8 +32,10 @@ def test_cpu_kernels_are_built_here():
 
 
 @pytest.mark.skipif(GPU, reason="checks the report of a machine without a GPU")
-@pytest.mark.skipif(shutil.which("nvcc") is None or torch.version.cuda is None,
-                    reason="CUDA kernels are only compiled where nvcc and a CUDA build of torch are present")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or torch.version.cuda is None,
+    reason="CUDA kernels are only compiled where nvcc and a CUDA build of torch are present",
+)
 def test_cuda_compiled_without_gpu():
     status = stt_kernels.backends()["cuda"]
     assert status.built and not status.available
@@ -128,6 +129,7 @@ def test_kernel_table_reads_the_dispatcher():
 
 # --- the capability table drives auto, simulated GPUs included -------------------------------
 
+
 @pytest.fixture
 def every_backend_available(monkeypatch):
     """As on a machine with a GPU, every backend built: auto's GPU decisions, checked on the CPU."""
@@ -139,8 +141,10 @@ ALL = frozenset(backend_module.BACKENDS)
 
 
 @pytest.mark.parametrize("op", ["spatial_attention", "temporal_attention", "deform_conv2d"])
-@pytest.mark.parametrize("dtype, want", [(torch.float32, "triton"), (torch.bfloat16, "triton"),
-                                         (torch.float16, "triton"), (torch.float64, "cuda")])
+@pytest.mark.parametrize(
+    "dtype, want",
+    [(torch.float32, "triton"), (torch.bfloat16, "triton"), (torch.float16, "triton"), (torch.float64, "cuda")],
+)
 def test_auto_on_gpu_tensors_picks_by_dtype(every_backend_available, op, dtype, want):
     assert backend_module.resolve("auto", torch.device("cuda", 0), op, ALL, dtype) == want
 
@@ -148,17 +152,22 @@ def test_auto_on_gpu_tensors_picks_by_dtype(every_backend_available, op, dtype, 
 def test_auto_falls_back_to_the_next_backend_that_can_run_the_call(every_backend_available):
     gpu = torch.device("cuda", 0)
     assert backend_module.resolve("auto", gpu, "deform_conv2d", ALL - {"triton"}, torch.float32) == "cuda"
-    assert backend_module.resolve("auto", gpu, "deform_conv2d", frozenset({"triton", "reference"}),
-                                  torch.float64) == "reference"
+    assert (
+        backend_module.resolve("auto", gpu, "deform_conv2d", frozenset({"triton", "reference"}), torch.float64)
+        == "reference"
+    )
     cpu = torch.device("cpu")
     assert backend_module.resolve("auto", cpu, "spatial_attention", ALL, torch.float64) == "cpu"
     assert backend_module.resolve("auto", cpu, "deform_conv2d", ALL, torch.bfloat16) == "reference"
 
 
 def test_a_named_backend_without_the_dtype_names_those_that_have_it(every_backend_available):
-    with pytest.raises(TypeError, match=r"backend 'triton' does not take float64 tensors for spatial_attention "
-                                        r"\(it takes float32, float16, bfloat16\); on cuda tensors use 'cuda' or "
-                                        r"'reference', or 'auto'"):
+    with pytest.raises(
+        TypeError,
+        match=r"backend 'triton' does not take float64 tensors for spatial_attention "
+        r"\(it takes float32, float16, bfloat16\); on cuda tensors use 'cuda' or "
+        r"'reference', or 'auto'",
+    ):
         backend_module.resolve("triton", torch.device("cuda"), "spatial_attention", ALL, torch.float64)
     with pytest.raises(TypeError, match=r"on cpu tensors use 'reference', or 'auto'"):
         backend_module.resolve("cpu", torch.device("cpu"), "deform_conv2d", ALL, torch.bfloat16)
@@ -175,5 +184,7 @@ def test_a_cpu_bfloat16_deform_conv2d_runs_on_the_reference():
     x = torch.randn(1, 2, 5, 6, dtype=torch.bfloat16)
     offset = torch.randn(1, 18, 5, 6, dtype=torch.bfloat16)
     weight = torch.randn(3, 2, 3, 3, dtype=torch.bfloat16)
-    torch.testing.assert_close(stt_kernels.deform_conv2d(x, offset, None, weight),
-                               stt_kernels.deform_conv2d(x, offset, None, weight, backend="reference"))
+    torch.testing.assert_close(
+        stt_kernels.deform_conv2d(x, offset, None, weight),
+        stt_kernels.deform_conv2d(x, offset, None, weight, backend="reference"),
+    )

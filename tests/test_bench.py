@@ -315,7 +315,9 @@ def test_building_the_stt_parser_leaves_the_timers_unimported():
     """torch.utils.benchmark imports cpp_extension, which prints a CUDA warning on a CUDA build of
     torch without a GPU: every `stt` command builds the bench parser, and its one-line errors
     must stay one line."""
-    code = ("import sys, stt_model.cli as cli; cli._parser(); "
-            "print(sorted(m for m in ('torch.utils.benchmark', 'torch.utils.cpp_extension') if m in sys.modules))")
+    code = (
+        "import sys, stt_model.cli as cli; cli._parser(); "
+        "print(sorted(m for m in ('torch.utils.benchmark', 'torch.utils.cpp_extension') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -31,8 +31,13 @@ def test_cuda_sources_hipify_cleanly(tmp_path):
     assert sources, "csrc/cuda has no CUDA sources"
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     hipify_python.hipify(
-        project_directory=str(tmp_path / "csrc"), output_directory=str(tmp_path / "hip"),
-        header_include_dirs=["include"], includes=["*"], is_pytorch_extension=True, show_progress=False)
+        project_directory=str(tmp_path / "csrc"),
+        output_directory=str(tmp_path / "hip"),
+        header_include_dirs=["include"],
+        includes=["*"],
+        is_pytorch_extension=True,
+        show_progress=False,
+    )
     hipified = sorted((tmp_path / "hip").rglob("*.hip"))
     assert len(hipified) == len(sources), f"hipify produced {hipified} from {sources}"
     for path in [*hipified, *(tmp_path / "hip" / "include").rglob("*.h")]:
@@ -104,8 +109,21 @@ def test_cmake_builds_the_same_sources():
     prefix = torch.utils.cmake_prefix_path
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     capability = _cmake_capability()
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), *generator, f"-DCMAKE_PREFIX_PATH={prefix}",
-                    f"-DSTT_CPU_CAPABILITY={capability}"], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            *generator,
+            f"-DCMAKE_PREFIX_PATH={prefix}",
+            f"-DSTT_CPU_CAPABILITY={capability}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2"], check=True, capture_output=True, text=True)
     library = build / "libstt_kernels.so"
     assert library.exists()

@@ -50,13 +50,43 @@ def test_train_predict_evaluate(tmp_path, volume_file, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_YAML)
     run = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--image", f"{path}:image", "--label", f"{path}:label",
-                 "--val-z", "8:12", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--image",
+                f"{path}:image",
+                "--label",
+                f"{path}:label",
+                "--val-z",
+                "8:12",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert (run / "last.pt").exists() and "val_jaccard" in (run / "train_log.csv").read_text()
 
     probs, labels = tmp_path / "probs.h5", tmp_path / "inst.h5"
-    assert main(["predict", "--checkpoint", str(run / "last.pt"), "--image", f"{path}:image",
-                 "--out", str(probs), "--instances", str(labels)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--image",
+                f"{path}:image",
+                "--out",
+                str(probs),
+                "--instances",
+                str(labels),
+            ]
+        )
+        == 0
+    )
     with h5py.File(probs) as f:
         assert f["main"].shape == (2, 12, 48, 48) and f["main"].dtype == np.uint8
     capsys.readouterr()
@@ -70,22 +100,63 @@ def _train_tiny(tmp_path, path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_YAML)
     run = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--image", f"{path}:image", "--label", f"{path}:label",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--image",
+                f"{path}:image",
+                "--label",
+                f"{path}:label",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def test_predict_under_torchrun_matches_one_process(tmp_path, volume_file):
     path, _ = volume_file
     run = _train_tiny(tmp_path, path)
-    common = ["predict", "--checkpoint", str(run / "last.pt"), "--image", f"{path}:image", "--overlap", "0.5",
-              "--block", "8", "24", "40"]  # 8 blocks, split between the ranks
+    common = [
+        "predict",
+        "--checkpoint",
+        str(run / "last.pt"),
+        "--image",
+        f"{path}:image",
+        "--overlap",
+        "0.5",
+        "--block",
+        "8",
+        "24",
+        "40",
+    ]  # 8 blocks, split between the ranks
     assert main([*common, "--out", str(tmp_path / "one.h5")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "stt_model.cli", *common, "--out", str(tmp_path / "two.zarr"),
-                           "--instances", str(tmp_path / "inst.h5")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "stt_model.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two.zarr"),
+            "--instances",
+            str(tmp_path / "inst.h5"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(2 ranks)" in done.stdout
     with h5py.File(tmp_path / "one.h5") as f:
@@ -103,18 +174,27 @@ def test_evaluate_perfect_prediction_from_tiff(tmp_path, volume_file, capsys):
     assert scores["jaccard"] == 1.0 and scores["dsc"] == 1.0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["evaluate", "--pred", "missing.h5", "--gt", "missing.h5"], "missing.h5"),
-    (["evaluate", "--pred", "{path}:nope", "--gt", "{path}:label"], "nope"),
-    (["evaluate", "--pred", "{path}:image", "--gt", "{other}"], "shape"),
-    (["evaluate", "--pred", "{txt}", "--gt", "{path}:label"], "notes.txt"),
-    (["train", "--image", "{path}:image", "--label", "{path}:label", "--out", "{tmp}/r", "--val-z", "5"],
-     "--val-z must look like z0:z1"),
-    (["train", "--config", "nope", "--image", "{path}:image", "--label", "{path}:label", "--out", "{tmp}/r"],
-     "unknown config 'nope'"),
-    (["predict", "--checkpoint", "{txt}", "--image", "{path}:image", "--out", "{tmp}/p.h5"],
-     "not a readable stt checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate", "--pred", "missing.h5", "--gt", "missing.h5"], "missing.h5"),
+        (["evaluate", "--pred", "{path}:nope", "--gt", "{path}:label"], "nope"),
+        (["evaluate", "--pred", "{path}:image", "--gt", "{other}"], "shape"),
+        (["evaluate", "--pred", "{txt}", "--gt", "{path}:label"], "notes.txt"),
+        (
+            ["train", "--image", "{path}:image", "--label", "{path}:label", "--out", "{tmp}/r", "--val-z", "5"],
+            "--val-z must look like z0:z1",
+        ),
+        (
+            ["train", "--config", "nope", "--image", "{path}:image", "--label", "{path}:label", "--out", "{tmp}/r"],
+            "unknown config 'nope'",
+        ),
+        (
+            ["predict", "--checkpoint", "{txt}", "--image", "{path}:image", "--out", "{tmp}/p.h5"],
+            "not a readable stt checkpoint",
+        ),
+    ],
+)
 def test_errors_are_one_line(tmp_path, volume_file, capsys, args, message):
     path, _ = volume_file
     other = tmp_path / "other.h5"
@@ -136,8 +216,20 @@ def test_checkpoint_that_does_not_fit_the_config(tmp_path, volume_file, capsys):
     state = torch.load(run / "last.pt", weights_only=True)
     state["config"]["model"]["channels"] = [4, 12]
     torch.save(state, tmp_path / "bad.pt")
-    assert main(["predict", "--checkpoint", str(tmp_path / "bad.pt"), "--image", f"{path}:image",
-                 "--out", str(tmp_path / "p.h5")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "bad.pt"),
+                "--image",
+                f"{path}:image",
+                "--out",
+                str(tmp_path / "p.h5"),
+            ]
+        )
+        == 2
+    )
     assert "does not fit this model's config" in capsys.readouterr().err
     assert not (tmp_path / "p.h5").exists()
 
@@ -149,8 +241,9 @@ def test_help_has_examples(capsys):
         assert "examples:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bug", [ValueError("internal shape mix-up"), TypeError("wrong argument order"),
-                                 IndexError("off by one")])
+@pytest.mark.parametrize(
+    "bug", [ValueError("internal shape mix-up"), TypeError("wrong argument order"), IndexError("off by one")]
+)
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys, bug):
     """Only errors a user can fix (stt_model.errors.UserInputError and the CLI's own) become one
     line; a ValueError/TypeError from our code is a bug and must reach the user whole."""

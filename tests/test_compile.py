@@ -16,14 +16,13 @@ import sys
 
 import pytest
 import torch
+from test_cli import TINY_YAML
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import stt_kernels
 from stt_kernels.nn.sst import FUSIONS, ORDERS
 from stt_kernels.ops import kernels as kernel_tables
-
-from test_cli import TINY_YAML
 
 F64 = torch.float64
 CPU_KERNELS = stt_kernels.backends()["cpu"]
@@ -44,6 +43,7 @@ def _graphs() -> int:
 
 
 # --- fake kernels -------------------------------------------------------------------------
+
 
 def _attention_layouts(shape=(2, 3, 4, 3, 2, 4)):
     """q, k, v in the layouts the module and users feed: packed-projection views, a permuted
@@ -66,16 +66,30 @@ def _deform_layouts(n=2, c=4, h=5, w=6, c_out=3, groups=2):
 
     predicted = cl(n, 3 * groups * taps, h, w)
     return {
-        "channels_last": (cl(n, c, h, w), cl(n, 2 * groups * taps, h, w), cl(n, groups * taps, h, w).sigmoid(),
-                          cl(c_out, c, 3, 3)),
-        "sliced": (torch.randn(n, h, w, c, dtype=F64).permute(0, 3, 1, 2), predicted[:, :2 * groups * taps],
-                   predicted[:, 2 * groups * taps:].sigmoid(), torch.randn(c_out, c, 3, 3, dtype=F64)),
-        "expanded": (torch.randn(1, c, h, w, dtype=F64).expand(n, -1, -1, -1),
-                     torch.randn(1, 2 * groups * taps, h, w, dtype=F64).expand(n, -1, -1, -1),
-                     torch.rand(1, groups * taps, h, w, dtype=F64).expand(n, -1, -1, -1),
-                     torch.randn(1, c, 3, 3, dtype=F64).expand(c_out, -1, -1, -1)),
-        "contiguous": (torch.randn(n, c, h, w, dtype=F64), torch.randn(n, 2 * groups * taps, h, w, dtype=F64),
-                       torch.rand(n, groups * taps, h, w, dtype=F64), torch.randn(c_out, c, 3, 3, dtype=F64)),
+        "channels_last": (
+            cl(n, c, h, w),
+            cl(n, 2 * groups * taps, h, w),
+            cl(n, groups * taps, h, w).sigmoid(),
+            cl(c_out, c, 3, 3),
+        ),
+        "sliced": (
+            torch.randn(n, h, w, c, dtype=F64).permute(0, 3, 1, 2),
+            predicted[:, : 2 * groups * taps],
+            predicted[:, 2 * groups * taps :].sigmoid(),
+            torch.randn(c_out, c, 3, 3, dtype=F64),
+        ),
+        "expanded": (
+            torch.randn(1, c, h, w, dtype=F64).expand(n, -1, -1, -1),
+            torch.randn(1, 2 * groups * taps, h, w, dtype=F64).expand(n, -1, -1, -1),
+            torch.rand(1, groups * taps, h, w, dtype=F64).expand(n, -1, -1, -1),
+            torch.randn(1, c, 3, 3, dtype=F64).expand(c_out, -1, -1, -1),
+        ),
+        "contiguous": (
+            torch.randn(n, c, h, w, dtype=F64),
+            torch.randn(n, 2 * groups * taps, h, w, dtype=F64),
+            torch.rand(n, groups * taps, h, w, dtype=F64),
+            torch.randn(c_out, c, 3, 3, dtype=F64),
+        ),
     }
 
 
@@ -146,6 +160,7 @@ def test_auto_is_resolved_when_the_op_runs(monkeypatch):
 
 
 # --- compiled training ----------------------------------------------------------------------
+
 
 def _grads(out, params, grad):
     return torch.autograd.grad(out, params, grad, allow_unused=True)
@@ -236,20 +251,26 @@ def test_stt_unet_inductor_matches_eager(preset, shape):
 def test_compile_as_the_first_call_of_a_process():
     """Tracing resolves the backend table before any eager call has filled a cache (the
     cached_property lock once stopped Dynamo here)."""
-    script = ("import torch, stt_kernels\n"
-              "m = stt_kernels.SSTAttention(8, 2).double()\n"
-              "x = torch.randn(1, 8, 2, 3, 3, dtype=torch.float64)\n"
-              "y = torch.compile(m, fullgraph=True, backend='eager')(x)\n"
-              "torch.testing.assert_close(y, m(x))\n")
+    script = (
+        "import torch, stt_kernels\n"
+        "m = stt_kernels.SSTAttention(8, 2).double()\n"
+        "x = torch.randn(1, 8, 2, 3, 3, dtype=torch.float64)\n"
+        "y = torch.compile(m, fullgraph=True, backend='eager')(x)\n"
+        "torch.testing.assert_close(y, m(x))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 # --- export -----------------------------------------------------------------------------------
 
+
 def _backend_args(program) -> list[str]:
-    return [node.args[-1] for node in program.graph.nodes
-            if node.op == "call_function" and str(node.target).startswith("stt.")]
+    return [
+        node.args[-1]
+        for node in program.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("stt.")
+    ]
 
 
 def _constants(program) -> set[object]:
@@ -309,8 +330,23 @@ def test_stt_train_compile_trains_as_eager(tmp_path):
 
     def train(name, *extra):
         run = tmp_path / name
-        assert main(["train", "--config", str(config), "--image", f"{data}:image", "--label", f"{data}:label",
-                     "--out", str(run), *extra]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    str(config),
+                    "--image",
+                    f"{data}:image",
+                    "--label",
+                    f"{data}:label",
+                    "--out",
+                    str(run),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         with open(run / "train_log.csv") as f:
             return [float(row["seg"]) for row in csv.DictReader(f)]
 

@@ -21,9 +21,19 @@ def _yaml_error(tmp_path, text):
 
 def test_overrides_set_fields_by_dotted_key():
     base = load_config("tiny-cpu")
-    config = apply_overrides(base, ["train.lr=3e-4", "model.channels=[8,16]", "model.heads=[2,2]",
-                                    "model.sst_levels=[false,true]", "data.intensity=[10, 200]",
-                                    "loss.adversarial_objective=minimax", "train.amp=false", "name=mine"])
+    config = apply_overrides(
+        base,
+        [
+            "train.lr=3e-4",
+            "model.channels=[8,16]",
+            "model.heads=[2,2]",
+            "model.sst_levels=[false,true]",
+            "data.intensity=[10, 200]",
+            "loss.adversarial_objective=minimax",
+            "train.amp=false",
+            "name=mine",
+        ],
+    )
     assert config.train.lr == 3e-4 and isinstance(config.train.lr, float)
     assert config.model.channels == [8, 16] and config.model.heads == [2, 2]
     assert config.model.sst_levels == [False, True] and config.data.intensity == [10.0, 200.0]
@@ -41,31 +51,37 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("train.lr=") == (["train", "lr"], None)
 
 
-@pytest.mark.parametrize("override, yaml_text", [
-    ("train.lrr=1", "train:\n  lrr: 1\n"),
-    ("trian.lr=1", "trian:\n  lr: 1\n"),
-    ("train.lr=fast", "train:\n  lr: fast\n"),
-    ("train.batch_size=2.5", "train:\n  batch_size: 2.5\n"),
-    ("model.fusion=sum", "model:\n  fusion: sum\n"),
-    ("model.channels=[8,x]", "model:\n  channels: [8, x]\n"),
-    ("model.heads=[1,2,3]", "model:\n  heads: [1, 2, 3]\n"),
-    ("train.lr=-1e-3", "train:\n  lr: -1.0e-3\n"),
-    ("train.lr=.nan", "train:\n  lr: .nan\n"),
-    ("model=3", "model: 3\n"),
-])
+@pytest.mark.parametrize(
+    "override, yaml_text",
+    [
+        ("train.lrr=1", "train:\n  lrr: 1\n"),
+        ("trian.lr=1", "trian:\n  lr: 1\n"),
+        ("train.lr=fast", "train:\n  lr: fast\n"),
+        ("train.batch_size=2.5", "train:\n  batch_size: 2.5\n"),
+        ("model.fusion=sum", "model:\n  fusion: sum\n"),
+        ("model.channels=[8,x]", "model:\n  channels: [8, x]\n"),
+        ("model.heads=[1,2,3]", "model:\n  heads: [1, 2, 3]\n"),
+        ("train.lr=-1e-3", "train:\n  lr: -1.0e-3\n"),
+        ("train.lr=.nan", "train:\n  lr: .nan\n"),
+        ("model=3", "model: 3\n"),
+    ],
+)
 def test_bad_overrides_fail_as_the_same_yaml_does(tmp_path, override, yaml_text):
     with pytest.raises(ConfigError) as caught:
         apply_overrides(load_config("tiny-cpu"), [override])
     assert str(caught.value) == _yaml_error(tmp_path, yaml_text)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lr", "--set expects key=value with a dotted config key (train.lr=3e-4); got 'train.lr'"),
-    ("=3", "got '=3'"),
-    ("train..lr=3", "got 'train..lr=3'"),
-    ("train.lr=[1,", "--set train.lr: the value '[1,' is not valid YAML"),
-    ("train.lr.x=1", "train.lr must be a number; got {'x': 1}"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr", "--set expects key=value with a dotted config key (train.lr=3e-4); got 'train.lr'"),
+        ("=3", "got '=3'"),
+        ("train..lr=3", "got 'train..lr=3'"),
+        ("train.lr=[1,", "--set train.lr: the value '[1,' is not valid YAML"),
+        ("train.lr.x=1", "train.lr must be a number; got {'x': 1}"),
+    ],
+)
 def test_malformed_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         apply_overrides(load_config("tiny-cpu"), [override])
@@ -83,6 +99,7 @@ def test_yaml_files_read_exponents_as_numbers(tmp_path):
 
 # -- stt train --set -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "vol.h5"
@@ -95,8 +112,20 @@ def volume(tmp_path_factory):
 def _train(tmp_path, volume, *extra):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_YAML)
-    return main(["train", "--config", str(config), "--image", f"{volume}:image", "--label", f"{volume}:label",
-                 "--out", str(tmp_path / "run"), *extra])
+    return main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--image",
+            f"{volume}:image",
+            "--label",
+            f"{volume}:label",
+            "--out",
+            str(tmp_path / "run"),
+            *extra,
+        ]
+    )
 
 
 def _stt_lines(capsys):
@@ -104,18 +133,25 @@ def _stt_lines(capsys):
 
 
 def test_stt_train_set_reaches_the_checkpoint(tmp_path, volume):
-    assert _train(tmp_path, volume, "--set", "train.iterations=1", "--set", "model.channels=[4,16]",
-                  "--set", "train.lr=2e-3") == 0
+    assert (
+        _train(
+            tmp_path, volume, "--set", "train.iterations=1", "--set", "model.channels=[4,16]", "--set", "train.lr=2e-3"
+        )
+        == 0
+    )
     config = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]
     assert config["train"]["iterations"] == 1 and config["model"]["channels"] == [4, 16]
-    assert config["train"]["lr"] == 2e-3 and config["model"]["heads"] == [1, 2]   # the rest from --config
+    assert config["train"]["lr"] == 2e-3 and config["model"]["heads"] == [1, 2]  # the rest from --config
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "unknown config key in train: train.lrr; known: amp,"),
-    ("model.heads=[1,3]", "model.heads[1] (3) must divide model.channels[1] (8)"),
-    ("train.lr", "--set expects key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key in train: train.lrr; known: amp,"),
+        ("model.heads=[1,3]", "model.heads[1] (3) must divide model.channels[1] (8)"),
+        ("train.lr", "--set expects key=value"),
+    ],
+)
 def test_stt_train_bad_set_is_one_line_before_any_work(tmp_path, volume, capsys, override, message):
     assert _train(tmp_path, volume, "--set", override) == 2
     (line,) = _stt_lines(capsys)
@@ -127,16 +163,29 @@ def test_resume_refuses_a_set_that_changes_the_config(tmp_path, volume, capsys):
     assert _train(tmp_path, volume) == 0
     run, checkpoint = tmp_path / "run", tmp_path / "run" / "last.pt"
     before = checkpoint.read_bytes()
-    common = ["train", "--image", f"{volume}:image", "--label", f"{volume}:label", "--out", str(run),
-              "--resume", str(checkpoint)]
+    common = [
+        "train",
+        "--image",
+        f"{volume}:image",
+        "--label",
+        f"{volume}:label",
+        "--out",
+        str(run),
+        "--resume",
+        str(checkpoint),
+    ]
     capsys.readouterr()
     assert main([*common, "--set", "train.lr=0.5"]) == 2
     (line,) = _stt_lines(capsys)
-    assert line == (f"stt train: error: --set train.lr=0.5 differs from the config stored in {checkpoint} (train.lr); "
-                    "a resumed run keeps its checkpoint's config: drop --set, or start a new run")
+    assert line == (
+        f"stt train: error: --set train.lr=0.5 differs from the config stored in {checkpoint} (train.lr); "
+        "a resumed run keeps its checkpoint's config: drop --set, or start a new run"
+    )
     assert main([*common, "--set", "train.iterations=4"]) == 2
-    assert "(train.iterations); a resumed run keeps its checkpoint's config (to train further, give --iterations)" \
+    assert (
+        "(train.iterations); a resumed run keeps its checkpoint's config (to train further, give --iterations)"
         in _stt_lines(capsys)[0]
+    )
     assert checkpoint.read_bytes() == before
     # An override that agrees with the checkpoint changes nothing and is let through.
     stored = torch.load(checkpoint, weights_only=True)["config"]["train"]["lr"]

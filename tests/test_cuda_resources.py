@@ -44,7 +44,8 @@ def test_every_figure_is_read():
     assert kernels[name, "sm_80"] == _ptxas.KernelResources(name, "sm_80", registers=40, static_smem=1024)
     assert kernels[name, "sm_90"] == _ptxas.KernelResources(name, "sm_90", registers=255)
     assert kernels["_ZN3stt6helperEv", "sm_80"] == _ptxas.KernelResources(
-        "_ZN3stt6helperEv", "sm_80", stack=24, spill_stores=8, spill_loads=12)
+        "_ZN3stt6helperEv", "sm_80", stack=24, spill_stores=8, spill_loads=12
+    )
 
 
 def test_spills_and_figures_over_the_limits_are_named():
@@ -74,8 +75,9 @@ def test_the_build_recorded_every_cuda_source_for_every_target():
     record = _build_record()
     resources = record.get("cuda_resources")
     assert resources, "the CUDA build recorded no ptxas figures: rebuild (setup.py compiles with --resource-usage)"
-    sources = sorted(str(p.relative_to(BUILD_INFO.parent.parent))
-                     for p in (BUILD_INFO.parent.parent / "csrc" / "cuda").glob("*.cu"))
+    sources = sorted(
+        str(p.relative_to(BUILD_INFO.parent.parent)) for p in (BUILD_INFO.parent.parent / "csrc" / "cuda").glob("*.cu")
+    )
     assert sorted(resources) == sources
     archs = set(record["archs"].split(","))
     for source, records in resources.items():

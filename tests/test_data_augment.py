@@ -3,11 +3,27 @@
 import numpy as np
 import pytest
 
-from stt_model.data import (Compose, CutNoise, Elastic, Flip, GrayJitter, Misalign, MissingSection, MotionBlur,
-                            Rescale, Rotate90, default_augmentations, synthetic_volume)
+from stt_model.data import (
+    Compose,
+    CutNoise,
+    Elastic,
+    Flip,
+    GrayJitter,
+    Misalign,
+    MissingSection,
+    MotionBlur,
+    Rescale,
+    Rotate90,
+    default_augmentations,
+    synthetic_volume,
+)
 
-EXACT = [Flip(), Rotate90(), Misalign()]          # pure index moves: image == label * 255 survives exactly
-INTERPOLATED = [Rescale((0.8, 0.9)), Rescale((1.1, 1.25)), Elastic(alpha=6.0)]  # bilinear image vs nearest labels: equal up to rounding
+EXACT = [Flip(), Rotate90(), Misalign()]  # pure index moves: image == label * 255 survives exactly
+INTERPOLATED = [
+    Rescale((0.8, 0.9)),
+    Rescale((1.1, 1.25)),
+    Elastic(alpha=6.0),
+]  # bilinear image vs nearest labels: equal up to rounding
 IMAGE_ONLY = [GrayJitter(), MissingSection(), MotionBlur(), CutNoise()]
 
 

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from stt_model.config import load_config
-from stt_model.data import (ForegroundIndex, PatchSampler, default_augmentations, open_volume, read_window,
-                            synthetic_volume)
+from stt_model.data import (
+    ForegroundIndex,
+    PatchSampler,
+    default_augmentations,
+    open_volume,
+    read_window,
+    synthetic_volume,
+)
 
 PATCH = (8, 32, 32)
 

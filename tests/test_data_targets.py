@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stt_model.data import (binary_mask, instance_contour, instances_from_binary, make_targets,
-                            synthetic_volume)
+from stt_model.data import binary_mask, instance_contour, instances_from_binary, make_targets, synthetic_volume
 
 
 def two_touching_cubes() -> np.ndarray:
@@ -60,7 +59,7 @@ def test_connected_components():
     mask = np.zeros((5, 10, 10), np.uint8)
     mask[0:2, 0:3, 0:3] = 1
     mask[3:5, 6:9, 6:9] = 1
-    mask[2, 3, 3] = 1                    # touches the first block only at a corner
+    mask[2, 3, 3] = 1  # touches the first block only at a corner
     ids = instances_from_binary(mask)
     assert ids.dtype == np.uint32 and ids.max() == 2
     assert ids[2, 3, 3] == ids[0, 0, 0]

@@ -180,7 +180,7 @@ def test_output_written_by_windows_and_published_on_close(tmp_path, name):
     final = split_spec(spec)[0]
     with create_output(spec, data.shape, np.uint8, chunks=(1, 4, 16, 16)) as out:
         for z in range(0, 10, 4):
-            out[:, z:z + 4] = data[:, z:z + 4]
+            out[:, z : z + 4] = data[:, z : z + 4]
         assert not final.exists(), "the final name appears only when the output is complete"
     assert final.exists() and not list(tmp_path.glob(".*tmp*"))
     back = open_volume(spec)
@@ -232,12 +232,21 @@ def _ome_zarr(path: Path, levels: list, zarr_format: int = 2, axes: str = "zyx",
     def image(group, arrays):
         for i, level in enumerate(arrays):
             group.create_array(str(i), data=level, chunks=(1,) * (level.ndim - 3) + (2, 8, 8))
-        meta = {"version": "0.4" if zarr_format == 2 else "0.5", "name": "em",
-                "axes": [{"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")} for a in axes],
-                "datasets": [{"path": str(i), "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0] * (len(axes) - 2) + [2.0 ** i] * 2}]} for i in range(len(arrays))]}
-        group.attrs.update({"multiscales": [meta]} if zarr_format == 2 else
-                           {"ome": {"version": "0.5", "multiscales": [meta]}})
+        meta = {
+            "version": "0.4" if zarr_format == 2 else "0.5",
+            "name": "em",
+            "axes": [{"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")} for a in axes],
+            "datasets": [
+                {
+                    "path": str(i),
+                    "coordinateTransformations": [{"type": "scale", "scale": [1.0] * (len(axes) - 2) + [2.0**i] * 2}],
+                }
+                for i in range(len(arrays))
+            ],
+        }
+        group.attrs.update(
+            {"multiscales": [meta]} if zarr_format == 2 else {"ome": {"version": "0.5", "multiscales": [meta]}}
+        )
 
     root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
     image(root, levels)
@@ -259,7 +268,7 @@ def test_ome_zarr_opens_level_0_and_any_level_by_name(tmp_path, array, zarr_form
         assert tuple(by_name.shape) == tuple(by_path.shape) == expected.shape
         np.testing.assert_array_equal(by_name[:], expected)
         np.testing.assert_array_equal(by_path[1:3], expected[1:3])
-    labels = open_volume(f"{path}:labels/mito")          # a label image: its level 0
+    labels = open_volume(f"{path}:labels/mito")  # a label image: its level 0
     assert labels.dataset == "labels/mito/0"
     np.testing.assert_array_equal(labels[:], mask)
     np.testing.assert_array_equal(open_volume(path / "labels" / "mito")[:], mask)
@@ -270,7 +279,7 @@ def test_ome_zarr_opens_level_0_and_any_level_by_name(tmp_path, array, zarr_form
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_ome_zarr_time_and_channel_axes_of_size_1_are_hidden(tmp_path, array, zarr_format):
-    five = array[None, None]                             # (t, c, z, y, x), as bioformats2raw writes
+    five = array[None, None]  # (t, c, z, y, x), as bioformats2raw writes
     path = _ome_zarr(tmp_path / "tczyx.ome.zarr", [five, five[..., ::2, ::2]], zarr_format, axes="tczyx")
     for spec in (path, f"{path}:1", path / "1"):
         volume = open_volume(spec)
@@ -309,11 +318,27 @@ def test_ome_zarr_metadata_naming_a_missing_level_says_so(tmp_path, array):
 # Written by zarr 2.18's N5Store (the reference N5 writer of the zarr world; zarr 3 has none):
 # (3, 7, 9) volumes in (2, 4, 5) blocks, edge blocks padded, each compression N5 knows but lz4.
 N5 = Path(__file__).parent / "data" / "ref.n5"
-N5_DATASETS = {"raw": "u2", "gzip": "u2", "zlib": "u1", "blosc": "u2", "bzip2": "i4", "xz": "f4", "zstd": "u8",
-               "volumes/labels": "u1"}
-N5_WINDOWS = [(slice(0, 2), slice(1, 6), slice(3, 9)), (1, slice(None), slice(4, 6)), (slice(None), 4, 7),
-              (Ellipsis, slice(1, 9, 3)), (slice(None, None, -1), slice(5, 0, -2), slice(None)), (2, 6, 8),
-              (-1,), (slice(1, 1),), (slice(None), slice(4, 7), slice(5, 9))]
+N5_DATASETS = {
+    "raw": "u2",
+    "gzip": "u2",
+    "zlib": "u1",
+    "blosc": "u2",
+    "bzip2": "i4",
+    "xz": "f4",
+    "zstd": "u8",
+    "volumes/labels": "u1",
+}
+N5_WINDOWS = [
+    (slice(0, 2), slice(1, 6), slice(3, 9)),
+    (1, slice(None), slice(4, 6)),
+    (slice(None), 4, 7),
+    (Ellipsis, slice(1, 9, 3)),
+    (slice(None, None, -1), slice(5, 0, -2), slice(None)),
+    (2, 6, 8),
+    (-1,),
+    (slice(1, 1),),
+    (slice(None), slice(4, 7), slice(5, 9)),
+]
 
 
 def n5_expected(dtype: str) -> np.ndarray:
@@ -335,12 +360,12 @@ def test_n5_datasets_written_by_zarr_2_read_exactly(name):
 
 
 def test_n5_specs_blocks_never_written_and_cropped_edge_blocks(tmp_path):
-    sparse = open_volume(N5 / "sparse")                  # the dataset's folder, named directly
+    sparse = open_volume(N5 / "sparse")  # the dataset's folder, named directly
     assert sparse.dataset is None and sparse.source == str(N5 / "sparse")
     expected = np.zeros((3, 7, 9), np.float32)
-    expected[0:2, 0:4, 0:5] = 1.5                        # the one block written
+    expected[0:2, 0:4, 0:5] = 1.5  # the one block written
     np.testing.assert_array_equal(sparse[:], expected)
-    assert open_volume(N5).dataset == "raw"              # the conventional name, as in HDF5 and zarr
+    assert open_volume(N5).dataset == "raw"  # the conventional name, as in HDF5 and zarr
     with pytest.raises(ValueError, match=r"ref.n5 has no dataset 'labels'; available: .*volumes/labels"):
         open_volume(f"{N5}:labels")
     # Java's N5 stores an edge block cropped to the volume, its header giving its own size.
@@ -350,7 +375,7 @@ def test_n5_specs_blocks_never_written_and_cropped_edge_blocks(tmp_path):
 
     copy = shutil.copytree(N5, tmp_path / "vol.n5")
     edge = open_volume(f"{copy}:gzip")._stored().read_block((1, 1, 1))
-    cropped = edge[:1, :3, :4]                           # z 2:3, y 4:7, x 5:9 of the volume
+    cropped = edge[:1, :3, :4]  # z 2:3, y 4:7, x 5:9 of the volume
     block = struct.pack(">HH3I", 0, 3, 4, 3, 1) + zlib.compress(cropped.astype(">u2").tobytes(), wbits=31)
     (copy / "gzip" / "1" / "1" / "1").write_bytes(block)
     np.testing.assert_array_equal(open_volume(f"{copy}:gzip")[:], n5_expected("u2"))
@@ -363,12 +388,14 @@ def test_n5_damage_and_unsupported_features_name_the_problem(tmp_path):
     copy = shutil.copytree(N5, tmp_path / "vol.n5")
     (copy / "gzip" / "0" / "1" / "0").write_bytes(b"\x00\x00\x00\x03" + b"\x00" * 12 + b"not gzip")
     volume = open_volume(f"{copy}:gzip")
-    np.testing.assert_array_equal(volume[:, :4], n5_expected("u2")[:, :4])   # the damaged block is not read
+    np.testing.assert_array_equal(volume[:, :4], n5_expected("u2")[:, :4])  # the damaged block is not read
     with pytest.raises(VolumeReadError, match=r"vol.n5:gzip: cannot read chunk z 0:2, y 4:8, x 0:5 .*damaged"):
         volume[:, 2:6]
     attributes = json.loads((copy / "raw" / "attributes.json").read_text())
-    for change, message in (({"compression": {"type": "lz4"}}, r"N5 compression 'lz4' is not supported"),
-                            ({"dataType": "object"}, r"N5 dataType 'object' is not supported")):
+    for change, message in (
+        ({"compression": {"type": "lz4"}}, r"N5 compression 'lz4' is not supported"),
+        ({"dataType": "object"}, r"N5 dataType 'object' is not supported"),
+    ):
         (copy / "raw" / "attributes.json").write_text(json.dumps({**attributes, **change}))
         with pytest.raises(ValueError, match=message):
             open_volume(f"{copy}:raw")
@@ -387,8 +414,12 @@ def test_an_n5_container_without_the_suffix_is_recognised(tmp_path):
 def test_readers_share_the_base_class_and_repr(tmp_path, array):
     from stt_model.data.volumes import _Reader
 
-    for kind, name in (("h5", "HDF5Volume"), ("tiff", "TiffVolume"), ("png-folder", "SliceFolderVolume"),
-                       ("zarr", "ZarrVolume")):
+    for kind, name in (
+        ("h5", "HDF5Volume"),
+        ("tiff", "TiffVolume"),
+        ("png-folder", "SliceFolderVolume"),
+        ("zarr", "ZarrVolume"),
+    ):
         spec = make(kind, tmp_path / kind, array) if (tmp_path / kind).mkdir() is None else None
         volume = open_volume(spec)
         assert isinstance(volume, _Reader)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import available, requires_gpu, torchvision_ops
 
 import stt_kernels
-from conftest import available, requires_gpu, torchvision_ops
 
 tv_ops = torchvision_ops()
 
@@ -19,8 +19,24 @@ def _skip_unless(backend: str) -> None:
         pytest.skip(stt_kernels.backends()[backend].reason)
 
 
-def make_inputs(n=2, c=6, c_out=4, h=9, w=11, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-                groups=1, weight_groups=1, mask=True, bias=True, spread=2.5, dtype=torch.float64, device="cpu"):
+def make_inputs(
+    n=2,
+    c=6,
+    c_out=4,
+    h=9,
+    w=11,
+    kernel=(3, 3),
+    stride=(1, 1),
+    padding=(1, 1),
+    dilation=(1, 1),
+    groups=1,
+    weight_groups=1,
+    mask=True,
+    bias=True,
+    spread=2.5,
+    dtype=torch.float64,
+    device="cpu",
+):
     """Random inputs whose offsets move the sampling points over several pixels, a tenth of
     them far beyond the borders (whole taps reading zeros)."""
     kh, kw = kernel
@@ -37,13 +53,30 @@ def make_inputs(n=2, c=6, c_out=4, h=9, w=11, kernel=(3, 3), stride=(1, 1), padd
 
 
 def torchvision_call(a):
-    return tv_ops.deform_conv2d(a["x"], a["offset"], a["weight"], a["bias"], stride=a["stride"],
-                                         padding=a["padding"], dilation=a["dilation"], mask=a["mask"])
+    return tv_ops.deform_conv2d(
+        a["x"],
+        a["offset"],
+        a["weight"],
+        a["bias"],
+        stride=a["stride"],
+        padding=a["padding"],
+        dilation=a["dilation"],
+        mask=a["mask"],
+    )
 
 
 def stt_call(a, backend):
-    return stt_kernels.deform_conv2d(a["x"], a["offset"], a["mask"], a["weight"], a["bias"], stride=a["stride"],
-                                     padding=a["padding"], dilation=a["dilation"], backend=backend)
+    return stt_kernels.deform_conv2d(
+        a["x"],
+        a["offset"],
+        a["mask"],
+        a["weight"],
+        a["bias"],
+        stride=a["stride"],
+        padding=a["padding"],
+        dilation=a["dilation"],
+        backend=backend,
+    )
 
 
 def grad_names(a):
@@ -57,8 +90,11 @@ def values_and_grads(fn, a, grad_out=None):
     if grad_out is None:
         grad_out = torch.randn_like(out)
     names = grad_names(a)
-    grads = torch.autograd.grad(out, [a[k] for k in names], grad_out, allow_unused=True) if out.numel() else \
-        [torch.zeros_like(a[k]) for k in names]
+    grads = (
+        torch.autograd.grad(out, [a[k] for k in names], grad_out, allow_unused=True)
+        if out.numel()
+        else [torch.zeros_like(a[k]) for k in names]
+    )
     return out.detach(), dict(zip(names, grads)), grad_out
 
 
@@ -68,7 +104,9 @@ def assert_matches(a, backend, rtol=1e-9, atol=1e-10, oracle=torchvision_call):
     got, got_grads, _ = values_and_grads(lambda t: stt_call(t, backend), a, grad_out)
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
     for name, value in expected_grads.items():
-        torch.testing.assert_close(got_grads[name], value, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            got_grads[name], value, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
 
 
 CASES = {
@@ -101,7 +139,9 @@ def test_float32_against_float64_reference(backend):
     got, got_grads, _ = values_and_grads(lambda t: stt_call(t, backend), a32, grad_out.float())
     for name, value, result in [("out", expected, got)] + [(k, v, got_grads[k]) for k, v in expected_grads.items()]:
         scale = value.abs().max().item()
-        torch.testing.assert_close(result.double(), value, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            result.double(), value, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def _channels_last(a):
@@ -153,7 +193,9 @@ def test_integer_offsets_match_torchvision(backend):
     convolution exactly on y = -1 or x = -1, where torchvision's offset gradient is one-sided."""
     _skip_unless(backend)
     a = make_inputs(c=4, groups=2, padding=(1, 2), dilation=(1, 2))
-    a["offset"] = torch.randint(-2, 3, a["offset"].shape, dtype=a["offset"].dtype) * (torch.rand(a["offset"].shape) < 0.5)
+    a["offset"] = torch.randint(-2, 3, a["offset"].shape, dtype=a["offset"].dtype) * (
+        torch.rand(a["offset"].shape) < 0.5
+    )
     assert_matches(a, backend)
 
 
@@ -175,8 +217,9 @@ def _away_from_integers(offset):
 @pytest.mark.parametrize("mask", [True, False])
 def test_gradcheck_cpu(mask):
     _skip_unless("cpu")
-    a = make_inputs(n=2, c=4, c_out=2, h=5, w=4, groups=2, weight_groups=2, mask=mask, spread=1.5,
-                    stride=(1, 2), dilation=(2, 1))
+    a = make_inputs(
+        n=2, c=4, c_out=2, h=5, w=4, groups=2, weight_groups=2, mask=mask, spread=1.5, stride=(1, 2), dilation=(2, 1)
+    )
     a["offset"] = _away_from_integers(a["offset"])
     names = grad_names(a)
 
@@ -191,8 +234,18 @@ def test_opcheck_cpu():
     _skip_unless("cpu")
     a = make_inputs(n=2, c=4, c_out=3, h=6, w=5, groups=2, dtype=torch.float32)
     a["offset"] = _away_from_integers(a["offset"])
-    args = (a["x"].requires_grad_(), a["offset"].requires_grad_(), a["mask"].requires_grad_(),
-            a["weight"].requires_grad_(), a["bias"].requires_grad_(), [1, 1], [1, 1], [1, 1], 2, "cpu")
+    args = (
+        a["x"].requires_grad_(),
+        a["offset"].requires_grad_(),
+        a["mask"].requires_grad_(),
+        a["weight"].requires_grad_(),
+        a["bias"].requires_grad_(),
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        2,
+        "cpu",
+    )
     torch.library.opcheck(torch.ops.stt.deform_conv2d, args)
 
 
@@ -228,14 +281,17 @@ def test_compile_fullgraph_public_function():
     _compare_compiled(fn, _compile_inputs())
 
 
-@pytest.mark.parametrize("change, error", [
-    (lambda a: dict(a, offset=a["offset"][:, :-1]), ValueError),  # channels not a multiple of 2*K*K
-    (lambda a: dict(a, mask=a["mask"][:, :-1]), ValueError),  # mask channels do not match offset's G
-    (lambda a: dict(a, offset=a["offset"][:, :, :-1]), ValueError),  # not the output size
-    (lambda a: dict(a, mask=a["mask"][:, :, :, :-1]), ValueError),
-    (lambda a: dict(a, weight=a["weight"][:, :-1]), ValueError),  # weight.shape[1] does not divide C
-    (lambda a: dict(a, x=a["x"].numpy()), TypeError),
-])
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda a: dict(a, offset=a["offset"][:, :-1]), ValueError),  # channels not a multiple of 2*K*K
+        (lambda a: dict(a, mask=a["mask"][:, :-1]), ValueError),  # mask channels do not match offset's G
+        (lambda a: dict(a, offset=a["offset"][:, :, :-1]), ValueError),  # not the output size
+        (lambda a: dict(a, mask=a["mask"][:, :, :, :-1]), ValueError),
+        (lambda a: dict(a, weight=a["weight"][:, :-1]), ValueError),  # weight.shape[1] does not divide C
+        (lambda a: dict(a, x=a["x"].numpy()), TypeError),
+    ],
+)
 def test_bad_inputs(change, error):
     a = change(make_inputs(c=6))
     with pytest.raises(error):
@@ -243,8 +299,10 @@ def test_bad_inputs(change, error):
 
 
 @requires_gpu
-@pytest.mark.parametrize("case", ["plain", "mask-none", "odd-stride-pad-dil", "groups-3-weight-groups-2",
-                                  "kernel-5x3-batch-3", "large-image-tiles"])
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "mask-none", "odd-stride-pad-dil", "groups-3-weight-groups-2", "kernel-5x3-batch-3", "large-image-tiles"],
+)
 def test_cuda_float64_matches_torchvision(case):
     _skip_unless("cuda")
     a = make_inputs(**CASES[case], device="cuda")
@@ -253,9 +311,11 @@ def test_cuda_float64_matches_torchvision(case):
 
 
 @requires_gpu
-@pytest.mark.parametrize("dtype, precision", [(torch.float32, "highest"), (torch.float32, "high"),
-                                              (torch.float16, "highest"), (torch.bfloat16, "highest")],
-                         ids=["float32", "float32-tf32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype, precision",
+    [(torch.float32, "highest"), (torch.float32, "high"), (torch.float16, "highest"), (torch.bfloat16, "highest")],
+    ids=["float32", "float32-tf32", "float16", "bfloat16"],
+)
 def test_cuda_low_precision(dtype, precision):
     """float32 within ~1e-5 of the float64 oracle with IEEE products, and within a TF32-sized
     1e-2 under torch.set_float32_matmul_precision("high") (cuBLAS rounds the products' inputs
@@ -272,7 +332,9 @@ def test_cuda_low_precision(dtype, precision):
     finally:
         torch.set_float32_matmul_precision(before)
     ref_low, ref_low_grads, _ = values_and_grads(lambda t: stt_call(t, "reference"), low, grad_out.to(dtype))
-    pairs = [("out", expected, got, ref_low)] + [(k, v, got_grads[k], ref_low_grads[k]) for k, v in expected_grads.items()]
+    pairs = [("out", expected, got, ref_low)] + [
+        (k, v, got_grads[k], ref_low_grads[k]) for k, v in expected_grads.items()
+    ]
     for name, value, result, baseline in pairs:
         error = (result.double() - value).abs().max().item()
         if dtype == torch.float32:

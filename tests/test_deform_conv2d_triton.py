@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import stt_kernels
 from conftest import GPU, requires_gpu, torchvision_ops
-from test_deform_conv2d import _away_from_integers, _channels_last, assert_matches, make_inputs, stt_call, values_and_grads
+from test_deform_conv2d import (
+    _away_from_integers,
+    _channels_last,
+    assert_matches,
+    make_inputs,
+    stt_call,
+    values_and_grads,
+)
 
 torchvision_ops()
 
@@ -21,8 +26,9 @@ CASES = {
     "stride-2-pad-2-dil-2": dict(n=2, c=4, c_out=5, h=9, w=7, stride=(2, 2), padding=(2, 2), dilation=(2, 2)),
     "pad-0-stride-2-1": dict(n=2, c=5, c_out=3, h=7, w=9, stride=(2, 1), padding=(0, 0)),
     "groups-2-weight-groups-2": dict(n=2, c=6, c_out=4, h=5, w=5, groups=2, weight_groups=2),
-    "kernel-3x2-groups-2": dict(n=2, c=4, c_out=4, h=7, w=5, kernel=(3, 2), padding=(1, 0), groups=2,
-                                weight_groups=2, dilation=(1, 2)),
+    "kernel-3x2-groups-2": dict(
+        n=2, c=4, c_out=4, h=7, w=5, kernel=(3, 2), padding=(1, 0), groups=2, weight_groups=2, dilation=(1, 2)
+    ),
     "wide-spread": dict(n=1, c=4, c_out=3, h=5, w=5, spread=5.0),
 }
 
@@ -50,8 +56,9 @@ def test_channels_last_input():
 
 def test_integer_offsets_match_torchvision():
     """Whole-pixel offsets put padded border taps on y = -1 / x = -1 exactly (one-sided gradient)."""
-    a = make_inputs(n=2, c=4, c_out=3, h=5, w=7, groups=2, padding=(1, 2), dilation=(1, 2), dtype=torch.float32,
-                    device=DEVICE)
+    a = make_inputs(
+        n=2, c=4, c_out=3, h=5, w=7, groups=2, padding=(1, 2), dilation=(1, 2), dtype=torch.float32, device=DEVICE
+    )
     a["offset"] = (torch.randint(-2, 3, a["offset"].shape) * (torch.rand(a["offset"].shape) < 0.5)).to(a["offset"])
     assert_matches(a, "triton", rtol=1e-4, atol=1e-5)
 
@@ -72,8 +79,18 @@ def test_float64_is_refused():
 def test_opcheck():
     a = make_inputs(n=1, c=4, c_out=3, h=5, w=5, groups=2, dtype=torch.float32, device=DEVICE)
     a["offset"] = _away_from_integers(a["offset"])
-    args = (a["x"].requires_grad_(), a["offset"].requires_grad_(), a["mask"].requires_grad_(),
-            a["weight"].requires_grad_(), a["bias"].requires_grad_(), [1, 1], [1, 1], [1, 1], 2, "triton")
+    args = (
+        a["x"].requires_grad_(),
+        a["offset"].requires_grad_(),
+        a["mask"].requires_grad_(),
+        a["weight"].requires_grad_(),
+        a["bias"].requires_grad_(),
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        2,
+        "triton",
+    )
     torch.library.opcheck(torch.ops.stt.deform_conv2d, args)
 
 

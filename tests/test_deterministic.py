@@ -5,11 +5,10 @@ one (``cuda`` skips without); Triton runs through its interpreter on the CPU oth
 
 import pytest
 import torch
+from conftest import GPU, available, requires_gpu
 
 import stt_kernels
 from stt_kernels.backend import CAPABILITIES, check_deterministic_backward
-
-from conftest import GPU, available, requires_gpu
 
 
 @pytest.fixture
@@ -43,8 +42,12 @@ def _attention_grads(op, backend, shape):
 def _deform_grads(backend):
     torch.manual_seed(1)
     device = _device(backend)
-    leaves = [torch.randn(2, 4, 11, 13, device=device), torch.randn(2, 18, 11, 13, device=device),
-              torch.rand(2, 9, 11, 13, device=device), torch.randn(5, 4, 3, 3, device=device)]
+    leaves = [
+        torch.randn(2, 4, 11, 13, device=device),
+        torch.randn(2, 18, 11, 13, device=device),
+        torch.rand(2, 9, 11, 13, device=device),
+        torch.randn(5, 4, 3, 3, device=device),
+    ]
     leaves = [t.requires_grad_() for t in leaves]
     stt_kernels.deform_conv2d(*leaves, backend=backend).square().sum().backward()
     return torch.cat([t.grad.flatten() for t in leaves])
@@ -52,9 +55,10 @@ def _deform_grads(backend):
 
 def _deterministic_backends(op):
     names = [b for b in ("cpu", "reference", "triton", "cuda") if op not in CAPABILITIES[b].atomic_backward]
-    return [pytest.param(b, marks=pytest.mark.skipif(not available(b),
-                                                     reason=f"{b}: {stt_kernels.backends()[b].reason}"))
-            for b in names]
+    return [
+        pytest.param(b, marks=pytest.mark.skipif(not available(b), reason=f"{b}: {stt_kernels.backends()[b].reason}"))
+        for b in names
+    ]
 
 
 def test_the_cuda_attention_backward_is_not_atomic():
@@ -64,8 +68,9 @@ def test_the_cuda_attention_backward_is_not_atomic():
 
 @pytest.mark.parametrize("backend", _deterministic_backends("attention"))
 @pytest.mark.parametrize("shape", list(ATTENTION_SHAPES.values()), ids=list(ATTENTION_SHAPES))
-@pytest.mark.parametrize("op", [stt_kernels.spatial_attention, stt_kernels.temporal_attention],
-                         ids=["spatial", "temporal"])
+@pytest.mark.parametrize(
+    "op", [stt_kernels.spatial_attention, stt_kernels.temporal_attention], ids=["spatial", "temporal"]
+)
 def test_attention_backward_is_bitwise_repeatable(deterministic, op, shape, backend):
     if backend == "triton" and not GPU and shape != ATTENTION_SHAPES["many"]:
         pytest.skip("the interpreter runs one tiny shape")
@@ -79,8 +84,11 @@ def test_deform_conv2d_backward_is_bitwise_repeatable(deterministic, backend):
 
 @pytest.mark.skipif(not available("triton") or GPU, reason="needs Triton's interpreter")
 def test_an_atomic_backward_raises_the_standard_error(deterministic):
-    with pytest.raises(RuntimeError, match=r"stt::deform_conv2d backward on the 'triton' backend.*does not have a "
-                                           r"deterministic implementation"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"stt::deform_conv2d backward on the 'triton' backend.*does not have a "
+        r"deterministic implementation",
+    ):
         _deform_grads("triton")
 
 
@@ -89,8 +97,11 @@ def test_the_cuda_deform_conv2d_backward_raises_the_standard_error(deterministic
     """Its grad_x scatters with atomics (grad_weight is a fixed-order sum of cuBLAS products)."""
     if not available("cuda"):
         pytest.skip(stt_kernels.backends()["cuda"].reason)
-    with pytest.raises(RuntimeError, match=r"stt::deform_conv2d backward on the 'cuda' backend.*does not have a "
-                                           r"deterministic implementation"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"stt::deform_conv2d backward on the 'cuda' backend.*does not have a "
+        r"deterministic implementation",
+    ):
         _deform_grads("cuda")
 
 

@@ -32,8 +32,9 @@ def trained(tmp_path_factory):
 
 
 def _export(checkpoint, out, fmt, *extra):
-    return main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out),
-                 "--input-shape", SHAPE, *extra])
+    return main(
+        ["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out), "--input-shape", SHAPE, *extra]
+    )
 
 
 def _fresh(shape, seed):
@@ -130,18 +131,22 @@ def test_aoti_package(trained, tmp_path):
     _check(torch._inductor.aoti_load_package(str(out)), model, [(1, 1, 2, 16, 16), (3, 1, 3, 24, 16)])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "onnx", "--backend", "cpu"], "--backend does not apply to --format onnx"),
-    (["--format", "pt2", "--input-shape", "2,16"], "--input-shape must be three positive sizes"),
-    (["--format", "pt2", "--input-shape", "2,16,x"], "--input-shape must be three positive sizes"),
-    (["--format", "pt2", "--input-shape", "2,12,16"], "must be divisible by 1,8,8"),
-    (["--format", "pt2", "--batch", "0"], "--batch must be >= 1"),
-    (["--format", "pt2", "--input-shape", "2,8,16"], "a dynamic export traces H and W of at least two multiples"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "onnx", "--backend", "cpu"], "--backend does not apply to --format onnx"),
+        (["--format", "pt2", "--input-shape", "2,16"], "--input-shape must be three positive sizes"),
+        (["--format", "pt2", "--input-shape", "2,16,x"], "--input-shape must be three positive sizes"),
+        (["--format", "pt2", "--input-shape", "2,12,16"], "must be divisible by 1,8,8"),
+        (["--format", "pt2", "--batch", "0"], "--batch must be >= 1"),
+        (["--format", "pt2", "--input-shape", "2,8,16"], "a dynamic export traces H and W of at least two multiples"),
+    ],
+)
 def test_bad_options_are_one_line_errors(trained, tmp_path, capsys, args, message):
     checkpoint, _ = trained
-    code = main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.out"),
-                 "--input-shape", SHAPE, *args])
+    code = main(
+        ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.out"), "--input-shape", SHAPE, *args]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("stt export: error: ") and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
@@ -150,12 +155,15 @@ def test_bad_options_are_one_line_errors(trained, tmp_path, capsys, args, messag
 def test_refuses_to_replace_the_checkpoint_or_a_folder(trained, tmp_path, capsys):
     checkpoint, _ = trained
     before = checkpoint.read_bytes()
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(checkpoint),
-                 "--overwrite"]) == 2
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(checkpoint), "--overwrite"])
+        == 2
+    )
     assert "is the --checkpoint" in capsys.readouterr().err
     assert checkpoint.read_bytes() == before
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path),
-                 "--overwrite"]) == 2
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path), "--overwrite"]) == 2
+    )
     assert "is a folder" in capsys.readouterr().err
 
 

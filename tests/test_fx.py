@@ -93,11 +93,14 @@ def test_torchvision_feature_extraction_over_the_tiny_model():
     train_names, eval_names = feature_extraction.get_graph_node_names(model)
     assert "encoder_sst.3.spatial.spatial_attention" in eval_names
     extractor = feature_extraction.create_feature_extractor(
-        model, return_nodes={"encoder_sst.2": "level2", "encoder_sst.3.fusion.deform_conv2d": "fused", "head": "out"})
+        model, return_nodes={"encoder_sst.2": "level2", "encoder_sst.3.fusion.deform_conv2d": "fused", "head": "out"}
+    )
     x = torch.rand(2, 1, 8, 32, 32)
     captured = {}
-    hooks = [model.encoder_sst[2].register_forward_hook(lambda m, i, o: captured.__setitem__("level2", o)),
-             model.head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))]
+    hooks = [
+        model.encoder_sst[2].register_forward_hook(lambda m, i, o: captured.__setitem__("level2", o)),
+        model.head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o)),
+    ]
     with torch.no_grad():
         features = extractor(x)
         model(x)

@@ -11,12 +11,17 @@ STEPS = ("build", "report", "gpu tests", "probe", "sanitizer", "bench")
 
 def test_dry_run_skips_every_step_with_its_reason(tmp_path):
     out = tmp_path / "evidence"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry"], env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry"],
+        env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     lines = (out / "summary.txt").read_text().splitlines()
-    assert [line.split("  ")[0].strip() for line in lines[:len(STEPS)]] == list(STEPS)
-    assert all("skipped: dry run" in line for line in lines[:len(STEPS)])
+    assert [line.split("  ")[0].strip() for line in lines[: len(STEPS)]] == list(STEPS)
+    assert all("skipped: dry run" in line for line in lines[: len(STEPS)])
     assert lines[-1].startswith("total ")
     assert sorted(p.name for p in out.iterdir()) == ["summary.txt"]
 

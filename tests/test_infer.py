@@ -45,7 +45,7 @@ def test_window_starts_cover_every_voxel():
     for length, window, stride in [(17, 5, 3), (100, 32, 24), (5, 5, 1)]:
         covered = np.zeros(length, bool)
         for s in window_starts(length, window, stride):
-            covered[s:s + window] = True
+            covered[s : s + window] = True
         assert covered.all()
 
 
@@ -55,11 +55,14 @@ def test_gaussian_peaks_in_the_centre_and_never_vanishes():
     assert g[2, 3, 3] > g[0, 0, 0]
 
 
-@pytest.mark.parametrize("shape, window, overlap, block", [
-    ((7, 23, 19), (4, 8, 8), 0.25, None),
-    ((7, 23, 19), (4, 8, 8), 0.5, (3, 10, 7)),
-    ((2, 5, 6), (4, 8, 8), 0.25, None),        # smaller than the window: reflect padding
-])
+@pytest.mark.parametrize(
+    "shape, window, overlap, block",
+    [
+        ((7, 23, 19), (4, 8, 8), 0.25, None),
+        ((7, 23, 19), (4, 8, 8), 0.5, (3, 10, 7)),
+        ((2, 5, 6), (4, 8, 8), 0.25, None),  # smaller than the window: reflect padding
+    ],
+)
 def test_echo_comes_back_exactly(shape, window, overlap, block):
     volume = np.random.default_rng(0).integers(1, 255, shape, dtype=np.uint8)
     out = np.zeros((2, *shape), np.float32)
@@ -106,8 +109,16 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="window must be three positive sizes"):
         InferOptions((4, 8))
     with pytest.raises(ValueError, match=r"out must have shape \(C, 5, 8, 8\)"):
-        predict(Echo(), np.zeros((5, 8, 8), np.uint8), np.zeros((2, 5, 8, 7), np.uint8),
-                InferOptions((4, 8, 8), progress=False))
+        predict(
+            Echo(),
+            np.zeros((5, 8, 8), np.uint8),
+            np.zeros((2, 5, 8, 7), np.uint8),
+            InferOptions((4, 8, 8), progress=False),
+        )
     with pytest.raises(ValueError, match="the model predicts 2 channels but out has 1"):
-        predict(Echo(), np.zeros((5, 8, 8), np.uint8), np.zeros((1, 5, 8, 8), np.uint8),
-                InferOptions((4, 8, 8), progress=False))
+        predict(
+            Echo(),
+            np.zeros((5, 8, 8), np.uint8),
+            np.zeros((1, 5, 8, 8), np.uint8),
+            InferOptions((4, 8, 8), progress=False),
+        )

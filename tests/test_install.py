@@ -30,6 +30,7 @@ VERSION = PYPROJECT["project"]["version"]
 def _setup_functions(*names: str) -> dict:
     """Functions of setup.py with the constants and plain imports they use, without running it
     (running it would call setup()) and without torch."""
+
     def wanted(node: ast.stmt) -> bool:
         if isinstance(node, ast.FunctionDef):
             return node.name in names
@@ -41,16 +42,20 @@ def _setup_functions(*names: str) -> dict:
 
     tree = ast.parse((ROOT / "setup.py").read_text())
     namespace: dict = {}
-    exec(compile(ast.Module(body=[n for n in tree.body if wanted(n)], type_ignores=[]), "setup.py", "exec"),
-         namespace)
+    exec(compile(ast.Module(body=[n for n in tree.body if wanted(n)], type_ignores=[]), "setup.py", "exec"), namespace)
     return namespace
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     """A copy of the files git knows, as a clean checkout or an sdist would have them."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     target = tmp_path_factory.mktemp("tree")
     for name in filter(None, listed.split("\0")):
         if (ROOT / name).is_file():
@@ -67,24 +72,38 @@ def _fake_torch(folder: Path, body: str) -> Path:
 
 def _setup_py(tree: Path, args: list[str], pythonpath: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    return subprocess.run([sys.executable, "setup.py", *args], cwd=tree, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "setup.py", *args], cwd=tree, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_which_commands_compile():
     compiles = _setup_functions("compiles_extension")["compiles_extension"]
-    for argv in (["bdist_wheel", "--dist-dir", "/tmp/x"], ["build_ext", "--inplace"], ["editable_wheel"],
-                 ["install"], ["develop"], ["build"]):
+    for argv in (
+        ["bdist_wheel", "--dist-dir", "/tmp/x"],
+        ["build_ext", "--inplace"],
+        ["editable_wheel"],
+        ["install"],
+        ["develop"],
+        ["build"],
+    ):
         assert compiles(argv), argv
-    for argv in (["sdist", "--formats", "gztar"], ["egg_info"], ["dist_info", "--output-dir", "/tmp/x"],
-                 ["--version"], []):
+    for argv in (
+        ["sdist", "--formats", "gztar"],
+        ["egg_info"],
+        ["dist_info", "--output-dir", "/tmp/x"],
+        ["--version"],
+        [],
+    ):
         assert not compiles(argv), argv
 
 
 def test_isolated_build_environments_are_recognised():
     isolated = _setup_functions("isolated_build_env")["isolated_build_env"]
-    assert isolated("/tmp/pip-build-env-a1b2/overlay/lib/python3.11/site-packages/torch/__init__.py") == \
-        "pip-build-env-a1b2"
+    assert (
+        isolated("/tmp/pip-build-env-a1b2/overlay/lib/python3.11/site-packages/torch/__init__.py")
+        == "pip-build-env-a1b2"
+    )
     assert isolated("/tmp/build-env-x9/lib/python3.11/site-packages/torch/__init__.py") == "build-env-x9"
     assert isolated("/root/.cache/uv/builds-v0/.tmpAbC/lib/python3.11/site-packages/torch/__init__.py") == "builds-v0"
     assert isolated("/work/main/.venv/lib/python3.11/site-packages/torch/__init__.py") is None
@@ -122,8 +141,11 @@ def test_sdist_needs_no_torch_and_is_complete(tree, tmp_path):
     # Build products in the tree (another machine's library and record) must not travel.
     (tree / "stt_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
     (tree / "stt_kernels" / "_build_info.json").write_text('{"torch_version": "2.3.0"}')
-    result = _setup_py(tree, ["sdist", "--dist-dir", str(tmp_path / "dist")],
-                       _fake_torch(tmp_path / "hidden", 'raise ImportError("hidden")\n'))
+    result = _setup_py(
+        tree,
+        ["sdist", "--dist-dir", str(tmp_path / "dist")],
+        _fake_torch(tmp_path / "hidden", 'raise ImportError("hidden")\n'),
+    )
     assert result.returncode == 0, result.stderr
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     top = f"stt_kernels-{VERSION}/"
@@ -133,8 +155,20 @@ def test_sdist_needs_no_torch_and_is_complete(tree, tmp_path):
     sources = [p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu", ".h")]
     configs = [p.relative_to(ROOT).as_posix() for p in (ROOT / "stt_model" / "configs").glob("*.yaml")]
     assert any(s.endswith(".h") for s in sources) and any(s.endswith(".cu") for s in sources)
-    needed = {*sources, *configs, "CMakeLists.txt", "README.md", "LICENSE", "CITATION.cff", "CHANGELOG.md",
-              "pyproject.toml", "setup.py", "MANIFEST.in", "stt_kernels/py.typed", "stt_model/py.typed"}
+    needed = {
+        *sources,
+        *configs,
+        "CMakeLists.txt",
+        "README.md",
+        "LICENSE",
+        "CITATION.cff",
+        "CHANGELOG.md",
+        "pyproject.toml",
+        "setup.py",
+        "MANIFEST.in",
+        "stt_kernels/py.typed",
+        "stt_model/py.typed",
+    }
     assert needed <= names, sorted(needed - names)
     assert not [n for n in names if n.endswith(".so") or n.endswith("_build_info.json")]
     assert "Requires-Dist: torch>=2.4" in pkg_info
@@ -163,13 +197,15 @@ def test_stt_without_the_model_extras_says_which_to_install():
         sys.exit(main(sys.argv[1:]))
     """)
     for argv in (["--help"], ["demo", "--minutes", "0.1"]):
-        result = subprocess.run([sys.executable, "-W", "ignore", "-c", script, *argv], capture_output=True,
-                                text=True, cwd=ROOT)
+        result = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", script, *argv], capture_output=True, text=True, cwd=ROOT
+        )
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""
         assert result.stderr.splitlines() == [
             "stt: error: numpy, matplotlib not installed; the stt commands need the model extras: "
-            "pip install 'stt-kernels[model]'"], result.stderr
+            "pip install 'stt-kernels[model]'"
+        ], result.stderr
 
 
 def test_demo_montage_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
@@ -179,8 +215,9 @@ def test_demo_montage_without_matplotlib_is_one_line(tmp_path, monkeypatch, caps
     probs = np.zeros((2, 3, 8, 8), np.uint8)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     _montage(tmp_path / "montage.png", volume, probs, volume, volume)
-    assert capsys.readouterr().out == ("montage.png skipped: matplotlib is not installed (matplotlib draws it: "
-                                       "pip install 'stt-kernels[model]')\n")
+    assert capsys.readouterr().out == (
+        "montage.png skipped: matplotlib is not installed (matplotlib draws it: pip install 'stt-kernels[model]')\n"
+    )
     assert not (tmp_path / "montage.png").exists()
     monkeypatch.undo()  # matplotlib as it was: a fresh import beside its old submodules would break them
     _montage(tmp_path / "montage.png", volume, probs, volume, volume)
@@ -190,8 +227,9 @@ def test_demo_montage_without_matplotlib_is_one_line(tmp_path, monkeypatch, caps
 def _installed_copy(tmp_path: Path) -> Path:
     """This package copied to a folder with no setup.py beside it: an installed layout."""
     site = tmp_path / "site-packages"
-    shutil.copytree(Path(stt_kernels.__file__).parent, site / "stt_kernels",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(stt_kernels.__file__).parent, site / "stt_kernels", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return site / "stt_kernels"
 
 
@@ -209,8 +247,13 @@ _IMPORT_REPORT = textwrap.dedent("""
 
 
 def _import_report(site: Path) -> list[str]:
-    result = subprocess.run([sys.executable, "-c", _IMPORT_REPORT], env={**os.environ, "PYTHONPATH": str(site)},
-                            capture_output=True, text=True, cwd=site)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_REPORT],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        cwd=site,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 

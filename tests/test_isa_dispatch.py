@@ -40,36 +40,55 @@ HASWELL = {**ZEN4, "avx512f": False, "avx512bw": False, "avx512dq": False, "avx5
 SANDY_BRIDGE = {**HASWELL, "avx2": False, "fma": False}
 
 
-@pytest.mark.parametrize("features, env, expected", [
-    (ZEN4, {}, "avx512"),
-    (HASWELL, {}, "avx2"),
-    (SANDY_BRIDGE, {}, "default"),  # AVX but no AVX2: the baseline library
-    ({}, {}, "default"),            # nothing known about the CPU: the baseline library
-    (ZEN4, {"ATEN_CPU_CAPABILITY": "avx2"}, "avx2"),
-    (ZEN4, {"ATEN_CPU_CAPABILITY": "DEFAULT"}, "default"),
-    (HASWELL, {"ATEN_CPU_CAPABILITY": "avx512"}, "avx2"),  # torch would fault there; we do not
-    (ZEN4, {"ATEN_CPU_CAPABILITY": "zvector"}, "avx512"),  # not an x86 name: ignored, as torch does
-    ({**ZEN4, "avx512bw": False}, {}, "avx2"),  # every feature of a level is needed
-], ids=["zen4", "haswell", "sandy-bridge", "unknown-cpu", "capped-avx2", "capped-default",
-        "cap-above-cpu", "cap-not-x86", "avx512f-without-bw"])
+@pytest.mark.parametrize(
+    "features, env, expected",
+    [
+        (ZEN4, {}, "avx512"),
+        (HASWELL, {}, "avx2"),
+        (SANDY_BRIDGE, {}, "default"),  # AVX but no AVX2: the baseline library
+        ({}, {}, "default"),  # nothing known about the CPU: the baseline library
+        (ZEN4, {"ATEN_CPU_CAPABILITY": "avx2"}, "avx2"),
+        (ZEN4, {"ATEN_CPU_CAPABILITY": "DEFAULT"}, "default"),
+        (HASWELL, {"ATEN_CPU_CAPABILITY": "avx512"}, "avx2"),  # torch would fault there; we do not
+        (ZEN4, {"ATEN_CPU_CAPABILITY": "zvector"}, "avx512"),  # not an x86 name: ignored, as torch does
+        ({**ZEN4, "avx512bw": False}, {}, "avx2"),  # every feature of a level is needed
+    ],
+    ids=[
+        "zen4",
+        "haswell",
+        "sandy-bridge",
+        "unknown-cpu",
+        "capped-avx2",
+        "capped-default",
+        "cap-above-cpu",
+        "cap-not-x86",
+        "avx512f-without-bw",
+    ],
+)
 def test_choice_is_the_best_the_cpu_runs_within_the_cap(features, env, expected):
     choice = _isa.choose(ALL, features, env)
     assert choice.name == expected, choice.note
 
 
 def test_choice_names_what_decided_it():
-    assert "capped by ATEN_CPU_CAPABILITY=avx2; this CPU runs avx512" in _isa.choose(
-        ALL, ZEN4, {"ATEN_CPU_CAPABILITY": "avx2"}).note
+    assert (
+        "capped by ATEN_CPU_CAPABILITY=avx2; this CPU runs avx512"
+        in _isa.choose(ALL, ZEN4, {"ATEN_CPU_CAPABILITY": "avx2"}).note
+    )
     assert "this CPU runs at most avx2" in _isa.choose(ALL, HASWELL, {"ATEN_CPU_CAPABILITY": "avx512"}).note
-    assert "'bogus' ignored (expected one of default, avx2, avx512)" in _isa.choose(
-        ALL, ZEN4, {"ATEN_CPU_CAPABILITY": "bogus"}).note
+    assert (
+        "'bogus' ignored (expected one of default, avx2, avx512)"
+        in _isa.choose(ALL, ZEN4, {"ATEN_CPU_CAPABILITY": "bogus"}).note
+    )
 
 
 def test_choice_only_among_built_libraries():
     assert _isa.choose(("default", "avx2"), ZEN4, {}).name == "avx2"
     assert _isa.choose(("avx2", "avx512"), SANDY_BRIDGE, {}).name is None
-    assert "runs none of the CPU kernel libraries built (avx2, avx512)" in _isa.choose(
-        ("avx2", "avx512"), SANDY_BRIDGE, {}).note
+    assert (
+        "runs none of the CPU kernel libraries built (avx2, avx512)"
+        in _isa.choose(("avx2", "avx512"), SANDY_BRIDGE, {}).note
+    )
     assert _isa.choose((), ZEN4, {}).name is None  # a _C from before the kernel libraries
     assert _isa.choose(("native",), {}, {"ATEN_CPU_CAPABILITY": "default"}).name == "native"
 
@@ -90,8 +109,9 @@ _IMPLIED = {"crc32": "sse4.2", "xsave": "avx"}
 
 def _isa_macros(flags: tuple[str, ...]) -> set[str]:
     compiler = os.environ.get("CXX", "c++")
-    result = subprocess.run([compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, check=True
+    )
     return set(re.findall(r"^#define __([A-Z0-9_]+)__ 1$", result.stdout, re.MULTILINE))
 
 
@@ -191,7 +211,8 @@ _BEYOND_BASELINE = re.compile(
     r"%[yz]mm\d|%k[0-7]\b|^\s*[0-9a-f]+:\s+v[a-z0-9]+\s.*%xmm"
     r"|^\s*[0-9a-f]+:\s+(?:popcnt|lzcnt|tzcnt|andn|bextr|blsi|blsr|blsmsk|bzhi|shlx|shrx|sarx|rorx|pdep|pext"
     r"|mulx|movbe)\s",
-    re.MULTILINE)
+    re.MULTILINE,
+)
 
 
 @needs_x86
@@ -203,8 +224,9 @@ def test_baseline_code_has_no_instruction_beyond_x86_64(prefix):
     if prefix == "_cpu_default." and "default" not in BUILT:
         pytest.skip(f"no default library in this build ({BUILT})")
     (library,) = libraries(prefix)
-    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)],
-                          capture_output=True, text=True, check=True).stdout
+    code = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
     assert len(code) > 10_000, "objdump printed no code"
     found = _BEYOND_BASELINE.findall(code)
     assert not found, f"{library.name}: {len(found)} instructions beyond x86-64, e.g. {found[:5]}"
@@ -219,8 +241,9 @@ def test_the_avx512_library_does_use_avx512():
     if "avx512" not in BUILT:
         pytest.skip(f"no avx512 library in this build ({BUILT})")
     (library,) = libraries("_cpu_avx512.")
-    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)],
-                          capture_output=True, text=True, check=True).stdout
+    code = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
     assert "%zmm" in code
 
 
@@ -240,6 +263,7 @@ def test_release_libraries_are_stripped():
 
 
 # --- a missing library is a sentence ----------------------------------------------------
+
 
 @needs_build
 def test_missing_kernel_library_turns_the_cpu_backend_off_with_a_sentence(tmp_path):

@@ -35,8 +35,10 @@ LIBRARY = BUILD / "libstt_kernels.so"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ninja") is None,
-                       reason="needs cmake and ninja to build the LibTorch program"),
+    pytest.mark.skipif(
+        shutil.which("cmake") is None or shutil.which("ninja") is None,
+        reason="needs cmake and ninja to build the LibTorch program",
+    ),
     # The network's input checks compare sizes in Python; the tracer warns that they are not recorded.
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.*` is deprecated:FutureWarning"),
 ]
@@ -50,8 +52,18 @@ AOTI_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 @pytest.fixture(scope="module")
 def built() -> Path:
     """The library and the C++ program, built against the LibTorch inside the installed torch."""
-    configure = ["cmake", "-S", str(ROOT), "-B", str(BUILD), "-G", "Ninja", "-DSTT_BUILD_TESTS=ON",
-                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DSTT_CPU_CAPABILITY={_cmake_capability()}"]
+    configure = [
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(BUILD),
+        "-G",
+        "Ninja",
+        "-DSTT_BUILD_TESTS=ON",
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DSTT_CPU_CAPABILITY={_cmake_capability()}",
+    ]
     for command in (configure, ["cmake", "--build", str(BUILD), "--parallel", "2"]):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -88,8 +100,13 @@ def test_exported_models_run_in_libtorch_and_match_eager(built, tmp_path):
     libraries = subprocess.run(["ldd", str(built)], capture_output=True, text=True).stdout
     assert "libstt_kernels" in libraries and "libpython" not in libraries
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    result = subprocess.run([str(built), str(tmp_path / "traced.pt"), package, str(tmp_path / "input.pt"),
-                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [str(built), str(tmp_path / "traced.pt"), package, str(tmp_path / "input.pt"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     torch.testing.assert_close(torch.load(tmp_path / "torchscript.pt"), expected, **TORCHSCRIPT_TOLERANCE)
     torch.testing.assert_close(torch.load(tmp_path / "aoti.pt"), expected, **AOTI_TOLERANCE)
@@ -153,6 +170,11 @@ _WITHOUT_STT_KERNELS = textwrap.dedent("""
 def test_cpp_ops_without_python_package(built):
     torchvision = pytest.importorskip("torchvision")
     del torchvision
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_STT_KERNELS, str(LIBRARY)], capture_output=True,
-                            text=True, timeout=300, cwd=BUILD)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_STT_KERNELS, str(LIBRARY)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BUILD,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]

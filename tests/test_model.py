@@ -8,8 +8,13 @@ from torch import nn
 
 from stt_model.build import build_discriminator, build_model
 from stt_model.config import ConfigError, load_config, presets
-from stt_model.losses import (discriminator_loss, fgbg_objective, generator_loss, segmentation_loss,
-                               straight_through_binary)
+from stt_model.losses import (
+    discriminator_loss,
+    fgbg_objective,
+    generator_loss,
+    segmentation_loss,
+    straight_through_binary,
+)
 from stt_model.nets import InterpolationNet
 
 
@@ -66,8 +71,9 @@ def test_input_downsample_runs_the_unet_on_pooled_input_and_upsamples_its_logits
     assert coarse.shape == (2, 2, 4, 16, 24)
     # Bilinear in (H, W) between coarse voxel centres: the fine voxel (2i, 2j) lies a quarter
     # step before coarse (i, j) on both axes, so its weights are 9/16, 3/16, 3/16, 1/16.
-    expected = (9 * coarse[..., 1:, 1:] + 3 * coarse[..., :-1, 1:] + 3 * coarse[..., 1:, :-1]
-                + coarse[..., :-1, :-1]) / 16
+    expected = (
+        9 * coarse[..., 1:, 1:] + 3 * coarse[..., :-1, 1:] + 3 * coarse[..., 1:, :-1] + coarse[..., :-1, :-1]
+    ) / 16
     torch.testing.assert_close(logits[..., 2::2, 2::2], expected)
     logits.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -94,7 +100,9 @@ def test_config_errors_name_the_key(tmp_path):
         load_config({"base": "tiny-cpu", "model": {"fusion": "sum"}})
     with pytest.raises(ConfigError, match=r"data.patch must be divisible by \[1, 8, 8\].*got \[8, 60, 64\]"):
         load_config({"base": "tiny-cpu", "data": {"patch": [8, 60, 64]}})
-    with pytest.raises(ConfigError, match=r"data.patch must be divisible by \[1, 16, 16\].*input_downsample \[1, 2, 2\]"):
+    with pytest.raises(
+        ConfigError, match=r"data.patch must be divisible by \[1, 16, 16\].*input_downsample \[1, 2, 2\]"
+    ):
         load_config({"base": "tiny-cpu", "model": {"input_downsample": [1, 2, 2]}, "data": {"patch": [8, 72, 64]}})
     with pytest.raises(ConfigError, match=r"model.input_downsample \(H\) must be >= 1"):
         load_config({"base": "tiny-cpu", "model": {"input_downsample": [1, 0, 2]}})
@@ -121,8 +129,11 @@ def test_fgbg_objective_by_hand():
     real, fake = torch.tensor([0.0, 2.0]), torch.tensor([-1.0, 0.0])
     d_real = [0.5, 1 / (1 + math.exp(-2))]
     d_fake = [1 / (1 + math.exp(1)), 0.5]
-    expected = (sum(math.log(d) for d in d_real) / 2 + sum(math.log(1 - d) for d in d_fake) / 2
-                + 0.3 * (sum(d_real) / 2 - sum(d_fake) / 2))
+    expected = (
+        sum(math.log(d) for d in d_real) / 2
+        + sum(math.log(1 - d) for d in d_fake) / 2
+        + 0.3 * (sum(d_real) / 2 - sum(d_fake) / 2)
+    )
     assert fgbg_objective(real, fake, 0.3).item() == pytest.approx(expected, rel=1e-6)
     assert discriminator_loss(real, fake, 0.3).item() == pytest.approx(-expected, rel=1e-6)
 
@@ -157,7 +168,7 @@ def test_non_saturating_gradient_fades_once_the_discriminator_is_fooled():
     """Eq. 4's own term keeps growing as D(F_pr) -> 1; the non-saturating one vanishes."""
     grads = {}
     for objective in ("non_saturating", "minimax"):
-        fake = torch.tensor([6.0], requires_grad=True)   # D(F_pr) = 0.9975: fooled
+        fake = torch.tensor([6.0], requires_grad=True)  # D(F_pr) = 0.9975: fooled
         generator_loss(torch.tensor([1.0]), fake, 0.0, objective).backward()
         grads[objective] = fake.grad.abs().item()
     assert grads["non_saturating"] < 0.01 < 0.9 < grads["minimax"]
@@ -240,6 +251,7 @@ def test_conv3d_batch_of_one_takes_onednn_and_matches_nn_conv3d(kernel, stride, 
 
 def test_group_norm_on_channels_last_input_matches_nn_group_norm_and_keeps_the_layout():
     from stt_model.nets.blocks import GroupNorm3d
+
     torch.manual_seed(0)
     ours, plain = GroupNorm3d(3, 12), nn.GroupNorm(3, 12)
     with torch.no_grad():

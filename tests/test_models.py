@@ -35,8 +35,10 @@ def test_the_shipped_demo_model_matches_its_card_and_predicts():
         assert card[key], key
     assert (pretrained.MODELS_DIR.parent.parent / card["recipe"]).is_file()
     shipped = stt_model.load_pretrained("synthetic-demo")
-    assert not shipped.model.training and shipped.thresholds.__dict__ == {**shipped.thresholds.__dict__,
-                                                                          **card["held_out"]["thresholds"]}
+    assert not shipped.model.training and shipped.thresholds.__dict__ == {
+        **shipped.thresholds.__dict__,
+        **card["held_out"]["thresholds"],
+    }
     with torch.no_grad():
         logits = shipped.model(torch.rand(1, 1, *shipped.config.data.patch))
     assert logits.shape == (1, shipped.config.model.out_channels, *shipped.config.data.patch)
@@ -45,15 +47,17 @@ def test_the_shipped_demo_model_matches_its_card_and_predicts():
 def test_a_damaged_or_replaced_model_is_refused(registry, tmp_path, capsys):
     weights = registry / "synthetic-demo.pt"
     data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF            # one flipped byte, same size
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelRegistryError, match="does not match its card .* is not loaded"):
         load_pretrained("synthetic-demo", folder=registry)
     image = tmp_path / "v.h5"
     with h5py.File(image, "w") as f:
         f["image"] = np.zeros((8, 64, 64), np.uint8)
-    assert main(["predict", "--model", "synthetic-demo", "--image", f"{image}:image", "--out",
-                 str(tmp_path / "p.h5")]) == 2
+    assert (
+        main(["predict", "--model", "synthetic-demo", "--image", f"{image}:image", "--out", str(tmp_path / "p.h5")])
+        == 2
+    )
     assert "does not match its card" in capsys.readouterr().err and not (tmp_path / "p.h5").exists()
     weights.unlink()
     with pytest.raises(ModelRegistryError, match="its weights .* are missing"):
@@ -88,8 +92,22 @@ def test_predict_with_a_shipped_model_uses_its_thresholds(tmp_path, capsys):
     image = tmp_path / "v.h5"
     with h5py.File(image, "w") as f:
         f["image"] = volume.image
-    assert main(["predict", "--model", "synthetic-demo", "--image", f"{image}:image", "--out", str(tmp_path / "p.h5"),
-                 "--instances", str(tmp_path / "i.h5")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "synthetic-demo",
+                "--image",
+                f"{image}:image",
+                "--out",
+                str(tmp_path / "p.h5"),
+                "--instances",
+                str(tmp_path / "i.h5"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "thresholds from" in err and "synthetic-demo.thresholds.json" in err
 
@@ -100,8 +118,8 @@ def test_the_demo_montage_marks_true_and_false_positives(tmp_path):
     gt = np.zeros((4, 32, 32), np.uint32)
     gt[:, 2:12, 2:12], gt[:, 20:30, 20:30] = 1, 2
     pred = np.zeros_like(gt)
-    pred[:, 2:12, 2:12] = 5                 # exact: a true positive
-    pred[:, 20:30, 20:24] = 7               # a sliver of object 2: a false positive at IoU 0.75
+    pred[:, 2:12, 2:12] = 5  # exact: a true positive
+    pred[:, 20:30, 20:24] = 7  # a sliver of object 2: a false positive at IoU 0.75
     tp, found = matched(pred, gt)
     assert tp.tolist() == [5] and found.tolist() == [1]
     colours = instance_colours(np.array([0, 1, 2, 3]))

@@ -80,8 +80,14 @@ def test_attention_dynamo_dynamic_shapes(tmp_path):
 def test_attention_legacy_exporter(tmp_path):
     path = tmp_path / "attention.onnx"
     names = ["q", "k", "v"]
-    stt_onnx.export(_Attention(), _attention_inputs((2, 3, 5, 7, 2, 4), 0), path, dynamo=False, input_names=names,
-                    dynamic_axes={n: {0: "b", 1: "t", 2: "h", 3: "w"} for n in names})
+    stt_onnx.export(
+        _Attention(),
+        _attention_inputs((2, 3, 5, 7, 2, 4), 0),
+        path,
+        dynamo=False,
+        input_names=names,
+        dynamic_axes={n: {0: "b", 1: "t", 2: "h", 3: "w"} for n in names},
+    )
     _standard_nodes(path)
     session = _session(path)
     for shape, seed in (((2, 3, 5, 7, 2, 4), 1), ((1, 4, 3, 5, 2, 4), 2)):
@@ -89,8 +95,12 @@ def test_attention_legacy_exporter(tmp_path):
 
 
 # (mask, bias, stride, padding, dilation, weight groups); offset groups 2 throughout.
-DEFORM_CASES = [(True, True, 1, 1, 1, 1), (False, True, 2, 2, 2, 2), (True, False, 1, 0, 1, 2),
-                (False, False, 1, 1, 1, 1)]
+DEFORM_CASES = [
+    (True, True, 1, 1, 1, 1),
+    (False, True, 2, 2, 2, 2),
+    (True, False, 1, 0, 1, 2),
+    (False, False, 1, 1, 1, 1),
+]
 
 
 class _Deform(torch.nn.Module):
@@ -99,8 +109,9 @@ class _Deform(torch.nn.Module):
         self.use_mask, self.use_bias, self.args = mask, bias, (stride, padding, dilation)
 
     def forward(self, x, offset, mask, weight, bias):
-        return stt_kernels.deform_conv2d(x, offset, mask if self.use_mask else None, weight,
-                                         bias if self.use_bias else None, *self.args)
+        return stt_kernels.deform_conv2d(
+            x, offset, mask if self.use_mask else None, weight, bias if self.use_bias else None, *self.args
+        )
 
 
 def _deform_inputs(case, seed, n=2, h=9, w=11):
@@ -109,9 +120,13 @@ def _deform_inputs(case, seed, n=2, h=9, w=11):
     ho = (h + 2 * padding - 2 * dilation - 1) // stride + 1
     wo = (w + 2 * padding - 2 * dilation - 1) // stride + 1
     # Offsets of a few pixels: fractional points, and points beyond every border.
-    return (torch.randn(n, 4, h, w, generator=g), torch.randn(n, 2 * 2 * 9, ho, wo, generator=g) * 3,
-            torch.rand(n, 2 * 9, ho, wo, generator=g), torch.randn(6, 4 // weight_groups, 3, 3, generator=g),
-            torch.randn(6, generator=g))
+    return (
+        torch.randn(n, 4, h, w, generator=g),
+        torch.randn(n, 2 * 2 * 9, ho, wo, generator=g) * 3,
+        torch.rand(n, 2 * 9, ho, wo, generator=g),
+        torch.randn(6, 4 // weight_groups, 3, 3, generator=g),
+        torch.randn(6, generator=g),
+    )
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
@@ -125,15 +140,29 @@ def test_deform_conv2d(tmp_path, case, dynamo):
         n = Dim("n")
         stt_onnx.export(module, inputs, path, dynamic_shapes=({0: n}, {0: n}, {0: n}, None, None))
     else:
-        stt_onnx.export(module, inputs, path, dynamo=False, input_names=names,
-                        dynamic_axes={"x": {0: "n"}, "offset": {0: "n"}, "mask": {0: "n"}})
+        stt_onnx.export(
+            module,
+            inputs,
+            path,
+            dynamo=False,
+            input_names=names,
+            dynamic_axes={"x": {0: "n"}, "offset": {0: "n"}, "mask": {0: "n"}},
+        )
     assert _standard_nodes(path).count("DeformConv") == 1
     session = _session(path)
     for seed, n in ((1, 2), (2, 3)):
         fresh = _deform_inputs(case, seed, n=n)
         x, offset, mask, weight, bias = fresh
-        expected = reference.deform_conv2d(x, offset, mask if case[0] else None, weight, bias if case[1] else None,
-                                           (case[2],) * 2, (case[3],) * 2, (case[4],) * 2)
+        expected = reference.deform_conv2d(
+            x,
+            offset,
+            mask if case[0] else None,
+            weight,
+            bias if case[1] else None,
+            (case[2],) * 2,
+            (case[3],) * 2,
+            (case[4],) * 2,
+        )
         feeds = dict(zip(names, fresh))
         got = session.run(None, {i.name: feeds[i.name].numpy() for i in session.get_inputs()})[0]
         _close(got, expected, atol=1e-4)

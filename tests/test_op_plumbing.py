@@ -53,8 +53,22 @@ def _deform_backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, 
     torchvision_ops()  # the stand-in borrows torchvision's backward kernel
     use_mask = mask is not None
     grad_x, grad_weight, grad_offset, grad_mask, _ = torch.ops.torchvision._deform_conv2d_backward(
-        grad_out, x, weight, offset, mask if use_mask else x.new_zeros(x.shape[0], 1),
-        torch.zeros(weight.shape[0], dtype=x.dtype), sh, sw, ph, pw, dh, dw, weight_groups, groups, use_mask)
+        grad_out,
+        x,
+        weight,
+        offset,
+        mask if use_mask else x.new_zeros(x.shape[0], 1),
+        torch.zeros(weight.shape[0], dtype=x.dtype),
+        sh,
+        sw,
+        ph,
+        pw,
+        dh,
+        dw,
+        weight_groups,
+        groups,
+        use_mask,
+    )
     return grad_x, grad_offset, grad_mask if use_mask else x.new_empty((0,)), grad_weight
 
 
@@ -62,19 +76,23 @@ def _deform_backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, 
 def stand_in(monkeypatch):
     """Route the 'cpu' backend through the stand-in kernels for the duration of a test."""
     monkeypatch.setitem(kernel_tables.attention_kernels._python, "cpu", Kernels(_forward, _backward))
-    monkeypatch.setitem(kernel_tables.deform_conv2d_kernels._python, "cpu",
-                        Kernels(_deform_forward, _deform_backward))
+    monkeypatch.setitem(kernel_tables.deform_conv2d_kernels._python, "cpu", Kernels(_deform_forward, _deform_backward))
     monkeypatch.setattr(stt_kernels.backend, "_runs_on", lambda name, device: None)
 
 
-@pytest.mark.parametrize("op, spec", [(stt_kernels.spatial_attention, reference.spatial_attention),
-                                      (stt_kernels.temporal_attention, reference.temporal_attention)])
+@pytest.mark.parametrize(
+    "op, spec",
+    [
+        (stt_kernels.spatial_attention, reference.spatial_attention),
+        (stt_kernels.temporal_attention, reference.temporal_attention),
+    ],
+)
 def test_attention_views_and_gradients(stand_in, op, spec):
     qkv = torch.randn(2, 3, 5, 4, 3, 2, 6, dtype=torch.float64, requires_grad=True)
     q, k, v = qkv.unbind(4)
     assert not q.is_contiguous()
     out = op(q, k, v, backend="cpu")
-    expected = spec(q, k, v, 6 ** -0.5)
+    expected = spec(q, k, v, 6**-0.5)
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
     (ours,) = torch.autograd.grad(out, qkv, grad)
@@ -92,8 +110,10 @@ def test_attention_compiles_fullgraph(stand_in):
     q, k, v = (torch.randn(1, 2, 3, 3, 1, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
 
     def f(q, k, v):
-        return stt_kernels.spatial_attention(q, k, v, backend="cpu").sum() + \
-            stt_kernels.temporal_attention(q, k, v, backend="cpu").square().sum()
+        return (
+            stt_kernels.spatial_attention(q, k, v, backend="cpu").sum()
+            + stt_kernels.temporal_attention(q, k, v, backend="cpu").square().sum()
+        )
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     expected = f(q, k, v)
@@ -183,6 +203,12 @@ def test_without_the_compiled_library_python_defines_the_ops(tmp_path):
     # Unloadable rather than absent: an editable install's import finder would find the checkout's.
     for library in package.glob("_C*.so"):
         library.write_bytes(b"not a shared library")
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_LIBRARY], env={**os.environ, "PYTHONPATH": str(tmp_path)},
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_LIBRARY],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]

@@ -74,9 +74,7 @@ def test_label_chunked_h5py_to_h5py_through_lazy_foreground(tmp_path):
         _, n = label_chunked(fg, out, slab=3)
         assert n == 2
         np.testing.assert_array_equal(out[()], reference_labels(fg[:], 26))
-        np.testing.assert_array_equal(
-            out[()], bc_connected(sem, contour, dilation=None, min_size=0)
-        )
+        np.testing.assert_array_equal(out[()], bc_connected(sem, contour, dilation=None, min_size=0))
 
 
 def test_label_chunked_bad_arguments():
@@ -156,8 +154,9 @@ def test_bc_watershed_fills_the_foreground_from_seeds(backend):
     one_seed = bc_watershed(sem, contour, t_seed=0.9, t_contour=0.8, t_fg=0.6, min_seed_size=10**6, min_size=0)
     assert one_seed.max() == 0
     # uint8 maps decode the same as the equivalent floats.
-    seg8 = bc_watershed((sem * 255).astype(np.uint8), (contour * 255).astype(np.uint8), t_fg=0.6,
-                        min_seed_size=4, min_size=10)
+    seg8 = bc_watershed(
+        (sem * 255).astype(np.uint8), (contour * 255).astype(np.uint8), t_fg=0.6, min_seed_size=4, min_size=10
+    )
     assert seg8.max() == 2
 
 

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import torchvision_ops
 
 from stt_kernels import reference
-
-from conftest import torchvision_ops
 
 
 def _loop_attention(q, k, v, scale, sequence_axes):
@@ -68,8 +67,8 @@ DEFORM_CASES = [
     # n, c, h, w, c_out, kh, kw, G, wg, stride, padding, dilation, mask, offset spread (pixels)
     (2, 6, 7, 9, 4, 3, 3, 2, 1, 1, 1, 1, True, 1.5),
     (1, 4, 5, 6, 6, 3, 2, 1, 2, 2, 0, 1, False, 3.0),
-    (2, 6, 8, 7, 3, 3, 3, 3, 3, 1, 2, 2, True, 6.0),   # offsets far beyond the borders
-    (1, 3, 1, 1, 2, 1, 1, 1, 1, 1, 0, 1, True, 0.8),   # 1 x 1 image
+    (2, 6, 8, 7, 3, 3, 3, 3, 3, 1, 2, 2, True, 6.0),  # offsets far beyond the borders
+    (1, 3, 1, 1, 2, 1, 1, 1, 1, 1, 0, 1, True, 0.8),  # 1 x 1 image
 ]
 
 

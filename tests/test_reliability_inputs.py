@@ -15,15 +15,26 @@ from stt_model.build import build_model
 from stt_model.checkpoint import atomic_save, checkpoint_config, load_checkpoint
 from stt_model.cli import main
 from stt_model.config import ConfigError, load_config
-from stt_model.data import (InputError, PatchSampler, VolumeReadError, ZRange, check_image, check_labels,
-                            open_volume, synthetic_volume, to_unit_range)
+from stt_model.data import (
+    InputError,
+    PatchSampler,
+    VolumeReadError,
+    ZRange,
+    check_image,
+    check_labels,
+    open_volume,
+    synthetic_volume,
+    to_unit_range,
+)
 from stt_model.infer import InferOptions, predict
 from stt_model.segment import probabilities
 
-TINY = {"base": "tiny-cpu",
-        "model": {"channels": [4, 8], "heads": [1, 2], "sst_levels": [False, True], "norm": "batch"},
-        "data": {"patch": [4, 32, 32], "augment": False},
-        "loss": {"discriminator_channels": 4}}
+TINY = {
+    "base": "tiny-cpu",
+    "model": {"channels": [4, 8], "heads": [1, 2], "sst_levels": [False, True], "norm": "batch"},
+    "data": {"patch": [4, 32, 32], "augment": False},
+    "loss": {"discriminator_channels": 4},
+}
 PATCH = (4, 16, 16)
 
 
@@ -78,10 +89,11 @@ def one_line_error(capsys, command):
 
 # -- one normalisation ----------------------------------------------------------------------------
 
+
 def test_uint16_predicts_what_the_same_content_in_uint8_does(content):
     """Before: prediction divided only uint8, so a uint16 image reached the model as 0..65535."""
     image8 = content.image
-    image16 = image8.astype(np.uint16) * 257           # the same intensities, 16-bit
+    image16 = image8.astype(np.uint16) * 257  # the same intensities, 16-bit
     np.testing.assert_allclose(echo(image16), image8 / 255.0, atol=1e-4)
     config = load_config(TINY)
     torch.manual_seed(0)
@@ -100,13 +112,20 @@ def test_float_image_outside_unit_range_is_refused_with_the_fix(content, tmp_pat
     """Before: a float32 0..255 image was clipped to 1.0 everywhere in training."""
     image = content.image.astype(np.float32)
     path = write_h5(tmp_path / "f.h5", image=image)
-    with pytest.raises(InputError, match=r"f\.h5:image: float intensities span \[\d+, \d+\], outside \[0, 1\].*"
-                                         r"data\.intensity: \[\d+, \d+\]"):
+    with pytest.raises(
+        InputError,
+        match=r"f\.h5:image: float intensities span \[\d+, \d+\], outside \[0, 1\].*"
+        r"data\.intensity: \[\d+, \d+\]",
+    ):
         PatchSampler((f"{path}:image", content.labels), PATCH)
     model = Echo()
     with pytest.raises(InputError, match=r"data\.intensity: \["):
-        predict(model, open_volume(f"{path}:image"), np.zeros((1, *image.shape), np.float32),
-                InferOptions((4, 8, 8), progress=False))
+        predict(
+            model,
+            open_volume(f"{path}:image"),
+            np.zeros((1, *image.shape), np.float32),
+            InferOptions((4, 8, 8), progress=False),
+        )
     assert model.calls == 0, "refused before the first window"
     with pytest.raises(InputError, match="outside"):
         to_unit_range(np.array([0.0, 1.5], np.float32))
@@ -116,8 +135,9 @@ def test_float_image_outside_unit_range_is_refused_with_the_fix(content, tmp_pat
 
 
 def test_stated_range_maps_linearly_and_clips_only_outside_it(content):
-    np.testing.assert_allclose(to_unit_range(np.array([-10, 0, 127.5, 255, 300], np.float32), [0, 255]),
-                               [0, 0, 0.5, 1, 1])
+    np.testing.assert_allclose(
+        to_unit_range(np.array([-10, 0, 127.5, 255, 300], np.float32), [0, 255]), [0, 0, 0.5, 1, 1]
+    )
     np.testing.assert_allclose(to_unit_range(np.array([100, 150, 200], np.uint16), [100, 200]), [0, 0.5, 1])
     float255 = content.image.astype(np.float32)
     labels = content.labels
@@ -153,13 +173,16 @@ def test_intensity_travels_in_the_checkpoint(tmp_path):
     assert checkpoint_config(old).data.intensity == "dtype"
 
 
-@pytest.mark.parametrize("value, message", [
-    ("minmax", "data.intensity must be 'dtype' or a list of numbers; got 'minmax'"),
-    ([5], r"data.intensity must be 'dtype' or \[min, max\]"),
-    ([255, 0], "min < max"),
-    ([0, "a"], r"data.intensity\[1\] must be a number"),
-    ([0, float("nan")], r"data.intensity\[1\] must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("minmax", "data.intensity must be 'dtype' or a list of numbers; got 'minmax'"),
+        ([5], r"data.intensity must be 'dtype' or \[min, max\]"),
+        ([255, 0], "min < max"),
+        ([0, "a"], r"data.intensity\[1\] must be a number"),
+        ([0, float("nan")], r"data.intensity\[1\] must be a finite number"),
+    ],
+)
 def test_bad_intensity_configs_name_the_key(value, message):
     with pytest.raises(ConfigError, match=message):
         load_config({**TINY, "data": {**TINY["data"], "intensity": value}})
@@ -167,10 +190,11 @@ def test_bad_intensity_configs_name_the_key(value, message):
 
 # -- NaN/Inf in images ----------------------------------------------------------------------------
 
+
 def test_nan_is_refused_with_the_first_location_in_zyx_order(tmp_path):
     image = np.full((8, 32, 32), 0.5, np.float32)
-    image[5, 1, 1] = np.nan       # met first in block order (block (0, 0, 0))...
-    image[3, 20, 20] = np.inf     # ...but this one comes first in (z, y, x) order
+    image[5, 1, 1] = np.nan  # met first in block order (block (0, 0, 0))...
+    image[3, 20, 20] = np.inf  # ...but this one comes first in (z, y, x) order
     image[7, 0, 0] = np.nan
     with pytest.raises(InputError, match=r"\+Inf at z=3, y=20, x=20 \(the first non-finite voxel\)"):
         check_image(image, block=(8, 16, 16))
@@ -218,8 +242,12 @@ def test_non_finite_probabilities_are_refused_naming_the_block():
             return x * float("nan")
 
     with pytest.raises(ValueError, match=r"NaN/Inf probabilities in block z 0:4, y 0:16, x 0:16"):
-        predict(Broken(), np.zeros((4, 16, 16), np.uint8), np.zeros((1, 4, 16, 16), np.uint8),
-                InferOptions((4, 8, 8), progress=False, block=(4, 16, 16)))
+        predict(
+            Broken(),
+            np.zeros((4, 16, 16), np.uint8),
+            np.zeros((1, 4, 16, 16), np.uint8),
+            InferOptions((4, 8, 8), progress=False, block=(4, 16, 16)),
+        )
 
 
 def test_cli_refuses_nan_images_in_one_line(tmp_path, content, capsys):
@@ -227,12 +255,28 @@ def test_cli_refuses_nan_images_in_one_line(tmp_path, content, capsys):
     image[2, 3, 4] = np.nan
     path = write_h5(tmp_path / "v.h5", image=image, label=content.labels)
     checkpoint = tiny_checkpoint(tmp_path / "m.pt")
-    assert main(["predict", "--checkpoint", str(checkpoint), "--image", f"{path}:image",
-                 "--out", str(tmp_path / "p.h5")]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(checkpoint), "--image", f"{path}:image", "--out", str(tmp_path / "p.h5")])
+        == 2
+    )
     assert f"{path}:image: NaN at z=2, y=3, x=4" in one_line_error(capsys, "predict")
     assert not (tmp_path / "p.h5").exists()
-    assert main(["train", "--config", str(write_yaml(tmp_path)), "--image", f"{path}:image",
-                 "--label", f"{path}:label", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(write_yaml(tmp_path)),
+                "--image",
+                f"{path}:image",
+                "--label",
+                f"{path}:label",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert f"{path}:image: NaN at z=2, y=3, x=4" in one_line_error(capsys, "train")
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -247,16 +291,34 @@ def write_yaml(tmp_path):
 
 # -- labels ---------------------------------------------------------------------------------------
 
+
 def test_negative_labels_are_refused_naming_value_and_voxel(tmp_path, content):
     """Before: -1 (an 'ignore' marker in many datasets) was trained as foreground."""
     labels = content.labels.astype(np.int16)
     labels[6, 30, 2] = -1
     path = write_h5(tmp_path / "lab.h5", label=labels)
-    with pytest.raises(InputError, match=rf"{path}:label: label -1 at z=6, y=30, x=2 is negative.*"
-                                         r"There is no ignore label"):
+    with pytest.raises(
+        InputError,
+        match=rf"{path}:label: label -1 at z=6, y=30, x=2 is negative.*"
+        r"There is no ignore label",
+    ):
         PatchSampler((content.image, f"{path}:label"), PATCH)
-    assert main(["train", "--config", str(write_yaml(tmp_path)), "--image", str(write_tiff(tmp_path, content)),
-                 "--label", f"{path}:label", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(write_yaml(tmp_path)),
+                "--image",
+                str(write_tiff(tmp_path, content)),
+                "--label",
+                f"{path}:label",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_negative_labels_in_the_validation_slices_are_refused_too(tmp_path, content, capsys):
@@ -264,8 +326,24 @@ def test_negative_labels_in_the_validation_slices_are_refused_too(tmp_path, cont
     z = labels.shape[0] - 1
     labels[z, 5, 7] = -1
     path = write_h5(tmp_path / "lab.h5", label=labels)
-    assert main(["train", "--config", str(write_yaml(tmp_path)), "--image", str(write_tiff(tmp_path, content)),
-                 "--label", f"{path}:label", "--val-z", f"{z}:{z + 1}", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(write_yaml(tmp_path)),
+                "--image",
+                str(write_tiff(tmp_path, content)),
+                "--label",
+                f"{path}:label",
+                "--val-z",
+                f"{z}:{z + 1}",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert f"label -1 at z={z}, y=5, x=7 is negative" in one_line_error(capsys, "train")
 
 
@@ -289,6 +367,7 @@ def test_fractional_float_labels_are_refused_and_whole_ones_accepted():
 
 # -- NaN weights ----------------------------------------------------------------------------------
 
+
 def test_nan_weights_are_refused_at_load_naming_the_parameter(tmp_path, content, capsys):
     """Before: a NaN checkpoint predicted all-zero probabilities and exited 0."""
     name = next(k for k, v in build_model(load_config(TINY)).state_dict().items() if v.is_floating_point())
@@ -296,31 +375,42 @@ def test_nan_weights_are_refused_at_load_naming_the_parameter(tmp_path, content,
     with pytest.raises(ValueError, match=rf"model parameter {name} holds 1 NaN/Inf value"):
         load_checkpoint(checkpoint)
     path = write_h5(tmp_path / "v.h5", image=content.image)
-    assert main(["predict", "--checkpoint", str(checkpoint), "--image", f"{path}:image",
-                 "--out", str(tmp_path / "p.h5")]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(checkpoint), "--image", f"{path}:image", "--out", str(tmp_path / "p.h5")])
+        == 2
+    )
     assert f"model parameter {name} holds 1 NaN/Inf" in one_line_error(capsys, "predict")
 
 
 # -- damaged data ---------------------------------------------------------------------------------
 
+
 def test_damaged_gzip_chunk_names_the_file_and_chunk(tmp_path, content, capsys):
     path = write_h5(tmp_path / "d.h5", image=content.image)
     with h5py.File(path, "r") as f:
         ds = f["image"]
-        info = next(ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())
-                    if ds.id.get_chunk_info(i).chunk_offset == (4, 16, 0))
+        info = next(
+            ds.id.get_chunk_info(i)
+            for i in range(ds.id.get_num_chunks())
+            if ds.id.get_chunk_info(i).chunk_offset == (4, 16, 0)
+        )
     raw = bytearray(path.read_bytes())
     middle = info.byte_offset + info.size // 2
-    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+    raw[middle : middle + 16] = bytes(b ^ 0xFF for b in raw[middle : middle + 16])
     path.write_bytes(bytes(raw))
     volume = open_volume(f"{path}:image")
-    np.testing.assert_array_equal(volume[:4], content.image[:4])   # undamaged chunks still read
-    with pytest.raises(VolumeReadError, match=rf"{path}:image: cannot read chunk z 4:6, y 16:32, x 0:16 "
-                                              r"\(reading z 0:8, y 0:32, x 0:32\); the file is damaged"):
+    np.testing.assert_array_equal(volume[:4], content.image[:4])  # undamaged chunks still read
+    with pytest.raises(
+        VolumeReadError,
+        match=rf"{path}:image: cannot read chunk z 4:6, y 16:32, x 0:16 "
+        r"\(reading z 0:8, y 0:32, x 0:32\); the file is damaged",
+    ):
         volume[:]
     checkpoint = tiny_checkpoint(tmp_path / "m.pt")
-    assert main(["predict", "--checkpoint", str(checkpoint), "--image", f"{path}:image",
-                 "--out", str(tmp_path / "p.h5")]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(checkpoint), "--image", f"{path}:image", "--out", str(tmp_path / "p.h5")])
+        == 2
+    )
     err = one_line_error(capsys, "predict")
     assert f"{path}:image: cannot read chunk z 4:6, y 16:32, x 0:16" in err
 
@@ -333,7 +423,7 @@ def test_truncated_png_slice_names_the_file_and_z(tmp_path, content):
     damaged = folder / "s5.png"
     damaged.write_bytes(damaged.read_bytes()[:-200])
     volume = open_volume(folder)
-    assert volume.shape == content.image.shape   # the header alone still reads
+    assert volume.shape == content.image.shape  # the header alone still reads
     with pytest.raises(VolumeReadError, match=rf"{damaged}: cannot read slice z=5 of {folder}; the file is damaged"):
         volume[3:7]
     sampler = PatchSampler((folder, content.labels), (8, 16, 16), foreground_bias=0.0)
@@ -349,7 +439,7 @@ def test_truncated_tiff_is_refused_at_open(tmp_path, content, compression, keep)
     path = tmp_path / "stack.tif"
     tifffile.imwrite(path, content.image, compression=compression)
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(VolumeReadError, match=rf"{path}: (truncated|damaged)"):
         open_volume(path)
 
@@ -361,7 +451,7 @@ def test_damaged_tiff_page_names_the_page(tmp_path, content):
         page = tif.pages[6]
         start, count = page.dataoffsets[0], page.databytecounts[0]
     raw = bytearray(path.read_bytes())
-    raw[start + count // 2:start + count // 2 + 8] = b"\xff" * 8
+    raw[start + count // 2 : start + count // 2 + 8] = b"\xff" * 8
     path.write_bytes(bytes(raw))
     volume = open_volume(path)
     np.testing.assert_array_equal(volume[:6], content.image[:6])
@@ -378,6 +468,20 @@ def test_empty_volumes_are_refused_at_open(tmp_path, capsys):
         open_volume(f"{path}:image")
     with pytest.raises(InputError, match=r"is empty"):
         PatchSampler((np.zeros((0, 16, 16), np.uint8), None), PATCH)
-    assert main(["train", "--config", str(write_yaml(tmp_path)), "--image", f"{path}:image",
-                 "--label", f"{path}:label", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(write_yaml(tmp_path)),
+                "--image",
+                f"{path}:image",
+                "--label",
+                f"{path}:label",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "empty.h5:image is empty" in one_line_error(capsys, "train")

@@ -12,10 +12,9 @@ import math
 
 import pytest
 import torch
+from conftest import GPU, available
 
 import stt_kernels
-
-from conftest import GPU, available
 
 # Triton's interpreter runs numpy, which warns on every NaN it makes: here they are the point.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -25,8 +24,10 @@ INTERPRETED = not GPU
 
 
 def _backends(*names):
-    return [pytest.param(n, marks=pytest.mark.skipif(not available(n), reason=f"backend {n} is not available here"))
-            for n in names]
+    return [
+        pytest.param(n, marks=pytest.mark.skipif(not available(n), reason=f"backend {n} is not available here"))
+        for n in names
+    ]
 
 
 def _device(backend):
@@ -44,17 +45,22 @@ PER_GROUP = C // G
 
 def _inputs(spread=1.5):
     f32 = dict(dtype=torch.float32)
-    return dict(x=torch.randn(1, C, H, W, **f32), offset=torch.randn(1, 2 * G * K, H, W, **f32) * spread,
-                mask=torch.rand(1, G * K, H, W, **f32), weight=torch.randn(4, PER_GROUP, 3, 3, **f32),
-                bias=torch.randn(4, **f32))
+    return dict(
+        x=torch.randn(1, C, H, W, **f32),
+        offset=torch.randn(1, 2 * G * K, H, W, **f32) * spread,
+        mask=torch.rand(1, G * K, H, W, **f32),
+        weight=torch.randn(4, PER_GROUP, 3, 3, **f32),
+        bias=torch.randn(4, **f32),
+    )
 
 
 def _run(backend, a, grad_out):
     """Output and every gradient, as float64 CPU tensors."""
     dev = _device(backend)
     leaves = {k: v.detach().clone().to(dev).requires_grad_() for k, v in a.items()}
-    out = stt_kernels.deform_conv2d(leaves["x"], leaves["offset"], leaves["mask"], leaves["weight"],
-                                    leaves["bias"], padding=1, backend=backend)
+    out = stt_kernels.deform_conv2d(
+        leaves["x"], leaves["offset"], leaves["mask"], leaves["weight"], leaves["bias"], padding=1, backend=backend
+    )
     out.backward(grad_out.to(dev))
     result = {"out": out.detach()}
     result.update({k: v.grad for k, v in leaves.items()})
@@ -82,8 +88,9 @@ def _exactly(got, expected, clean, what, free=None):
     """``got`` is non-finite exactly where ``expected`` says and equals ``clean`` everywhere
     else but at ``free``."""
     bad = ~torch.isfinite(got)
-    assert torch.equal(bad, expected), (f"{what}: non-finite at {bad.nonzero().tolist()}, "
-                                        f"expected at {expected.nonzero().tolist()}")
+    assert torch.equal(bad, expected), (
+        f"{what}: non-finite at {bad.nonzero().tolist()}, expected at {expected.nonzero().tolist()}"
+    )
     same = ~expected if free is None else ~expected & ~free
     torch.testing.assert_close(got[same], clean[same], rtol=1e-5, atol=1e-5, msg=what)
 
@@ -121,7 +128,7 @@ def test_deform_nan_offset_is_nan_where_sampled(backend, coordinate, other):
     got = _run(backend, a, grad_out)
 
     out = _none(got["out"])
-    out[0, 2 * g:2 * g + 2, y, x] = True
+    out[0, 2 * g : 2 * g + 2, y, x] = True
     _exactly(got["out"], out, clean["out"], "out")
     assert got["out"][out].isnan().all()
     offset = _none(got["offset"])
@@ -132,7 +139,7 @@ def test_deform_nan_offset_is_nan_where_sampled(backend, coordinate, other):
     mask[m_at] = True
     _exactly(got["mask"], mask, clean["mask"], "grad_mask")
     weight = _none(got["weight"])
-    weight[2 * g:2 * g + 2, :, k // 3, k % 3] = True
+    weight[2 * g : 2 * g + 2, :, k // 3, k % 3] = True
     _exactly(got["weight"], weight, clean["weight"], "grad_weight")
     _exactly(got["x"], _none(got["x"]), without["x"], "grad_x")
     _exactly(got["bias"], _none(got["bias"]), clean["bias"], "grad_bias")
@@ -159,12 +166,15 @@ def test_deform_infinite_or_far_offset_samples_zero(backend, coordinate, value):
 
 
 @pytest.mark.parametrize("backend", DEFORM_BACKENDS)
-@pytest.mark.parametrize("value, pixel, spread", [
-    (NAN, (0, 0), 1.5),  # the safe address of outside neighbours
-    (NAN, (4, 5), 0.0),  # integer points: in-image neighbours at weight 0
-    (INF, (2, 3), 1.5),
-    (INF, (0, 0), 0.0),
-])
+@pytest.mark.parametrize(
+    "value, pixel, spread",
+    [
+        (NAN, (0, 0), 1.5),  # the safe address of outside neighbours
+        (NAN, (4, 5), 0.0),  # integer points: in-image neighbours at weight 0
+        (INF, (2, 3), 1.5),
+        (INF, (0, 0), 0.0),
+    ],
+)
 def test_deform_nonfinite_x_reaches_only_its_samples(backend, value, pixel, spread):
     """A NaN or inf pixel reaches the samples that read it as an in-image neighbour (even at
     weight 0), never those whose outside neighbours stand in its place."""
@@ -179,7 +189,7 @@ def test_deform_nonfinite_x_reaches_only_its_samples(backend, value, pixel, spre
     assert hits.any()
 
     out = _none(got["out"])
-    out[0, 2 * g:2 * g + 2] = hits.any(0)
+    out[0, 2 * g : 2 * g + 2] = hits.any(0)
     _exactly(got["out"], out, clean["out"], "out")
     offset = _none(got["offset"]).view(G, K, 2, H, W)
     offset[g] = hits.unsqueeze(1)
@@ -188,7 +198,7 @@ def test_deform_nonfinite_x_reaches_only_its_samples(backend, value, pixel, spre
     mask[g] = hits
     _exactly(got["mask"], mask.view_as(got["mask"]), clean["mask"], "grad_mask")
     weight = _none(got["weight"])
-    weight[2 * g:2 * g + 2, c % PER_GROUP] = hits.flatten(1).any(1).view(3, 3)
+    weight[2 * g : 2 * g + 2, c % PER_GROUP] = hits.flatten(1).any(1).view(3, 3)
     _exactly(got["weight"], weight, clean["weight"], "grad_weight")
     _exactly(got["x"], _none(got["x"]), clean["x"], "grad_x")
 
@@ -211,7 +221,7 @@ def test_deform_nan_mask_is_nan_even_on_a_zero_sample(backend, far):
     assert hits.any() != far
 
     out = _none(got["out"])
-    out[0, 2 * g:2 * g + 2, y, x] = True
+    out[0, 2 * g : 2 * g + 2, y, x] = True
     _exactly(got["out"], out, clean["out"], "out")
     offset = _none(got["offset"])
     for i in off_at:
@@ -219,10 +229,10 @@ def test_deform_nan_mask_is_nan_even_on_a_zero_sample(backend, far):
     _exactly(got["offset"], offset, clean["offset"], "grad_offset")
     _exactly(got["mask"], _none(got["mask"]), clean["mask"], "grad_mask")
     weight = _none(got["weight"])
-    weight[2 * g:2 * g + 2, :, k // 3, k % 3] = True
+    weight[2 * g : 2 * g + 2, :, k // 3, k % 3] = True
     _exactly(got["weight"], weight, clean["weight"], "grad_weight")
     grad_x = _none(got["x"])
-    grad_x[0, g * PER_GROUP:(g + 1) * PER_GROUP] = hits
+    grad_x[0, g * PER_GROUP : (g + 1) * PER_GROUP] = hits
     _exactly(got["x"], grad_x, clean["x"], "grad_x")
 
 
@@ -310,8 +320,9 @@ def test_attention_nonfinite_rows(backend, op, where, value):
         rows = _mark(SHAPE, seq, head, dim)
         grad_q = _mark(SHAPE, seq, head)  # dO . v over the NaN column
         grad_kv = _mark(SHAPE, seq, head)
-    for name, value_, expected, before in zip(("out", "grad_q", "grad_k", "grad_v"), got,
-                                              (rows, grad_q, grad_kv, grad_kv), clean):
+    for name, value_, expected, before in zip(
+        ("out", "grad_q", "grad_k", "grad_v"), got, (rows, grad_q, grad_kv, grad_kv), clean
+    ):
         if where == "v" and name == "grad_v":
             expected = _none(value_)  # dV = P^T dO: no v in it
         free = None
@@ -346,8 +357,9 @@ def test_attention_minus_infinite_keys_weigh_nothing(backend):
     want = stt_kernels.spatial_attention(*exact, backend="reference")
     assert torch.isfinite(got[0]).all()
     torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-4)
-    others = stt_kernels.spatial_attention(q[:, :, 4:].double(), k[:, :, 4:].double(), v[:, :, 4:].double(),
-                                           backend="reference")
+    others = stt_kernels.spatial_attention(
+        q[:, :, 4:].double(), k[:, :, 4:].double(), v[:, :, 4:].double(), backend="reference"
+    )
     assert torch.equal(want[:, :, 4:].isfinite(), others.isfinite())
 
 
@@ -386,10 +398,12 @@ def test_interpreter_float16_is_right(op):
         want = stt_kernels.spatial_attention(q.double(), k.double(), v.double(), backend="reference")
     else:
         a = _inputs()
-        got = stt_kernels.deform_conv2d(*(a[n].half() for n in ("x", "offset", "mask", "weight")), padding=1,
-                                        backend="triton")
-        want = stt_kernels.deform_conv2d(*(a[n].double() for n in ("x", "offset", "mask", "weight")),
-                                         padding=1, backend="reference")
+        got = stt_kernels.deform_conv2d(
+            *(a[n].half() for n in ("x", "offset", "mask", "weight")), padding=1, backend="triton"
+        )
+        want = stt_kernels.deform_conv2d(
+            *(a[n].double() for n in ("x", "offset", "mask", "weight")), padding=1, backend="reference"
+        )
     assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()
 
 

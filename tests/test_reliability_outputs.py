@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_cli import _train_tiny
 
 from stt_model import segment
 from stt_model.cli import main
 from stt_model.data import create_output, synthetic_volume
-from stt_model.data.outputs import OutputError, check_outputs, remove_leftovers, output_target
-from test_cli import _train_tiny
+from stt_model.data.outputs import OutputError, check_outputs, output_target, remove_leftovers
 
 # The same threads as this process: the kill test compares a subprocess's output with its own.
 ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -60,13 +60,16 @@ def _read(spec):
 
 def _snapshot(folder):
     """Every entry under ``folder`` with a hash of its bytes: anything changed shows."""
-    return {str(p.relative_to(folder)): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(Path(folder).rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+        for p in sorted(Path(folder).rglob("*"))
+    }
 
 
 def _predict(checkpoint, image, out, *extra):
-    return main(["predict", "--checkpoint", str(checkpoint), "--image", str(image), "--out", str(out),
-                 *map(str, extra)])
+    return main(
+        ["predict", "--checkpoint", str(checkpoint), "--image", str(image), "--out", str(out), *map(str, extra)]
+    )
 
 
 def _one_line_error(capsys, *needles):
@@ -84,11 +87,14 @@ def _one_line_error(capsys, *needles):
 def _tmpfs(folder, size):
     """A small tmpfs at ``folder`` (a real full disk), or a skip saying why there is none."""
     folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); the full-disk "
-                    f"and read-only cases need one (root, or CAP_SYS_ADMIN)")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); the full-disk "
+            f"and read-only cases need one (root, or CAP_SYS_ADMIN)"
+        )
     try:
         yield folder
     finally:
@@ -96,6 +102,7 @@ def _tmpfs(folder, size):
 
 
 # --- 1. a dataset is added to an existing file, the rest kept bit for bit ---------------------
+
 
 @pytest.mark.parametrize("suffix", [".h5", ".zarr"])
 def test_output_into_the_input_file_adds_a_dataset(tmp_path, checkpoint, suffix):
@@ -172,29 +179,33 @@ def test_zarr_array_replaced_in_place_of_the_old_one(tmp_path):
 
 # --- 2. refusals before any work: one line, exit 2, nothing touched ---------------------------
 
-@pytest.mark.parametrize("out, extra, message", [
-    ("{vol}:image", [], "is the input dataset itself"),
-    ("{vol}", [], "would replace the file --image reads"),
-    ("{vol}", ["--overwrite"], "would replace the file --image reads"),
-    ("{tmp}/b.h5", ["--instances", "{tmp}/b.h5"], "would overwrite each other"),
-    ("{tmp}/b.h5:p", ["--instances", "{tmp}/b.h5:p"], "would overwrite each other"),
-    ("{tmp}/b.h5:p", ["--instances", "{tmp}/b.h5"], "would overwrite each other"),
-    ("{tmp}/folder.h5", ["--overwrite"], "is a folder, not an HDF5 file"),
-    ("{tmp}/folder.zarr", ["--overwrite"], "is a folder that is not a zarr store"),
-    ("{tmp}/notes.h5", ["--overwrite"], "is not an HDF5 file"),
-    ("{tmp}/notes.h5:probs", ["--overwrite"], "is not an HDF5 file"),
-    ("{tmp}/old.h5", [], "old.h5 already exists"),
-    ("{tmp}/old.h5:main", [], "already holds dataset 'main'"),
-    ("{tmp}/old.h5:grp", ["--overwrite"], "is a group"),
-    ("{tmp}/p.h5", ["--instances", "{tmp}/old.h5"], "--instances {tmp}/old.h5 already exists"),
-    ("{tmp}/p.h5", ["--instances", "{tmp}/nowhere/i.h5"], "no such folder for the output"),
-    ("{tmp}/p.tif", [], "outputs are written as HDF5"),
-    ("{tmp}/p.h5", ["--device", "tpu"], "--device 'tpu' is not a device"),
-    ("{tmp}/p.h5", ["--block", "0", "8", "8"], "--block must be three positive sizes"),
-    ("{tmp}/p.h5", ["--overlap", "1"], "--overlap must be a fraction in [0, 1)"),
-    ("{tmp}/p.h5", ["--overlap", "nan"], "--overlap must be a fraction"),
-    ("{tmp}/p.h5", ["--batch-size", "0"], "--batch-size must be >= 1"),
-])
+
+@pytest.mark.parametrize(
+    "out, extra, message",
+    [
+        ("{vol}:image", [], "is the input dataset itself"),
+        ("{vol}", [], "would replace the file --image reads"),
+        ("{vol}", ["--overwrite"], "would replace the file --image reads"),
+        ("{tmp}/b.h5", ["--instances", "{tmp}/b.h5"], "would overwrite each other"),
+        ("{tmp}/b.h5:p", ["--instances", "{tmp}/b.h5:p"], "would overwrite each other"),
+        ("{tmp}/b.h5:p", ["--instances", "{tmp}/b.h5"], "would overwrite each other"),
+        ("{tmp}/folder.h5", ["--overwrite"], "is a folder, not an HDF5 file"),
+        ("{tmp}/folder.zarr", ["--overwrite"], "is a folder that is not a zarr store"),
+        ("{tmp}/notes.h5", ["--overwrite"], "is not an HDF5 file"),
+        ("{tmp}/notes.h5:probs", ["--overwrite"], "is not an HDF5 file"),
+        ("{tmp}/old.h5", [], "old.h5 already exists"),
+        ("{tmp}/old.h5:main", [], "already holds dataset 'main'"),
+        ("{tmp}/old.h5:grp", ["--overwrite"], "is a group"),
+        ("{tmp}/p.h5", ["--instances", "{tmp}/old.h5"], "--instances {tmp}/old.h5 already exists"),
+        ("{tmp}/p.h5", ["--instances", "{tmp}/nowhere/i.h5"], "no such folder for the output"),
+        ("{tmp}/p.tif", [], "outputs are written as HDF5"),
+        ("{tmp}/p.h5", ["--device", "tpu"], "--device 'tpu' is not a device"),
+        ("{tmp}/p.h5", ["--block", "0", "8", "8"], "--block must be three positive sizes"),
+        ("{tmp}/p.h5", ["--overlap", "1"], "--overlap must be a fraction in [0, 1)"),
+        ("{tmp}/p.h5", ["--overlap", "nan"], "--overlap must be a fraction"),
+        ("{tmp}/p.h5", ["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
 def test_refused_before_any_work(tmp_path, capsys, out, extra, message):
     vol = tmp_path / "x.h5"
     _volume_file(vol)
@@ -209,8 +220,18 @@ def test_refused_before_any_work(tmp_path, capsys, out, extra, message):
     before = _snapshot(tmp_path)
     fill = dict(vol=vol, tmp=tmp_path)
     # A checkpoint that does not exist: the refusal must come before it is even read.
-    code = main(["predict", "--checkpoint", str(tmp_path / "never-read.pt"), "--image", f"{vol}:image",
-                 "--out", out.format(**fill), *[a.format(**fill) for a in extra]])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(tmp_path / "never-read.pt"),
+            "--image",
+            f"{vol}:image",
+            "--out",
+            out.format(**fill),
+            *[a.format(**fill) for a in extra],
+        ]
+    )
     assert code == 2
     _one_line_error(capsys, message.format(**fill))
     assert _snapshot(tmp_path) == before
@@ -240,6 +261,7 @@ def test_check_outputs_allows_distinct_datasets_and_names_the_argument(tmp_path)
 
 
 # --- 3. disks that cannot take the output -----------------------------------------------------
+
 
 def test_full_disk_refused_before_the_first_window(tmp_path, checkpoint, capsys, monkeypatch):
     vol = tmp_path / "x.h5"
@@ -302,8 +324,9 @@ def test_read_only_folder(tmp_path, checkpoint, capsys):
         assert _snapshot(ro) == before and not (tmp_path / "p.h5").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod 555 folder anyway; the read-only "
-                    "tmpfs case covers this")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into a chmod 555 folder anyway; the read-only tmpfs case covers this"
+)
 def test_folder_without_write_permission(tmp_path, checkpoint, capsys):
     vol = tmp_path / "x.h5"
     _volume_file(vol)
@@ -318,6 +341,7 @@ def test_folder_without_write_permission(tmp_path, checkpoint, capsys):
 
 
 # --- 6. leftovers of killed runs --------------------------------------------------------------
+
 
 def _dead_pid():
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -336,7 +360,8 @@ def test_leftovers_of_dead_runs_removed_live_ones_kept(tmp_path, checkpoint, cap
         err = capsys.readouterr().err
         assert f"removed {tmp_path}/.p.h5.tmp-{dead}" in err and f"tmp-{live.pid}" not in err
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [f".other.h5.tmp-{dead}", f".p.h5.tmp-{live.pid}", "p.h5", "x.h5"])
+            [f".other.h5.tmp-{dead}", f".p.h5.tmp-{live.pid}", "p.h5", "x.h5"]
+        )
     finally:
         live.kill()
         live.wait()
@@ -355,10 +380,27 @@ def test_zarr_backup_of_a_killed_replacement_is_put_back(tmp_path):
 
 # --- signals and kill -9 in a real process ----------------------------------------------------
 
+
 def _spawn(checkpoint, image, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "stt_model.cli", "predict", "--checkpoint", str(checkpoint),
-                             "--image", str(image), "--out", str(out), *extra],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stt_model.cli",
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--image",
+            str(image),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path, process, timeout=120.0):
@@ -441,6 +483,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, checkpoint, capsys):
 
 # --- stt demo's output folder -----------------------------------------------------------------
 
+
 def test_demo_refuses_a_file_and_an_earlier_demo_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
     assert main(["demo", "--out", str(tmp_path / "file"), "--minutes", "0.01"]) == 2
@@ -460,10 +503,10 @@ def test_demo_refuses_a_file_and_an_earlier_demo_before_training(tmp_path, capsy
 def test_demo_folder_checks(tmp_path):
     from stt_model.demo import check_demo_folder
 
-    check_demo_folder(tmp_path / "new" / "out")          # created later, under a writable folder
+    check_demo_folder(tmp_path / "new" / "out")  # created later, under a writable folder
     (tmp_path / "others").mkdir()
     (tmp_path / "others" / "notes.txt").write_text("mine")
-    check_demo_folder(tmp_path / "others")               # other files are no demo outputs
+    check_demo_folder(tmp_path / "others")  # other files are no demo outputs
     (tmp_path / "others" / "run").mkdir()
     with pytest.raises(OutputError, match=r"already holds a demo's outputs \(run\)"):
         check_demo_folder(tmp_path / "others")

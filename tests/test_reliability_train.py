@@ -25,8 +25,9 @@ from stt_model.run_folder import RunFolder, RunFolderError
 from stt_model.train import NonFiniteError, Trainer, TrainOptions, train
 
 # TINY_YAML, but long enough to be interrupted: a checkpoint only at the end or when interrupted.
-LONG_YAML = TINY_YAML.replace("iterations: 2", "iterations: 100000").replace("checkpoint_every: 2",
-                                                                               "checkpoint_every: 100000")
+LONG_YAML = TINY_YAML.replace("iterations: 2", "iterations: 100000").replace(
+    "checkpoint_every: 2", "checkpoint_every: 100000"
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -68,6 +69,7 @@ def _leftovers(run):
 
 
 # -- 1. one run per folder -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("present", [["last.pt", "train_log.csv"], ["train_log.csv"]])
 def test_a_folder_with_a_run_is_refused_before_any_work(tmp_path, capsys, present):
@@ -120,9 +122,13 @@ def test_overwrite_replaces_the_old_run_only_at_the_first_new_checkpoint(tmp_pat
 
     seen = []
 
-    def before(n):   # batches 1..3 are drawn before the first new checkpoint (after step 3)
-        seen.append(((tmp_path / "last.pt").read_bytes() == old_checkpoint,
-                     (tmp_path / "train_log.csv").read_bytes() == old_log))
+    def before(n):  # batches 1..3 are drawn before the first new checkpoint (after step 3)
+        seen.append(
+            (
+                (tmp_path / "last.pt").read_bytes() == old_checkpoint,
+                (tmp_path / "train_log.csv").read_bytes() == old_log,
+            )
+        )
 
     with pytest.raises(RunFolderError, match="already holds a run"):
         train(cfg, RandomBlobs(1), TrainOptions(tmp_path, progress=False))
@@ -166,12 +172,15 @@ def test_the_next_run_removes_and_names_what_killed_runs_left(tmp_path, volume, 
     capsys.readouterr()
     assert cli.main(_train_args(volume, run, "--resume", str(run / "last.pt"), "--iterations", "3")) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stt train:")]
-    assert notes == [f"stt train: removed 2 temporary file(s) a killed run left in {run}: "
-                     ".last.pt.k2x9a1.tmp, .train_log.csv.replacing.tmp"]
+    assert notes == [
+        f"stt train: removed 2 temporary file(s) a killed run left in {run}: "
+        ".last.pt.k2x9a1.tmp, .train_log.csv.replacing.tmp"
+    ]
     assert sorted(p.name for p in run.iterdir()) == [".notes.tmp", "last.pt", "train_curves.png", "train_log.csv"]
 
 
 # -- 2. the log of a resumed run ---------------------------------------------------------------
+
 
 def test_resume_drops_the_log_rows_of_steps_after_the_checkpoint(tmp_path):
     cfg = load_config({**TINY, "train": {**TINY["train"], "iterations": 6, "checkpoint_every": 2}})
@@ -180,7 +189,7 @@ def test_resume_drops_the_log_rows_of_steps_after_the_checkpoint(tmp_path):
         train(cfg, Watched(1, nan_at={4}), TrainOptions(tmp_path, progress=False))
     assert _steps(tmp_path) == [1, 2, 3]
     with (tmp_path / "train_log.csv").open("a") as handle:
-        handle.write("3,0.1")   # a row a kill cut short
+        handle.write("3,0.1")  # a row a kill cut short
     result = train(cfg, RandomBlobs(2), TrainOptions(tmp_path, resume=tmp_path / "last.pt", progress=False))
     assert result.step == 6 and _steps(tmp_path) == [1, 2, 3, 4, 5, 6]
     assert _leftovers(tmp_path) == []
@@ -201,10 +210,15 @@ def test_resume_from_another_folder_into_a_run_is_refused(tmp_path):
 
 # -- 3. signals --------------------------------------------------------------------------------
 
+
 def _start(volume, run, config, *extra):
-    return subprocess.Popen([sys.executable, "-m", "stt_model.cli", *_train_args(volume, run, "--config",
-                                                                              str(config), *extra)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stt_model.cli", *_train_args(volume, run, "--config", str(config), *extra)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_rows(run, rows, process, timeout=120.0):
@@ -252,7 +266,7 @@ def test_sigterm_unwinds_any_command_like_ctrl_c(monkeypatch, capsys):
     def command(args):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)   # the signal's exception interrupts this
+            time.sleep(5)  # the signal's exception interrupts this
         finally:
             cleaned.append(True)
         return 0
@@ -280,7 +294,7 @@ def test_kill_9_at_random_moments_leaves_a_resumable_unlocked_folder(tmp_path, v
         process = _start(volume, run, config, *extra)
         try:
             _wait_for_rows(run, len(_steps(run)) + 1 if attempt else 1, process)
-            time.sleep(moments.uniform(0.0, 0.5))   # mid-step, mid-checkpoint or mid-log-row
+            time.sleep(moments.uniform(0.0, 0.5))  # mid-step, mid-checkpoint or mid-log-row
         finally:
             process.kill()
             process.communicate()
@@ -294,6 +308,7 @@ def test_kill_9_at_random_moments_leaves_a_resumable_unlocked_folder(tmp_path, v
 
 
 # -- 4. what --resume accepts ------------------------------------------------------------------
+
 
 def test_resume_of_a_weights_only_checkpoint_says_what_is_missing(tmp_path, volume, capsys):
     first = train(load_config(TINY), RandomBlobs(0), TrainOptions(tmp_path / "a", max_steps=1, progress=False))
@@ -310,62 +325,82 @@ def test_resume_with_a_different_config_is_refused_and_with_the_same_accepted(tm
     run = tmp_path / "run"
     assert cli.main(_train_args(volume, run, "--config", str(config))) == 0
     checkpoint = (run / "last.pt").read_bytes()
-    other = _config(tmp_path, TINY_YAML.replace("warmup: 1", "warmup: 3").replace("batch_size: 1", "batch_size: 2"),
-                    "other.yaml")
+    other = _config(
+        tmp_path, TINY_YAML.replace("warmup: 1", "warmup: 3").replace("batch_size: 1", "batch_size: 2"), "other.yaml"
+    )
     capsys.readouterr()
-    assert cli.main(_train_args(volume, run, "--resume", str(run / "last.pt"), "--config", str(other),
-                                "--iterations", "4")) == 2
+    assert (
+        cli.main(
+            _train_args(volume, run, "--resume", str(run / "last.pt"), "--config", str(other), "--iterations", "4")
+        )
+        == 2
+    )
     line = _error(capsys)
     assert f"--config {other} differs from the config stored in" in line
     assert "train.batch_size, train.warmup" in line and "train.iterations" not in line
     assert (run / "last.pt").read_bytes() == checkpoint
-    assert cli.main(_train_args(volume, run, "--resume", str(run / "last.pt"), "--config", str(config),
-                                "--iterations", "4")) == 0
+    assert (
+        cli.main(
+            _train_args(volume, run, "--resume", str(run / "last.pt"), "--config", str(config), "--iterations", "4")
+        )
+        == 0
+    )
     assert load_checkpoint(run / "last.pt")["step"] == 4 and _steps(run) == [1, 2, 3, 4]
 
 
 # -- 5. values out of range --------------------------------------------------------------------
 
-@pytest.mark.parametrize("section, key, value, message", [
-    ("train", "grad_clip", -1.0, "train.grad_clip must be > 0"),
-    ("train", "grad_clip", 0.0, "train.grad_clip must be > 0"),
-    ("train", "lr", float("inf"), "train.lr must be a finite number"),
-    ("train", "lr", float("nan"), "train.lr must be a finite number"),
-    ("train", "lr", 0.0, "train.lr must be positive"),
-    ("train", "lr_gamma", -1.0, r"train.lr_gamma must be in \(0, 1\]"),
-    ("train", "lr_gamma", 0.0, r"train.lr_gamma must be in \(0, 1\]"),
-    ("train", "lr_gamma", 1.5, r"train.lr_gamma must be in \(0, 1\]"),
-    ("train", "warmup", -5, "train.warmup must be >= 0"),
-    ("train", "lr_steps", [-1], "train.lr_steps must be non-negative steps in increasing order"),
-    ("train", "lr_steps", [5, 5], "train.lr_steps must be non-negative steps in increasing order"),
-    ("train", "lr_steps", [6, 3], "train.lr_steps must be non-negative steps in increasing order"),
-    ("loss", "dice_weight", -5.0, "loss.dice_weight must be >= 0"),
-    ("loss", "adversarial_weight", float("nan"), "loss.adversarial_weight must be a finite number"),
-    ("loss", "adversarial_weight", -0.5, "loss.adversarial_weight must be >= 0"),
-    ("loss", "lambda1", -1.0, "loss.lambda1 must be >= 0"),
-    ("loss", "contour_pos_weight", float("inf"), "loss.contour_pos_weight must be a finite number"),
-    ("loss", "contour_pos_weight", -2.0, "loss.contour_pos_weight must be >= 0"),
-    ("data", "foreground_bias", float("nan"), "data.foreground_bias must be a finite number"),
-])
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("train", "grad_clip", -1.0, "train.grad_clip must be > 0"),
+        ("train", "grad_clip", 0.0, "train.grad_clip must be > 0"),
+        ("train", "lr", float("inf"), "train.lr must be a finite number"),
+        ("train", "lr", float("nan"), "train.lr must be a finite number"),
+        ("train", "lr", 0.0, "train.lr must be positive"),
+        ("train", "lr_gamma", -1.0, r"train.lr_gamma must be in \(0, 1\]"),
+        ("train", "lr_gamma", 0.0, r"train.lr_gamma must be in \(0, 1\]"),
+        ("train", "lr_gamma", 1.5, r"train.lr_gamma must be in \(0, 1\]"),
+        ("train", "warmup", -5, "train.warmup must be >= 0"),
+        ("train", "lr_steps", [-1], "train.lr_steps must be non-negative steps in increasing order"),
+        ("train", "lr_steps", [5, 5], "train.lr_steps must be non-negative steps in increasing order"),
+        ("train", "lr_steps", [6, 3], "train.lr_steps must be non-negative steps in increasing order"),
+        ("loss", "dice_weight", -5.0, "loss.dice_weight must be >= 0"),
+        ("loss", "adversarial_weight", float("nan"), "loss.adversarial_weight must be a finite number"),
+        ("loss", "adversarial_weight", -0.5, "loss.adversarial_weight must be >= 0"),
+        ("loss", "lambda1", -1.0, "loss.lambda1 must be >= 0"),
+        ("loss", "contour_pos_weight", float("inf"), "loss.contour_pos_weight must be a finite number"),
+        ("loss", "contour_pos_weight", -2.0, "loss.contour_pos_weight must be >= 0"),
+        ("data", "foreground_bias", float("nan"), "data.foreground_bias must be a finite number"),
+    ],
+)
 def test_config_values_out_of_range_name_the_key(section, key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config({**TINY, section: {**TINY.get(section, {}), key: value}})
 
 
 def test_config_edges_that_are_in_range():
-    cfg = load_config({**TINY, "train": {**TINY["train"], "lr_gamma": 1.0, "warmup": 0, "lr_steps": [],
-                                         "grad_clip": 1e-3},
-                       "loss": {**TINY["loss"], "dice_weight": 0.0, "adversarial_weight": 0.0, "lambda1": 0.0}})
+    cfg = load_config(
+        {
+            **TINY,
+            "train": {**TINY["train"], "lr_gamma": 1.0, "warmup": 0, "lr_steps": [], "grad_clip": 1e-3},
+            "loss": {**TINY["loss"], "dice_weight": 0.0, "adversarial_weight": 0.0, "lambda1": 0.0},
+        }
+    )
     assert cfg.train.lr_gamma == 1.0 and cfg.train.lr_steps == [] and cfg.loss.adversarial_weight == 0.0
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--minutes", "-1"], "--minutes must be a time budget > 0 minutes; got -1"),
-    (["--minutes", "0"], "--minutes must be a time budget > 0 minutes; got 0"),
-    (["--minutes", "nan"], "--minutes must be a time budget > 0 minutes; got nan"),
-    (["--iterations", "0"], "--iterations must be >= 1; got 0"),
-    (["--config", "{lr_inf}"], "train.lr must be a finite number; got inf"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--minutes", "-1"], "--minutes must be a time budget > 0 minutes; got -1"),
+        (["--minutes", "0"], "--minutes must be a time budget > 0 minutes; got 0"),
+        (["--minutes", "nan"], "--minutes must be a time budget > 0 minutes; got nan"),
+        (["--iterations", "0"], "--iterations must be >= 1; got 0"),
+        (["--config", "{lr_inf}"], "train.lr must be a finite number; got inf"),
+    ],
+)
 def test_cli_numbers_out_of_range_are_one_line(tmp_path, volume, capsys, extra, message):
     lr_inf = _config(tmp_path, TINY_YAML + "  lr: .inf\n", "inf.yaml")
     run = tmp_path / "run"
@@ -375,6 +410,7 @@ def test_cli_numbers_out_of_range_are_one_line(tmp_path, volume, capsys, extra, 
 
 
 # -- 6. non-finite values ----------------------------------------------------------------------
+
 
 def test_nan_in_the_image_is_named_and_the_good_checkpoint_kept(tmp_path):
     cfg = load_config({**TINY, "train": {**TINY["train"], "checkpoint_every": 2}})
@@ -394,19 +430,26 @@ def _poison_disc(trainer, when_frozen):
     def hook(module, inputs, output):
         frozen = not next(module.parameters()).requires_grad
         return output * float("nan") if frozen == when_frozen else output
+
     trainer.disc.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("term, poison", [
-    ("grad_norm", _poison_grad),
-    ("d_loss", lambda trainer: _poison_disc(trainer, when_frozen=False)),
-    ("adv", lambda trainer: _poison_disc(trainer, when_frozen=True)),
-])
+@pytest.mark.parametrize(
+    "term, poison",
+    [
+        ("grad_norm", _poison_grad),
+        ("d_loss", lambda trainer: _poison_disc(trainer, when_frozen=False)),
+        ("adv", lambda trainer: _poison_disc(trainer, when_frozen=True)),
+    ],
+)
 def test_the_term_that_went_non_finite_is_named(tmp_path, term, poison):
     trainer = Trainer(load_config(TINY), RandomBlobs(0), TrainOptions(tmp_path, progress=False))
     poison(trainer)
-    with pytest.raises(NonFiniteError, match=rf"^step 1: .* \({term}\) is (nan|inf); the image is finite, so "
-                                             r"training diverged .*; no checkpoint of this run was written$"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"^step 1: .* \({term}\) is (nan|inf); the image is finite, so "
+        r"training diverged .*; no checkpoint of this run was written$",
+    ):
         trainer.run()
     assert not (tmp_path / "last.pt").exists()
 
@@ -424,13 +467,16 @@ def test_non_finite_weights_are_not_saved_over_a_good_checkpoint(tmp_path):
     good = (tmp_path / "last.pt").read_bytes()
     with torch.no_grad():
         next(trainer.model.parameters())[0] = float("nan")
-    with RunFolder(tmp_path, resume=tmp_path / "last.pt") as folder, \
-            pytest.raises(NonFiniteError, match="holds NaN/Inf; nothing saved after step 2"):
+    with (
+        RunFolder(tmp_path, resume=tmp_path / "last.pt") as folder,
+        pytest.raises(NonFiniteError, match="holds NaN/Inf; nothing saved after step 2"),
+    ):
         trainer.save(folder)
     assert (tmp_path / "last.pt").read_bytes() == good
 
 
 # -- 7. backends and devices that are not there ------------------------------------------------
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs where a GPU is visible")
 def test_a_backend_that_cannot_run_is_one_line_at_start(tmp_path, volume, capsys):
@@ -452,6 +498,7 @@ def test_a_device_that_is_not_there_is_refused(tmp_path):
 
 # -- 8. one-line I/O errors --------------------------------------------------------------------
 
+
 def test_an_out_below_a_file_names_the_path(tmp_path, volume, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(_train_args(volume, tmp_path / "file" / "run", "--config", str(_config(tmp_path)))) == 2
@@ -459,7 +506,7 @@ def test_an_out_below_a_file_names_the_path(tmp_path, volume, capsys):
 
 
 def test_a_folder_that_cannot_be_written_names_the_path(tmp_path, volume, capsys):
-    if os.geteuid() == 0:   # root writes into read-only folders, but not into sysfs
+    if os.geteuid() == 0:  # root writes into read-only folders, but not into sysfs
         if not os.path.isdir("/sys/kernel"):
             pytest.skip("running as root without a sysfs to be refused by")
         run, restore = "/sys/stt-reliability-run", None

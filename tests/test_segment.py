@@ -12,7 +12,7 @@ def _probs(seed=0):
     probs = np.zeros((2, 10, 40, 40), np.uint8)
     for _ in range(6):
         z, y, x = rng.integers(0, [8, 34, 34])
-        probs[0, z:z + 3, y:y + 6, x:x + 6] = 250
+        probs[0, z : z + 3, y : y + 6, x : x + 6] = 250
     probs[1, :, 20, :] = 230  # a contour plane cuts objects crossing y = 20
     return probs
 

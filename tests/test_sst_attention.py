@@ -6,12 +6,11 @@ import re
 
 import pytest
 import torch
+from conftest import GPU, available
 
 import stt_kernels
 from stt_kernels.nn.sst import FUSIONS, ORDERS
 from stt_kernels.ops.kernels import attention_kernels, deform_conv2d_kernels
-
-from conftest import GPU, available
 
 
 def _runnable_backends():
@@ -39,13 +38,21 @@ def test_fresh_module_is_an_aligned_convolution():
     x = torch.randn(1, 8, 3, 5, 6)
     spatial = module.spatial(module.norm(x.permute(0, 2, 3, 4, 1)))
     expected = torch.nn.functional.conv2d(
-        spatial.reshape(3, 5, 6, 8).permute(0, 3, 1, 2), module.fusion.weight * 0.5, module.fusion.bias, padding=1)
+        spatial.reshape(3, 5, 6, 8).permute(0, 3, 1, 2), module.fusion.weight * 0.5, module.fusion.bias, padding=1
+    )
     got = module(x) - x
     torch.testing.assert_close(got, expected.reshape(1, 3, 8, 5, 6).transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", _runnable_backends() or [pytest.param("cpu", marks=pytest.mark.skip(
-    reason="no kernel backend implements every op of the module on the CPU yet"))])
+@pytest.mark.parametrize(
+    "backend",
+    _runnable_backends()
+    or [
+        pytest.param(
+            "cpu", marks=pytest.mark.skip(reason="no kernel backend implements every op of the module on the CPU yet")
+        )
+    ],
+)
 @pytest.mark.parametrize("shape", [(1, 8, 1, 5, 7), (2, 8, 4, 3, 5)])
 def test_backend_matches_reference(backend, shape):
     # Triton has no float64; under the interpreter its float32 dots are exact, so float32 is a
@@ -75,8 +82,9 @@ def test_every_fusion_and_order_trains(fusion, order):
     assert out.shape == x.shape
     out.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    assert all(p.grad is not None for p in module.parameters()), [n for n, p in module.named_parameters()
-                                                                   if p.grad is None]
+    assert all(p.grad is not None for p in module.parameters()), [
+        n for n, p in module.named_parameters() if p.grad is None
+    ]
 
 
 def test_compile_matches_eager():
@@ -122,8 +130,15 @@ def test_call_errors():
         module(torch.ones(1, 8, 2, 4, 4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("shape, name", [((1, 8, 2, 0, 4), "H = 0"), ((1, 8, 2, 4, 0), "W = 0"),
-                                         ((1, 8, 0, 4, 4), "T = 0"), ((2, 8, 0, 0, 3), "T = 0, H = 0")])
+@pytest.mark.parametrize(
+    "shape, name",
+    [
+        ((1, 8, 2, 0, 4), "H = 0"),
+        ((1, 8, 2, 4, 0), "W = 0"),
+        ((1, 8, 0, 4, 4), "T = 0"),
+        ((2, 8, 0, 0, 3), "T = 0, H = 0"),
+    ],
+)
 def test_empty_slices_or_sequences_are_refused(shape, name):
     module = stt_kernels.SSTAttention(8, 2)
     with pytest.raises(ValueError, match=re.escape(f"(B, C=8, T, H, W) with T, H, W >= 1; got {shape} ({name})")):

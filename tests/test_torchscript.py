@@ -13,8 +13,9 @@ import pytest
 import torch
 
 # The network's input checks compare sizes in Python; the tracer warns that they are not recorded.
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning",
-                                        "ignore:`torch.jit.*` is deprecated:FutureWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::torch.jit.TracerWarning", "ignore:`torch.jit.*` is deprecated:FutureWarning"
+)
 
 # What a portable graph may ask of a layout: nothing, or plain contiguous / preserve.
 PORTABLE_FORMATS = (torch.contiguous_format, torch.preserve_format)
@@ -33,6 +34,7 @@ def _batch_one(in_channels: int = 1):
 
 
 # --- portable graphs ----------------------------------------------------------------------------
+
 
 def _jit_memory_formats(graph: torch.Graph) -> list[int]:
     """The ``memory_format`` constants every aten call of a TorchScript graph passes."""
@@ -161,8 +163,15 @@ def _ops_inputs():
 def test_scripted_function_calling_the_ops_matches_eager_forward_and_backward():
     import stt_kernels
 
-    def user(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, offset: torch.Tensor,
-             mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def user(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        x: torch.Tensor,
+        offset: torch.Tensor,
+        mask: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> torch.Tensor:
         a = stt_kernels.spatial_attention(q, k, v)
         b = stt_kernels.temporal_attention(q, k, v, scale=0.25, backend="reference")
         c = stt_kernels.deform_conv2d(x, offset, mask, weight, None, stride=1, padding=[1, 1], dilation=(1, 1))
@@ -194,8 +203,16 @@ def test_scripted_ops_check_their_input():
         torch.jit.script(convolve)(torch.randn(1, 4, 5, 6), torch.randn(1, 18, 5, 6), torch.randn(3, 4, 3, 3))
 
 
-@pytest.mark.parametrize("fusion, order", [("deformable", "split"), ("add", "split"), ("concat", "split"),
-                                           ("deformable", "spatial_temporal"), ("deformable", "temporal_spatial")])
+@pytest.mark.parametrize(
+    "fusion, order",
+    [
+        ("deformable", "split"),
+        ("add", "split"),
+        ("concat", "split"),
+        ("deformable", "spatial_temporal"),
+        ("deformable", "temporal_spatial"),
+    ],
+)
 def test_scripted_sst_attention_matches_eager(fusion, order, tmp_path):
     import stt_kernels
 
@@ -232,8 +249,9 @@ def test_scripted_model_matches_eager(preset):
         ours, eager = scripted(x), model(x)
         torch.testing.assert_close(ours, eager)
         params = [p for p in model.parameters() if p.requires_grad]
-        for g_ours, g_eager in zip(torch.autograd.grad(ours.square().sum(), params),
-                                   torch.autograd.grad(eager.square().sum(), params)):
+        for g_ours, g_eager in zip(
+            torch.autograd.grad(ours.square().sum(), params), torch.autograd.grad(eager.square().sum(), params)
+        ):
             torch.testing.assert_close(g_ours, g_eager)
         with pytest.raises(torch.jit.Error, match="STTUNet needs"):
             scripted(torch.rand(1, 1, 8, 12, 16, dtype=F64))

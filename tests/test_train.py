@@ -14,10 +14,13 @@ from stt_model.checkpoint import atomic_save, load_checkpoint
 from stt_model.config import load_config
 from stt_model.train import TrainOptions, lr_factor, train
 
-TINY = {"base": "tiny-cpu", "model": {"channels": [4, 8], "heads": [1, 2], "sst_levels": [False, True]},
-        "data": {"patch": [2, 16, 16]}, "loss": {"discriminator_channels": 4},
-        "train": {"batch_size": 1, "iterations": 6, "warmup": 2, "lr_steps": [4], "val_every": 3,
-                  "checkpoint_every": 100}}
+TINY = {
+    "base": "tiny-cpu",
+    "model": {"channels": [4, 8], "heads": [1, 2], "sst_levels": [False, True]},
+    "data": {"patch": [2, 16, 16]},
+    "loss": {"discriminator_channels": 4},
+    "train": {"batch_size": 1, "iterations": 6, "warmup": 2, "lr_steps": [4], "val_every": 3, "checkpoint_every": 100},
+}
 
 
 class RandomBlobs:
@@ -33,7 +36,7 @@ class RandomBlobs:
             corner = torch.randint(0, h // 2, (self.batch, 2), generator=self.generator)
             mask = torch.zeros(self.batch, 1, t, h, w)
             for i, (y, x) in enumerate(corner.tolist()):
-                mask[i, :, :, y:y + h // 2, x:x + w // 2] = 1
+                mask[i, :, :, y : y + h // 2, x : x + w // 2] = 1
             image = mask * 0.6 + 0.2 + 0.05 * torch.randn(mask.shape, generator=self.generator)
             contour = torch.zeros_like(mask)
             yield image, torch.cat([mask, contour], dim=1)
@@ -60,22 +63,28 @@ def test_adversarial_weight_ramps_up_over_its_warmup(tmp_path):
         load_config({**TINY, "loss": {**TINY["loss"], "adversarial_warmup": -1}})
 
 
-@pytest.mark.parametrize("objective,binary,output", [("minimax", False, "volume"), ("non_saturating", True, "volume"),
-                                                     ("non_saturating", True, "patch")])
+@pytest.mark.parametrize(
+    "objective,binary,output",
+    [("minimax", False, "volume"), ("non_saturating", True, "volume"), ("non_saturating", True, "patch")],
+)
 def test_adversarial_variants_train_and_log_their_generator_loss(tmp_path, objective, binary, output):
     """The logged adv is what the network minimised: with a binarised prediction the
     discriminator still gets the gradient of every voxel through the straight-through path."""
     import csv
 
-    loss = {**TINY["loss"], "adversarial_objective": objective, "discriminator_binary": binary,
-            "discriminator_output": output}
+    loss = {
+        **TINY["loss"],
+        "adversarial_objective": objective,
+        "discriminator_binary": binary,
+        "discriminator_output": output,
+    }
     cfg = load_config({**TINY, "loss": loss, "train": {**TINY["train"], "iterations": 3}})
     result = train(cfg, RandomBlobs(0), TrainOptions(tmp_path, progress=False))
     rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     advs = [float(row["adv"]) for row in rows]
     if objective == "non_saturating":
-        assert all(a > -1.0 for a in advs)     # -log D - lambda1 D >= -lambda1 = -1
+        assert all(a > -1.0 for a in advs)  # -log D - lambda1 D >= -lambda1 = -1
     with pytest.raises(ValueError, match="loss.adversarial_objective must be one of"):
         load_config({**TINY, "loss": {**TINY["loss"], "adversarial_objective": "wgan"}})
 
@@ -185,8 +194,12 @@ def test_ddp_two_processes_match_one_with_double_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29517", str(path)], env=env, capture_output=True, text=True)
+    double = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = (torch.load(tmp_path / f"weights{w}.pt", weights_only=True) for w in (1, 2))
     for name in one:

@@ -36,14 +36,20 @@ def _log_rows(run):
 
 def test_read_curves_takes_the_losses_and_scores_of_the_rows_that_have_them(tmp_path):
     log = tmp_path / "train_log.csv"
-    log.write_text("step,seconds,loss,seg,lr,val_jaccard,val_ap75\n"
-                   "1,0.1,0.9,0.8,0.001,,\n"
-                   "2,0.2,0.7,0.6,0.001,,\n"
-                   "2,,,,,0.25,-1.0\n"              # AP undefined: no ground truth instance
-                   "4,,,,,0.5,0.125\n"
-                   "3,0.3,0.5")                      # a row a kill cut short: no seg, lr
-    assert read_curves(log) == {"loss": ([1, 2, 3], [0.9, 0.7, 0.5]), "seg": ([1, 2], [0.8, 0.6]),
-                                "val_jaccard": ([2, 4], [0.25, 0.5]), "val_ap75": ([4], [0.125])}
+    log.write_text(
+        "step,seconds,loss,seg,lr,val_jaccard,val_ap75\n"
+        "1,0.1,0.9,0.8,0.001,,\n"
+        "2,0.2,0.7,0.6,0.001,,\n"
+        "2,,,,,0.25,-1.0\n"  # AP undefined: no ground truth instance
+        "4,,,,,0.5,0.125\n"
+        "3,0.3,0.5"
+    )  # a row a kill cut short: no seg, lr
+    assert read_curves(log) == {
+        "loss": ([1, 2, 3], [0.9, 0.7, 0.5]),
+        "seg": ([1, 2], [0.8, 0.6]),
+        "val_jaccard": ([2, 4], [0.25, 0.5]),
+        "val_ap75": ([4], [0.125]),
+    }
 
 
 def test_curves_are_drawn_at_each_validation_and_at_the_end(tmp_path, monkeypatch):
@@ -57,9 +63,9 @@ def test_curves_are_drawn_at_each_validation_and_at_the_end(tmp_path, monkeypatc
     monkeypatch.setattr(report, "plot_curves", watched)
     cfg = load_config({**TINY, "train": {**TINY["train"], "iterations": 7, "val_every": 3}})
     train(cfg, RandomBlobs(0), TrainOptions(tmp_path, validate=Scores(), progress=False))
-    assert drawn == [3, 6, 7]      # validations at 3 and 6, the end at 7
+    assert drawn == [3, 6, 7]  # validations at 3 and 6, the end at 7
     with Image.open(tmp_path / CURVES) as image:
-        assert image.format == "PNG" and image.size == (800, 650)   # two panels: losses and scores
+        assert image.format == "PNG" and image.size == (800, 650)  # two panels: losses and scores
     assert not list(tmp_path.glob(".*.tmp"))
     curves = read_curves(tmp_path / "train_log.csv")
     assert curves["val_jaccard"] == ([3, 6], [pytest.approx(0.1), pytest.approx(0.2)])
@@ -73,7 +79,7 @@ def test_a_run_without_validation_draws_its_losses_alone(tmp_path):
 
 
 def test_without_matplotlib_the_curves_are_skipped_with_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     result = train(load_config(TINY), RandomBlobs(0), TrainOptions(tmp_path, validate=Scores(), progress=False))
     assert result.step == 6 and (tmp_path / "last.pt").exists()
     lines = [line for line in capsys.readouterr().err.splitlines() if "matplotlib" in line]
@@ -88,8 +94,9 @@ def test_a_replacing_run_keeps_the_old_curves_until_its_first_checkpoint(tmp_pat
     # The validation at step 3 runs while the old run is still the folder's; the one at step 6 fails
     # before the first checkpoint: nothing of the old run may have changed.
     with pytest.raises(RuntimeError, match="validation crashed"):
-        train(cfg, RandomBlobs(1), TrainOptions(tmp_path, overwrite=True, validate=Scores(fail_at_call=2),
-                                                progress=False))
+        train(
+            cfg, RandomBlobs(1), TrainOptions(tmp_path, overwrite=True, validate=Scores(fail_at_call=2), progress=False)
+        )
     assert (tmp_path / CURVES).read_bytes() == old
     train(cfg, RandomBlobs(1), TrainOptions(tmp_path, overwrite=True, validate=Scores(), progress=False))
     assert (tmp_path / CURVES).read_bytes() != old
@@ -102,6 +109,7 @@ def test_a_killed_drawing_is_cleaned_up_by_the_next_run(tmp_path):
 
 
 # -- TensorBoard ---------------------------------------------------------------------------------
+
 
 def _scalars(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -118,8 +126,9 @@ def test_tensorboard_logs_what_the_csv_log_holds(tmp_path):
     scalars = _scalars(tmp_path)
     rows = [row for row in _log_rows(tmp_path) if row["loss"]]
     for column in ("loss", "seg", "adv", "d_loss", "lr", "grad_norm"):
-        assert scalars[f"train/{column}"] == [(int(r["step"]), pytest.approx(float(r[column]), rel=1e-6))
-                                              for r in rows], column
+        assert scalars[f"train/{column}"] == [
+            (int(r["step"]), pytest.approx(float(r[column]), rel=1e-6)) for r in rows
+        ], column
     assert scalars["val/jaccard"] == [(3, pytest.approx(0.1)), (6, pytest.approx(0.2))]
 
 
@@ -141,10 +150,18 @@ def test_tensorboard_of_a_replaced_run_goes_at_the_first_new_checkpoint(tmp_path
     cfg = load_config({**TINY, "train": {**TINY["train"], "iterations": 4, "checkpoint_every": 3}})
     train(cfg, RandomBlobs(0), TrainOptions(tmp_path, progress=False, tensorboard=True))
     (old_events,) = (tmp_path / "tensorboard").iterdir()
-    with pytest.raises(RuntimeError, match="validation crashed"):   # at step 3, before its checkpoint
-        train(cfg, RandomBlobs(1), TrainOptions(tmp_path, overwrite=True, progress=False, tensorboard=True,
-                                                validate=Scores(fail_at_call=1),
-                                                ))
+    with pytest.raises(RuntimeError, match="validation crashed"):  # at step 3, before its checkpoint
+        train(
+            cfg,
+            RandomBlobs(1),
+            TrainOptions(
+                tmp_path,
+                overwrite=True,
+                progress=False,
+                tensorboard=True,
+                validate=Scores(fail_at_call=1),
+            ),
+        )
     assert list((tmp_path / "tensorboard").iterdir()) == [old_events]
     train(cfg, RandomBlobs(1), TrainOptions(tmp_path, overwrite=True, progress=False, tensorboard=True))
     assert old_events not in list((tmp_path / "tensorboard").iterdir())
@@ -162,7 +179,7 @@ def test_tensorboard_asked_for_without_the_package_is_refused_before_any_work(tm
     with pytest.raises(TensorBoardUnavailable, match=r"needs the tensorboard package.*pip install tensorboard"):
         train(load_config(TINY), RandomBlobs(0), TrainOptions(tmp_path / "run", progress=False, tensorboard=True))
     assert not (tmp_path / "run").exists()
-    train(load_config(TINY), RandomBlobs(0), TrainOptions(tmp_path / "run", progress=False))   # not asked: fine
+    train(load_config(TINY), RandomBlobs(0), TrainOptions(tmp_path / "run", progress=False))  # not asked: fine
 
 
 def test_stt_train_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
@@ -170,8 +187,18 @@ def test_stt_train_tensorboard_without_the_package_is_one_line(tmp_path, monkeyp
 
     _no_tensorboard(monkeypatch)
     run = tmp_path / "run"
-    code = main(["train", "--image", str(tmp_path / "missing.h5"), "--label", str(tmp_path / "missing.h5"),
-                 "--out", str(run), "--tensorboard"])
+    code = main(
+        [
+            "train",
+            "--image",
+            str(tmp_path / "missing.h5"),
+            "--label",
+            str(tmp_path / "missing.h5"),
+            "--out",
+            str(run),
+            "--tensorboard",
+        ]
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stt ")]
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith("stt train: error: --tensorboard: TensorBoard logging needs the tensorboard package")

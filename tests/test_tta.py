@@ -23,8 +23,11 @@ class Lopsided(nn.Module):
 
     def forward(self, x):
         t, h, w = x.shape[2:]
-        ramp = (torch.linspace(-1.5, 1.5, t).view(1, 1, t, 1, 1) + torch.linspace(-1, 1, h).view(1, 1, 1, h, 1)
-                + torch.linspace(-2.5, 2.5, w).view(1, 1, 1, 1, w))
+        ramp = (
+            torch.linspace(-1.5, 1.5, t).view(1, 1, t, 1, 1)
+            + torch.linspace(-1, 1, h).view(1, 1, 1, h, 1)
+            + torch.linspace(-2.5, 2.5, w).view(1, 1, 1, 1, w)
+        )
         return 3 * self.conv(x) + ramp * torch.tensor([1.0, -0.5]).view(1, 2, 1, 1, 1)
 
 

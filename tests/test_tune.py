@@ -61,8 +61,8 @@ def test_touching_instances_without_an_interface_are_split_by_the_distance_decod
     from stt_model.postprocess import distance_watershed
 
     z, y, x = np.mgrid[:24, :64, :96]
-    a = (z - 12) ** 2 + (y - 32) ** 2 + (x - 30) ** 2 < 14 ** 2
-    b = ((z - 12) ** 2 + (y - 32) ** 2 + (x - 56) ** 2 < 14 ** 2) & ~a
+    a = (z - 12) ** 2 + (y - 32) ** 2 + (x - 30) ** 2 < 14**2
+    b = ((z - 12) ** 2 + (y - 32) ** 2 + (x - 56) ** 2 < 14**2) & ~a
     gt = (a * 1 + b * 2).astype(np.uint32)
     outer = instance_contour((gt > 0).astype(np.uint32))
     probs = np.rint(np.stack([(gt > 0) * 0.95 + 0.02, outer * 0.9 + 0.02]) * 255).astype(np.uint8)
@@ -77,7 +77,7 @@ def test_touching_instances_without_an_interface_are_split_by_the_distance_decod
 
 def test_a_semantic_model_tunes_its_mask_by_jaccard():
     gt = synthetic_volume((6, 64, 64), seed=5, artefacts=False).labels
-    mask = np.where(gt > 0, 0.4, 0.1)[None].astype(np.float32)   # one channel, under-confident
+    mask = np.where(gt > 0, 0.4, 0.1)[None].astype(np.float32)  # one channel, under-confident
     result = search_thresholds(mask, gt)
     assert result.metric == "jaccard" and result.before["jaccard"] == 0.0
     assert result.after["jaccard"] == pytest.approx(1.0)
@@ -100,8 +100,22 @@ def tiny_run(tmp_path_factory):
     with h5py.File(data, "w") as f:
         f["image"], f["label"] = volume.image, volume.labels
     (folder / "tiny.yaml").write_text(TINY_YAML)
-    assert main(["train", "--config", str(folder / "tiny.yaml"), "--image", f"{data}:image", "--label",
-                 f"{data}:label", "--out", str(folder / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(folder / "tiny.yaml"),
+                "--image",
+                f"{data}:image",
+                "--label",
+                f"{data}:label",
+                "--out",
+                str(folder / "run"),
+            ]
+        )
+        == 0
+    )
     return folder / "run" / "last.pt", data
 
 
@@ -109,8 +123,19 @@ def test_tune_writes_a_sidecar_that_predict_uses_and_flags_override(tiny_run, tm
     checkpoint, data = tiny_run
     sidecar = sidecar_path(checkpoint)
     sidecar.unlink(missing_ok=True)
-    args = ["tune", "--checkpoint", str(checkpoint), "--image", f"{data}:image", "--label", f"{data}:label",
-            "--points", "2", "--tta", "4"]
+    args = [
+        "tune",
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        f"{data}:image",
+        "--label",
+        f"{data}:label",
+        "--points",
+        "2",
+        "--tta",
+        "4",
+    ]
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -130,8 +155,24 @@ def test_tune_writes_a_sidecar_that_predict_uses_and_flags_override(tiny_run, tm
     saved["thresholds"].update(foreground=0.55, seed=0.65, contour=0.45, decoder="watershed")
     sidecar.write_text(json.dumps(saved))
     probs, inst = tmp_path / "p.h5", tmp_path / "i.h5"
-    assert main(["predict", "--checkpoint", str(checkpoint), "--image", f"{data}:image", "--out", str(probs),
-                 "--instances", str(inst), "--seed-threshold", "0.7"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--image",
+                f"{data}:image",
+                "--out",
+                str(probs),
+                "--instances",
+                str(inst),
+                "--seed-threshold",
+                "0.7",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert f"thresholds from {sidecar} (decoder=watershed, foreground=0.55, seed=0.65, contour=0.45" in err
     assert "overridden by --seed-threshold 0.7" in err
@@ -140,8 +181,23 @@ def test_tune_writes_a_sidecar_that_predict_uses_and_flags_override(tiny_run, tm
         np.testing.assert_array_equal(g["main"][:], expected)
 
     # stt evaluate decodes probabilities with a thresholds file and flags, as predict does.
-    assert main(["evaluate", "--pred", f"{probs}:main", "--gt", f"{data}:label", "--json",
-                 "--thresholds", str(sidecar), "--seed-threshold", "0.7"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                f"{probs}:main",
+                "--gt",
+                f"{data}:label",
+                "--json",
+                "--thresholds",
+                str(sidecar),
+                "--seed-threshold",
+                "0.7",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     scores = json.loads(captured.out)
     with h5py.File(data) as f:
@@ -153,29 +209,50 @@ def test_a_sidecar_of_other_weights_is_not_used(tiny_run, tmp_path):
     checkpoint, _ = tiny_run
     copy = tmp_path / "other.pt"
     copy.write_bytes(checkpoint.read_bytes() + b"")
-    sidecar_path(copy).write_text(json.dumps({"format": "stt-thresholds/1", "checkpoint_sha256": "0" * 64,
-                                              "thresholds": {"foreground": 0.5}}))
+    sidecar_path(copy).write_text(
+        json.dumps({"format": "stt-thresholds/1", "checkpoint_sha256": "0" * 64, "thresholds": {"foreground": 0.5}})
+    )
     found, line = sidecar_thresholds(copy)
     assert found is None and "was tuned for other weights" in line and "not used" in line
-    sidecar_path(copy).write_text(json.dumps({"format": "stt-thresholds/1", "checkpoint_sha256": file_sha256(copy),
-                                              "thresholds": {"foreground": 0.5}}))
+    sidecar_path(copy).write_text(
+        json.dumps(
+            {"format": "stt-thresholds/1", "checkpoint_sha256": file_sha256(copy), "thresholds": {"foreground": 0.5}}
+        )
+    )
     found, line = sidecar_thresholds(copy)
     assert found == Thresholds(foreground=0.5) and line.startswith(f"thresholds from {sidecar_path(copy)}")
 
 
 def test_bad_thresholds_are_one_line_errors(tiny_run, tmp_path, capsys):
     checkpoint, data = tiny_run
-    assert main(["predict", "--checkpoint", str(checkpoint), "--image", f"{data}:image", "--out",
-                 str(tmp_path / "p.h5"), "--fg-threshold", "1.5"]) == 2
-    assert capsys.readouterr().err.strip() == ("stt predict: error: --fg-threshold must be a probability in [0, 1]; "
-                                               "got 1.5")
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--image",
+                f"{data}:image",
+                "--out",
+                str(tmp_path / "p.h5"),
+                "--fg-threshold",
+                "1.5",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        "stt predict: error: --fg-threshold must be a probability in [0, 1]; got 1.5"
+    )
     assert not (tmp_path / "p.h5").exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "stt-thresholds/1", "thresholds": {"foregrund": 0.5}}))
     with h5py.File(tmp_path / "probs.h5", "w") as f:
         f["main"] = np.zeros((2, 8, 48, 48), np.uint8)
-    assert main(["evaluate", "--pred", f"{tmp_path / 'probs.h5'}:main", "--gt", f"{data}:label",
-                 "--thresholds", str(bad)]) == 2
+    assert (
+        main(["evaluate", "--pred", f"{tmp_path / 'probs.h5'}:main", "--gt", f"{data}:label", "--thresholds", str(bad)])
+        == 2
+    )
     assert "unknown threshold 'foregrund'" in capsys.readouterr().err
     assert main(["evaluate", "--pred", f"{data}:label", "--gt", f"{data}:label", "--fg-threshold", "0.5"]) == 2
     assert "the thresholds decode probabilities (C, Z, Y, X)" in capsys.readouterr().err
@@ -241,8 +318,26 @@ def test_stt_tune_improves_ap75_of_the_shipped_tiny_model(tmp_path, capsys):
     with h5py.File(data, "w") as f:
         f["image"], f["label"] = volume.image, volume.labels
     out = tmp_path / "t.json"
-    assert main(["tune", "--checkpoint", str(verified_weights("synthetic-demo")), "--image", f"{data}:image",
-                 "--label", f"{data}:label", "--points", "3", "--anisotropy", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--checkpoint",
+                str(verified_weights("synthetic-demo")),
+                "--image",
+                f"{data}:image",
+                "--label",
+                f"{data}:label",
+                "--points",
+                "3",
+                "--anisotropy",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = json.loads(out.read_text())
     assert saved["after"]["ap75"] > saved["before"]["ap75"] + 0.1, (saved["before"], saved["after"])
     assert "before: ap75" in capsys.readouterr().out

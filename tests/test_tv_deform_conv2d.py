@@ -24,21 +24,41 @@ def _output_size(size: int, k: int, stride: int, padding: int, dilation: int) ->
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-def make_case(n=2, c_in=4, c_out=6, h=7, w=6, kh=3, kw=2, stride=(1, 2), padding=(1, 0), dilation=(2, 1),
-              weight_groups=2, offset_groups=2, mask=True, bias=True, dtype=torch.float64):
+def make_case(
+    n=2,
+    c_in=4,
+    c_out=6,
+    h=7,
+    w=6,
+    kh=3,
+    kw=2,
+    stride=(1, 2),
+    padding=(1, 0),
+    dilation=(2, 1),
+    weight_groups=2,
+    offset_groups=2,
+    mask=True,
+    bias=True,
+    dtype=torch.float64,
+):
     """Random arguments; every sampling point lies 0.1..0.9 px from the pixel grid, away from
     bilinear interpolation's kinks (so finite differences see a smooth function)."""
     ho = _output_size(h, kh, stride[0], padding[0], dilation[0])
     wo = _output_size(w, kw, stride[1], padding[1], dilation[1])
     taps = kh * kw
-    offset = torch.randint(-2, 3, (n, 2 * offset_groups * taps, ho, wo)) + 0.1 + 0.8 * torch.rand(
-        n, 2 * offset_groups * taps, ho, wo)
+    offset = (
+        torch.randint(-2, 3, (n, 2 * offset_groups * taps, ho, wo))
+        + 0.1
+        + 0.8 * torch.rand(n, 2 * offset_groups * taps, ho, wo)
+    )
     return dict(
         input=torch.randn(n, c_in, h, w, dtype=dtype),
         offset=offset.to(dtype),
         weight=torch.randn(c_out, c_in // weight_groups, kh, kw, dtype=dtype),
         bias=torch.randn(c_out, dtype=dtype) if bias else None,
-        stride=stride, padding=padding, dilation=dilation,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
         mask=torch.rand(n, offset_groups * taps, ho, wo, dtype=dtype) if mask else None,
     )
 
@@ -76,13 +96,15 @@ def test_positional_order_and_defaults_are_torchvisions():
     # input, offset, weight, bias positionally; padding 0 (so 7 x 6 shrinks under a 3 x 2 kernel).
     ours = tv.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"])
     assert ours.shape == (2, 6, 5, 5)
-    torch.testing.assert_close(ours, tvops.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"],
-                                                         mask=a["mask"]))
+    torch.testing.assert_close(
+        ours, tvops.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"])
+    )
     # ints for the pairs, as torchvision takes them too
     b = make_case(stride=(2, 2), padding=(1, 1), dilation=(1, 1))
     torch.testing.assert_close(
         tv.deform_conv2d(b["input"], b["offset"], b["weight"], stride=2, padding=1, mask=b["mask"]),
-        tvops.deform_conv2d(b["input"], b["offset"], b["weight"], stride=2, padding=1, mask=b["mask"]))
+        tvops.deform_conv2d(b["input"], b["offset"], b["weight"], stride=2, padding=1, mask=b["mask"]),
+    )
 
 
 @pytest.mark.parametrize("case", ["default", "no mask", "depthwise"])
@@ -115,8 +137,21 @@ def test_gradients_match_torchvision(case):
 
 @pytest.mark.parametrize("case", ["default", "no mask"])
 def test_gradcheck_float64(case):
-    a = make_case(n=1, c_in=2, c_out=2, h=4, w=4, kh=2, kw=2, stride=(1, 1), padding=(1, 0),
-                  dilation=(1, 1), weight_groups=1, offset_groups=1, **CASES[case])
+    a = make_case(
+        n=1,
+        c_in=2,
+        c_out=2,
+        h=4,
+        w=4,
+        kh=2,
+        kw=2,
+        stride=(1, 1),
+        padding=(1, 0),
+        dilation=(1, 1),
+        weight_groups=1,
+        offset_groups=1,
+        **CASES[case],
+    )
     names = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
 
     def fn(*tensors):
@@ -129,8 +164,16 @@ def test_gradcheck_float64(case):
 
 MODULE_ARGS = [
     dict(in_channels=4, out_channels=6, kernel_size=3),
-    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2),
-         groups=2, bias=False),
+    dict(
+        in_channels=4,
+        out_channels=6,
+        kernel_size=(3, 2),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(1, 2),
+        groups=2,
+        bias=False,
+    ),
 ]
 
 
@@ -140,8 +183,12 @@ def test_module_matches_torchvision(kwargs):
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     ours.load_state_dict(theirs.state_dict())
     assert stt_kernels.DeformConv2d is tv.DeformConv2d
-    assert (ours.stride, ours.padding, ours.dilation, ours.groups) == \
-        (theirs.stride, theirs.padding, theirs.dilation, theirs.groups)
+    assert (ours.stride, ours.padding, ours.dilation, ours.groups) == (
+        theirs.stride,
+        theirs.padding,
+        theirs.dilation,
+        theirs.groups,
+    )
     k = ours.kernel_size
     x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
     ho = _output_size(9, k[0], ours.stride[0], ours.padding[0], ours.dilation[0])
@@ -161,12 +208,21 @@ def test_module_initialisation_follows_conv2d():
     torch.testing.assert_close(ours.bias, theirs.bias)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(in_channels=4, out_channels=6, kernel_size=3, groups=3), r"in_channels \(4\) must be divisible by groups"),
-    (dict(in_channels=4, out_channels=6, kernel_size=3, groups=4), r"out_channels \(6\) must be divisible by groups"),
-    (dict(in_channels=0, out_channels=6, kernel_size=3), "in_channels must be a positive int"),
-    (dict(in_channels=4, out_channels=6, kernel_size=(3, 3, 3)), "kernel_size must be an int or a pair of ints"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(in_channels=4, out_channels=6, kernel_size=3, groups=3),
+            r"in_channels \(4\) must be divisible by groups",
+        ),
+        (
+            dict(in_channels=4, out_channels=6, kernel_size=3, groups=4),
+            r"out_channels \(6\) must be divisible by groups",
+        ),
+        (dict(in_channels=0, out_channels=6, kernel_size=3), "in_channels must be a positive int"),
+        (dict(in_channels=4, out_channels=6, kernel_size=(3, 3, 3)), "kernel_size must be an int or a pair of ints"),
+    ],
+)
 def test_module_refuses_bad_arguments(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         tv.DeformConv2d(**kwargs)
@@ -180,6 +236,7 @@ def test_bad_offset_names_the_argument():
 
 # --- 16-bit on the CPU --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_cpu_runs_and_matches_float32(dtype):
     a32 = make_case(dtype=torch.float32)
@@ -192,14 +249,26 @@ def test_16_bit_cpu_runs_and_matches_float32(dtype):
     torch.testing.assert_close(out.float(), tvops.deform_conv2d(**rounded), **tol)
     # 'auto' runs the reference here (the compiled CPU kernel takes no 16-bit deform_conv2d),
     # which gives the same numbers as naming it.
-    torch.testing.assert_close(out, stt_kernels.deform_conv2d(low["input"], low["offset"], low["mask"],
-                                                              low["weight"], low["bias"], low["stride"],
-                                                              low["padding"], low["dilation"], backend="reference"))
+    torch.testing.assert_close(
+        out,
+        stt_kernels.deform_conv2d(
+            low["input"],
+            low["offset"],
+            low["mask"],
+            low["weight"],
+            low["bias"],
+            low["stride"],
+            low["padding"],
+            low["dilation"],
+            backend="reference",
+        ),
+    )
     grads, _ = _grads(tv.deform_conv2d, low)
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads.values())
 
 
 # --- TorchScript and torch.fx -------------------------------------------------------------------
+
 
 def test_scripted_functional_and_module_match_eager():
     a = make_case()

@@ -69,7 +69,9 @@ class TestDeformConvInput:
 
     def test_mask_offset_mismatch(self, backend):
         x, offset, mask, weight = _dcn()
-        with pytest.raises(ValueError, match=r"mask must have shape \(N, G \* K_h \* K_w, H_out, W_out\) = \(1, 9, 6, 6\)"):
+        with pytest.raises(
+            ValueError, match=r"mask must have shape \(N, G \* K_h \* K_w, H_out, W_out\) = \(1, 9, 6, 6\)"
+        ):
             stt_kernels.deform_conv2d(x, offset, mask[:, :8], weight, backend=backend)
 
     def test_wrong_output_size(self, backend):

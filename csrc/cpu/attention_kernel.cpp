@@ -6,8 +6,8 @@
 // small packed copy of the key/value tile; q, k, v themselves are read in place through their
 // strides. A BLAS call per tile was tried first: on the AVX2 (Zen) machine this was tuned on,
 // torch's MKL ran these thin d = 32 products at ~10 GFLOP/s a core against 33-45 for the
-// microkernel, and a call per 32 x 32 tile is mostly overhead for the short temporal sequences. float16/bfloat16 inputs are upcast to float32 (a copy): the CPU path is
-// for float32 and float64.
+// microkernel, and a call per 32 x 32 tile is mostly overhead for the short temporal sequences. float16/bfloat16 inputs
+// are upcast to float32 (a copy): the CPU path is for float32 and float64.
 #include "stt/cpu_vec.h"  // first: it selects the SIMD width of at::vec
 
 #include <ATen/ATen.h>
@@ -132,7 +132,8 @@ template <typename T, int R, int NV>
 void column_block(int64_t m, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
                   int64_t ldc, T alpha, bool accumulate) {
   int64_t r = 0;
-  for (; r + R <= m; r += R) micro_tile<T, R, NV>(L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
+  for (; r + R <= m; r += R)
+    micro_tile<T, R, NV>(L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
   if constexpr (R > 1) {
     if (r < m) column_block<T, R - 1, NV>(m - r, L, a + r * ars, ars, acs, b, ldb, c + r * ldc, ldc, alpha, accumulate);
   }
@@ -197,7 +198,8 @@ void pack_transposed(const T* src, int64_t s_row, int64_t s_col, int64_t rows, i
   constexpr int64_t B = 8;
   const int64_t rows_b = s_col == 1 ? rows / B * B : 0, d_b = s_col == 1 ? d / B * B : 0;
   for (int64_t j = 0; j < rows_b; j += B) {
-    for (int64_t c = 0; c < d_b; c += B) at::vec::transpose_mxn<T, B, B>(src + j * s_row + c, s_row, dst + c * np + j, np);
+    for (int64_t c = 0; c < d_b; c += B)
+      at::vec::transpose_mxn<T, B, B>(src + j * s_row + c, s_row, dst + c * np + j, np);
   }
   for (int64_t j = 0; j < rows; ++j) {
     const T* in = src + j * s_row;
@@ -221,8 +223,7 @@ struct View {
   int64_t sb, sz, sn, sh, sd;
 
   explicit View(const at::Tensor& t)
-      : data(t.data_ptr<T>()), sb(t.stride(0)), sz(t.stride(1)), sn(t.stride(2)), sh(t.stride(3)),
-        sd(t.stride(4)) {}
+      : data(t.data_ptr<T>()), sb(t.stride(0)), sz(t.stride(1)), sn(t.stride(2)), sh(t.stride(3)), sd(t.stride(4)) {}
 
   // First element of sequence s.
   T* seq(int64_t s, const Geometry& g) const {
@@ -321,8 +322,17 @@ struct ShortForwardScratch {
   std::vector<T> q, k, v, o, qt, st, max, sum;
 
   ShortForwardScratch(const Geometry& g, int64_t block)
-      : n(g.N), np(padded<T>(g.N)), dp(padded<T>(g.D)), q(block * n * dp), k(block * n * dp),
-        v(block * n * dp), o(block * n * dp), qt(g.D * np), st(n * np), max(np), sum(np) {}
+      : n(g.N),
+        np(padded<T>(g.N)),
+        dp(padded<T>(g.D)),
+        q(block * n * dp),
+        k(block * n * dp),
+        v(block * n * dp),
+        o(block * n * dp),
+        qt(g.D * np),
+        st(n * np),
+        max(np),
+        sum(np) {}
 
   T* rows(std::vector<T>& buf, int64_t local) { return buf.data() + local * n * dp; }
 };
@@ -482,8 +492,8 @@ struct BackwardScratch {
 
 // dq_acc: N rows of width dp.
 template <typename T>
-void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T* lse_seq, const T* delta_seq,
-                       T* dq_acc, BackwardScratch<T>& w) {
+void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T* lse_seq, const T* delta_seq, T* dq_acc,
+                       BackwardScratch<T>& w) {
   const Geometry& g = a.g;
   const int64_t dp = w.dp;
   const int64_t nk = std::min(kBwdKTile, g.N - k0), np = padded<T>(nk);
@@ -548,8 +558,8 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
   const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
   const View<T> out(out_t), grad_q(grad_q_t);
   const LseView<T> lse(lse_t);
-  const BackwardArgs<T> a{g,           View<T>(q_t),      View<T>(k_t),      View<T>(v_t), View<T>(grad_out_t),
-                          View<T>(grad_k_t), View<T>(grad_v_t), scale};
+  const BackwardArgs<T> a{
+      g, View<T>(q_t), View<T>(k_t), View<T>(v_t), View<T>(grad_out_t), View<T>(grad_k_t), View<T>(grad_v_t), scale};
   const int64_t k_tiles = (g.N + kBwdKTile - 1) / kBwdKTile;
   const int64_t threads = at::get_num_threads();
   const int64_t dp = padded<T>(g.D);
@@ -608,13 +618,9 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
 // ---------------------------------------------------------------------------------------
 // Dispatcher entry points.
 
-at::ScalarType compute_type(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-bool empty_problem(const at::Tensor& q) {
-  return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0;
-}
+bool empty_problem(const at::Tensor& q) { return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0; }
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                            const at::Tensor& lse, double scale) {

@@ -69,8 +69,14 @@ struct Inputs {
 
 template <typename T>
 Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& weight) {
-  return {x.const_data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3), offset.const_data_ptr<T>(),
-          mask.defined() ? mask.const_data_ptr<T>() : nullptr, weight.const_data_ptr<T>()};
+  return {x.const_data_ptr<T>(),
+          x.stride(0),
+          x.stride(1),
+          x.stride(2),
+          x.stride(3),
+          offset.const_data_ptr<T>(),
+          mask.defined() ? mask.const_data_ptr<T>() : nullptr,
+          weight.const_data_ptr<T>()};
 }
 
 // The sampling points of one tile of one offset group, resolved once for all the group's
@@ -144,8 +150,8 @@ void sample_channels(int64_t count, const T* __restrict plane, int64_t plane_str
     } else {  // near the border, or a NaN point (NaN weights: its sample stays NaN)
       for (int i = 0; i < B; ++i) {
         const T* p = plane + i * plane_stride;
-        dst[i * count + t] = wa * corner(p, a, v, 0) + wb * corner(p, b, v, 1) + wc * corner(p, c, v, 2) +
-                             wd * corner(p, d, v, 3);
+        dst[i * count + t] =
+            wa * corner(p, a, v, 0) + wb * corner(p, b, v, 1) + wc * corner(p, c, v, 2) + wd * corner(p, d, v, 3);
       }
     }
   }
@@ -241,8 +247,8 @@ void forward_kernel(const Geometry& g, const Inputs<T>& in, const T* bias, T* ou
             std::fill_n(dst + o * pixels, np, bias[wg * g.out_per_wgroup + o]);
           }
         }
-        gemm<T>(false, false, g.out_per_wgroup, np, g.wcols(), in.weight + wg * g.out_per_wgroup * g.wcols(),
-                g.wcols(), cols.data() + wg * g.wcols() * np, np, bias ? 1.0 : 0.0, dst, pixels);
+        gemm<T>(false, false, g.out_per_wgroup, np, g.wcols(), in.weight + wg * g.out_per_wgroup * g.wcols(), g.wcols(),
+                cols.data() + wg * g.wcols() * np, np, bias ? 1.0 : 0.0, dst, pixels);
       }
     }
   });
@@ -286,9 +292,10 @@ void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, in
     for (int64_t c = c_begin; c < c_end;) {
       const int64_t block = c + kChannelBlock <= c_end ? kChannelBlock : 1;
       const int64_t at = n * in.sx_n + c * in.sx_c, row = (c - c_begin) * count;
-      (block == kChannelBlock ? backward_channels<kChannelBlock, T> : backward_channels<1, T>)(
-          count, in.x + at, grad_x + at, in.sx_c, ws.grad_cols.data() + row, ws.cols.data() + row, ws.table,
-          ws.acc_value.data(), ws.acc_y.data(), ws.acc_x.data());
+      (block == kChannelBlock ? backward_channels<kChannelBlock, T>
+                              : backward_channels<1, T>)(count, in.x + at, grad_x + at, in.sx_c,
+                                                         ws.grad_cols.data() + row, ws.cols.data() + row, ws.table,
+                                                         ws.acc_value.data(), ws.acc_y.data(), ws.acc_x.data());
       c += block;
     }
     for (int64_t k = 0; k < g.taps; ++k) {
@@ -314,13 +321,14 @@ void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, in
 }
 
 template <typename T>
-void backward_kernel(const Geometry& g, const Inputs<T>& in, const T* grad_out, T* grad_x, T* grad_offset,
-                     T* grad_mask, at::Tensor& grad_weight) {
+void backward_kernel(const Geometry& g, const Inputs<T>& in, const T* grad_out, T* grad_x, T* grad_offset, T* grad_mask,
+                     at::Tensor& grad_weight) {
   // Two buffers of rows x P (gradient and sampled columns) share the cache budget.
   const int64_t tile = tile_pixels(2 * g.c_per_group * g.taps, g.pixels(), sizeof(T));
   const int64_t items = g.n * g.groups;
   const int64_t work = items * g.c_per_group * g.taps * g.pixels();
-  const int64_t chunks = std::clamp<int64_t>(work / at::internal::GRAIN_SIZE, 1, std::min<int64_t>(items, at::get_num_threads()));
+  const int64_t chunks =
+      std::clamp<int64_t>(work / at::internal::GRAIN_SIZE, 1, std::min<int64_t>(items, at::get_num_threads()));
   at::Tensor partial = at::zeros({chunks, g.c_out, g.wcols()}, grad_weight.options());
   T* partial_data = partial.mutable_data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -345,11 +353,11 @@ void check_dtype(const at::Tensor& x) {
 at::Tensor deform_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& offset_in,
                                      const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
                                      const std::optional<at::Tensor>& bias_in, int64_t stride_h, int64_t stride_w,
-                                     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                                     int64_t offset_groups, int64_t weight_groups) {
+                                     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t offset_groups,
+                                     int64_t weight_groups) {
   check_dtype(x_in);
   const Geometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                                   offset_groups, weight_groups);
+                                     offset_groups, weight_groups);
   const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -357,7 +365,8 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& o
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_forward_cpu", [&] {
     forward_kernel<scalar_t>(g, inputs<scalar_t>(x, offset, mask, weight),
-                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                             out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -368,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t offset_groups, int64_t weight_groups) {
   check_dtype(x_in);
   const Geometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                                   offset_groups, weight_groups);
+                                     offset_groups, weight_groups);
   const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const at::Tensor grad_out = grad_out_in.contiguous();

@@ -70,17 +70,11 @@ struct Strides4 {
   }
 };
 
-Strides5 strides5(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
+Strides5 strides5(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)}; }
 
-Strides4 strides4(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
+Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) {
-  return a < b ? a : b;
-}
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename T>
 __device__ __forceinline__ T warp_max(T x) {
@@ -193,8 +187,7 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
       WARP_SYNC();
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const acc_t score = lane < nk ? dot(qs + r * d, ks + lane * ldk, d)
-                                      : -std::numeric_limits<acc_t>::infinity();
+        const acc_t score = lane < nk ? dot(qs + r * d, ks + lane * ldk, d) : -std::numeric_limits<acc_t>::infinity();
         const acc_t new_max = online_softmax_new_max(row[r], warp_max(score));
         const acc_t p = lane < nk ? softmax_exp<acc_t>(score - new_max) : acc_t(0);
         const acc_t alpha = online_softmax_update(row[r], new_max, warp_sum(p));
@@ -328,9 +321,9 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
                                    const scalar_t* __restrict__ v, const scalar_t* __restrict__ grad_out,
                                    const acc_t* __restrict__ lse, const acc_t* __restrict__ delta,
                                    scalar_t* __restrict__ grad_k, scalar_t* __restrict__ grad_v, Strides5 sq,
-                                   Strides5 sk, Strides5 sv, Strides5 sdo, Strides4 sl, Strides4 sdelta,
-                                   Strides5 sdk, Strides5 sdv, Geometry g, int keys, int cols, int64_t k_tiles,
-                                   int64_t col_blocks, int64_t tasks, acc_t scale) {
+                                   Strides5 sk, Strides5 sv, Strides5 sdo, Strides4 sl, Strides4 sdelta, Strides5 sdk,
+                                   Strides5 sdv, Geometry g, int keys, int cols, int64_t k_tiles, int64_t col_blocks,
+                                   int64_t tasks, acc_t scale) {
   extern __shared__ __align__(sizeof(double)) unsigned char smem_bytes[];
   const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
@@ -468,8 +461,8 @@ LaunchConfig launch_config(Kernel kernel, Pass pass, int64_t d, size_t word, at:
   const int warps = static_cast<int>(std::min<size_t>(kMaxWarps, limit / tiling.per_warp_bytes));
   const size_t smem = warps * tiling.per_warp_bytes;
   if (smem > at::cuda::getCurrentDeviceProperties()->sharedMemPerBlock) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   return {tiling, warps, smem};
 }
@@ -480,13 +473,9 @@ unsigned int grid_blocks(int64_t tasks, int warps) {
   return static_cast<unsigned int>(blocks);
 }
 
-Geometry geometry(const at::Tensor& q) {
-  return {q.size(0), q.size(1), q.size(2), q.size(3), q.size(4)};
-}
+Geometry geometry(const at::Tensor& q) { return {q.size(0), q.size(1), q.size(2), q.size(3), q.size(4)}; }
 
-bool empty_problem(const at::Tensor& q) {
-  return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0;
-}
+bool empty_problem(const at::Tensor& q) { return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0; }
 
 // Query-row tasks (forward, dQ): short sequences, a single key tile, take one task per
 // sequence so that the tile is loaded once for all its rows.
@@ -516,15 +505,15 @@ void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::
     const RowTasks rt = row_tasks(g, cfg.tiling.keys);
     kernel<<<grid_blocks(rt.tasks, cfg.warps), cfg.warps * kLanes, cfg.smem, at::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-        lse.data_ptr<acc_t>(), strides5(q), strides5(k), strides5(v), strides5(out), strides4(lse), g,
-        cfg.tiling.keys, rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
+        lse.data_ptr<acc_t>(), strides5(q), strides5(k), strides5(v), strides5(out), strides4(lse), g, cfg.tiling.keys,
+        rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void attention_backward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                             const at::Tensor& grad_out, const at::Tensor& lse, double scale,
-                             const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
+                             const at::Tensor& grad_out, const at::Tensor& lse, double scale, const at::Tensor& grad_q,
+                             const at::Tensor& grad_k, const at::Tensor& grad_v) {
   check_attention_backward(q, k, v, out, grad_out, lse, scale, grad_q, grad_k, grad_v, c10::DeviceType::CUDA);
   TORCH_CHECK(q.size(4) <= kChunks * kLanes, "stt::_attention (cuda): head dim d must be <= ", kChunks * kLanes,
               "; got ", q.size(4));
@@ -557,8 +546,7 @@ void attention_backward_cuda(const at::Tensor& q, const at::Tensor& k, const at:
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
         lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
         strides5(q), strides5(k), strides5(v), strides5(grad_out), strides4(lse), strides4(delta), strides5(grad_k),
-        strides5(grad_v), g, cfg.tiling.keys, cfg.tiling.cols, k_tiles, col_blocks, tasks,
-        static_cast<acc_t>(scale));
+        strides5(grad_v), g, cfg.tiling.keys, cfg.tiling.cols, k_tiles, col_blocks, tasks, static_cast<acc_t>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

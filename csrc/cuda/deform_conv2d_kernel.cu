@@ -35,8 +35,8 @@ template <typename T>
 struct ChunkInputs {
   const T* x;
   int64_t sx_n, sx_c, sx_h, sx_w;
-  const T* offset;  // contiguous (N, 2 * G * K, Ho * Wo)
-  const T* mask;    // contiguous (N, G * K, Ho * Wo), or null
+  const T* offset;         // contiguous (N, 2 * G * K, Ho * Wo)
+  const T* mask;           // contiguous (N, G * K, Ho * Wo), or null
   int64_t n0, p0, nb, np;  // images [n0, n0 + nb), pixels [p0, p0 + np)
 };
 
@@ -149,19 +149,28 @@ at::Tensor chunk_view(const at::Tensor& t, const DeformGeometry& g, int64_t wg, 
 template <typename T>
 ChunkInputs<T> chunk_inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask, int64_t n0,
                             int64_t nb, int64_t p0, int64_t np) {
-  return {x.const_data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3), offset.const_data_ptr<T>(),
-          mask.defined() ? mask.const_data_ptr<T>() : nullptr, n0, p0, nb, np};
+  return {x.const_data_ptr<T>(),
+          x.stride(0),
+          x.stride(1),
+          x.stride(2),
+          x.stride(3),
+          offset.const_data_ptr<T>(),
+          mask.defined() ? mask.const_data_ptr<T>() : nullptr,
+          n0,
+          p0,
+          nb,
+          np};
 }
 
 at::Tensor deform_conv2d_forward_cuda(const at::Tensor& x_in, const at::Tensor& offset_in,
                                       const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
                                       const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
-                                      int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                                      int64_t offset_groups, int64_t weight_groups) {
+                                      int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t offset_groups,
+                                      int64_t weight_groups) {
   check_inputs(x_in, offset_in, mask_in, weight_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const DeformGeometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h,
-                                           dil_w, offset_groups, weight_groups);
+  const DeformGeometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                           offset_groups, weight_groups);
   const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const at::Tensor weight = weight_in.contiguous().view({g.weight_groups, g.out_per_wgroup, g.wcols()});
@@ -192,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t offset_groups, int64_t weight_groups) {
   check_inputs(x_in, offset_in, mask_in, weight_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const DeformGeometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h,
-                                           dil_w, offset_groups, weight_groups);
+  const DeformGeometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                           offset_groups, weight_groups);
   const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const at::Tensor weight = weight_in.contiguous().view({g.weight_groups, g.out_per_wgroup, g.wcols()});
@@ -220,8 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
         grad_cols_buffer.narrow(0, 0, g.c * g.taps * ncols).view({g.weight_groups, g.wcols(), ncols});
     std::vector<at::Tensor> grad_out_chunks;
     for (int64_t wg = 0; wg < g.weight_groups; ++wg) {
-      grad_out_chunks.push_back(
-          chunk_view(grad_out, g, wg, n0, nb, p0, np).reshape({g.out_per_wgroup, ncols}));
+      grad_out_chunks.push_back(chunk_view(grad_out, g, wg, n0, nb, p0, np).reshape({g.out_per_wgroup, ncols}));
       at::Tensor grad_cols_wg = grad_cols[wg];
       at::mm_out(grad_cols_wg, weight[wg].t(), grad_out_chunks.back());
     }
@@ -229,8 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
       backward_columns_kernel<scalar_t><<<blocks_for(g.groups * g.taps * ncols), kThreads, 0, stream>>>(
           g, chunk_inputs<scalar_t>(x, offset, mask, n0, nb, p0, np), grad_cols.const_data_ptr<scalar_t>(),
           cols.mutable_data_ptr<scalar_t>(), grad_x_acc.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-          grad_offset.mutable_data_ptr<scalar_t>(),
-          mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
+          grad_offset.mutable_data_ptr<scalar_t>(), mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int64_t wg = 0; wg < g.weight_groups; ++wg) {

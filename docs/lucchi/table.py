@@ -16,8 +16,12 @@ def summary(run: Path) -> dict[str, str]:
     steps = [r for r in rows if r.get("seconds")]
     scored = [r for r in rows if r.get("val_jaccard")]
     jaccard, dsc = (f"{float(scored[-1][k]):.3f}" for k in ("val_jaccard", "val_dsc")) if scored else ("not yet", "")
-    return {"steps": steps[-1]["step"] if steps else "0",
-            "minutes": f"{float(steps[-1]['seconds']) / 60:.1f}" if steps else "0", "jaccard": jaccard, "dsc": dsc}
+    return {
+        "steps": steps[-1]["step"] if steps else "0",
+        "minutes": f"{float(steps[-1]['seconds']) / 60:.1f}" if steps else "0",
+        "jaccard": jaccard,
+        "dsc": dsc,
+    }
 
 
 def main() -> None:

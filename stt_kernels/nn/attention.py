@@ -30,8 +30,9 @@ def check_heads(dim: int, heads: int) -> int:
     if dim % heads != 0:
         raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
     if dim // heads > MAX_HEAD_DIM:
-        raise ValueError(f"dim / heads = {dim // heads} exceeds the kernels' head dim limit {MAX_HEAD_DIM}; "
-                         "use more heads")
+        raise ValueError(
+            f"dim / heads = {dim // heads} exceeds the kernels' head dim limit {MAX_HEAD_DIM}; use more heads"
+        )
     return dim // heads
 
 

@@ -46,8 +46,12 @@ class DeformableFusion(nn.Module):
 
     def __init__(self, dim: int, *, offset_groups: int = 1, kernel_size: int = 3, backend: str = "auto"):
         super().__init__()
-        if isinstance(offset_groups, bool) or not isinstance(offset_groups, int) or offset_groups < 1 \
-                or dim % offset_groups != 0:
+        if (
+            isinstance(offset_groups, bool)
+            or not isinstance(offset_groups, int)
+            or offset_groups < 1
+            or dim % offset_groups != 0
+        ):
             raise ValueError(f"offset_groups must be a positive int dividing dim ({dim}); got {offset_groups!r}")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {kernel_size!r}")
@@ -60,7 +64,7 @@ class DeformableFusion(nn.Module):
         nn.init.zeros_(self.predictor.bias)
         self.weight = nn.Parameter(torch.empty(dim, dim, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(dim))
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Conv2d's default
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv2d's default
 
     def forward(self, spatial: torch.Tensor, temporal: torch.Tensor) -> torch.Tensor:
         b, t = spatial.shape[:2]
@@ -72,8 +76,15 @@ class DeformableFusion(nn.Module):
         offset, mask = predicted[:, :split].contiguous(), torch.sigmoid(predicted[:, split:])
         # Under autocast the branches may be half precision while parameters stay float32.
         dtype = x.dtype
-        y = deform_conv2d(x, offset.to(dtype), mask.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
-                          padding=self.kernel_size // 2, backend=self.backend)
+        y = deform_conv2d(
+            x,
+            offset.to(dtype),
+            mask.to(dtype),
+            self.weight.to(dtype),
+            self.bias.to(dtype),
+            padding=self.kernel_size // 2,
+            backend=self.backend,
+        )
         return _volume(y, b, t)
 
 

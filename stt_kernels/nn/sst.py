@@ -30,8 +30,10 @@ def check_volume(x: torch.Tensor, dim: int) -> torch.Tensor:
         if size == 0:
             empty.append(f"{name} = 0")
     if len(empty) > 0:
-        raise ValueError(f"SSTAttention expects x of shape (B, C={dim}, T, H, W) with T, H, W >= 1; "
-                         f"got {shape_text(x)} ({', '.join(empty)})")
+        raise ValueError(
+            f"SSTAttention expects x of shape (B, C={dim}, T, H, W) with T, H, W >= 1; "
+            f"got {shape_text(x)} ({', '.join(empty)})"
+        )
     if not x.is_floating_point():
         raise TypeError(f"SSTAttention expects a floating x; got {x.dtype}")
     return x
@@ -57,8 +59,16 @@ class SSTAttention(nn.Module):
         backend: for every op inside; ``"auto"`` defers to ``use_backend``/``STT_BACKEND``/device.
     """
 
-    def __init__(self, dim: int, heads: int, *, offset_groups: int = 1, fusion: str = "deformable",
-                 order: str = "split", backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        offset_groups: int = 1,
+        fusion: str = "deformable",
+        order: str = "split",
+        backend: str = "auto",
+    ):
         super().__init__()
         check_heads(dim, heads)
         if fusion not in FUSIONS:

@@ -55,36 +55,63 @@ class _AttentionOp:
     def __init__(self, name: str, view: Callable[[torch.Tensor], torch.Tensor]):
         self.name = name
         self.view = view
-        register_ops(name, self._forward, self._forward_fake, self._backward, self._backward_fake,
-                     self._setup_context, self._autograd_backward)
+        register_ops(
+            name,
+            self._forward,
+            self._forward_fake,
+            self._backward,
+            self._backward_fake,
+            self._setup_context,
+            self._autograd_backward,
+        )
         self.forward = getattr(torch.ops.stt, name).default
         self.backward = getattr(torch.ops.stt, f"{name}_backward").default
 
-    def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(_lse_shape(self.view(q)), dtype=_lse_dtype(q), device=q.device)
         kernels = attention_kernels.for_call(backend, q.device, q.dtype)
         kernels.forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
         return out, lse
 
-    def _forward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                q.new_empty(_lse_shape(self.view(q)), dtype=_lse_dtype(q)))
+    def _forward_fake(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            q.new_empty(_lse_shape(self.view(q)), dtype=_lse_dtype(q)),
+        )
 
-    def _backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        grad_out: torch.Tensor,
+        scale: float,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         views = [self.view(t) for t in (q, k, v, out, grad_out)]
         backward = attention_kernels.backward_for_call(backend, q.device, q.dtype, self.name)
         backward(*views, lse, scale, *(self.view(g) for g in grads))
         return grads[0], grads[1], grads[2]
 
-    def _backward_fake(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _backward_fake(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        grad_out: torch.Tensor,
+        scale: float,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # type: ignore[return-value]
 
     @staticmethod
@@ -110,19 +137,32 @@ def _as_slice(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(3)
 
 
-def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       scale: float) -> None:
+def _reference_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float
+) -> None:
     # Attention along N of a sequence view is the spec's spatial attention on N x 1 slices.
     out.copy_(reference.spatial_attention(_as_slice(q), _as_slice(k), _as_slice(v), scale).squeeze(3))
     scores = torch.einsum("bznhd,bzmhd->bzhnm", q.to(lse.dtype), k.to(lse.dtype)) * scale
     lse.copy_(torch.logsumexp(scores, dim=-1))
 
 
-def _reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                        grad_out: torch.Tensor, lse: torch.Tensor, scale: float, grad_q: torch.Tensor,
-                        grad_k: torch.Tensor, grad_v: torch.Tensor) -> None:
-    grads = spec_vjp(lambda q, k, v: reference.spatial_attention(q, k, v, scale),
-                     (_as_slice(q), _as_slice(k), _as_slice(v)), _as_slice(grad_out))
+def _reference_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    grad_q: torch.Tensor,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+) -> None:
+    grads = spec_vjp(
+        lambda q, k, v: reference.spatial_attention(q, k, v, scale),
+        (_as_slice(q), _as_slice(k), _as_slice(v)),
+        _as_slice(grad_out),
+    )
     for grad, value in zip((grad_q, grad_k, grad_v), grads):
         grad.copy_(value.squeeze(3))
 
@@ -130,8 +170,15 @@ def _reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
 attention_kernels.register("reference", Kernels(_reference_forward, _reference_backward))
 
 
-def _run(op: _AttentionOp, spec: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         scale: Optional[float], backend: Optional[str]) -> torch.Tensor:
+def _run(
+    op: _AttentionOp,
+    spec: Callable,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float],
+    backend: Optional[str],
+) -> torch.Tensor:
     scale = check_attention(q, k, v, scale)
     name = requested_backend(backend)
     if name != "auto":
@@ -143,8 +190,9 @@ def _run(op: _AttentionOp, spec: Callable, q: torch.Tensor, k: torch.Tensor, v: 
     return op.forward(q, k, v, scale, name)[0]
 
 
-def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                      backend: Optional[str] = None) -> torch.Tensor:
+def spatial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, backend: Optional[str] = None
+) -> torch.Tensor:
     """Self-attention among the ``H * W`` tokens of each slice, per ``(b, t, head)``.
 
     ``q, k, v``: ``(B, T, H, W, heads, d)`` with any strides (views of one packed
@@ -163,8 +211,9 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return _run(_SPATIAL, reference.spatial_attention, q, k, v, scale, backend)
 
 
-def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                       backend: Optional[str] = None) -> torch.Tensor:
+def temporal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, backend: Optional[str] = None
+) -> torch.Tensor:
     """Self-attention among the ``T`` tokens at each pixel, per ``(b, h, w, head)``.
 
     Shapes, TorchScript and ``torch.fx`` as :func:`spatial_attention`.

@@ -34,12 +34,22 @@ def _output_shape(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -
     return (x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
 
 
-def _forward(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
-             bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-             dilation: Sequence[int], offset_groups: int, backend: str) -> torch.Tensor:
+def _forward(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    offset_groups: int,
+    backend: str,
+) -> torch.Tensor:
     groups = x.shape[1] // weight.shape[1]
     out = deform_conv2d_kernels.for_call(backend, x.device, x.dtype).forward(
-        x, offset, mask, weight, bias, *stride, *padding, *dilation, offset_groups, groups)
+        x, offset, mask, weight, bias, *stride, *padding, *dilation, offset_groups, groups
+    )
     return out.contiguous()  # the layout the fake kernel promises
 
 
@@ -48,13 +58,22 @@ def _forward_fake(x, offset, mask, weight, bias, stride, padding, dilation, offs
 
 
 def _backward(
-        grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
-        weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-        offset_groups: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    offset_groups: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     groups = x.shape[1] // weight.shape[1]
     backward = deform_conv2d_kernels.backward_for_call(backend, x.device, x.dtype, "deform_conv2d")
     grad_x, grad_offset, grad_mask, grad_weight = backward(
-        grad_out, x, offset, mask, weight, *stride, *padding, *dilation, offset_groups, groups)
+        grad_out, x, offset, mask, weight, *stride, *padding, *dilation, offset_groups, groups
+    )
     return grad_x.contiguous(), grad_offset.contiguous(), grad_mask.contiguous(), grad_weight.contiguous()
 
 
@@ -73,29 +92,62 @@ def _setup_context(ctx, inputs, output) -> None:
 def _autograd_backward(ctx, grad_out: torch.Tensor):
     x, offset, mask, weight = ctx.saved_tensors
     grad_x, grad_offset, grad_mask, grad_weight = torch.ops.stt.deform_conv2d_backward.default(
-        grad_out, x, offset, mask, weight, *ctx.args)
+        grad_out, x, offset, mask, weight, *ctx.args
+    )
     grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias else None
-    return (grad_x, grad_offset, grad_mask if mask is not None else None, grad_weight, grad_bias,
-            None, None, None, None, None)
+    return (
+        grad_x,
+        grad_offset,
+        grad_mask if mask is not None else None,
+        grad_weight,
+        grad_bias,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 register_ops("deform_conv2d", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _autograd_backward)
 _deform_conv2d_op = torch.ops.stt.deform_conv2d.default
 
 
-def _reference_forward(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
-                       bias: Optional[torch.Tensor], sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                       offset_groups: int, weight_groups: int) -> torch.Tensor:
+def _reference_forward(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sh: int,
+    sw: int,
+    ph: int,
+    pw: int,
+    dh: int,
+    dw: int,
+    offset_groups: int,
+    weight_groups: int,
+) -> torch.Tensor:
     return reference.deform_conv2d(x, offset, mask, weight, bias, (sh, sw), (ph, pw), (dh, dw))
 
 
-def _reference_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
-                        weight: torch.Tensor, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                        offset_groups: int, weight_groups: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    sh: int,
+    sw: int,
+    ph: int,
+    pw: int,
+    dh: int,
+    dw: int,
+    offset_groups: int,
+    weight_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     def spec(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
-        return reference.deform_conv2d(x, offset, mask[0] if mask else None, weight, None, (sh, sw), (ph, pw),
-                                       (dh, dw))
+        return reference.deform_conv2d(x, offset, mask[0] if mask else None, weight, None, (sh, sw), (ph, pw), (dh, dw))
 
     grads = spec_vjp(spec, (x, offset, weight, *(() if mask is None else (mask,))), grad_out)
     grad_mask = grads[3] if mask is not None else x.new_empty((0,))
@@ -105,9 +157,17 @@ def _reference_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.T
 deform_conv2d_kernels.register("reference", Kernels(_reference_forward, _reference_backward))
 
 
-def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 1,
-                  dilation: IntPair = 1, backend: Optional[str] = None) -> torch.Tensor:
+def deform_conv2d(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 1,
+    dilation: IntPair = 1,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """Modulated deformable convolution with the numbers of ``torchvision.ops.deform_conv2d``.
 
     ``x (N, C, H, W)``, ``offset (N, 2*G*Kh*Kw, H_out, W_out)`` (``G`` offset groups, inferred
@@ -119,17 +179,32 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Te
     or environment). Under ``torch.fx`` tracing the call is one node.
     """
     if torch.jit.is_scripting():
-        pairs = (script_pair("stride", stride, 1), script_pair("padding", padding, 0),
-                 script_pair("dilation", dilation, 1))
+        pairs = (
+            script_pair("stride", stride, 1),
+            script_pair("padding", padding, 0),
+            script_pair("dilation", dilation, 1),
+        )
         groups, _ = check_deform_conv2d_shapes(x, offset, mask, weight, bias, pairs[0], pairs[1], pairs[2])
-        return torch.ops.stt.deform_conv2d(x, offset, mask, weight, bias, list(pairs[0]), list(pairs[1]),
-                                           list(pairs[2]), groups, backend if backend is not None else "auto")
-    traced = leaf_call(deform_conv2d, x, offset, mask, weight, bias, stride=stride, padding=padding,
-                       dilation=dilation, backend=backend)
+        return torch.ops.stt.deform_conv2d(
+            x,
+            offset,
+            mask,
+            weight,
+            bias,
+            list(pairs[0]),
+            list(pairs[1]),
+            list(pairs[2]),
+            groups,
+            backend if backend is not None else "auto",
+        )
+    traced = leaf_call(
+        deform_conv2d, x, offset, mask, weight, bias, stride=stride, padding=padding, dilation=dilation, backend=backend
+    )
     if traced is not None:
         return traced
     stride, padding, dilation, offset_groups, _ = check_deform_conv2d(
-        x, offset, mask, weight, bias, stride, padding, dilation)
+        x, offset, mask, weight, bias, stride, padding, dilation
+    )
     name = requested_backend(backend)
     if name != "auto":
         # A backend asked for is checked now and recorded in a traced graph; "auto" is resolved
@@ -137,5 +212,6 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Te
         name = resolve(name, x.device, "deform_conv2d", deform_conv2d_kernels.implemented(), x.dtype)
         if name == "reference":
             return reference.deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation)
-    return _deform_conv2d_op(x, offset, mask, weight, bias, list(stride), list(padding), list(dilation),
-                             offset_groups, name)
+    return _deform_conv2d_op(
+        x, offset, mask, weight, bias, list(stride), list(padding), list(dilation), offset_groups, name
+    )

@@ -47,9 +47,13 @@ def _compiled_backends(op: str) -> frozenset[str]:
     if not EXTENSION.loaded:
         return frozenset()
     return frozenset(
-        name for name, key in _DISPATCH_KEYS.items()
-        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::_{op}_{step}", key)
-               for step in ("forward", "backward")))
+        name
+        for name, key in _DISPATCH_KEYS.items()
+        if all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"stt::_{op}_{step}", key)
+            for step in ("forward", "backward")
+        )
+    )
 
 
 class KernelTable:
@@ -95,8 +99,9 @@ class KernelTable:
         """
         return self(resolve(backend, device, self.op, self.implemented(), dtype))
 
-    def backward_for_call(self, backend: str, device: torch.device, dtype: torch.dtype,
-                          op: str) -> Callable[..., object]:
+    def backward_for_call(
+        self, backend: str, device: torch.device, dtype: torch.dtype, op: str
+    ) -> Callable[..., object]:
         """The backward kernel of :meth:`for_call`, refused under deterministic mode where it is
         not deterministic (``op`` names the public op in the error)."""
         name = resolve(backend, device, self.op, self.implemented(), dtype)
@@ -115,9 +120,15 @@ def defined_in_cpp(op: str) -> bool:
         return False
 
 
-def register_ops(op: str, forward: Callable[..., object], forward_fake: Callable[..., object],
-                 backward: Callable[..., object], backward_fake: Callable[..., object],
-                 setup_context: Callable[..., None], autograd_backward: Callable[..., object]) -> None:
+def register_ops(
+    op: str,
+    forward: Callable[..., object],
+    forward_fake: Callable[..., object],
+    backward: Callable[..., object],
+    backward_fake: Callable[..., object],
+    setup_context: Callable[..., None],
+    autograd_backward: Callable[..., object],
+) -> None:
     """Give ``stt::<op>`` and ``stt::<op>_backward`` their Python halves.
 
     ``forward``/``backward`` are the implementations (their signatures are the schemas);
@@ -138,12 +149,17 @@ def register_ops(op: str, forward: Callable[..., object], forward_fake: Callable
     torch.library.register_fake(f"stt::{op}_backward", backward_fake, _stacklevel=2)
 
 
-_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
-                  torch._C.DispatchKey.AutogradNestedTensor, torch._C.DispatchKey.ADInplaceOrView)
+_AUTOGRAD_KEYS = (
+    torch._C.DispatchKey.AutogradFunctionality,
+    torch._C.DispatchKey.AutogradOther,
+    torch._C.DispatchKey.AutogradNestedTensor,
+    torch._C.DispatchKey.ADInplaceOrView,
+)
 
 
-def spec_vjp(spec: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
-             grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def spec_vjp(
+    spec: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """The gradients of ``spec(*inputs)`` weighted by ``grad``, from inside a custom op.
 
     A custom op's implementation runs with autograd's dispatch keys excluded; they are let back
@@ -153,8 +169,7 @@ def spec_vjp(spec: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in _AUTOGRAD_KEYS:
         exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
-            torch.enable_grad():
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in inputs]
         return torch.autograd.grad(spec(*leaves), leaves, grad)
 

@@ -87,8 +87,14 @@ def _bilinear(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tens
 
 
 def deform_conv2d(
-    x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
-    bias: Optional[torch.Tensor], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
 ) -> torch.Tensor:
     """``x (N, C, H, W)``, ``offset (N, 2*G*K, Ho, Wo)``, ``mask (N, G*K, Ho, Wo)`` or None,
     ``weight (C_out, C / weight_groups, Kh, Kw)``, ``bias (C_out,)`` -> ``(N, C_out, Ho, Wo)``,
@@ -101,10 +107,12 @@ def deform_conv2d(
     weight_groups = c // c_per_group
 
     # Undeformed sampling grid: (K, Ho, Wo) for each axis.
-    base_y = (torch.arange(ho, device=x.device, dtype=x.dtype) * stride[0] - padding[0]).view(1, ho, 1) \
-        + (torch.arange(kh, device=x.device, dtype=x.dtype) * dilation[0]).repeat_interleave(kw).view(taps, 1, 1)
-    base_x = (torch.arange(wo, device=x.device, dtype=x.dtype) * stride[1] - padding[1]).view(1, 1, wo) \
-        + (torch.arange(kw, device=x.device, dtype=x.dtype) * dilation[1]).repeat(kh).view(taps, 1, 1)
+    base_y = (torch.arange(ho, device=x.device, dtype=x.dtype) * stride[0] - padding[0]).view(1, ho, 1) + (
+        torch.arange(kh, device=x.device, dtype=x.dtype) * dilation[0]
+    ).repeat_interleave(kw).view(taps, 1, 1)
+    base_x = (torch.arange(wo, device=x.device, dtype=x.dtype) * stride[1] - padding[1]).view(1, 1, wo) + (
+        torch.arange(kw, device=x.device, dtype=x.dtype) * dilation[1]
+    ).repeat(kh).view(taps, 1, 1)
     off = offset.reshape(n, groups, taps, 2, ho, wo)
     py = (base_y + off[:, :, :, 0]).reshape(n, groups, taps * ho * wo)
     px = (base_x + off[:, :, :, 1]).reshape(n, groups, taps * ho * wo)

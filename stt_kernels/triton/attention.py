@@ -57,8 +57,10 @@ def refuse_interpreted_bfloat16(dtype: torch.dtype, op: str, advice: str) -> Non
     """A TypeError for bfloat16 under Triton's interpreter, whose bfloat16 ``tl.dot`` is wrong
     by ~1e9 (measured; its float16 and float32 products are right)."""
     if _INTERPRET and dtype == torch.bfloat16:
-        raise TypeError(f"the triton {op} kernels refuse bfloat16 under TRITON_INTERPRET=1: Triton's "
-                        f"interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9); {advice}")
+        raise TypeError(
+            f"the triton {op} kernels refuse bfloat16 under TRITON_INTERPRET=1: Triton's "
+            f"interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9); {advice}"
+        )
 
 
 def _bucket(count: int) -> int:
@@ -101,12 +103,23 @@ class Tuning:
 
 def _flash_space(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> dict[str, list[triton.Config]]:
     # A100/H100: 64-128 row blocks with 2-4 pipeline stages (cp.async / TMA-friendly).
-    cuda = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m in block_m for n in block_n for w in (4, 8) for s in (2, 3, 4)]
+    cuda = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m in block_m
+        for n in block_n
+        for w in (4, 8)
+        for s in (2, 3, 4)
+    ]
     # MI250X: 1-2 stages, as AMD's own flash-attention configs use; waves_per_eu trades
     # registers per wave for occupancy on CDNA's 512-VGPR budget.
-    hip = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "waves_per_eu": wpe}, num_warps=w, num_stages=s)
-           for m in block_m for n in block_n for w in (4, 8) for s in (1, 2) for wpe in (0, 2)]
+    hip = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "waves_per_eu": wpe}, num_warps=w, num_stages=s)
+        for m in block_m
+        for n in block_n
+        for w in (4, 8)
+        for s in (1, 2)
+        for wpe in (0, 2)
+    ]
     return {"cuda": cuda, "hip": hip}
 
 
@@ -115,21 +128,31 @@ def _packed_space() -> dict[str, list[triton.Config]]:
     # No loop to pipeline: the stage count does not matter, the warps per program and the
     # number of sequences sharing them do.
     cuda = [triton.Config({"SEQS": s}, num_warps=w, num_stages=1) for s in seqs for w in (2, 4, 8)]
-    hip = [triton.Config({"SEQS": s, "waves_per_eu": wpe}, num_warps=w, num_stages=1)
-           for s in seqs for w in (4, 8) for wpe in (0, 2)]
+    hip = [
+        triton.Config({"SEQS": s, "waves_per_eu": wpe}, num_warps=w, num_stages=1)
+        for s in seqs
+        for w in (4, 8)
+        for wpe in (0, 2)
+    ]
     return {"cuda": cuda, "hip": hip}
 
 
 def _flash_list(blocks: list[tuple[int, int, int]]) -> dict[str, list[triton.Config]]:
     """(BLOCK_M, BLOCK_N, warps) in order of preference, for both targets."""
-    return {"cuda": [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2) for m, n, w in blocks],
-            "hip": [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "waves_per_eu": 0}, num_warps=w, num_stages=1)
-                    for m, n, w in blocks]}
+    return {
+        "cuda": [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2) for m, n, w in blocks],
+        "hip": [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "waves_per_eu": 0}, num_warps=w, num_stages=1)
+            for m, n, w in blocks
+        ],
+    }
 
 
 def _packed_list(seqs: tuple[int, ...]) -> dict[str, list[triton.Config]]:
-    return {"cuda": [triton.Config({"SEQS": s}, num_warps=4, num_stages=1) for s in seqs],
-            "hip": [triton.Config({"SEQS": s, "waves_per_eu": 0}, num_warps=4, num_stages=1) for s in seqs]}
+    return {
+        "cuda": [triton.Config({"SEQS": s}, num_warps=4, num_stages=1) for s in seqs],
+        "hip": [triton.Config({"SEQS": s, "waves_per_eu": 0}, num_warps=4, num_stages=1) for s in seqs],
+    }
 
 
 def _union(*spaces: dict[str, list[triton.Config]]) -> dict[str, list[triton.Config]]:
@@ -159,20 +182,25 @@ TUNING: dict[str, Tuning] = {
     "_flash_forward": Tuning(
         _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 32, 4)])),
         _flash_list([(128, 64, 8), (64, 64, 8), (64, 32, 4), (32, 32, 4)]),
-        {"BLOCK_M": 16, "BLOCK_N": 16}),
+        {"BLOCK_M": 16, "BLOCK_N": 16},
+    ),
     "_flash_backward_dkdv": Tuning(
         _union(_flash_space((32, 64, 128), (64, 128)), _flash_list([(16, 32, 4)])),
         _flash_list([(32, 64, 4), (64, 64, 8), (16, 32, 4)]),
-        {"BLOCK_M": 16, "BLOCK_N": 16}),
+        {"BLOCK_M": 16, "BLOCK_N": 16},
+    ),
     "_flash_backward_dq": Tuning(
         _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 16, 4)])),
         _flash_list([(64, 64, 8), (128, 64, 8), (64, 32, 4), (32, 16, 4)]),
-        {"BLOCK_M": 16, "BLOCK_N": 16}),
+        {"BLOCK_M": 16, "BLOCK_N": 16},
+    ),
     # The register budget prunes SEQS to what a shape affords; warps do not change what fits.
-    "_packed_forward": Tuning(_union(_packed_space(), _packed_list((2, 4, 8, 16, 1))), _packed_list((2, 4, 8, 16, 1)),
-                              {"SEQS": 2}),
-    "_packed_backward": Tuning(_union(_packed_space(), _packed_list((2, 4, 8, 16, 1))),
-                               _packed_list((2, 4, 8, 16, 1)), {"SEQS": 2}),
+    "_packed_forward": Tuning(
+        _union(_packed_space(), _packed_list((2, 4, 8, 16, 1))), _packed_list((2, 4, 8, 16, 1)), {"SEQS": 2}
+    ),
+    "_packed_backward": Tuning(
+        _union(_packed_space(), _packed_list((2, 4, 8, 16, 1))), _packed_list((2, 4, 8, 16, 1)), {"SEQS": 2}
+    ),
 }
 
 
@@ -190,8 +218,10 @@ def _prune_flash(kernel: str):
         if not fitting:
             smallest = min((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
             fitting = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == smallest]
-        return prune_shared(kernel, fitting, named_args["Q"].element_size(), kwargs["BLOCK_D"], 0,
-                            _current_shared_limit())
+        return prune_shared(
+            kernel, fitting, named_args["Q"].element_size(), kwargs["BLOCK_D"], 0, _current_shared_limit()
+        )
+
     return prune
 
 
@@ -234,8 +264,7 @@ def shared_estimate(kernel: str, config: triton.Config, element_size: int, block
     return element_size * (operands + scores) + 16 * rows
 
 
-def fits_shared(kernel: str, config: triton.Config, element_size: int, block_d: int, t_pad: int,
-                limit: int) -> bool:
+def fits_shared(kernel: str, config: triton.Config, element_size: int, block_d: int, t_pad: int, limit: int) -> bool:
     """Whether ``config`` of ``kernel`` fits a device with ``limit`` bytes of shared memory per block."""
     return shared_estimate(kernel, config, element_size, block_d, t_pad) <= limit
 
@@ -251,8 +280,9 @@ def _current_shared_limit() -> Optional[int]:
     return None if _INTERPRET else _device_shared_limit(torch.cuda.current_device())
 
 
-def prune_shared(kernel: str, configs: list[triton.Config], element_size: int, block_d: int, t_pad: int,
-                 limit: Optional[int]) -> list[triton.Config]:
+def prune_shared(
+    kernel: str, configs: list[triton.Config], element_size: int, block_d: int, t_pad: int, limit: Optional[int]
+) -> list[triton.Config]:
     """The configs of ``kernel`` that fit ``limit`` bytes of shared memory (all if ``limit`` is None;
     the first of them under ``STT_TRITON_QUICK_TUNE=1``). None fitting is an error naming the kernel and the limit, before any compile."""
     if limit is None:
@@ -264,9 +294,11 @@ def prune_shared(kernel: str, configs: list[triton.Config], element_size: int, b
         return fitting[:1]
     if not fitting:
         smallest = min(shared_estimate(kernel, c, element_size, block_d, t_pad) for c in configs)
-        raise RuntimeError(f"triton {kernel}: no autotuning configuration fits this GPU's {limit // 1024} KB of "
-                           f"shared memory per block (the smallest needs ~{smallest // 1024} KB at head dim "
-                           f"{block_d}); use backend='cuda'")
+        raise RuntimeError(
+            f"triton {kernel}: no autotuning configuration fits this GPU's {limit // 1024} KB of "
+            f"shared memory per block (the smallest needs ~{smallest // 1024} KB at head dim "
+            f"{block_d}); use backend='cuda'"
+        )
     return fitting
 
 
@@ -278,12 +310,12 @@ def _prune_packed(kernel: str):
         # tiles (R x d) in registers; past the budget spilling costs more than the extra
         # sequences save.
         t, d = kwargs["T_PAD"], kwargs["BLOCK_D"]
-        fitting = [c for c in configs
-                   if c.kwargs["SEQS"] * t <= 256 and c.kwargs["SEQS"] * t * (t + d) <= 2 * budget]
+        fitting = [c for c in configs if c.kwargs["SEQS"] * t <= 256 and c.kwargs["SEQS"] * t * (t + d) <= 2 * budget]
         fitting = fitting or [c for c in configs if c.kwargs["SEQS"] == 1]
         if "Q" not in named_args:  # the offline resource check asks for the shape pruning alone
             return fitting
         return prune_shared(kernel, fitting, named_args["Q"].element_size(), d, t, _current_shared_limit())
+
     return prune
 
 
@@ -333,15 +365,32 @@ def _lse_rows(ptr, b, z, h, offs, st):
     return ptr + _offset(b, z, h, st[0], st[1], st[2]) + offs.to(tl.int64) * st[3]
 
 
-@triton.autotune(configs=_configs("_flash_forward"), key=["N", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_flash("_flash_forward")})
+@triton.autotune(
+    configs=_configs("_flash_forward"),
+    key=["N", "BLOCK_D"],
+    prune_configs_by={"early_config_prune": _prune_flash("_flash_forward")},
+)
 @triton.jit
 def _flash_forward(
-    Q, K, V, OUT, LSE,
-    sq, sk, sv, so, sl,
-    Z, HEADS, N, D, qk_scale,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    sq,
+    sk,
+    sv,
+    so,
+    sl,
+    Z,
+    HEADS,
+    N,
+    D,
+    qk_scale,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     _, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
@@ -379,10 +428,17 @@ def _flash_forward(
 
 @triton.jit
 def _flash_delta(
-    OUT, DO, DELTA,
-    so, sg,
-    Z, HEADS, N, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    OUT,
+    DO,
+    DELTA,
+    so,
+    sg,
+    Z,
+    HEADS,
+    N,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """DELTA[seq, n] = rowsum(dO * O): the softmax-backward term shared by dQ and dK."""
     seq, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
@@ -416,15 +472,38 @@ def _key_rows(K, V, b, z, h, offs_n, offs_d, d_ok, N, sk, sv):
     return k, v, kv_mask
 
 
-@triton.autotune(configs=_configs("_flash_backward_dkdv"), key=["N", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_flash("_flash_backward_dkdv")})
+@triton.autotune(
+    configs=_configs("_flash_backward_dkdv"),
+    key=["N", "BLOCK_D"],
+    prune_configs_by={"early_config_prune": _prune_flash("_flash_backward_dkdv")},
+)
 @triton.jit
 def _flash_backward_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    sq, sk, sv, sg, sl, sdk, sdv,
-    Z, HEADS, N, D, scale, qk_scale,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sq,
+    sk,
+    sv,
+    sg,
+    sl,
+    sdk,
+    sdv,
+    Z,
+    HEADS,
+    N,
+    D,
+    scale,
+    qk_scale,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block, accumulated over all query blocks (no atomics)."""
     seq, b, z, h, offs_n = _block(N, BLOCK_N, Z, HEADS)
@@ -451,15 +530,36 @@ def _flash_backward_dkdv(
     tl.store(_rows(DV, b, z, h, offs_n, offs_d, sdv), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("_flash_backward_dq"), key=["N", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_flash("_flash_backward_dq")})
+@triton.autotune(
+    configs=_configs("_flash_backward_dq"),
+    key=["N", "BLOCK_D"],
+    prune_configs_by={"early_config_prune": _prune_flash("_flash_backward_dq")},
+)
 @triton.jit
 def _flash_backward_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    sq, sk, sv, sg, sl, sdq,
-    Z, HEADS, N, D, scale, qk_scale,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sq,
+    sk,
+    sv,
+    sg,
+    sl,
+    sdq,
+    Z,
+    HEADS,
+    N,
+    D,
+    scale,
+    qk_scale,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block, accumulated over all key blocks (no atomics)."""
     seq, b, z, h, offs_m = _block(N, BLOCK_M, Z, HEADS)
@@ -492,8 +592,7 @@ def _packed_pointers(ptr, seq, seq_ok, offs_t, offs_d, T, D, Z, HEADS, st):
     (B, Z, N, heads, d) view with strides ``st``."""
     b, z, h = _sequence(seq, Z, HEADS)
     base = _offset(b, z, h, st[0], st[1], st[3])
-    ptrs = (ptr + base[:, None, None] + offs_t.to(tl.int64)[None, :, None] * st[2]
-            + offs_d[None, None, :] * st[4])
+    ptrs = ptr + base[:, None, None] + offs_t.to(tl.int64)[None, :, None] * st[2] + offs_d[None, None, :] * st[4]
     mask = seq_ok[:, None, None] & (offs_t < T)[None, :, None] & (offs_d < D)[None, None, :]
     return ptrs, mask
 
@@ -519,15 +618,33 @@ def _packed_lse_pointers(ptr, seq, seq_ok, offs_t, T, Z, HEADS, st):
     return ptrs, seq_ok[:, None] & (offs_t < T)[None, :]
 
 
-@triton.autotune(configs=_configs("_packed_forward"), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune_packed("_packed_forward")})
+@triton.autotune(
+    configs=_configs("_packed_forward"),
+    key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_packed("_packed_forward")},
+)
 @triton.jit
 def _packed_forward(
-    Q, K, V, OUT, LSE,
-    sq, sk, sv, so, sl,
-    NSEQ, Z, HEADS, N, D, qk_scale,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    sq,
+    sk,
+    sv,
+    so,
+    sl,
+    NSEQ,
+    Z,
+    HEADS,
+    N,
+    D,
+    qk_scale,
     NSEQ_BUCKET,  # tuning key only: the best sequences per program depends on how many there are
-    T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
     SEQS: tl.constexpr,
 ):
     seq, seq_ok, offs_t, offs_d = _packed_block(NSEQ, SEQS, T_PAD, BLOCK_D)
@@ -549,15 +666,42 @@ def _packed_forward(
     tl.store(lse_ptrs, (m + tl.log2(row_sum)) * _LN2, mask=lse_mask)
 
 
-@triton.autotune(configs=_configs("_packed_backward"), key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune_packed("_packed_backward")})
+@triton.autotune(
+    configs=_configs("_packed_backward"),
+    key=["T_PAD", "BLOCK_D", "NSEQ_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_packed("_packed_backward")},
+)
 @triton.jit
 def _packed_backward(
-    Q, K, V, OUT, DO, LSE, DQ, DK, DV,
-    sq, sk, sv, so, sg, sl, sdq, sdk, sdv,
-    NSEQ, Z, HEADS, N, D, scale, qk_scale,
+    Q,
+    K,
+    V,
+    OUT,
+    DO,
+    LSE,
+    DQ,
+    DK,
+    DV,
+    sq,
+    sk,
+    sv,
+    so,
+    sg,
+    sl,
+    sdq,
+    sdk,
+    sdv,
+    NSEQ,
+    Z,
+    HEADS,
+    N,
+    D,
+    scale,
+    qk_scale,
     NSEQ_BUCKET,  # tuning key only, as in _packed_forward
-    T_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
     SEQS: tl.constexpr,
 ):
     seq, seq_ok, offs_t, offs_d = _packed_block(NSEQ, SEQS, T_PAD, BLOCK_D)
@@ -596,8 +740,10 @@ def _packed_backward(
 
 def _check(q: torch.Tensor) -> None:
     if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"the triton attention kernels take float32, float16 or bfloat16; got {q.dtype} "
-                        "(use backend='cpu' or 'reference' for float64)")
+        raise TypeError(
+            f"the triton attention kernels take float32, float16 or bfloat16; got {q.dtype} "
+            "(use backend='cpu' or 'reference' for float64)"
+        )
     refuse_interpreted_bfloat16(q.dtype, "attention", "use backend='cpu', which takes bfloat16 CPU tensors")
 
 
@@ -615,8 +761,9 @@ def _sizes(q: torch.Tensor) -> tuple[int, int, int, int, int]:
     return b, z, n, heads, d
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-            scale: float) -> None:
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float
+) -> None:
     """Write ``softmax(q k^T * scale) v`` into ``out`` and the rows' natural log-sum-exp into ``lse``."""
     _check(q)
     b, z, n, heads, d = _sizes(q)
@@ -630,15 +777,26 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     qk_scale = scale * _LOG2E.value
     if _packed_fits(n, d, _PACKED_BUDGET_FORWARD):
         _packed_forward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
-            q, k, v, out, lse, *strides, nseq, z, heads, n, d, qk_scale, _bucket(nseq), T_PAD=_tile(n), **meta)
+            q, k, v, out, lse, *strides, nseq, z, heads, n, d, qk_scale, _bucket(nseq), T_PAD=_tile(n), **meta
+        )
     else:
         _flash_forward[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * nseq,)](
-            q, k, v, out, lse, *strides, z, heads, n, d, qk_scale, **meta)
+            q, k, v, out, lse, *strides, z, heads, n, d, qk_scale, **meta
+        )
 
 
-def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
-             lse: torch.Tensor, scale: float, grad_q: torch.Tensor, grad_k: torch.Tensor,
-             grad_v: torch.Tensor) -> None:
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    grad_q: torch.Tensor,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+) -> None:
     """Write the gradients of q, k, v into ``grad_q``, ``grad_k``, ``grad_v``, recomputing the
     attention weights from ``lse``."""
     _check(q)
@@ -650,10 +808,35 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     qk_scale = scale * _LOG2E.value
     if _packed_fits(n, d, _PACKED_BUDGET_BACKWARD):
         _packed_backward[lambda m: (triton.cdiv(nseq, m["SEQS"]),)](
-            q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v,
-            q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride(), lse.stride(),
-            grad_q.stride(), grad_k.stride(), grad_v.stride(),
-            nseq, z, heads, n, d, scale, qk_scale, _bucket(nseq), T_PAD=_tile(n), **meta)
+            q,
+            k,
+            v,
+            out,
+            grad_out,
+            lse,
+            grad_q,
+            grad_k,
+            grad_v,
+            q.stride(),
+            k.stride(),
+            v.stride(),
+            out.stride(),
+            grad_out.stride(),
+            lse.stride(),
+            grad_q.stride(),
+            grad_k.stride(),
+            grad_v.stride(),
+            nseq,
+            z,
+            heads,
+            n,
+            d,
+            scale,
+            qk_scale,
+            _bucket(nseq),
+            T_PAD=_tile(n),
+            **meta,
+        )
         return
 
     # dK/dV per key block and dQ per query block, in two passes: each program owns its
@@ -663,15 +846,32 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     delta = torch.empty((nseq, n), dtype=torch.float32, device=q.device)
     block_m = 16 if _INTERPRET else 64
     _flash_delta[(triton.cdiv(n, block_m) * nseq,)](
-        out, grad_out, delta, out.stride(), grad_out.stride(), z, heads, n, d,
-        BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"])
+        out, grad_out, delta, out.stride(), grad_out.stride(), z, heads, n, d, BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"]
+    )
     common = (q.stride(), k.stride(), v.stride(), grad_out.stride(), lse.stride())
     _flash_backward_dkdv[lambda m: (triton.cdiv(n, m["BLOCK_N"]) * nseq,)](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, *common, grad_k.stride(), grad_v.stride(),
-        z, heads, n, d, scale, qk_scale, **meta)
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        grad_k,
+        grad_v,
+        *common,
+        grad_k.stride(),
+        grad_v.stride(),
+        z,
+        heads,
+        n,
+        d,
+        scale,
+        qk_scale,
+        **meta,
+    )
     _flash_backward_dq[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * nseq,)](
-        q, k, v, grad_out, lse, delta, grad_q, *common, grad_q.stride(),
-        z, heads, n, d, scale, qk_scale, **meta)
+        q, k, v, grad_out, lse, delta, grad_q, *common, grad_q.stride(), z, heads, n, d, scale, qk_scale, **meta
+    )
 
 
 attention_kernels.register("triton", Kernels(on_tensor_device(forward), on_tensor_device(backward)))

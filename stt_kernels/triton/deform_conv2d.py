@@ -56,8 +56,9 @@ _BLOCK_C_GRAD_INPUT = 16
 def block_config(kernel: str) -> triton.Config:
     """The fixed blocks, warps and stages of ``kernel`` (no autotuning: see the module notes)."""
     block_c = _BLOCK_C_GRAD_INPUT if kernel == "_grad_input_kernel" else _BLOCK_C
-    return triton.Config(dict(BLOCK_P=_BLOCK_P, BLOCK_C=block_c, BLOCK_CO=_BLOCK_CO), num_warps=_NUM_WARPS,
-                         num_stages=_NUM_STAGES)
+    return triton.Config(
+        dict(BLOCK_P=_BLOCK_P, BLOCK_C=block_c, BLOCK_CO=_BLOCK_CO), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES
+    )
 
 
 @triton.jit
@@ -85,8 +86,9 @@ def _corners(y, x, H, W):
 
 
 @triton.jit
-def _point(off_ptr, mask_ptr, n, pix, ok, g, k, ho, wo, G, K, Kw, HWo, H, W,
-           sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr):
+def _point(
+    off_ptr, mask_ptr, n, pix, ok, g, k, ho, wo, G, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr
+):
     """Sampling coordinates and modulation of tap k, offset group g, at the given pixels."""
     kh = k // Kw
     kw = k % Kw
@@ -104,12 +106,39 @@ def _point(off_ptr, mask_ptr, n, pix, ok, g, k, ho, wo, G, K, Kw, HWo, H, W,
 
 
 @triton.jit
-def _columns(x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, c, c_ok, k, C, G, CPG, K, Kw, HWo, H, W,
-             sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr):
+def _columns(
+    x_ptr,
+    off_ptr,
+    mask_ptr,
+    n,
+    pix,
+    p_ok,
+    ho,
+    wo,
+    c,
+    c_ok,
+    k,
+    C,
+    G,
+    CPG,
+    K,
+    Kw,
+    HWo,
+    H,
+    W,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    HAS_MASK: tl.constexpr,
+):
     """Modulated samples (pixels x channels) of tap k: the implicit column tile."""
     ok = p_ok & c_ok
-    y, x, m = _point(off_ptr, mask_ptr, n, pix, ok, c // CPG, k, ho, wo, G, K, Kw, HWo, H, W,
-                     sh, sw, ph, pw, dh, dw, HAS_MASK)
+    y, x, m = _point(
+        off_ptr, mask_ptr, n, pix, ok, c // CPG, k, ho, wo, G, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK
+    )
     y0, x0, fy, fx, v00, v01, v10, v11 = _corners(y, x, H, W)
     plane = x_ptr + (n * C + c).to(tl.int64) * (H * W)
     a = y0 * W + x0
@@ -125,7 +154,7 @@ def _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P: tl.constexpr, BLOCK_CO: tl.con
     """This program's (pixels x output channels of one weight group) tile: validity, image,
     flat pixel, row and column of its pixels (BLOCK_P, 1); its weight group; its output
     channels and their validity (1, BLOCK_CO)."""
-    COG = C_out // WG     # output channels per weight group
+    COG = C_out // WG  # output channels per weight group
     co_blocks = tl.cdiv(COG, BLOCK_CO)
     wg = tl.program_id(1) // co_blocks
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
@@ -135,21 +164,74 @@ def _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P: tl.constexpr, BLOCK_CO: tl.con
 
 
 @triton.jit
-def _forward_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, b_ptr, out_ptr, NP, C, H, W, Ho, Wo, C_out, G, K, Kw,
-                    WG, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_CO: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    off_ptr,
+    mask_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    NP,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    C_out,
+    G,
+    K,
+    Kw,
+    WG,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
     HWo = Ho * Wo
-    CG = C // WG          # input channels per weight group
-    CPG = C // G          # input channels per offset group
+    CG = C // WG  # input channels per weight group
+    CPG = C // G  # input channels per offset group
     p_ok, n, pix, ho, wo, wg, co, co_ok = _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P, BLOCK_CO)
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
     for k in range(0, K):
         for c0 in range(0, CG, BLOCK_C):
             cl = c0 + tl.arange(0, BLOCK_C)
             c_ok = cl < CG
-            cols = _columns(x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, wg * CG + cl[None, :], c_ok[None, :],
-                            k, C, G, CPG, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK)
+            cols = _columns(
+                x_ptr,
+                off_ptr,
+                mask_ptr,
+                n,
+                pix,
+                p_ok,
+                ho,
+                wo,
+                wg * CG + cl[None, :],
+                c_ok[None, :],
+                k,
+                C,
+                G,
+                CPG,
+                K,
+                Kw,
+                HWo,
+                H,
+                W,
+                sh,
+                sw,
+                ph,
+                pw,
+                dh,
+                dw,
+                HAS_MASK,
+            )
             w = tl.load(w_ptr + (co * CG + cl[:, None]) * K + k, mask=co_ok & c_ok[:, None], other=0.0)
             acc = tl.dot(cols.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
@@ -159,9 +241,35 @@ def _forward_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, b_ptr, out_ptr, NP, C, H, W
 
 
 @triton.jit
-def _grad_weight_kernel(x_ptr, off_ptr, mask_ptr, gout_ptr, gw_ptr, NP, C, H, W, Ho, Wo, C_out, G, K, Kw,
-                        WG, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr):
+def _grad_weight_kernel(
+    x_ptr,
+    off_ptr,
+    mask_ptr,
+    gout_ptr,
+    gw_ptr,
+    NP,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    C_out,
+    G,
+    K,
+    Kw,
+    WG,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
     HWo = Ho * Wo
     CG = C // WG
     CPG = C // G
@@ -172,18 +280,72 @@ def _grad_weight_kernel(x_ptr, off_ptr, mask_ptr, gout_ptr, gw_ptr, NP, C, H, W,
         for c0 in range(0, CG, BLOCK_C):
             cl = c0 + tl.arange(0, BLOCK_C)
             c_ok = cl < CG
-            cols = _columns(x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, wg * CG + cl[None, :], c_ok[None, :],
-                            k, C, G, CPG, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK)
+            cols = _columns(
+                x_ptr,
+                off_ptr,
+                mask_ptr,
+                n,
+                pix,
+                p_ok,
+                ho,
+                wo,
+                wg * CG + cl[None, :],
+                c_ok[None, :],
+                k,
+                C,
+                G,
+                CPG,
+                K,
+                Kw,
+                HWo,
+                H,
+                W,
+                sh,
+                sw,
+                ph,
+                pw,
+                dh,
+                dw,
+                HAS_MASK,
+            )
             gw = tl.dot(gout_t, cols.to(gout.dtype), input_precision=DOT_PRECISION)  # (co, c)
             dst = gw_ptr + (tl.trans(co) * CG + cl[None, :]) * K + k
             tl.atomic_add(dst, gw, mask=tl.trans(co_ok) & c_ok[None, :], sem="relaxed")
 
 
 @triton.jit
-def _grad_input_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmask_ptr, NP, C, H, W,
-                       Ho, Wo, C_out, G, K, Kw, WG, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_CO: tl.constexpr):
+def _grad_input_kernel(
+    x_ptr,
+    off_ptr,
+    mask_ptr,
+    w_ptr,
+    gout_ptr,
+    gx_ptr,
+    goff_ptr,
+    gmask_ptr,
+    NP,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    C_out,
+    G,
+    K,
+    Kw,
+    WG,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
     HWo = Ho * Wo
     CG = C // WG
     COG = C_out // WG
@@ -196,8 +358,9 @@ def _grad_input_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_p
     ho = pix // Wo
     wo = pix % Wo
     for k in range(0, K):
-        y, x, m = _point(off_ptr, mask_ptr, n, pix, p_ok, g, k, ho, wo, G, K, Kw, HWo, H, W,
-                         sh, sw, ph, pw, dh, dw, HAS_MASK)
+        y, x, m = _point(
+            off_ptr, mask_ptr, n, pix, p_ok, g, k, ho, wo, G, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK
+        )
         y0, x0, fy, fx, v00, v01, v10, v11 = _corners(y, x, H, W)
         a = (y0 * W + x0)[:, None]
         fy = fy[:, None]
@@ -219,11 +382,13 @@ def _grad_input_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_p
             for co0 in range(0, C_out, BLOCK_CO):
                 co = co0 + tl.arange(0, BLOCK_CO)
                 co_ok = co < C_out
-                gout = tl.load(gout_ptr + (n[:, None] * C_out + co[None, :]).to(tl.int64) * HWo + pix[:, None],
-                               mask=ok & co_ok[None, :], other=0.0)
+                gout = tl.load(
+                    gout_ptr + (n[:, None] * C_out + co[None, :]).to(tl.int64) * HWo + pix[:, None],
+                    mask=ok & co_ok[None, :],
+                    other=0.0,
+                )
                 same = (co[:, None] // COG) == (c // CG)
-                w = tl.load(w_ptr + (co[:, None] * CG + c % CG) * K + k, mask=co_ok[:, None] & c_ok & same,
-                            other=0.0)
+                w = tl.load(w_ptr + (co[:, None] * CG + c % CG) * K + k, mask=co_ok[:, None] & c_ok & same, other=0.0)
                 gcol = tl.dot(gout, w, gcol, input_precision=DOT_PRECISION)
             plane = (n[:, None] * C + c).to(tl.int64) * (H * W)
             x00 = tl.load(x_ptr + plane + a, mask=c_ok & v00, other=0.0).to(tl.float32)
@@ -250,18 +415,37 @@ def _grad_input_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_p
 
 def _check_dtype(x: torch.Tensor) -> None:
     if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"the triton deform_conv2d kernels take float32, float16 or bfloat16; got {x.dtype} "
-                        "(use backend='cpu' or 'reference' for float64)")
-    refuse_interpreted_bfloat16(x.dtype, "deform_conv2d",
-                                "use backend='cpu' with float32 tensors (backend='reference' takes bfloat16)")
+        raise TypeError(
+            f"the triton deform_conv2d kernels take float32, float16 or bfloat16; got {x.dtype} "
+            "(use backend='cpu' or 'reference' for float64)"
+        )
+    refuse_interpreted_bfloat16(
+        x.dtype, "deform_conv2d", "use backend='cpu' with float32 tensors (backend='reference' takes bfloat16)"
+    )
 
 
 def _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
-    return dict(NP=n * offset.shape[2] * offset.shape[3], C=c, H=h, W=w, Ho=offset.shape[2], Wo=offset.shape[3],
-                C_out=weight.shape[0], G=offset_groups, K=kh * kw, Kw=kw, WG=weight_groups,
-                sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw)
+    return dict(
+        NP=n * offset.shape[2] * offset.shape[3],
+        C=c,
+        H=h,
+        W=w,
+        Ho=offset.shape[2],
+        Wo=offset.shape[3],
+        C_out=weight.shape[0],
+        G=offset_groups,
+        K=kh * kw,
+        Kw=kw,
+        WG=weight_groups,
+        sh=sh,
+        sw=sw,
+        ph=ph,
+        pw=pw,
+        dh=dh,
+        dw=dw,
+    )
 
 
 def _precision(dtype: torch.dtype):
@@ -285,10 +469,19 @@ def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, offset_groups
         return out
     cog = s["C_out"] // weight_groups
     grid = (triton.cdiv(s["NP"], _BLOCK_P), weight_groups * triton.cdiv(cog, _BLOCK_CO))
-    _forward_kernel[grid](x, offset, mask if mask is not None else offset, weight,
-                          bias.contiguous() if bias is not None else weight, out, **s,
-                          HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype),
-                          **_launch("_forward_kernel"))
+    _forward_kernel[grid](
+        x,
+        offset,
+        mask if mask is not None else offset,
+        weight,
+        bias.contiguous() if bias is not None else weight,
+        out,
+        **s,
+        HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION=_precision(x.dtype),
+        **_launch("_forward_kernel"),
+    )
     return out
 
 
@@ -306,9 +499,19 @@ def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, offset_g
         meta = dict(HAS_MASK=mask is not None, DOT_PRECISION=_precision(x.dtype))
         m = mask if mask is not None else offset
         grid = (triton.cdiv(s["NP"], _BLOCK_P), offset_groups)
-        _grad_input_kernel[grid](x, offset, m, weight, grad_out, grad_x, grad_offset,
-                                 grad_mask if grad_mask is not None else grad_offset, **s, **meta,
-                                 **_launch("_grad_input_kernel"))
+        _grad_input_kernel[grid](
+            x,
+            offset,
+            m,
+            weight,
+            grad_out,
+            grad_x,
+            grad_offset,
+            grad_mask if grad_mask is not None else grad_offset,
+            **s,
+            **meta,
+            **_launch("_grad_input_kernel"),
+        )
         cog = s["C_out"] // weight_groups
         grid = (triton.cdiv(s["NP"], _BLOCK_P), weight_groups * triton.cdiv(cog, _BLOCK_CO))
         _grad_weight_kernel[grid](x, offset, m, grad_out, grad_weight, **s, **meta, **_launch("_grad_weight_kernel"))

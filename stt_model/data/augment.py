@@ -118,8 +118,12 @@ class Elastic:
         Y, X = image.shape[1:]
         grid = (max(2, Y // self.spacing + 2), max(2, X // self.spacing + 2))
         coarse = rng.normal(0, self.alpha, (2, *grid)).astype(np.float32)
-        dense = np.stack([ndimage.zoom(c, (Y / grid[0], X / grid[1]), order=3, grid_mode=True, mode="nearest")[:Y, :X]
-                          for c in coarse])
+        dense = np.stack(
+            [
+                ndimage.zoom(c, (Y / grid[0], X / grid[1]), order=3, grid_mode=True, mode="nearest")[:Y, :X]
+                for c in coarse
+            ]
+        )
         base = np.stack(np.meshgrid(np.arange(Y, dtype=np.float32), np.arange(X, dtype=np.float32), indexing="ij"))
         return _warp(image, labels, base + dense)
 
@@ -145,7 +149,7 @@ class Misalign:
             a = a.copy()
             Y, X = a.shape[1:]
             padded = np.pad(a[z:stop], ((0, 0), (abs(dy),) * 2, (abs(dx),) * 2), mode="reflect")
-            a[z:stop] = padded[:, abs(dy) - dy:abs(dy) - dy + Y, abs(dx) - dx:abs(dx) - dx + X]
+            a[z:stop] = padded[:, abs(dy) - dy : abs(dy) - dy + Y, abs(dx) - dx : abs(dx) - dx + X]
             return a
 
         return shift(image), None if labels is None else shift(labels)
@@ -197,8 +201,9 @@ class MotionBlur:
         Z = image.shape[0]
         out = image.copy()
         for z in rng.choice(Z, size=min(int(rng.integers(1, self.max_sections + 1)), Z), replace=False):
-            out[z] = ndimage.uniform_filter1d(image[z], int(rng.integers(self.size[0], self.size[1] + 1)),
-                                              axis=int(rng.integers(2)), mode="reflect")
+            out[z] = ndimage.uniform_filter1d(
+                image[z], int(rng.integers(self.size[0], self.size[1] + 1)), axis=int(rng.integers(2)), mode="reflect"
+            )
         return out, labels
 
 
@@ -245,14 +250,16 @@ def default_augmentations(strength: str = "full") -> Compose:
         return Compose([(Flip(), 1.0), (Rotate90(), 1.0), (GrayJitter(), 0.5)])
     if strength != "full":
         raise ValueError(f"strength must be 'full' or 'light'; got {strength!r}")
-    return Compose([
-        (Flip(), 1.0),
-        (Rotate90(), 1.0),
-        (Rescale(), 0.5),
-        (Elastic(), 0.75),
-        (GrayJitter(), 0.75),
-        (MissingSection(), 0.15),
-        (Misalign(), 0.5),
-        (MotionBlur(), 0.15),
-        (CutNoise(), 0.5),
-    ])
+    return Compose(
+        [
+            (Flip(), 1.0),
+            (Rotate90(), 1.0),
+            (Rescale(), 0.5),
+            (Elastic(), 0.75),
+            (GrayJitter(), 0.75),
+            (MissingSection(), 0.15),
+            (Misalign(), 0.5),
+            (MotionBlur(), 0.15),
+            (CutNoise(), 0.5),
+        ]
+    )

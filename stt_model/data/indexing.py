@@ -19,7 +19,7 @@ def normalise_key(key: Key, shape: tuple[int, ...]) -> tuple[range, tuple[slice,
         raise IndexError("an index can only have a single ellipsis")
     if Ellipsis in items:
         at = items.index(Ellipsis)
-        items[at:at + 1] = [slice(None)] * (3 - (len(items) - 1))
+        items[at : at + 1] = [slice(None)] * (3 - (len(items) - 1))
     if len(items) > 3:
         raise IndexError(f"too many indices for a 3-d volume: {key!r}")
     items += [slice(None)] * (3 - len(items))

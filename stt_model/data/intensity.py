@@ -34,8 +34,11 @@ def parse_intensity(spec: IntensitySpec) -> Optional[tuple[float, float]]:
             return None
         raise UserInputError(f"intensity must be 'dtype' or [min, max]; got {spec!r}")
     values = list(spec) if isinstance(spec, (list, tuple)) else None
-    if (values is None or len(values) != 2
-            or any(isinstance(v, bool) or not isinstance(v, (int, float, np.number)) for v in values)):
+    if (
+        values is None
+        or len(values) != 2
+        or any(isinstance(v, bool) or not isinstance(v, (int, float, np.number)) for v in values)
+    ):
         raise UserInputError(f"intensity must be 'dtype' or [min, max] (two numbers); got {spec!r}")
     lo, hi = float(values[0]), float(values[1])
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -71,20 +74,25 @@ def to_unit_range(image: np.ndarray, intensity: IntensitySpec = "dtype") -> np.n
         return data.astype(np.float32)
     if np.issubdtype(data.dtype, np.integer):
         if data.size and np.issubdtype(data.dtype, np.signedinteger) and data.min() < 0:
-            raise InputError(f"{data.dtype} intensities go down to {data.min()}, below 0, under data.intensity "
-                             f"'dtype'; {_suggestion(float(data.min()), float(data.max()))}")
+            raise InputError(
+                f"{data.dtype} intensities go down to {data.min()}, below 0, under data.intensity "
+                f"'dtype'; {_suggestion(float(data.min()), float(data.max()))}"
+            )
         return (data.astype(np.float32) / np.iinfo(data.dtype).max).astype(np.float32)
     if not floating:
         raise InputError(f"images must be integer, boolean or float; got dtype {data.dtype}")
     if data.size and (data.min() < 0 or data.max() > 1):
         lo, hi = float(data.min()), float(data.max())
-        raise InputError(f"float intensities span [{lo:g}, {hi:g}], outside [0, 1], under data.intensity 'dtype' "
-                         f"(floats must already lie in [0, 1]); {_suggestion(lo, hi)}")
+        raise InputError(
+            f"float intensities span [{lo:g}, {hi:g}], outside [0, 1], under data.intensity 'dtype' "
+            f"(floats must already lie in [0, 1]); {_suggestion(lo, hi)}"
+        )
     return data.astype(np.float32)
 
 
-def check_image(volume: Any, intensity: IntensitySpec = "dtype", *, block: Optional[Sequence[int]] = None,
-                name: str = "the image") -> None:
+def check_image(
+    volume: Any, intensity: IntensitySpec = "dtype", *, block: Optional[Sequence[int]] = None, name: str = "the image"
+) -> None:
     """Refuse an image volume (Z, Y, X) that :func:`to_unit_range` cannot map, naming the file
     and the first bad voxel: NaN/Inf anywhere, and under ``"dtype"`` floats outside [0, 1] or
     negative signed integers. One pass over the volume in ``block``-sized reads (default
@@ -106,18 +114,24 @@ def check_image(volume: Any, intensity: IntensitySpec = "dtype", *, block: Optio
         found = find_first(volume, lambda data: ~np.isfinite(data), block, visit if stated is None else None)
         if found is not None:
             where, value = found
-            raise InputError(f"{label}: {_name(value)} at {at(where, z_offset)} (the first non-finite voxel); "
-                             "images must be finite: repair or fill those voxels first")
+            raise InputError(
+                f"{label}: {_name(value)} at {at(where, z_offset)} (the first non-finite voxel); "
+                "images must be finite: repair or fill those voxels first"
+            )
         if stated is None and (span[0] < 0 or span[1] > 1):
-            raise InputError(f"{label}: float intensities span [{span[0]:g}, {span[1]:g}], outside [0, 1], under "
-                             f"data.intensity 'dtype' (floats must already lie in [0, 1]); "
-                             f"{_suggestion(span[0], span[1])}")
+            raise InputError(
+                f"{label}: float intensities span [{span[0]:g}, {span[1]:g}], outside [0, 1], under "
+                f"data.intensity 'dtype' (floats must already lie in [0, 1]); "
+                f"{_suggestion(span[0], span[1])}"
+            )
     elif stated is None and np.issubdtype(dtype, np.signedinteger):
         found = find_first(volume, lambda data: data < 0, block)
         if found is not None:
             where, value = found
-            raise InputError(f"{label}: intensity {value} at {at(where, z_offset)} is negative, and data.intensity "
-                             f"'dtype' divides {dtype} by {np.iinfo(dtype).max}; state the range instead, "
-                             f"e.g. data.intensity: [{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]")
+            raise InputError(
+                f"{label}: intensity {value} at {at(where, z_offset)} is negative, and data.intensity "
+                f"'dtype' divides {dtype} by {np.iinfo(dtype).max}; state the range instead, "
+                f"e.g. data.intensity: [{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]"
+            )
     elif not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
         raise InputError(f"{label}: images must be integer, boolean or float; got dtype {dtype}")

@@ -39,6 +39,7 @@ def _numcodec(name: str) -> Callable[[dict[str, Any]], Callable[[bytes], bytes]]
 
         codec = {"blosc": numcodecs.Blosc, "zstd": numcodecs.Zstd}[name]()
         return lambda data: bytes(codec.decode(data))
+
     return make
 
 
@@ -91,19 +92,24 @@ class N5Array:
         except (KeyError, TypeError, ValueError) as exc:
             raise UserInputError(f"{folder}/attributes.json: not N5 dataset attributes ({exc!r})") from None
         if data_type not in DATA_TYPES:
-            raise UserInputError(f"{folder}: N5 dataType {data_type!r} is not supported; expected one of "
-                             f"{', '.join(DATA_TYPES)}")
+            raise UserInputError(
+                f"{folder}: N5 dataType {data_type!r} is not supported; expected one of {', '.join(DATA_TYPES)}"
+            )
         if len(self.chunks) != len(self.shape) or min(self.chunks, default=1) < 1:
-            raise UserInputError(f"{folder}/attributes.json: blockSize {attributes['blockSize']} does not fit "
-                             f"dimensions {attributes['dimensions']}")
+            raise UserInputError(
+                f"{folder}/attributes.json: blockSize {attributes['blockSize']} does not fit "
+                f"dimensions {attributes['dimensions']}"
+            )
         self.dtype = np.dtype(data_type)
         self._stored = self.dtype.newbyteorder(">")
         # Format 1.x and later: {"compression": {"type": ...}}; format 0.x: {"compressionType": ...}.
         compression = attributes.get("compression") or {"type": attributes.get("compressionType", "raw")}
         kind = compression.get("type") if isinstance(compression, dict) else None
         if kind not in DECOMPRESSORS:
-            raise UserInputError(f"{folder}: N5 compression {kind!r} is not supported (supported: "
-                             f"{', '.join(DECOMPRESSORS)}); rewrite the dataset with one of those")
+            raise UserInputError(
+                f"{folder}: N5 compression {kind!r} is not supported (supported: "
+                f"{', '.join(DECOMPRESSORS)}); rewrite the dataset with one of those"
+            )
         self._decompress = DECOMPRESSORS[kind](compression)
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -117,7 +123,7 @@ class N5Array:
             raise IndexError("an index can only have a single ellipsis ('...')")
         if Ellipsis in items:
             at = items.index(Ellipsis)
-            items[at:at + 1] = [slice(None)] * (len(self.shape) - len(items) + 1)
+            items[at : at + 1] = [slice(None)] * (len(self.shape) - len(items) + 1)
         if len(items) > len(self.shape):
             raise IndexError(f"too many indices for an array of {len(self.shape)} dimensions")
         items += [slice(None)] * (len(self.shape) - len(items))
@@ -135,7 +141,7 @@ class N5Array:
                 stop = r.stop - low
                 local.append(slice(r.start - low, stop if stop >= 0 else None, r.step))
             else:
-                index = operator.index(item)   # TypeError for anything but an integer
+                index = operator.index(item)  # TypeError for anything but an integer
                 if not -n <= index < n:
                     raise IndexError(f"index {index} is out of bounds for an axis of size {n}")
                 box.append((index % n, index % n + 1))
@@ -150,7 +156,7 @@ class N5Array:
         for index in itertools.product(*grid):
             block = self.read_block(index)
             if block is None:
-                continue   # never written: zeros
+                continue  # never written: zeros
             corner = [i * c for i, c in zip(index, self.chunks)]
             source, target = [], []
             for (a, b), origin, size in zip(box, corner, block.shape):
@@ -175,12 +181,13 @@ class N5Array:
             raise UserInputError(f"block {path} is truncated: {len(raw)} bytes, no header")
         mode, rank = struct.unpack(">HH", raw[:4])
         if mode not in (DEFAULT_MODE, VARLENGTH_MODE) or rank != len(self.shape):
-            raise UserInputError(f"block {path}: header says mode {mode}, {rank} dimensions; expected mode 0 or 1 "
-                             f"and {len(self.shape)}")
+            raise UserInputError(
+                f"block {path}: header says mode {mode}, {rank} dimensions; expected mode 0 or 1 and {len(self.shape)}"
+            )
         start = 4 + 4 * rank + (4 if mode == VARLENGTH_MODE else 0)
         if len(raw) < start:
             raise UserInputError(f"block {path} is truncated inside its header")
-        size = struct.unpack(f">{rank}I", raw[4:4 + 4 * rank])[::-1]
+        size = struct.unpack(f">{rank}I", raw[4 : 4 + 4 * rank])[::-1]
         data = np.frombuffer(self._decompress(raw[start:]), self._stored)
         count = int(np.prod(size))
         if data.size < count:

@@ -57,7 +57,7 @@ def default_chunks(shape: Sequence[int]) -> tuple[int, ...]:
     inference writes slabs of slices."""
     target = [16, 128, 128]
     lead = [1] * (len(shape) - 3)  # channel axes: one chunk per channel
-    return tuple(max(1, min(int(n), c)) for n, c in zip(shape, lead + target[-min(3, len(shape)):]))
+    return tuple(max(1, min(int(n), c)) for n, c in zip(shape, lead + target[-min(3, len(shape)) :]))
 
 
 def reserved_bytes(nbytes: int) -> int:
@@ -98,8 +98,10 @@ def output_target(spec: Union[str, Path]) -> OutputTarget:
     elif suffix == ".zarr":
         fmt = "zarr"
     else:
-        raise OutputError(f"{path}: outputs are written as HDF5 ({'/'.join(HDF5_SUFFIXES)}) or zarr (.zarr); "
-                          f"got {suffix or 'no suffix'}")
+        raise OutputError(
+            f"{path}: outputs are written as HDF5 ({'/'.join(HDF5_SUFFIXES)}) or zarr (.zarr); "
+            f"got {suffix or 'no suffix'}"
+        )
     if dataset is not None:
         dataset = dataset.strip("/")
         if any(part in ("", ".", "..") for part in dataset.split("/")):
@@ -156,8 +158,9 @@ def check_target(target: OutputTarget, overwrite: bool = False) -> None:
             return
         if target.dataset is None:
             if not overwrite:
-                raise OutputError(f"{path} already exists; {hint} (the whole file), or name a dataset to add "
-                                  f"to it ({path}:<dataset>)")
+                raise OutputError(
+                    f"{path} already exists; {hint} (the whole file), or name a dataset to add to it ({path}:<dataset>)"
+                )
             return
         import h5py
 
@@ -169,12 +172,14 @@ def check_target(target: OutputTarget, overwrite: bool = False) -> None:
         if not path.exists():
             return
         if not is_zarr_store(path):
-            raise OutputError(f"{path} is a folder that is not a zarr store; it is left alone "
-                              f"(choose another output name)")
+            raise OutputError(
+                f"{path} is a folder that is not a zarr store; it is left alone (choose another output name)"
+            )
         if target.dataset is None:
             if not overwrite:
-                raise OutputError(f"{path} already exists; {hint} (the whole store), or name an array to add "
-                                  f"to it ({path}:<name>)")
+                raise OutputError(
+                    f"{path} already exists; {hint} (the whole store), or name an array to add to it ({path}:<name>)"
+                )
             return
     kind = _node_kind(target)
     if kind == "group":
@@ -184,8 +189,9 @@ def check_target(target: OutputTarget, overwrite: bool = False) -> None:
     if kind == "dataset" and not overwrite:
         raise OutputError(f"{path} already holds dataset {target.dataset!r}; {hint}")
     if not os.access(path, os.W_OK):
-        raise OutputError(f"{path} is read-only (or on a read-only file system); its dataset {target.dataset!r} "
-                          f"cannot be written")
+        raise OutputError(
+            f"{path} is read-only (or on a read-only file system); its dataset {target.dataset!r} cannot be written"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -202,8 +208,12 @@ def _input_location(volume: Any) -> tuple[Optional[Path], Optional[str]]:
     return (Path(path) if path is not None else None), getattr(volume, "dataset", None)
 
 
-def check_outputs(outputs: Mapping[str, Union[str, Path]], inputs: Optional[Mapping[str, Any]] = None,
-                  overwrite: bool = False, strict: bool = True) -> dict[str, OutputTarget]:
+def check_outputs(
+    outputs: Mapping[str, Union[str, Path]],
+    inputs: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
+    strict: bool = True,
+) -> dict[str, OutputTarget]:
     """Refuse, before any work, outputs that would destroy an input or each other, or
     something they were not told to replace; returns the parsed targets, in order.
 
@@ -224,25 +234,31 @@ def check_outputs(outputs: Mapping[str, Union[str, Path]], inputs: Optional[Mapp
             if in_path is None or not _same_file(target.path, in_path):
                 continue
             if target.dataset is None or in_dataset is None:
-                raise OutputError(f"{label} {target} would replace the file {in_label} reads ({in_path}); "
-                                  f"name a new dataset ({target.path}:<name>) or another file")
+                raise OutputError(
+                    f"{label} {target} would replace the file {in_label} reads ({in_path}); "
+                    f"name a new dataset ({target.path}:<name>) or another file"
+                )
             if target.dataset == in_dataset.strip("/"):
                 raise OutputError(f"{label} {target} is the input dataset itself ({in_label}); choose another name")
     labels = list(targets)
     for i, first in enumerate(labels):
-        for second in labels[i + 1:]:
+        for second in labels[i + 1 :]:
             a, b = targets[first], targets[second]
             if _same_file(a.path, b.path) and (a.dataset is None or b.dataset is None or a.dataset == b.dataset):
-                raise OutputError(f"{first} {a} and {second} {b} would overwrite each other; give them different "
-                                  f"files or different datasets ({a.path}:probs, {b.path}:instances)")
+                raise OutputError(
+                    f"{first} {a} and {second} {b} would overwrite each other; give them different "
+                    f"files or different datasets ({a.path}:probs, {b.path}:instances)"
+                )
     for label, target in targets.items():
         try:
             if strict and target.format == "hdf5" and target.path.is_file():
                 import h5py
 
                 if not h5py.is_hdf5(target.path):
-                    raise OutputError(f"{target.path} exists and is not an HDF5 file; it is left alone "
-                                      f"(move it away or choose another output name)")
+                    raise OutputError(
+                        f"{target.path} exists and is not an HDF5 file; it is left alone "
+                        f"(move it away or choose another output name)"
+                    )
             check_target(target, overwrite)
             _check_writable(target)
         except OutputError as exc:
@@ -281,7 +297,7 @@ def check_space(plans: Sequence[tuple[str, OutputTarget, int]]) -> None:
     bytes of the array), in the order they are written; counts each array's reservation and
     each copy-on-write copy of an existing HDF5 file (with what earlier outputs added to it),
     per file system (an upper bound: compression only shrinks the arrays)."""
-    projected: dict[str, int] = {}   # file -> its size once the earlier outputs are in
+    projected: dict[str, int] = {}  # file -> its size once the earlier outputs are in
     need: dict[int, tuple[int, Path, list[str]]] = {}
     for label, target, nbytes in plans:
         key = os.path.realpath(target.path)
@@ -297,8 +313,10 @@ def check_space(plans: Sequence[tuple[str, OutputTarget, int]]) -> None:
     for total, folder, labels in need.values():
         free = shutil.disk_usage(folder).free
         if total > free:
-            raise OutputError(f"{' and '.join(labels)} need about {_mb(total)} (an upper bound) but only "
-                              f"{_mb(free)} are free in {folder}")
+            raise OutputError(
+                f"{' and '.join(labels)} need about {_mb(total)} (an upper bound) but only "
+                f"{_mb(free)} are free in {folder}"
+            )
 
 
 def _mb(nbytes: int) -> str:
@@ -375,8 +393,15 @@ def _fsync(path: Path) -> None:
 class OutputVolume:
     """A writable chunked array under a temporary name until :meth:`close`."""
 
-    def __init__(self, target: OutputTarget, shape: Sequence[int], dtype: Any,
-                 chunks: Optional[Sequence[int]] = None, overwrite: bool = True, reserve: Optional[int] = None):
+    def __init__(
+        self,
+        target: OutputTarget,
+        shape: Sequence[int],
+        dtype: Any,
+        chunks: Optional[Sequence[int]] = None,
+        overwrite: bool = True,
+        reserve: Optional[int] = None,
+    ):
         self.target, self.path, self.dataset, self.format = target, target.path, target.name, target.format
         self.tmp_path = target.temporary
         shape = tuple(int(n) for n in shape)
@@ -425,8 +450,9 @@ class OutputVolume:
             if not self._replaces:
                 raise OutputError(f"{self.path} already holds dataset {self.dataset!r}")
             del self._file[self.dataset]
-        self._array: Any = self._file.create_dataset(self.dataset, shape=shape, dtype=dtype, chunks=chunks,
-                                                     compression="gzip", compression_opts=1)
+        self._array: Any = self._file.create_dataset(
+            self.dataset, shape=shape, dtype=dtype, chunks=chunks, compression="gzip", compression_opts=1
+        )
 
     def _open_zarr(self, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> None:
         import zarr
@@ -434,8 +460,14 @@ class OutputVolume:
         self._into_store = self.target.dataset is not None and self.path.exists()
         if self._into_store:
             root = zarr.open_group(str(self.path), mode="r")
-            self._array = zarr.create_array(store=str(self.tmp_path), shape=shape, dtype=dtype, chunks=chunks,
-                                            fill_value=0, zarr_format=root.metadata.zarr_format)
+            self._array = zarr.create_array(
+                store=str(self.tmp_path),
+                shape=shape,
+                dtype=dtype,
+                chunks=chunks,
+                fill_value=0,
+                zarr_format=root.metadata.zarr_format,
+            )
         else:
             group = zarr.open_group(str(self.tmp_path), mode="w")
             self._array = group.create_array(self.dataset, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
@@ -485,8 +517,10 @@ class OutputVolume:
         except FileNotFoundError:
             now = None
         if now != self._source:
-            raise OutputError(f"{self.path} was changed by someone else while {self.dataset!r} was written; "
-                              f"it is left as they made it and this output is dropped")
+            raise OutputError(
+                f"{self.path} was changed by someone else while {self.dataset!r} was written; "
+                f"it is left as they made it and this output is dropped"
+            )
 
     def _swap(self, new: Path, final: Path) -> None:
         """Rename the folder ``new`` to ``final``; an existing ``final`` goes aside first and is
@@ -528,11 +562,12 @@ class OutputVolume:
             self._file = None
         _remove(self.tmp_path)
 
-    def __enter__(self) -> "OutputVolume":
+    def __enter__(self) -> OutputVolume:
         return self
 
-    def __exit__(self, kind: Optional[type], error: Optional[BaseException],
-                 traceback: Optional[TracebackType]) -> None:
+    def __exit__(
+        self, kind: Optional[type], error: Optional[BaseException], traceback: Optional[TracebackType]
+    ) -> None:
         if kind is None:
             self.close()
         else:
@@ -549,9 +584,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def create_output(spec: Union[str, Path], shape: Sequence[int], dtype: Any = np.uint8,
-                  chunks: Optional[Sequence[int]] = None, overwrite: bool = True,
-                  reserve: Optional[int] = None) -> OutputVolume:
+def create_output(
+    spec: Union[str, Path],
+    shape: Sequence[int],
+    dtype: Any = np.uint8,
+    chunks: Optional[Sequence[int]] = None,
+    overwrite: bool = True,
+    reserve: Optional[int] = None,
+) -> OutputVolume:
     """A new chunked output ``(..., Z, Y, X)`` at ``spec``: ``out.h5`` / ``out.zarr`` (the whole
     file, dataset ``main``) or ``out.h5:dataset`` / ``out.zarr:path`` (that dataset only, added
     to the file if it exists), written under a temporary name until closed. ``overwrite=False``

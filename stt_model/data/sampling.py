@@ -100,11 +100,22 @@ class PatchSampler(IterableDataset):
     normalisation rule (module doc). Every volume is checked here, before any batch is made.
     """
 
-    def __init__(self, volumes: Union[tuple[Source, Optional[Source]], Sequence[tuple[Source, Optional[Source]]]],
-                 patch: Sequence[int], *, foreground_bias: float = 0.5, out_channels: int = 2,
-                 contour_width: int = 1, augment: Optional[Compose] = None, batch_size: int = 1,
-                 seed: int = 0, rank: int = 0, world_size: int = 1,
-                 index_block: Optional[Sequence[int]] = None, intensity: IntensitySpec = "dtype"):
+    def __init__(
+        self,
+        volumes: Union[tuple[Source, Optional[Source]], Sequence[tuple[Source, Optional[Source]]]],
+        patch: Sequence[int],
+        *,
+        foreground_bias: float = 0.5,
+        out_channels: int = 2,
+        contour_width: int = 1,
+        augment: Optional[Compose] = None,
+        batch_size: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        index_block: Optional[Sequence[int]] = None,
+        intensity: IntensitySpec = "dtype",
+    ):
         super().__init__()
         parse_intensity(intensity)
         single = isinstance(volumes, tuple) and len(volumes) == 2 and not isinstance(volumes[0], (tuple, list))
@@ -144,13 +155,16 @@ class PatchSampler(IterableDataset):
         sizes = np.array([float(np.prod(v.shape)) for v in self.images])
         self._weights = sizes / sizes.sum()
         # Built here, once, so DataLoader workers receive it instead of each rescanning the labels.
-        self.foreground = [ForegroundIndex(lab, index_block) if lab is not None and foreground_bias > 0 else None
-                           for lab in self.labels]
+        self.foreground = [
+            ForegroundIndex(lab, index_block) if lab is not None and foreground_bias > 0 else None
+            for lab in self.labels
+        ]
         self._next = 0
 
     @classmethod
-    def from_config(cls, volumes: Any, config: "Config", *, rank: int = 0, world_size: int = 1,
-                    augment: Optional[Compose] = None) -> "PatchSampler":
+    def from_config(
+        cls, volumes: Any, config: Config, *, rank: int = 0, world_size: int = 1, augment: Optional[Compose] = None
+    ) -> PatchSampler:
         """A sampler with the config's patch, bias, contour width, out channels, batch size, seed and
         intensity rule;
         ``augment`` defaults to :func:`default_augmentations` when ``config.data.augment`` is set."""
@@ -159,9 +173,19 @@ class PatchSampler(IterableDataset):
         data = config.data
         if augment is None and data.augment:
             augment = default_augmentations(data.augmentations)
-        return cls(volumes, data.patch, foreground_bias=data.foreground_bias, out_channels=config.model.out_channels,
-                   contour_width=data.contour_width, augment=augment, batch_size=config.train.batch_size,
-                   seed=config.train.seed, rank=rank, world_size=world_size, intensity=data.intensity)
+        return cls(
+            volumes,
+            data.patch,
+            foreground_bias=data.foreground_bias,
+            out_channels=config.model.out_channels,
+            contour_width=data.contour_width,
+            augment=augment,
+            batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            rank=rank,
+            world_size=world_size,
+            intensity=data.intensity,
+        )
 
     def _start(self, rng: np.random.Generator, volume: int) -> list[int]:
         shape = self.images[volume].shape

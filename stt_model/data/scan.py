@@ -62,12 +62,15 @@ def default_block(volume: Any, budget: int = SCAN_BYTES) -> tuple[int, int, int]
 def blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, slice, slice]]:
     """The blocks tiling ``shape``, in (z, y, x) order."""
     ranges = [[slice(a, min(a + b, n)) for a in range(0, n, b)] for n, b in zip(shape, block)]
-    for region in itertools.product(*ranges):
-        yield region  # type: ignore[misc]
+    yield from itertools.product(*ranges)  # type: ignore[misc]
 
 
-def find_first(volume: Any, bad: Callable[[np.ndarray], np.ndarray], block: Optional[Sequence[int]] = None,
-               visit: Optional[Callable[[np.ndarray], None]] = None) -> Optional[tuple[Location, Any]]:
+def find_first(
+    volume: Any,
+    bad: Callable[[np.ndarray], np.ndarray],
+    block: Optional[Sequence[int]] = None,
+    visit: Optional[Callable[[np.ndarray], None]] = None,
+) -> Optional[tuple[Location, Any]]:
     """The first voxel of ``volume`` (Z, Y, X) in (z, y, x) order where ``bad(window)`` (a boolean
     array of the window's shape) holds, and its value; ``None`` when there is none. ``visit``
     sees every window read. Reads stop at the end of the first band of blocks (one z range)
@@ -96,8 +99,9 @@ def find_first(volume: Any, bad: Callable[[np.ndarray], np.ndarray], block: Opti
 def refuse_empty(volume: Any, name: str) -> None:
     """An empty volume has nothing to learn from or to predict: say so where it is opened."""
     if 0 in tuple(volume.shape):
-        raise InputError(f"{name} is empty (shape {tuple(volume.shape)}); expected a volume with at least one "
-                         "voxel along every axis")
+        raise InputError(
+            f"{name} is empty (shape {tuple(volume.shape)}); expected a volume with at least one voxel along every axis"
+        )
 
 
 def at(location: Location, z_offset: int = 0) -> str:

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 
 class SyntheticVolume(NamedTuple):
-    image: np.ndarray   # (Z, Y, X) uint8
+    image: np.ndarray  # (Z, Y, X) uint8
     labels: np.ndarray  # (Z, Y, X) uint32, 0 = background, 1..n instances
 
 
@@ -41,7 +41,7 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], scale: Sequenc
 
 
 class _Capsule(NamedTuple):
-    a: np.ndarray       # axis end points in physical (z, y, x) units
+    a: np.ndarray  # axis end points in physical (z, y, x) units
     b: np.ndarray
     radius: float
 
@@ -76,8 +76,14 @@ def _touching_partner(rng: np.random.Generator, capsule: _Capsule) -> _Capsule:
     return _Capsule(mid - axis * stretch / 2, mid + axis * stretch / 2, radius)
 
 
-def synthetic_volume(shape: Sequence[int] = (32, 256, 256), seed: int = 0, n_objects: Optional[int] = None,
-                     anisotropy: float = 4.0, touching: float = 0.3, artefacts: bool = True) -> SyntheticVolume:
+def synthetic_volume(
+    shape: Sequence[int] = (32, 256, 256),
+    seed: int = 0,
+    n_objects: Optional[int] = None,
+    anisotropy: float = 4.0,
+    touching: float = 0.3,
+    artefacts: bool = True,
+) -> SyntheticVolume:
     """An EM-like ``image`` (Z, Y, X) uint8 and its instance ``labels`` (uint32); see the module doc.
 
     ``n_objects`` defaults to about one per 64x64 pixels of section; ``touching`` is the fraction
@@ -91,7 +97,7 @@ def synthetic_volume(shape: Sequence[int] = (32, 256, 256), seed: int = 0, n_obj
     spacing = np.array([anisotropy, 1.0, 1.0])
     extent = np.array(shape) * spacing
     if n_objects is None:
-        n_objects = max(2, int(round(Y * X / 64 ** 2)))
+        n_objects = max(2, int(round(Y * X / 64**2)))
     r_lo, r_hi = 0.03 * min(Y, X) + 4, 0.05 * min(Y, X) + 6
 
     capsules: list[_Capsule] = []
@@ -101,8 +107,8 @@ def synthetic_volume(shape: Sequence[int] = (32, 256, 256), seed: int = 0, n_obj
             capsules.append(_touching_partner(rng, capsules[-1]))
 
     labels = np.zeros(shape, np.uint32)
-    best = np.full(shape, np.inf, np.float32)   # normalised distance of the nearest object so far
-    rim = np.zeros(shape, np.float32)           # depth inside the object (physical units)
+    best = np.full(shape, np.inf, np.float32)  # normalised distance of the nearest object so far
+    rim = np.zeros(shape, np.float32)  # depth inside the object (physical units)
     stripes = np.zeros(shape, np.float32)
     for ident, capsule in enumerate(capsules, start=1):
         reach = capsule.radius + 1
@@ -110,8 +116,8 @@ def synthetic_volume(shape: Sequence[int] = (32, 256, 256), seed: int = 0, n_obj
         hi = np.ceil((np.maximum(capsule.a, capsule.b) + reach) / spacing).astype(int).clip(0, np.array(shape))
         if np.any(hi <= lo):
             continue
-        box = tuple(slice(l, h) for l, h in zip(lo, hi))
-        grid = np.stack(np.meshgrid(*(np.arange(l, h) for l, h in zip(lo, hi)), indexing="ij"), -1)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), -1)
         distance, along = _capsule_distance(grid * spacing, capsule)
         score = (distance / capsule.radius).astype(np.float32)
         mine = (score < 1) & (score < best[box])
@@ -154,23 +160,24 @@ def _compact_ids(labels: np.ndarray) -> np.ndarray:
 def _add_vesicles(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, spacing: np.ndarray) -> None:
     """Small dark-rimmed light spheres away from mitochondria: unlabelled look-alikes."""
     Z, Y, X = image.shape
-    for _ in range(int(Y * X / 48 ** 2)):
+    for _ in range(int(Y * X / 48**2)):
         radius = rng.uniform(3, 7)
         centre = rng.uniform([0, 0, 0], np.array(image.shape) * spacing)
         lo = np.floor((centre - radius - 1) / spacing).astype(int).clip(0, image.shape)
         hi = np.ceil((centre + radius + 1) / spacing).astype(int).clip(0, image.shape)
         if np.any(hi <= lo):
             continue
-        box = tuple(slice(l, h) for l, h in zip(lo, hi))
-        grid = np.stack(np.meshgrid(*(np.arange(l, h) for l, h in zip(lo, hi)), indexing="ij"), -1)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), -1)
         distance = np.linalg.norm(grid * spacing - centre, axis=-1)
         free = labels[box] == 0
         image[box] = np.where(free & (distance < radius - 1.2), 190, image[box])
         image[box] = np.where(free & (np.abs(distance - radius + 0.6) < 0.6), 70, image[box])
 
 
-def _section_artefacts(rng: np.random.Generator, image: np.ndarray,
-                       labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _section_artefacts(
+    rng: np.random.Generator, image: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     Z = image.shape[0]
     gain = rng.normal(1.0, 0.06, Z).astype(np.float32)
     offset = rng.normal(0.0, 8.0, Z).astype(np.float32)

@@ -42,9 +42,11 @@ def check_labels(volume: Any, *, block: Optional[Sequence[int]] = None, name: st
         raise InputError(f"{label}: labels must be integer instance ids (or a binary mask); got dtype {dtype}")
     if found is not None:
         where, value = found
-        raise InputError(f"{label}: label {value} at {at(where, z_offset)} {problem}; labels must be instance ids "
-                         "(0 = background, 1, 2, ... = objects) or a binary mask. There is no ignore label: "
-                         "set such voxels to 0 or crop them out")
+        raise InputError(
+            f"{label}: label {value} at {at(where, z_offset)} {problem}; labels must be instance ids "
+            "(0 = background, 1, 2, ... = objects) or a binary mask. There is no ignore label: "
+            "set such voxels to 0 or crop them out"
+        )
 
 
 def binary_mask(labels: np.ndarray) -> np.ndarray:
@@ -84,8 +86,9 @@ def instances_from_binary(mask: np.ndarray, connectivity: Literal[6, 18, 26] = 2
     return ids
 
 
-def make_targets(labels: np.ndarray, out_channels: int, contour_width: int = 1,
-                 mode: Literal["2d", "3d"] = "2d") -> np.ndarray:
+def make_targets(
+    labels: np.ndarray, out_channels: int, contour_width: int = 1, mode: Literal["2d", "3d"] = "2d"
+) -> np.ndarray:
     """Float32 targets (out_channels, Z, Y, X): the mask, plus the contour when out_channels = 2.
 
     Binary labels work for both: their contour is the foreground/background boundary.

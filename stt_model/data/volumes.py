@@ -60,7 +60,7 @@ def _window(key: Key, shape: tuple[int, ...]) -> Optional[list[tuple[int, int]]]
     items = list(key) if isinstance(key, tuple) else [key]
     if items.count(Ellipsis) == 1:
         at = items.index(Ellipsis)
-        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
+        items[at : at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
     items += [slice(None)] * (len(shape) - len(items))
     if len(items) != len(shape):
         return None
@@ -80,19 +80,25 @@ def _window(key: Key, shape: tuple[int, ...]) -> Optional[list[tuple[int, int]]]
 def _describe_window(bounds: Optional[list[tuple[int, int]]], key: Key) -> str:
     if bounds is None:
         return f"window {key!r}"
-    names = ["z", "y", "x"][-len(bounds):] if len(bounds) <= 3 else \
-        [f"axis {i}" for i in range(len(bounds) - 3)] + ["z", "y", "x"]
+    names = (
+        ["z", "y", "x"][-len(bounds) :]
+        if len(bounds) <= 3
+        else [f"axis {i}" for i in range(len(bounds) - 3)] + ["z", "y", "x"]
+    )
     return ", ".join(f"{n} {a}:{b}" for n, (a, b) in zip(names, bounds))
 
 
 def _damaged(name: str, what: str, exc: BaseException) -> VolumeReadError:
     reason = str(exc).splitlines()[0] if str(exc) else ""
-    return VolumeReadError(f"{name}: cannot read {what}; the file is damaged or truncated "
-                           f"({type(exc).__name__}{': ' + reason if reason else ''})")
+    return VolumeReadError(
+        f"{name}: cannot read {what}; the file is damaged or truncated "
+        f"({type(exc).__name__}{': ' + reason if reason else ''})"
+    )
 
 
-def _first_bad_chunk(read: Callable[[tuple[slice, ...]], Any], bounds: list[tuple[int, int]],
-                     chunks: tuple[int, ...]) -> Optional[list[tuple[int, int]]]:
+def _first_bad_chunk(
+    read: Callable[[tuple[slice, ...]], Any], bounds: list[tuple[int, int]], chunks: tuple[int, ...]
+) -> Optional[list[tuple[int, int]]]:
     """The first chunk inside ``bounds`` that fails to read, or ``None`` (then the window's own
     error is all there is to say)."""
     grid = [range(a // c * c, b, c) for (a, b), c in zip(bounds, chunks)]
@@ -105,8 +111,9 @@ def _first_bad_chunk(read: Callable[[tuple[slice, ...]], Any], bounds: list[tupl
     return None
 
 
-def _read_chunked(name: str, read: Callable[[Key], Any], key: Key, shape: tuple[int, ...],
-                  chunks: Optional[tuple[int, ...]]) -> np.ndarray:
+def _read_chunked(
+    name: str, read: Callable[[Key], Any], key: Key, shape: tuple[int, ...], chunks: Optional[tuple[int, ...]]
+) -> np.ndarray:
     """``read(key)`` as an array, or a :class:`VolumeReadError` naming the window and, when the
     data is chunked, the first damaged chunk in it."""
     try:
@@ -238,8 +245,10 @@ def _pick_dataset(path: Path, requested: Optional[str], available: list[str]) ->
     for name in DEFAULT_DATASETS:
         if name in available:
             return name
-    raise UserInputError(f"{path} holds several datasets and none is called {'/'.join(DEFAULT_DATASETS)}; "
-                     f"name one as {path}:<dataset> (available: {', '.join(available) or 'none'})")
+    raise UserInputError(
+        f"{path} holds several datasets and none is called {'/'.join(DEFAULT_DATASETS)}; "
+        f"name one as {path}:<dataset> (available: {', '.join(available) or 'none'})"
+    )
 
 
 class HDF5Volume(_ChunkedReader):
@@ -294,8 +303,9 @@ class TiffVolume(_PlaneReader):
         if len(shape) == 2:
             shape = (1, *shape)
         if len(shape) != 3 or pages != shape[0]:
-            raise UserInputError(f"{path}: expected a grayscale stack with one page per z; "
-                             f"got shape {shape} in {pages} page(s)")
+            raise UserInputError(
+                f"{path}: expected a grayscale stack with one page per z; got shape {shape} in {pages} page(s)"
+            )
         self._shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         self._data = _Handle(functools.partial(_open_tiff, path, shape))
 
@@ -315,6 +325,7 @@ class TiffVolume(_PlaneReader):
                 return data.pages[z].asarray()[rest]
             except DAMAGED_DATA as exc:
                 raise _damaged(self.source, f"page z={z}", exc) from exc
+
         return self._stack(key, page)
 
 
@@ -355,8 +366,10 @@ def _check_complete(tif: Any, path: Path) -> None:
     raw = fh.read(fmt.offsetsize)
     following = struct.unpack(tif.byteorder + fmt.offsetformat[-1], raw)[0] if len(raw) == fmt.offsetsize else -1
     if following != 0:
-        raise VolumeReadError(f"{path}: truncated or damaged: page z={len(pages) - 1} is the last one readable, but it "
-                         f"points to another at byte {following} of a {size}-byte file")
+        raise VolumeReadError(
+            f"{path}: truncated or damaged: page z={len(pages) - 1} is the last one readable, but it "
+            f"points to another at byte {following} of a {size}-byte file"
+        )
 
 
 def _open_tiff(path: Path, shape: tuple[int, ...]) -> Any:
@@ -397,8 +410,15 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     except UnidentifiedImageError:
         raise UserInputError(f"{path} is not a readable image") from None
     with im:
-        modes = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32, "F": np.float32,
-                 "1": np.bool_, "P": np.uint8}
+        modes = {
+            "L": np.uint8,
+            "I;16": np.uint16,
+            "I;16B": np.uint16,
+            "I": np.int32,
+            "F": np.float32,
+            "1": np.bool_,
+            "P": np.uint8,
+        }
         if im.mode not in modes:
             raise UserInputError(f"{path}: expected a grayscale image; got mode {im.mode}")
         return (im.height, im.width), np.dtype(modes[im.mode])
@@ -421,8 +441,10 @@ class SliceFolderVolume(_PlaneReader):
 
     def __init__(self, folder: Path):
         self.path = folder
-        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()),
-                       key=lambda p: natural_key(p.name))
+        files = sorted(
+            (p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()),
+            key=lambda p: natural_key(p.name),
+        )
         if not files:
             raise UserInputError(f"{folder} holds no {'/'.join(SLICE_SUFFIXES)} slices")
         headers = [_slice_header(p) for p in files]
@@ -430,8 +452,9 @@ class SliceFolderVolume(_PlaneReader):
         if len(shapes) > 1:
             first = headers[0][0]
             odd = next(p for p, h in zip(files, headers) if h[0] != first)
-            raise UserInputError(f"{folder}: slices differ in shape ({files[0].name} is {first}, "
-                             f"{odd.name} is {_slice_header(odd)[0]})")
+            raise UserInputError(
+                f"{folder}: slices differ in shape ({files[0].name} is {first}, {odd.name} is {_slice_header(odd)[0]})"
+            )
         (plane,) = shapes
         if len(plane) != 2:
             raise UserInputError(f"{folder}: expected grayscale slices; {files[0].name} has shape {plane}")
@@ -445,6 +468,7 @@ class SliceFolderVolume(_PlaneReader):
                 return _read_slice(self.files[z])[rest]
             except DAMAGED_DATA as exc:
                 raise _damaged(str(self.files[z]), f"slice z={z} of {self.path}", exc) from exc
+
         return self._stack(key, plane)
 
 
@@ -488,7 +512,7 @@ class ZarrVolume(_ChunkedReader):
 
         self.path = path
         node = zarr.open(str(path), mode="r")
-        image: Optional[dict[str, Any]] = None    # the OME-Zarr multiscale image the array is a level of
+        image: Optional[dict[str, Any]] = None  # the OME-Zarr multiscale image the array is a level of
         if isinstance(node, zarr.Array):
             if dataset is not None:
                 raise UserInputError(f"{path} is a single zarr array; it has no dataset {dataset!r}")
@@ -500,7 +524,7 @@ class ZarrVolume(_ChunkedReader):
             array = node[self.dataset]
         self.multiscale = image
         self._lead = _hidden_axes(tuple(array.shape), image)
-        self._shape, self._dtype = tuple(array.shape)[self._lead:], np.dtype(array.dtype)
+        self._shape, self._dtype = tuple(array.shape)[self._lead :], np.dtype(array.dtype)
         self.chunks: Optional[tuple[int, ...]] = tuple(array.chunks)
         self._array = _Handle(functools.partial(_open_zarr, path, self.dataset))
 
@@ -520,8 +544,7 @@ def _multiscale(attrs: Any) -> Optional[dict[str, Any]]:
     if not isinstance(images, list) or not images or not isinstance(images[0], dict):
         return None
     datasets = images[0].get("datasets")
-    if not isinstance(datasets, list) or not datasets or not all(isinstance(d, dict) and "path" in d
-                                                                   for d in datasets):
+    if not isinstance(datasets, list) or not datasets or not all(isinstance(d, dict) and "path" in d for d in datasets):
         return None
     return images[0]
 
@@ -557,8 +580,10 @@ def _pick_zarr_array(path: Path, group: Any, requested: Optional[str]) -> tuple[
         return _pick_dataset(path, None, arrays), None
     level0 = _levels(image, prefix)[0]
     if level0 not in arrays:
-        raise UserInputError(f"{path}: its OME-Zarr multiscales metadata names level 0 {level0!r}, which is not an "
-                         f"array there (available: {', '.join(arrays) or 'none'})")
+        raise UserInputError(
+            f"{path}: its OME-Zarr multiscales metadata names level 0 {level0!r}, which is not an "
+            f"array there (available: {', '.join(arrays) or 'none'})"
+        )
     return level0, image
 
 
@@ -615,8 +640,11 @@ def _n5_root(path: Path) -> Optional[Path]:
     for folder in (path, *path.parents):
         if folder.suffix.lower() in N5_SUFFIXES:
             return folder
-        if folder.is_dir() and not any((folder / m).exists() for m in ZARR_MARKERS) \
-                and (folder / "attributes.json").is_file():
+        if (
+            folder.is_dir()
+            and not any((folder / m).exists() for m in ZARR_MARKERS)
+            and (folder / "attributes.json").is_file()
+        ):
             try:
                 import json
 
@@ -642,8 +670,10 @@ def _open_file(spec: Union[str, Path]) -> Union[HDF5Volume, TiffVolume, SliceFol
         return HDF5Volume(path, dataset)
     if suffix in TIFF_SUFFIXES:
         return TiffVolume(path)
-    raise UserInputError(f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
-                     f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr, .n5 or a folder of PNG/TIFF slices")
+    raise UserInputError(
+        f"{path}: unsupported volume format {suffix or '(no suffix)'}; expected "
+        f"{'/'.join(HDF5_SUFFIXES)} [:dataset], .tif/.tiff, .zarr, .n5 or a folder of PNG/TIFF slices"
+    )
 
 
 class ZRange:
@@ -666,11 +696,11 @@ class ZRange:
     def __getitem__(self, key: Key) -> np.ndarray:
         zs, (ys, xs), squeeze = normalise_key(key, self.shape)
         if len(zs) == 0:
-            return np.asarray(self.volume[self.z0:self.z0, ys, xs])[squeeze]
+            return np.asarray(self.volume[self.z0 : self.z0, ys, xs])[squeeze]
         step = zs.step
         start = self.z0 + zs.start
         stop = self.z0 + zs[-1] + (1 if step > 0 else -1)
-        return np.asarray(self.volume[start:stop if stop >= 0 else None:step, ys, xs])[squeeze]
+        return np.asarray(self.volume[start : stop if stop >= 0 else None : step, ys, xs])[squeeze]
 
     def __repr__(self) -> str:
         return f"ZRange({self.volume!r}, {self.z0}, {self.z1})"

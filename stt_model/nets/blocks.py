@@ -23,8 +23,12 @@ class GroupNorm3d(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (capturing_graph() or x.device.type != "cpu"
-                or not x.is_contiguous(memory_format=torch.channels_last_3d) or x.is_contiguous()):
+        if (
+            capturing_graph()
+            or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last_3d)
+            or x.is_contiguous()
+        ):
             return self._normalise(x)
         return self._normalise(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
 

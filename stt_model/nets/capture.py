@@ -21,5 +21,4 @@ def capturing_graph() -> bool:
         return True
     # The ONNX exporters need no test of their own: the legacy one traces, the dynamo one
     # exports (and torch.onnx.is_in_onnx_export costs 5 us, on every conv of an eager pass).
-    return (torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()

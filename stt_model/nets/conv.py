@@ -14,10 +14,16 @@ _ONEDNN_MIN_ELEMENTS = 20480
 
 def _takes_reference_conv(input: torch.Tensor) -> bool:
     """Whether PyTorch would run this eager float32 CPU input on its slow reference convolution."""
-    return (not capturing_graph() and input.dim() == 5 and input.size(0) == 1 and input.device.type == "cpu"
-            and input.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled
-            and input.size(1) * input.size(2) * input.size(3) <= _ONEDNN_MIN_ELEMENTS)
+    return (
+        not capturing_graph()
+        and input.dim() == 5
+        and input.size(0) == 1
+        and input.device.type == "cpu"
+        and input.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and input.size(1) * input.size(2) * input.size(3) <= _ONEDNN_MIN_ELEMENTS
+    )
 
 
 class Conv3d(nn.Conv3d):

@@ -57,8 +57,9 @@ class InterpolationNet(nn.Module):
         n, _, h, w = before.shape
         taps = self.kernel * self.kernel
         weights = torch.softmax(self.predictor(torch.cat([before, after], dim=1)), dim=1)
-        patches = [nn.functional.unfold(s, self.kernel, padding=self.kernel // 2).view(n, taps, h, w)
-                   for s in (before, after)]
+        patches = [
+            nn.functional.unfold(s, self.kernel, padding=self.kernel // 2).view(n, taps, h, w) for s in (before, after)
+        ]
         return (weights * torch.cat(patches, dim=1)).sum(dim=1, keepdim=True)
 
     def neighbours(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

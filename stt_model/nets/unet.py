@@ -49,7 +49,6 @@ class STTUNet(nn.Module):
     (``torch.jit.trace``, ``torch.fx``) and exports, without the eager-only layout changes
     (:func:`.capture.capturing_graph`)."""
 
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         channels, levels = cfg.channels, len(cfg.channels)
@@ -63,8 +62,14 @@ class STTUNet(nn.Module):
         def sst(level: int) -> nn.Module:
             if not cfg.sst_levels[level]:
                 return nn.Identity()
-            return SSTAttention(channels[level], cfg.heads[level], offset_groups=cfg.offset_groups,
-                                fusion=cfg.fusion, order=cfg.order, backend=cfg.backend)
+            return SSTAttention(
+                channels[level],
+                cfg.heads[level],
+                offset_groups=cfg.offset_groups,
+                fusion=cfg.fusion,
+                order=cfg.order,
+                backend=cfg.backend,
+            )
 
         self.stem = AnisotropicResBlock(cfg.in_channels, channels[0], cfg.norm)
         self.down = nn.ModuleList(Down(channels[i - 1], channels[i], cfg.norm) for i in range(1, levels))

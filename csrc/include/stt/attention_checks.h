@@ -25,17 +25,17 @@ inline void check_attention_q(const at::Tensor& q, c10::DeviceType device) {
 }
 
 inline void check_attention_lse(const at::Tensor& lse, const at::Tensor& q) {
-  TORCH_CHECK(lse.device() == q.device(), "stt::_attention: lse must be on the device of q (", q.device(),
-              "); got ", lse.device());
+  TORCH_CHECK(lse.device() == q.device(), "stt::_attention: lse must be on the device of q (", q.device(), "); got ",
+              lse.device());
   // The accumulation type: a float32 lse would cap float64 gradients at ~1e-7 |lse| relative.
   const auto expected = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.scalar_type() == expected, "stt::_attention: lse must be ",
               expected == at::kDouble ? "float64 for float64 q" : "float32 (float64 only for float64 q)", "; got ",
               lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(3) && lse.size(3) == q.size(2),
-              "stt::_attention: lse must have shape (B, Z, heads, N) = (", q.size(0), ", ", q.size(1), ", ",
-              q.size(3), ", ", q.size(2), "); got ", lse.sizes());
+  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(3) &&
+                  lse.size(3) == q.size(2),
+              "stt::_attention: lse must have shape (B, Z, heads, N) = (", q.size(0), ", ", q.size(1), ", ", q.size(3),
+              ", ", q.size(2), "); got ", lse.sizes());
 }
 
 inline void check_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
