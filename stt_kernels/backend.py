@@ -54,8 +54,8 @@ CAPABILITIES: dict[str, Capability] = {
     # The CUDA attention backward owns its rows of dQ (a pass of its own) and of dK, dV: no atomics.
     # Its deform_conv2d backward scatters grad_x with atomics (grad_weight: cuBLAS, fixed order).
     "cuda": Capability(("cuda",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}, atomic_backward=("deform_conv2d",)),
-    # The CPU attention kernels compute 16-bit inputs in float32; no 16-bit deform_conv2d yet.
-    "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS[:2]}),
+    # The CPU kernels compute 16-bit inputs in float32.
+    "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
     "reference": Capability(("cpu", "cuda", "meta"), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
 }
 

@@ -144,6 +144,49 @@ def test_float32_against_float64_reference(backend):
         )
 
 
+def _low_precision_errors(a64, dtype, backend):
+    """Per output and gradient: (error of backend in dtype, error of the reference run in dtype),
+    both against the float64 reference on the same inputs (rounded to dtype first)."""
+    low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in a64.items()}
+    rounded = {k: (v.to(torch.float64) if isinstance(v, torch.Tensor) else v) for k, v in low.items()}
+    expected, expected_grads, grad_out = values_and_grads(lambda t: stt_call(t, "reference"), rounded)
+    got, got_grads, _ = values_and_grads(lambda t: stt_call(t, backend), low, grad_out.to(dtype))
+    base, base_grads, _ = values_and_grads(lambda t: stt_call(t, "reference"), low, grad_out.to(dtype))
+    assert got.dtype == dtype and all(g.dtype == dtype for g in got_grads.values())
+    pairs = [("out", expected, got, base)] + [(k, v, got_grads[k], base_grads[k]) for k, v in expected_grads.items()]
+    return {
+        name: ((result.double() - value).abs().max().item(), (baseline.double() - value).abs().max().item(), value)
+        for name, value, result, baseline in pairs
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "case", ["plain", "mask-none", "odd-stride-pad-dil", "groups-3-weight-groups-2", "large-image-tiles"]
+)
+def test_cpu_16_bit_against_float64(dtype, case):
+    """flash-attention's rule: the error to the float64 oracle at most twice that of the
+    reference run in the same dtype, plus 1e-3 of the output's scale; forward and every gradient."""
+    _skip_unless("cpu")
+    a64 = make_inputs(**dict(CASES[case], c=16 if case == "plain" else CASES[case].get("c", 6)))
+    for name, (error, baseline, value) in _low_precision_errors(a64, dtype, "cpu").items():
+        allowed = 2 * baseline + 1e-3 * value.abs().max().item()
+        assert error <= allowed, (name, error, allowed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_cpu_16_bit_channels_last_and_auto(dtype):
+    """A channels-last 16-bit x is read in place, and auto runs the cpu kernels for it: the same
+    numbers as backend='cpu' on a contiguous copy."""
+    _skip_unless("cpu")
+    a = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(c=8, groups=2).items()}
+    expected, expected_grads, grad_out = values_and_grads(lambda t: stt_call(t, "cpu"), a)
+    got, got_grads, _ = values_and_grads(lambda t: stt_call(t, "auto"), _channels_last(a), grad_out)
+    assert torch.equal(got, expected)
+    for name, value in expected_grads.items():
+        assert torch.equal(got_grads[name], value), name
+
+
 def _channels_last(a):
     return dict(a, x=a["x"].contiguous(memory_format=torch.channels_last))
 

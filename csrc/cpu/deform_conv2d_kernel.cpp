@@ -9,13 +9,21 @@
 // and grad_mask, so the scatter needs no atomics and the sums run in a fixed order. The weight
 // gradient is summed per chunk of items, one chunk per thread, and the chunks are added in order:
 // the result depends on the thread count, never on scheduling.
+//
+// float16 and bfloat16 inputs are read as they are and computed in float32 (at::opmath_type):
+// sampling points, bilinear weights and columns are float32, the GEMMs are float32 products
+// with float32 sums, and each output and gradient is rounded to the input's dtype once, at the
+// end. Columns in bfloat16 would halve the buffers but round every sample before the GEMM, and
+// at these sizes the GEMM is not where the time goes (the sampling is).
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "stt/deform_conv2d.h"
@@ -36,9 +44,11 @@ at::Tensor dense_input(const at::Tensor& x) {
   return dense;
 }
 
-// Pixels per tile: the tile's column buffer (rows x P) is kept near 128 KiB, within L2.
+// Pixels per tile: the tile's column buffer (rows x P) is kept near 512 KiB, within L2 (1 MiB
+// on Zen 4). Wider tiles make wider GEMMs: at 32 channels, 3 x 3, 128 KiB gave 112 pixels and a
+// forward 3-12% slower than 448-pixel tiles (paired runs on a shared Zen 4 core).
 int64_t tile_pixels(int64_t rows, int64_t pixels, int64_t element_size) {
-  const int64_t budget = (int64_t{128} << 10) / element_size;
+  const int64_t budget = (int64_t{512} << 10) / element_size;
   const int64_t p = std::max<int64_t>(64, budget / std::max<int64_t>(rows, 1) / 16 * 16);
   return std::min(p, pixels);
 }
@@ -58,17 +68,19 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
   at::cpu::addmm_out(out, out, view(a, m, k, lda, ta), view(b, k, n, ldb, tb), beta, 1.0);
 }
 
-template <typename T>
+// T: the inputs' dtype; A: the dtype computed in (float for float16 and bfloat16), that of the
+// weight as the GEMMs read it.
+template <typename T, typename A>
 struct Inputs {
   const T* x;
   int64_t sx_n, sx_c, sx_h, sx_w;
   const T* offset;  // contiguous (N, 2 * G * K, Ho * Wo)
   const T* mask;    // contiguous (N, G * K, Ho * Wo), or null
-  const T* weight;  // contiguous (C_out, C / weight_groups * K)
+  const A* weight;  // contiguous (C_out, C / weight_groups * K)
 };
 
-template <typename T>
-Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& weight) {
+template <typename T, typename A>
+Inputs<T, A> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& weight) {
   return {x.const_data_ptr<T>(),
           x.stride(0),
           x.stride(1),
@@ -76,20 +88,21 @@ Inputs<T> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Tensor
           x.stride(3),
           offset.const_data_ptr<T>(),
           mask.defined() ? mask.const_data_ptr<T>() : nullptr,
-          weight.const_data_ptr<T>()};
+          weight.const_data_ptr<A>()};
 }
 
 // The sampling points of one tile of one offset group, resolved once for all the group's
 // channels, indexed t = k * np + j: the same order as one channel's rows of the column tile,
 // so the per-channel loops below walk the table and the columns in step, every stream sequential.
 // valid[t] has bit i set when corner i is inside the plane: the others read as zero.
-template <typename T>
+template <typename A>
 struct PointTable {
   std::vector<int32_t> offset[4];
-  std::vector<T> weight[4], weight_dy[4], weight_dx[4], mask;
+  std::vector<A> weight[4], weight_dy[4], weight_dx[4], mask;
   std::vector<uint8_t> valid;
 
-  void fill(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t grp, int64_t p0, int64_t np, bool backward) {
+  template <typename T>
+  void fill(const Geometry& g, const Inputs<T, A>& in, int64_t n, int64_t grp, int64_t p0, int64_t np, bool backward) {
     const int64_t size = g.taps * np;
     for (int i = 0; i < 4; ++i) {
       offset[i].resize(size);
@@ -101,7 +114,7 @@ struct PointTable {
     for (int64_t k = 0; k < g.taps; ++k) {
       for (int64_t j = 0; j < np; ++j) {
         const int64_t t = k * np + j;
-        const DeformTap<T> s = deform_tap<T>(g, in.offset, in.mask, in.sx_h, in.sx_w, n, grp, k, p0 + j);
+        const DeformTap<A> s = deform_tap<A, T>(g, in.offset, in.mask, in.sx_h, in.sx_w, n, grp, k, p0 + j);
         mask[t] = s.mask;
         valid[t] = 0;
         for (int i = 0; i < 4; ++i) {
@@ -124,34 +137,35 @@ constexpr uint8_t kAllCorners = 0xF;
 
 // Corner `bit` of a point read from plane p at offset o: outside the plane it is zero, never the
 // pixel at its safe address, so that a NaN there stays out of the points that do not sample it.
-template <typename T>
-inline T corner(const T* p, int32_t o, uint8_t valid, int bit) {
-  return valid >> bit & 1 ? p[o] : T(0);
+template <typename A, typename T>
+inline A corner(const T* p, int32_t o, uint8_t valid, int bit) {
+  return valid >> bit & 1 ? static_cast<A>(p[o]) : A(0);
 }
 
 // dst[i * count + t] = the sample of plane i (i < B, planes plane_stride apart) at point t.
-template <int B, typename T>
-void sample_channels(int64_t count, const T* __restrict plane, int64_t plane_stride, const PointTable<T>& table,
-                     T* __restrict dst) {
+template <int B, typename T, typename A>
+void sample_channels(int64_t count, const T* __restrict plane, int64_t plane_stride, const PointTable<A>& table,
+                     A* __restrict dst) {
   const int32_t *__restrict o0 = table.offset[0].data(), *__restrict o1 = table.offset[1].data(),
                 *__restrict o2 = table.offset[2].data(), *__restrict o3 = table.offset[3].data();
-  const T *__restrict w0 = table.weight[0].data(), *__restrict w1 = table.weight[1].data(),
+  const A *__restrict w0 = table.weight[0].data(), *__restrict w1 = table.weight[1].data(),
           *__restrict w2 = table.weight[2].data(), *__restrict w3 = table.weight[3].data();
   const uint8_t* __restrict valid = table.valid.data();
   for (int64_t t = 0; t < count; ++t) {
     const int32_t a = o0[t], b = o1[t], c = o2[t], d = o3[t];
-    const T wa = w0[t], wb = w1[t], wc = w2[t], wd = w3[t];
+    const A wa = w0[t], wb = w1[t], wc = w2[t], wd = w3[t];
     const uint8_t v = valid[t];
     if (v == kAllCorners) {  // most points: no corner to check
       for (int i = 0; i < B; ++i) {
         const T* p = plane + i * plane_stride;
-        dst[i * count + t] = wa * p[a] + wb * p[b] + wc * p[c] + wd * p[d];
+        dst[i * count + t] = wa * static_cast<A>(p[a]) + wb * static_cast<A>(p[b]) + wc * static_cast<A>(p[c]) +
+                             wd * static_cast<A>(p[d]);
       }
     } else {  // near the border, or a NaN point (NaN weights: its sample stays NaN)
       for (int i = 0; i < B; ++i) {
         const T* p = plane + i * plane_stride;
-        dst[i * count + t] =
-            wa * corner(p, a, v, 0) + wb * corner(p, b, v, 1) + wc * corner(p, c, v, 2) + wd * corner(p, d, v, 3);
+        dst[i * count + t] = wa * corner<A>(p, a, v, 0) + wb * corner<A>(p, b, v, 1) + wc * corner<A>(p, c, v, 2) +
+                             wd * corner<A>(p, d, v, 3);
       }
     }
   }
@@ -160,38 +174,38 @@ void sample_channels(int64_t count, const T* __restrict plane, int64_t plane_str
 // The backward of B channel planes over the table: scatters into their grad planes, writes the
 // masked samples (for the weight gradient) into col and adds the channels' share of the mask
 // and sampling-point gradients into the accumulators.
-template <int B, typename T>
-void backward_channels(int64_t count, const T* __restrict plane, T* __restrict grad_plane, int64_t plane_stride,
-                       const T* __restrict grad_col, T* __restrict col, const PointTable<T>& table,
-                       T* __restrict acc_value, T* __restrict acc_y, T* __restrict acc_x) {
+template <int B, typename T, typename A>
+void backward_channels(int64_t count, const T* __restrict plane, A* __restrict grad_plane, int64_t plane_stride,
+                       const A* __restrict grad_col, A* __restrict col, const PointTable<A>& table,
+                       A* __restrict acc_value, A* __restrict acc_y, A* __restrict acc_x) {
   for (int64_t t = 0; t < count; ++t) {
     int32_t offset[4];
-    T weight[4], weight_dy[4], weight_dx[4];
+    A weight[4], weight_dy[4], weight_dx[4];
     for (int j = 0; j < 4; ++j) {
       offset[j] = table.offset[j][t];
       weight[j] = table.weight[j][t];
       weight_dy[j] = table.weight_dy[j][t];
       weight_dx[j] = table.weight_dx[j][t];
     }
-    const T mask = table.mask[t];
+    const A mask = table.mask[t];
     const uint8_t valid = table.valid[t];
-    T sum_value = 0, sum_y = 0, sum_x = 0;
+    A sum_value = 0, sum_y = 0, sum_x = 0;
     for (int i = 0; i < B; ++i) {
       const T* p = plane + i * plane_stride;
-      T value = 0, dy = 0, dx = 0;
+      A value = 0, dy = 0, dx = 0;
       for (int j = 0; j < 4; ++j) {
-        const T v = corner(p, offset[j], valid, j);
+        const A v = corner<A>(p, offset[j], valid, j);
         value += weight[j] * v;
         dy += weight_dy[j] * v;
         dx += weight_dx[j] * v;
       }
-      const T gc = grad_col[i * count + t];
+      const A gc = grad_col[i * count + t];
       sum_value += gc * value;
       sum_y += gc * dy;
       sum_x += gc * dx;
       col[i * count + t] = mask * value;
-      const T scaled = gc * mask;
-      T* gp = grad_plane + i * plane_stride;
+      const A scaled = gc * mask;
+      A* gp = grad_plane + i * plane_stride;
       for (int j = 0; j < 4; ++j) {
         // Corners outside the image (offset 0 is only a safe address) and a NaN point's, which
         // reads no pixel, take no gradient; the others do even at weight 0, as autograd gives
@@ -206,9 +220,9 @@ void backward_channels(int64_t count, const T* __restrict plane, T* __restrict g
 }
 
 // cols (C * K x np, row c * K + k) = the masked samples of pixels [p0, p0 + np) of image n.
-template <typename T>
-void sample_tile(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t p0, int64_t np, PointTable<T>& table,
-                 T* cols) {
+template <typename T, typename A>
+void sample_tile(const Geometry& g, const Inputs<T, A>& in, int64_t n, int64_t p0, int64_t np, PointTable<A>& table,
+                 A* cols) {
   const int64_t count = g.taps * np;
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     table.fill(g, in, n, grp, p0, np, false);
@@ -226,46 +240,61 @@ void sample_tile(const Geometry& g, const Inputs<T>& in, int64_t n, int64_t p0, 
   }
 }
 
-template <typename T>
-void forward_kernel(const Geometry& g, const Inputs<T>& in, const T* bias, T* out) {
+// out is T; for T != A each weight group's output tile is computed in A in a buffer first.
+template <typename T, typename A>
+void forward_kernel(const Geometry& g, const Inputs<T, A>& in, const A* bias, T* out) {
+  constexpr bool kDirect = std::is_same_v<T, A>;
   const int64_t pixels = g.pixels();
   const int64_t rows = g.c * g.taps;
-  const int64_t tile = tile_pixels(rows, pixels, sizeof(T));
+  const int64_t tile = tile_pixels(rows, pixels, sizeof(A));
   const int64_t tiles = (pixels + tile - 1) / tile;
   // Small problems stay on one thread: waking the pool costs more than they do.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (rows * tile));
   at::parallel_for(0, g.n * tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> cols(rows * tile);
-    PointTable<T> table;
+    std::vector<A> cols(rows * tile), result(kDirect ? 0 : g.out_per_wgroup * tile);
+    PointTable<A> table;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, p0 = (item % tiles) * tile, np = std::min(tile, pixels - p0);
       sample_tile(g, in, n, p0, np, table, cols.data());
       for (int64_t wg = 0; wg < g.weight_groups; ++wg) {
         T* dst = out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0;
+        A* acc;
+        int64_t ld;
+        if constexpr (kDirect) {
+          acc = dst, ld = pixels;
+        } else {
+          acc = result.data(), ld = np;
+        }
         if (bias) {
           for (int64_t o = 0; o < g.out_per_wgroup; ++o) {
-            std::fill_n(dst + o * pixels, np, bias[wg * g.out_per_wgroup + o]);
+            std::fill_n(acc + o * ld, np, bias[wg * g.out_per_wgroup + o]);
           }
         }
-        gemm<T>(false, false, g.out_per_wgroup, np, g.wcols(), in.weight + wg * g.out_per_wgroup * g.wcols(), g.wcols(),
-                cols.data() + wg * g.wcols() * np, np, bias ? 1.0 : 0.0, dst, pixels);
+        gemm<A>(false, false, g.out_per_wgroup, np, g.wcols(), in.weight + wg * g.out_per_wgroup * g.wcols(), g.wcols(),
+                cols.data() + wg * g.wcols() * np, np, bias ? 1.0 : 0.0, acc, ld);
+        if constexpr (!kDirect) {
+          for (int64_t o = 0; o < g.out_per_wgroup; ++o) {
+            std::transform(acc + o * ld, acc + o * ld + np, dst + o * pixels, [](A v) { return static_cast<T>(v); });
+          }
+        }
       }
     }
   });
 }
 
 // Per-thread buffers of the backward.
-template <typename T>
+template <typename A>
 struct Workspace {
-  PointTable<T> table;
-  std::vector<T> grad_cols, cols, acc_value, acc_y, acc_x;
+  PointTable<A> table;
+  std::vector<A> grad_cols, cols, acc_value, acc_y, acc_x;
 };
 
 // One (image, offset group) of the backward: grad_x of the group's channels, grad_offset and
 // grad_mask of the group, and this item's share of grad_weight added into grad_weight_sum.
-template <typename T>
-void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, int64_t n, int64_t grp, int64_t tile,
-                   T* grad_x, T* grad_offset, T* grad_mask, T* grad_weight_sum, Workspace<T>& ws) {
+// grad_out and every gradient are in A.
+template <typename T, typename A>
+void backward_item(const Geometry& g, const Inputs<T, A>& in, const A* grad_out, int64_t n, int64_t grp, int64_t tile,
+                   A* grad_x, A* grad_offset, A* grad_mask, A* grad_weight_sum, Workspace<A>& ws) {
   const int64_t pixels = g.pixels();
   const int64_t c_begin = grp * g.c_per_group, c_end = c_begin + g.c_per_group;
   ws.grad_cols.resize(g.c_per_group * g.taps * tile);
@@ -280,27 +309,27 @@ void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, in
     const int64_t np = std::min(tile, pixels - p0), count = g.taps * np;
     // grad_cols (the group's C * K x np) = W^T grad_out tile.
     for_each_piece([&](int64_t wg, int64_t lo, int64_t hi) {
-      gemm<T>(true, false, (hi - lo) * g.taps, np, g.out_per_wgroup,
+      gemm<A>(true, false, (hi - lo) * g.taps, np, g.out_per_wgroup,
               in.weight + wg * g.out_per_wgroup * g.wcols() + (lo - wg * g.c_per_wgroup) * g.taps, g.wcols(),
               grad_out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0, pixels, 0.0,
               ws.grad_cols.data() + (lo - c_begin) * count, np);
     });
     ws.table.fill(g, in, n, grp, p0, np, true);
-    ws.acc_value.assign(count, T(0));
-    ws.acc_y.assign(count, T(0));
-    ws.acc_x.assign(count, T(0));
+    ws.acc_value.assign(count, A(0));
+    ws.acc_y.assign(count, A(0));
+    ws.acc_x.assign(count, A(0));
     for (int64_t c = c_begin; c < c_end;) {
       const int64_t block = c + kChannelBlock <= c_end ? kChannelBlock : 1;
       const int64_t at = n * in.sx_n + c * in.sx_c, row = (c - c_begin) * count;
-      (block == kChannelBlock ? backward_channels<kChannelBlock, T>
-                              : backward_channels<1, T>)(count, in.x + at, grad_x + at, in.sx_c,
-                                                         ws.grad_cols.data() + row, ws.cols.data() + row, ws.table,
-                                                         ws.acc_value.data(), ws.acc_y.data(), ws.acc_x.data());
+      (block == kChannelBlock ? backward_channels<kChannelBlock, T, A>
+                              : backward_channels<1, T, A>)(count, in.x + at, grad_x + at, in.sx_c,
+                                                            ws.grad_cols.data() + row, ws.cols.data() + row, ws.table,
+                                                            ws.acc_value.data(), ws.acc_y.data(), ws.acc_x.data());
       c += block;
     }
     for (int64_t k = 0; k < g.taps; ++k) {
       const int64_t channel = grp * g.taps + k;
-      T* go = grad_offset + (n * 2 * g.groups * g.taps + 2 * channel) * pixels + p0;
+      A* go = grad_offset + (n * 2 * g.groups * g.taps + 2 * channel) * pixels + p0;
       for (int64_t j = 0; j < np; ++j) {
         const int64_t t = k * np + j;
         go[j] = ws.acc_y[t] * ws.table.mask[t];
@@ -312,7 +341,7 @@ void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, in
     }
     // grad_weight += grad_out tile @ cols^T.
     for_each_piece([&](int64_t wg, int64_t lo, int64_t hi) {
-      gemm<T>(false, true, g.out_per_wgroup, (hi - lo) * g.taps, np,
+      gemm<A>(false, true, g.out_per_wgroup, (hi - lo) * g.taps, np,
               grad_out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0, pixels,
               ws.cols.data() + (lo - c_begin) * count, np, 1.0,
               grad_weight_sum + wg * g.out_per_wgroup * g.wcols() + (lo - wg * g.c_per_wgroup) * g.taps, g.wcols());
@@ -320,21 +349,22 @@ void backward_item(const Geometry& g, const Inputs<T>& in, const T* grad_out, in
   }
 }
 
-template <typename T>
-void backward_kernel(const Geometry& g, const Inputs<T>& in, const T* grad_out, T* grad_x, T* grad_offset, T* grad_mask,
-                     at::Tensor& grad_weight) {
+// grad_out and every gradient (grad_weight too) in A.
+template <typename T, typename A>
+void backward_kernel(const Geometry& g, const Inputs<T, A>& in, const A* grad_out, A* grad_x, A* grad_offset,
+                     A* grad_mask, at::Tensor& grad_weight) {
   // Two buffers of rows x P (gradient and sampled columns) share the cache budget.
-  const int64_t tile = tile_pixels(2 * g.c_per_group * g.taps, g.pixels(), sizeof(T));
+  const int64_t tile = tile_pixels(2 * g.c_per_group * g.taps, g.pixels(), sizeof(A));
   const int64_t items = g.n * g.groups;
   const int64_t work = items * g.c_per_group * g.taps * g.pixels();
   const int64_t chunks =
       std::clamp<int64_t>(work / at::internal::GRAIN_SIZE, 1, std::min<int64_t>(items, at::get_num_threads()));
   at::Tensor partial = at::zeros({chunks, g.c_out, g.wcols()}, grad_weight.options());
-  T* partial_data = partial.mutable_data_ptr<T>();
+  A* partial_data = partial.mutable_data_ptr<A>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    Workspace<T> ws;
+    Workspace<A> ws;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      T* sum = partial_data + chunk * g.c_out * g.wcols();
+      A* sum = partial_data + chunk * g.c_out * g.wcols();
       for (int64_t item = chunk * items / chunks; item < (chunk + 1) * items / chunks; ++item) {
         backward_item(g, in, grad_out, item / g.groups, item % g.groups, tile, grad_x, grad_offset, grad_mask, sum, ws);
       }
@@ -346,9 +376,12 @@ void backward_kernel(const Geometry& g, const Inputs<T>& in, const T* grad_out, 
 }
 
 void check_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "deform_conv2d on the CPU supports float32 and float64; got ", x.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "deform_conv2d on the CPU supports float32, float64, float16 and bfloat16; got ", x.scalar_type());
 }
+
+// t in the dtype computed in (float for float16/bfloat16 t), contiguous.
+at::Tensor computed(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())).contiguous(); }
 
 at::Tensor deform_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& offset_in,
                                      const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
@@ -358,15 +391,16 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& o
   check_dtype(x_in);
   const Geometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                      offset_groups, weight_groups);
-  const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = computed(weight_in);
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor bias = bias_in.has_value() ? computed(*bias_in) : at::Tensor();
   at::Tensor out = at::empty({g.n, g.c_out, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_forward_cpu", [&] {
-    forward_kernel<scalar_t>(g, inputs<scalar_t>(x, offset, mask, weight),
-                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                             out.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "deform_conv2d_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, acc_t>(g, inputs<scalar_t, acc_t>(x, offset, mask, weight),
+                                    bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+                                    out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -378,25 +412,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
   check_dtype(x_in);
   const Geometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                      offset_groups, weight_groups);
-  const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = computed(weight_in);
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n, g.c_out, g.ho, g.wo}),
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({g.n, g.c_out, g.ho, g.wo}),
               "deform_conv2d backward: grad_out has the wrong shape");
-  // Same strides as x (both dense), so one set of corner offsets serves both.
-  at::Tensor grad_x = at::zeros_like(x);
+  const at::Tensor grad_out = computed(grad_out_in);
+  // Summed in the dtype computed in, rounded to x's once at the end. grad_x has the same
+  // strides as x (both dense), so one set of corner offsets serves both.
+  const auto acc = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor grad_x = at::zeros_like(x, acc);
   TORCH_INTERNAL_ASSERT(grad_x.strides() == x.strides());
-  at::Tensor grad_offset = at::empty_like(offset);
-  at::Tensor grad_mask = mask.defined() ? at::empty_like(mask) : at::empty({0}, x.options());
+  at::Tensor grad_offset = at::empty_like(offset, acc);
+  at::Tensor grad_mask = mask.defined() ? at::empty_like(mask, acc) : at::empty({0}, acc);
   at::Tensor grad_weight = at::zeros_like(weight);
   if (g.n > 0) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-      backward_kernel<scalar_t>(g, inputs<scalar_t>(x, offset, mask, weight), grad_out.const_data_ptr<scalar_t>(),
-                                grad_x.mutable_data_ptr<scalar_t>(), grad_offset.mutable_data_ptr<scalar_t>(),
-                                mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr, grad_weight);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "deform_conv2d_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_kernel<scalar_t, acc_t>(g, inputs<scalar_t, acc_t>(x, offset, mask, weight),
+                                       grad_out.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<acc_t>(),
+                                       grad_offset.mutable_data_ptr<acc_t>(),
+                                       mask.defined() ? grad_mask.mutable_data_ptr<acc_t>() : nullptr, grad_weight);
     });
   }
-  return {grad_x, grad_offset, grad_mask, grad_weight};
+  const auto dtype = x.scalar_type();
+  return {grad_x.to(dtype), grad_offset.to(dtype), grad_mask.to(dtype), grad_weight.to(dtype)};
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 // grad_out) to the autograd formula. The kernels take the weight groups explicitly, C / weight's
 // second size.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 #include "backend.h"
@@ -75,6 +76,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
                                 dilation[0], dilation[1], offset_groups, x.size(1) / weight.size(1)));
 }
 
+// Under autocast the public op takes its floating tensors but float64 in the autocast dtype: a deformable
+// convolution is a convolution, and autocast runs those in the lower precision (conv2d is on its
+// lower-precision list). stt_kernels.deform_conv2d casts the same way in Python before its checks;
+// this kernel serves graphs and programs that call the op itself. The casts are recorded by
+// autograd (this key is above it), so float32 parameters get float32 gradients.
+template <c10::DeviceType kDevice, c10::DispatchKey kKey>
+at::Tensor autocast_forward(const at::Tensor& x, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::SymIntArrayRef stride,
+                            c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, c10::SymInt offset_groups,
+                            c10::string_view backend) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, kDevice); };
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("stt::deform_conv2d", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, c10::SymIntArrayRef, c10::SymIntArrayRef,
+                            c10::SymIntArrayRef, c10::SymInt, c10::string_view)>();
+  return op.call(cast(x), cast(offset), cast(mask), cast(weight), cast(bias), stride, padding, dilation,
+                 std::move(offset_groups), backend);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(stt, m) {
@@ -109,6 +133,14 @@ TORCH_LIBRARY_IMPL(stt, CPU, m) {
 TORCH_LIBRARY_IMPL(stt, CUDA, m) {
   m.impl("deform_conv2d", &forward);
   m.impl("deform_conv2d_backward", &backward);
+}
+
+TORCH_LIBRARY_IMPL(stt, AutocastCPU, m) {
+  m.impl("deform_conv2d", &autocast_forward<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+}
+
+TORCH_LIBRARY_IMPL(stt, AutocastCUDA, m) {
+  m.impl("deform_conv2d", &autocast_forward<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
 }
 
 }  // namespace stt::ops

@@ -157,6 +157,32 @@ def _reference_backward(
 deform_conv2d_kernels.register("reference", Kernels(_reference_forward, _reference_backward))
 
 
+def _autocast(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """The tensors as the op takes them under autocast on ``x``'s device: floating ones cast to
+    the autocast dtype. A deformable convolution is a convolution, and autocast runs those in the
+    lower precision (torch's conv2d is on its lower-precision list), so a bfloat16 activation
+    meets a float32 weight parameter in bfloat16; the kernels still compute in float32. float64
+    is left alone, as autocast leaves it. The casts are differentiable: float32 parameters get
+    float32 gradients. The C++ op's Autocast kernel (``csrc/ops/deform_conv2d.cpp``) casts the
+    same way for graphs that call ``torch.ops.stt.deform_conv2d`` itself."""
+    # Anything but tensors is left for the checks to refuse.
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, offset, mask, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(offset), cast(mask), cast(weight), cast(bias)
+
+
 def deform_conv2d(
     x: torch.Tensor,
     offset: torch.Tensor,
@@ -174,6 +200,9 @@ def deform_conv2d(
     from it), ``mask (N, G*Kh*Kw, H_out, W_out)`` or ``None`` (no modulation),
     ``weight (C_out, C / weight_groups, Kh, Kw)``, ``bias (C_out,)`` or ``None``.
     Returns ``(N, C_out, H_out, W_out)``.
+
+    Under ``torch.autocast``, float32 tensors are cast to the autocast dtype first (as
+    ``conv2d``'s are), and the result has that dtype.
 
     Scripted (``torch.jit.script``), a ``backend`` of None is ``auto`` (a script reads no context
     or environment). Under ``torch.fx`` tracing the call is one node.
@@ -202,6 +231,7 @@ def deform_conv2d(
     )
     if traced is not None:
         return traced
+    x, offset, mask, weight, bias = _autocast(x, offset, mask, weight, bias)
     stride, padding, dilation, offset_groups, _ = check_deform_conv2d(
         x, offset, mask, weight, bias, stride, padding, dilation
     )
