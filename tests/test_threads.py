@@ -126,3 +126,35 @@ def test_cli_warns_with_the_machines_load(tmp_path, capsys, monkeypatch):
         "would wait on each other at every parallel region; --threads 1 is likely faster (docs/threads.md)"
     )
     assert err[1].startswith("stt predict: error:")
+
+
+TINY_YAML = """base: tiny-cpu
+model: {channels: [4, 8], heads: [1, 2], sst_levels: [false, true]}
+data: {patch: [4, 32, 32], augment: false}
+loss: {discriminator_channels: 4}
+train: {batch_size: 1}
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the benchmark runs on two CPUs")
+def test_benchmark_script_dry(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    cores = [str(c) for c in sorted(os.sched_getaffinity(0))[:2]]
+    variants = ["2 threads + hog, PASSIVE"]  # the hog, an environment and 2 threads: one run (a process start)
+    command = [sys.executable, str(ROOT / "benchmarks" / "threads.py"), f"--config={config}", "--seconds=0.05"]
+    command += ["--warmup=0", "--repeats=1", "--cores", *cores, "--only", *variants]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0].strip("| ") for r in rows] == ["variant", *variants]
+    assert float(rows[1][1]) > 0 and rows[1][2].strip(" |") == "1.00"
+    assert "load average" in done.stdout.splitlines()[0]
+
+
+def test_benchmark_script_refuses_cpus_it_may_not_use():
+    bad = str(max(os.sched_getaffinity(0)) + 1)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "threads.py"), "--cores", "0", bad], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "--cores must be two different CPUs this process may use" in done.stderr
