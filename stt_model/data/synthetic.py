@@ -7,9 +7,10 @@ nearer axis (relative to the radii), so instance interfaces exist. Their look: a
 membrane (two dark rims) all round each object, along an interface with a touching neighbour too
 (two membranes side by side there, as in EM), a darker matrix with cristae-like stripes across
 the long axis. Around them: smooth cytoplasm texture, a network of thin dark cell membranes and
-dark-rimmed vesicles (unlabelled distractors), blur and noise, and section artefacts: per-slice brightness/contrast jumps, a small slice
-misalignment (applied to the labels too: annotations follow the image), an occasional blurred
-or missing (blank) slice whose labels are kept, as annotators interpolate across them.
+dark-rimmed vesicles (unlabelled distractors), blur and noise, and section artefacts: per-slice
+brightness/contrast jumps, a small slice misalignment (applied to the labels too: annotations
+follow the image), an occasional blurred or missing (blank) slice whose labels are kept, as
+annotators interpolate across them.
 """
 
 from __future__ import annotations
