@@ -13,21 +13,19 @@ step; the evidence goes to ``$OUT`` (each file capped at 16 MB):
     gpu_tests.txt   the kernel tests of the GPU backends (``-k "cuda or triton"``; trimmed
                     autotuning, ``STT_TRITON_QUICK_TUNE=1``): values, gradients, dtypes, TF32,
                     bitwise-repeatable backwards, the CUDA backward above 48 KB of shared memory
-    probe.json      temporal attention at the paper's scale, 2 x 32 x 320 x 320, 4 heads,
-                    bfloat16 forward+backward on both GPU backends: first call, peak memory
     sanitizer.txt   ``compute-sanitizer`` memcheck and racecheck on tiny calls of every kernel
-    bench/          ``stt_kernels.bench`` (results.json, report.md): bfloat16 spatial, temporal,
-                    deformable and the SST block at the issues' shapes against SDPA (flash,
-                    efficient), FlexAttention, torchvision and the stock block;
-                    ``triton.testing.do_bench`` (CUDA events, L2 flushed between repeats)
-    steps.log       what the probe and bench steps printed
+    bench/          ``stt_kernels.bench`` (results.json, report.md), bfloat16: spatial, temporal,
+                    deformable and the SST block at the issues' shapes forward, and temporal
+                    attention at the paper's scale (2 x 32 x 320 x 320, 4 heads) forward+backward,
+                    against SDPA (flash, efficient), FlexAttention, torchvision and the stock block;
+                    ``triton.testing.do_bench`` (CUDA events, L2 flushed), peak memory, OOM rows
+    bench.log       what the bench step printed
     summary.txt     one line per step: ok / failed / timed out / skipped, with the reason
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -88,11 +86,10 @@ def _steps(out: Path, python: str) -> list[Step]:
     return [
         ("build", 200, [python, "setup.py", "build_ext", "--inplace"], "build.log", build_env),
         ("report", 20, [python, "-m", "stt_kernels"], "report.txt", {}),
-        ("gpu tests", 120, [*tests, "-q", "-x", "-p", "no:cacheprovider"], "gpu_tests.txt", quick_tune),
-        ("probe", 60, [*me, "probe", str(out / "probe.json")], "steps.log", {}),
+        ("gpu tests", 150, [*tests, "-q", "-x", "-p", "no:cacheprovider"], "gpu_tests.txt", quick_tune),
         ("memcheck", 30, [*sanitize, "memcheck", *me, "tiny"], "sanitizer.txt", {}),
         ("racecheck", 30, [*sanitize, "racecheck", *me, "tiny"], "sanitizer.txt", {}),
-        ("bench", 80, [*me, "bench", str(out / "bench")], "steps.log", {}),
+        ("bench", 110, [*me, "bench", str(out / "bench")], "bench.log", {}),
     ]
 
 
@@ -119,41 +116,6 @@ def orchestrate(out: Path, dry: bool) -> int:
 # -- the steps that run inside this file ------------------------------------------------------
 
 
-def _attention_inputs(shape: tuple[int, ...], dtype):
-    """A packed ``qkv`` of ``shape`` ``(B, T, H, W, heads, d)`` that takes gradients, and its q, k, v."""
-    import torch
-
-    qkv = torch.randn(*shape[:4], 3, *shape[4:], dtype=dtype, device="cuda", requires_grad=True)
-    return qkv, qkv.unbind(4)
-
-
-def probe(path: Path) -> int:
-    """Temporal attention at the paper's scale on each GPU backend: ``path`` (JSON), a failure
-    recorded in place of the figures."""
-    import torch
-
-    import stt_kernels
-
-    results: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for backend in ("triton", "cuda"):
-        key = f"temporal_bf16_2x32x320x320_{backend}"
-        try:
-            qkv, (q, k, v) = _attention_inputs((2, 32, 320, 320, 4, 8), torch.bfloat16)
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            stt_kernels.temporal_attention(q, k, v, backend=backend).float().square().mean().backward()
-            torch.cuda.synchronize()
-            results[key] = {
-                "seconds_first_call": time.perf_counter() - start,
-                "grad_finite": bool(qkv.grad.isfinite().all()),
-            }
-            results[key]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        except Exception as exc:  # the probe reports every failure and goes on
-            results[key] = f"error: {type(exc).__name__}: {exc}"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
-
-
 def tiny() -> int:
     """Tiny calls of every GPU kernel, forward and backward, for compute-sanitizer."""
     import torch
@@ -162,8 +124,8 @@ def tiny() -> int:
 
     for backend in ("cuda", "triton"):
         for op in (stt_kernels.spatial_attention, stt_kernels.temporal_attention):
-            _, (q, k, v) = _attention_inputs((1, 3, 5, 7, 2, 9), torch.float32)
-            op(q, k, v, backend=backend).sum().backward()
+            qkv = torch.randn(1, 3, 5, 7, 3, 2, 9, device="cuda", requires_grad=True)
+            op(*qkv.unbind(4), backend=backend).sum().backward()
         shapes = ((1, 4, 9, 11), (1, 18, 9, 11), (1, 9, 9, 11), (4, 4, 3, 3))
         x, offset, mask, weight = (torch.rand(*s, device="cuda", requires_grad=True) for s in shapes)
         stt_kernels.deform_conv2d(x, offset, mask, weight, backend=backend).sum().backward()
@@ -171,26 +133,36 @@ def tiny() -> int:
     return 0
 
 
-def bench(out: Path) -> int:
-    """The benchmark engine on the issues' shapes, bfloat16 forward, against SDPA (flash, efficient),
-    FlexAttention, torchvision and the stock block: ``out/results.json`` and ``out/report.md``."""
-    from stt_kernels.bench import Options, run_measuring
+def suite(tier: str) -> list:
+    """The bench step's rows: the issues' shapes forward, and temporal attention at the paper's
+    scale (the first level of ``--full``, 2 x 32 x 320 x 320) forward+backward."""
+    from stt_kernels.bench.cases import SUITES, levels
 
+    issue = [(op, shape, ("forward",)) for op, shape, _ in SUITES["issue-shapes"](tier)]
+    return [*issue, ("temporal_attention", levels("full")[0], ("forward+backward",))]
+
+
+def bench(out: Path) -> int:
+    """The benchmark engine on :func:`suite` in bfloat16, against SDPA (flash, efficient),
+    FlexAttention, torchvision and the stock block: ``out/results.json`` and ``out/report.md``."""
+    from stt_kernels.bench import Options, register_suite, run_measuring
+
+    register_suite("gpu-check", suite)
     peers = ["sdpa:flash", "sdpa:efficient", "flex_attention", "torchvision", "stock"]
-    settings = dict(tier="quick", suites=["issue-shapes"], dtypes=["bfloat16"], passes=["forward"], peers=peers)
-    run_measuring(Options(out=out, device="cuda", overwrite=True, **settings))
+    settings = dict(tier="quick", suites=["gpu-check"], dtypes=["bfloat16"], peers=peers, device="cuda")
+    run_measuring(Options(out=out, overwrite=True, **settings))
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", nargs="?", choices=("all", "probe", "bench", "tiny"), default="all")
-    parser.add_argument("path", nargs="?", type=Path, help="output file of the probe step, folder of the bench step")
+    parser.add_argument("step", nargs="?", choices=("all", "bench", "tiny"), default="all")
+    parser.add_argument("path", nargs="?", type=Path, help="the output folder of the bench step")
     parser.add_argument("--dry", action="store_true", help="skip every GPU step with its reason (CI)")
     args = parser.parse_args(argv)
     if args.step == "all":
         return orchestrate(Path(os.environ.get("OUT") or "gpu_check_out"), args.dry)
-    return {"probe": lambda: probe(args.path), "bench": lambda: bench(args.path), "tiny": tiny}[args.step]()
+    return bench(args.path) if args.step == "bench" else tiny()
 
 
 if __name__ == "__main__":
