@@ -2,8 +2,9 @@
 //
 // The C*K x Ho*Wo column matrix of im2col never exists: the output pixels are cut into tiles of
 // P pixels, a thread samples one tile's C*K x P columns into a buffer small enough to stay in
-// cache and multiplies it by the weight straight into the output. Column rows are ordered
-// c * K + k, the order of weight.view(C_out, C / weight_groups * K), so no weight is reordered.
+// cache and multiplies it by the weight straight into the output. The forward samples a
+// channels-last copy of x into pixel-major columns (see sample_tile); the backward's column rows
+// are ordered c * K + k, the order of weight.view(C_out, C / weight_groups * K).
 //
 // Backward work items are (image, offset group): the item owns its slice of grad_x, grad_offset
 // and grad_mask, so the scatter needs no atomics and the sums run in a fixed order. The weight
@@ -129,7 +130,7 @@ struct PointTable {
   }
 };
 
-// Channels go through the per-point loops B at a time, so that each table entry is loaded once
+// The backward's channels go through its per-point loops B at a time, so that each table entry is loaded once
 // for B channels: the loops are bound by loads, and their indexed reads stay scalar (compilers
 // tuned for AMD Zen do not emit gathers).
 constexpr int64_t kChannelBlock = 4;
@@ -140,35 +141,6 @@ constexpr uint8_t kAllCorners = 0xF;
 template <typename A, typename T>
 inline A corner(const T* p, int32_t o, uint8_t valid, int bit) {
   return valid >> bit & 1 ? static_cast<A>(p[o]) : A(0);
-}
-
-// dst[i * count + t] = the sample of plane i (i < B, planes plane_stride apart) at point t.
-template <int B, typename T, typename A>
-void sample_channels(int64_t count, const T* __restrict plane, int64_t plane_stride, const PointTable<A>& table,
-                     A* __restrict dst) {
-  const int32_t *__restrict o0 = table.offset[0].data(), *__restrict o1 = table.offset[1].data(),
-                *__restrict o2 = table.offset[2].data(), *__restrict o3 = table.offset[3].data();
-  const A *__restrict w0 = table.weight[0].data(), *__restrict w1 = table.weight[1].data(),
-          *__restrict w2 = table.weight[2].data(), *__restrict w3 = table.weight[3].data();
-  const uint8_t* __restrict valid = table.valid.data();
-  for (int64_t t = 0; t < count; ++t) {
-    const int32_t a = o0[t], b = o1[t], c = o2[t], d = o3[t];
-    const A wa = w0[t], wb = w1[t], wc = w2[t], wd = w3[t];
-    const uint8_t v = valid[t];
-    if (v == kAllCorners) {  // most points: no corner to check
-      for (int i = 0; i < B; ++i) {
-        const T* p = plane + i * plane_stride;
-        dst[i * count + t] = wa * static_cast<A>(p[a]) + wb * static_cast<A>(p[b]) + wc * static_cast<A>(p[c]) +
-                             wd * static_cast<A>(p[d]);
-      }
-    } else {  // near the border, or a NaN point (NaN weights: its sample stays NaN)
-      for (int i = 0; i < B; ++i) {
-        const T* p = plane + i * plane_stride;
-        dst[i * count + t] = wa * corner<A>(p, a, v, 0) + wb * corner<A>(p, b, v, 1) + wc * corner<A>(p, c, v, 2) +
-                             wd * corner<A>(p, d, v, 3);
-      }
-    }
-  }
 }
 
 // The backward of B channel planes over the table: scatters into their grad planes, writes the
@@ -219,28 +191,64 @@ void backward_channels(int64_t count, const T* __restrict plane, A* __restrict g
   }
 }
 
-// cols (C * K x np, row c * K + k) = the masked samples of pixels [p0, p0 + np) of image n.
+// The forward samples a channels-last x: the four corners of a point are runs of contiguous
+// channels, so a point's samples of all its group's channels are vector loads and FMAs over c
+// with the point's weights broadcast, rather than four scalar reads per channel.
+//
+// cols (np x C * K) = the masked samples of pixels [p0, p0 + np) of image n, row j the pixel,
+// column wg * K * Cw + k * Cw + c' for channel c = wg * Cw + c' of weight group wg (Cw channels):
+// each weight group's columns are one block, in the order of its weight reordered to
+// (C_out, K, Cw). x is channels-last (sx_c == 1).
 template <typename T, typename A>
 void sample_tile(const Geometry& g, const Inputs<T, A>& in, int64_t n, int64_t p0, int64_t np, PointTable<A>& table,
-                 A* cols) {
-  const int64_t count = g.taps * np;
+                 const A* zeros, A* cols) {
+  const int64_t rows = g.c * g.taps;
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     table.fill(g, in, n, grp, p0, np, false);
-    const int64_t c_end = (grp + 1) * g.c_per_group;
-    for (int64_t c = grp * g.c_per_group; c < c_end;) {
-      const T* plane = in.x + n * in.sx_n + c * in.sx_c;
-      if (c + kChannelBlock <= c_end) {
-        sample_channels<kChannelBlock>(count, plane, in.sx_c, table, cols + c * count);
-        c += kChannelBlock;
-      } else {
-        sample_channels<1>(count, plane, in.sx_c, table, cols + c * count);
-        c += 1;
+    const int64_t c_begin = grp * g.c_per_group, c_end = c_begin + g.c_per_group;
+    const T* image = in.x + n * in.sx_n;
+    for (int64_t j = 0; j < np; ++j) {
+      A* row = cols + j * rows;
+      for (int64_t k = 0; k < g.taps; ++k) {
+        const int64_t t = k * np + j;
+        const uint8_t v = table.valid[t];
+        const A wa = table.weight[0][t], wb = table.weight[1][t], wc = table.weight[2][t], wd = table.weight[3][t];
+        // A corner outside the plane reads zeros (weight 0, or NaN for a NaN point: NaN * 0 keeps
+        // the point NaN), never a pixel, so a NaN there stays out of the points not sampling it.
+        const bool all = v == kAllCorners;
+        const T* pa = image + table.offset[0][t];
+        const T* pb = image + table.offset[1][t];
+        const T* pc = image + table.offset[2][t];
+        const T* pd = image + table.offset[3][t];
+        const bool oa = all || (v & 1), ob = all || (v >> 1 & 1), oc = all || (v >> 2 & 1), od = all || (v >> 3 & 1);
+        // The group's channels, split where a weight group ends: each piece is contiguous in x and in cols.
+        for (int64_t lo = c_begin; lo < c_end;) {
+          const int64_t wg = lo / g.c_per_wgroup;
+          const int64_t hi = std::min(c_end, (wg + 1) * g.c_per_wgroup);
+          A* __restrict dst = row + wg * g.wcols() + k * g.c_per_wgroup + (lo - wg * g.c_per_wgroup);
+          const int64_t len = hi - lo;
+          if (all) {
+            const T* __restrict a = pa + lo, * __restrict b = pb + lo, * __restrict c = pc + lo, * __restrict d = pd + lo;
+            for (int64_t i = 0; i < len; ++i) {
+              dst[i] = wa * static_cast<A>(a[i]) + wb * static_cast<A>(b[i]) + wc * static_cast<A>(c[i]) +
+                       wd * static_cast<A>(d[i]);
+            }
+          } else {
+            for (int64_t i = 0; i < len; ++i) {
+              const A va = oa ? static_cast<A>(pa[lo + i]) : zeros[i], vb = ob ? static_cast<A>(pb[lo + i]) : zeros[i];
+              const A vc = oc ? static_cast<A>(pc[lo + i]) : zeros[i], vd = od ? static_cast<A>(pd[lo + i]) : zeros[i];
+              dst[i] = wa * va + wb * vb + wc * vc + wd * vd;
+            }
+          }
+          lo = hi;
+        }
       }
     }
   }
 }
 
 // out is T; for T != A each weight group's output tile is computed in A in a buffer first.
+// in: x channels-last, weight reordered to (C_out, K, C / weight_groups).
 template <typename T, typename A>
 void forward_kernel(const Geometry& g, const Inputs<T, A>& in, const A* bias, T* out) {
   constexpr bool kDirect = std::is_same_v<T, A>;
@@ -251,11 +259,11 @@ void forward_kernel(const Geometry& g, const Inputs<T, A>& in, const A* bias, T*
   // Small problems stay on one thread: waking the pool costs more than they do.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (rows * tile));
   at::parallel_for(0, g.n * tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> cols(rows * tile), result(kDirect ? 0 : g.out_per_wgroup * tile);
+    std::vector<A> cols(rows * tile), result(kDirect ? 0 : g.out_per_wgroup * tile), zeros(g.c, A(0));
     PointTable<A> table;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, p0 = (item % tiles) * tile, np = std::min(tile, pixels - p0);
-      sample_tile(g, in, n, p0, np, table, cols.data());
+      sample_tile(g, in, n, p0, np, table, zeros.data(), cols.data());
       for (int64_t wg = 0; wg < g.weight_groups; ++wg) {
         T* dst = out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0;
         A* acc;
@@ -270,8 +278,8 @@ void forward_kernel(const Geometry& g, const Inputs<T, A>& in, const A* bias, T*
             std::fill_n(acc + o * ld, np, bias[wg * g.out_per_wgroup + o]);
           }
         }
-        gemm<A>(false, false, g.out_per_wgroup, np, g.wcols(), in.weight + wg * g.out_per_wgroup * g.wcols(), g.wcols(),
-                cols.data() + wg * g.wcols() * np, np, bias ? 1.0 : 0.0, acc, ld);
+        gemm<A>(false, true, g.out_per_wgroup, np, g.wcols(), in.weight + wg * g.out_per_wgroup * g.wcols(), g.wcols(),
+                cols.data() + wg * g.wcols(), rows, bias ? 1.0 : 0.0, acc, ld);
         if constexpr (!kDirect) {
           for (int64_t o = 0; o < g.out_per_wgroup; ++o) {
             std::transform(acc + o * ld, acc + o * ld + np, dst + o * pixels, [](A v) { return static_cast<T>(v); });
@@ -391,7 +399,10 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& o
   check_dtype(x_in);
   const Geometry g = deform_geometry(x_in, offset_in, weight_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                      offset_groups, weight_groups);
-  const at::Tensor x = dense_input(x_in), offset = offset_in.contiguous(), weight = computed(weight_in);
+  // The forward reads x channels-last (a copy the size of x unless it is already) and the weight
+  // as (C_out, K, C / weight_groups), the column order of sample_tile.
+  const at::Tensor x = dense_input(x_in.contiguous(at::MemoryFormat::ChannelsLast)), offset = offset_in.contiguous();
+  const at::Tensor weight = computed(weight_in.flatten(2).transpose(1, 2));
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const at::Tensor bias = bias_in.has_value() ? computed(*bias_in) : at::Tensor();
   at::Tensor out = at::empty({g.n, g.c_out, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
