@@ -92,7 +92,7 @@ Inputs<T, A> inputs(const at::Tensor& x, const at::Tensor& offset, const at::Ten
           weight.const_data_ptr<A>()};
 }
 
-// The sampling points of one tile of one offset group, resolved once for all the group's
+// The backward's sampling points of one tile of one offset group, resolved once for all the group's
 // channels, indexed t = k * np + j: the same order as one channel's rows of the column tile,
 // so the per-channel loops below walk the table and the columns in step, every stream sequential.
 // valid[t] has bit i set when corner i is inside the plane: the others read as zero.
@@ -103,12 +103,11 @@ struct PointTable {
   std::vector<uint8_t> valid;
 
   template <typename T>
-  void fill(const Geometry& g, const Inputs<T, A>& in, int64_t n, int64_t grp, int64_t p0, int64_t np, bool backward) {
+  void fill(const Geometry& g, const Inputs<T, A>& in, int64_t n, int64_t grp, int64_t p0, int64_t np) {
     const int64_t size = g.taps * np;
     for (int i = 0; i < 4; ++i) {
       offset[i].resize(size);
-      weight[i].resize(size);
-      if (backward) weight_dy[i].resize(size), weight_dx[i].resize(size);
+      weight[i].resize(size), weight_dy[i].resize(size), weight_dx[i].resize(size);
     }
     mask.resize(size);
     valid.resize(size);
@@ -121,9 +120,8 @@ struct PointTable {
         for (int i = 0; i < 4; ++i) {
           valid[t] |= s.point.valid[i] << i;
           offset[i][t] = static_cast<int32_t>(s.point.offset[i]);
-          // The forward only needs the masked sample; the backward needs mask and sample apart.
-          weight[i][t] = backward ? s.point.weight[i] : s.point.weight[i] * s.mask;
-          if (backward) weight_dy[i][t] = s.point.weight_dy[i], weight_dx[i][t] = s.point.weight_dx[i];
+          weight[i][t] = s.point.weight[i];
+          weight_dy[i][t] = s.point.weight_dy[i], weight_dx[i][t] = s.point.weight_dx[i];
         }
       }
     }
@@ -200,27 +198,28 @@ void backward_channels(int64_t count, const T* __restrict plane, A* __restrict g
 // each weight group's columns are one block, in the order of its weight reordered to
 // (C_out, K, Cw). x is channels-last (sx_c == 1).
 template <typename T, typename A>
-void sample_tile(const Geometry& g, const Inputs<T, A>& in, int64_t n, int64_t p0, int64_t np, PointTable<A>& table,
-                 const A* zeros, A* cols) {
+void sample_tile(const Geometry& g, const Inputs<T, A>& in, int64_t n, int64_t p0, int64_t np, const A* zeros,
+                 A* cols) {
   const int64_t rows = g.c * g.taps;
+  const T* image = in.x + n * in.sx_n;
   for (int64_t grp = 0; grp < g.groups; ++grp) {
-    table.fill(g, in, n, grp, p0, np, false);
     const int64_t c_begin = grp * g.c_per_group, c_end = c_begin + g.c_per_group;
-    const T* image = in.x + n * in.sx_n;
     for (int64_t j = 0; j < np; ++j) {
       A* row = cols + j * rows;
       for (int64_t k = 0; k < g.taps; ++k) {
-        const int64_t t = k * np + j;
-        const uint8_t v = table.valid[t];
-        const A wa = table.weight[0][t], wb = table.weight[1][t], wc = table.weight[2][t], wd = table.weight[3][t];
+        // Each point is used right away by all its group's channels: no table to write and read back.
+        const DeformTap<A> s = deform_tap<A, T>(g, in.offset, in.mask, in.sx_h, in.sx_w, n, grp, k, p0 + j);
+        const BilinearPoint<A>& q = s.point;
+        const A wa = q.weight[0] * s.mask, wb = q.weight[1] * s.mask, wc = q.weight[2] * s.mask,
+                wd = q.weight[3] * s.mask;
         // A corner outside the plane reads zeros (weight 0, or NaN for a NaN point: NaN * 0 keeps
         // the point NaN), never a pixel, so a NaN there stays out of the points not sampling it.
-        const bool all = v == kAllCorners;
-        const T* pa = image + table.offset[0][t];
-        const T* pb = image + table.offset[1][t];
-        const T* pc = image + table.offset[2][t];
-        const T* pd = image + table.offset[3][t];
-        const bool oa = all || (v & 1), ob = all || (v >> 1 & 1), oc = all || (v >> 2 & 1), od = all || (v >> 3 & 1);
+        const bool oa = q.valid[0], ob = q.valid[1], oc = q.valid[2], od = q.valid[3];
+        const bool all = oa && ob && oc && od;
+        const T* pa = image + q.offset[0];
+        const T* pb = image + q.offset[1];
+        const T* pc = image + q.offset[2];
+        const T* pd = image + q.offset[3];
         // The group's channels, split where a weight group ends: each piece is contiguous in x and in cols.
         for (int64_t lo = c_begin; lo < c_end;) {
           const int64_t wg = lo / g.c_per_wgroup;
@@ -260,10 +259,9 @@ void forward_kernel(const Geometry& g, const Inputs<T, A>& in, const A* bias, T*
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (rows * tile));
   at::parallel_for(0, g.n * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> cols(rows * tile), result(kDirect ? 0 : g.out_per_wgroup * tile), zeros(g.c, A(0));
-    PointTable<A> table;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, p0 = (item % tiles) * tile, np = std::min(tile, pixels - p0);
-      sample_tile(g, in, n, p0, np, table, zeros.data(), cols.data());
+      sample_tile(g, in, n, p0, np, zeros.data(), cols.data());
       for (int64_t wg = 0; wg < g.weight_groups; ++wg) {
         T* dst = out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0;
         A* acc;
@@ -322,7 +320,7 @@ void backward_item(const Geometry& g, const Inputs<T, A>& in, const A* grad_out,
               grad_out + (n * g.c_out + wg * g.out_per_wgroup) * pixels + p0, pixels, 0.0,
               ws.grad_cols.data() + (lo - c_begin) * count, np);
     });
-    ws.table.fill(g, in, n, grp, p0, np, true);
+    ws.table.fill(g, in, n, grp, p0, np);
     ws.acc_value.assign(count, A(0));
     ws.acc_y.assign(count, A(0));
     ws.acc_x.assign(count, A(0));
