@@ -52,11 +52,60 @@ def test_the_autotuner_prunes_by_the_current_device_before_compiling(monkeypatch
     configs = attention.TUNING["_flash_backward_dkdv"].configs("default", "hip")
     prune = attention._flash_backward_dkdv.early_config_prune
     kept = prune(configs, {"N": 4096, "Q": torch.empty(0, dtype=torch.float32)}, BLOCK_D=128)
-    assert kept == [c for c in configs if _estimate("_flash_backward_dkdv", c, 4, 128) <= 64 * KB]
+    fitting = [c for c in configs if _estimate("_flash_backward_dkdv", c, 4, 128) <= 64 * KB]
+    # Less the last-resort blocks, since larger ones fit.
+    assert kept == [c for c in fitting if attention._blocks(c) != attention._LAST_RESORT] != fitting
     assert kept and len(kept) < len(configs)
     # Short sequences still drop blocks longer than the padded sequence first.
     short = prune(configs, {"N": 20, "Q": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_D=16)
     assert short and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in short)
+
+
+# (target, device): shared memory per block of the devices each autotuning list runs on.
+DEVICES = [("cuda", 163 * KB), ("cuda", 99 * KB), ("cuda", 227 * KB), ("hip", 64 * KB)]
+
+
+@pytest.mark.parametrize("kernel", FLASH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target, limit", DEVICES, ids=[f"{t}-{limit // KB}KB" for t, limit in DEVICES])
+def test_the_largest_head_dim_keeps_a_configuration_on_every_device(monkeypatch, kernel, dtype, target, limit):
+    """BLOCK_D = 256 (d = 129..256), a long sequence: the kernel's own pruning leaves a config."""
+    monkeypatch.setattr(attention, "_current_shared_limit", lambda: limit)
+    monkeypatch.setattr(attention, "_HIP", target == "hip")
+    configs = attention.TUNING[kernel].configs("default", target)
+    prune = getattr(attention, kernel).early_config_prune
+    kept = prune(configs, {"N": 4096, "Q": torch.empty(0, dtype=dtype)}, BLOCK_D=256)
+    assert kept and all(attention.fits_shared(kernel, c, dtype.itemsize, 256, 0, limit, target) for c in kept)
+
+
+def test_amd_estimate_bounds_one_staged_operand_tile():
+    """On AMD the tiled kernels' estimate is twice the largest operand tile, where that is lower:
+    float32 16 x 16 dK/dV at d = 256 compiled to 16 KB on gfx90a, above 64 KB by the general rule."""
+    config = _flash(16, 16)
+    assert _estimate("_flash_backward_dkdv", config, 4, 256) > 64 * KB
+    amd = attention.shared_estimate("_flash_backward_dkdv", config, 4, 256, 0, "hip")
+    assert amd == 2 * 4 * 16 * 256 + 16 * 32
+    # A 128 x 32 forward stages less than twice its 128-row tile by the general rule: that one holds.
+    tall = _flash(128, 32)
+    assert attention.shared_estimate("_flash_forward", tall, 2, 128, 0, "hip") == _estimate(
+        "_flash_forward", tall, 2, 128
+    )
+    packed = triton.Config({"SEQS": 2}, num_warps=4)
+    assert attention.shared_estimate("_packed_forward", packed, 2, 64, 32, "hip") == _estimate(
+        "_packed_forward", packed, 2, 64, 32
+    )
+
+
+def test_the_last_resort_blocks_run_only_where_nothing_larger_fits(monkeypatch):
+    configs = attention.TUNING["_flash_forward"].configs("default", "cuda")
+    prune = attention._flash_forward.early_config_prune
+    monkeypatch.setattr(attention, "_current_shared_limit", lambda: 99 * KB)
+    f32 = {"N": 4096, "Q": torch.empty(0, dtype=torch.float32)}
+    assert [attention._blocks(c) for c in prune(configs, f32, BLOCK_D=256)] == [attention._LAST_RESORT]
+    at_128 = prune(configs, f32, BLOCK_D=128)
+    assert at_128 and attention._LAST_RESORT not in [attention._blocks(c) for c in at_128]
+    # A sequence of at most 16 tokens: no longer block is left, so the 16 x 16 blocks run.
+    assert [attention._blocks(c) for c in prune(configs, {**f32, "N": 9}, BLOCK_D=16)] == [attention._LAST_RESORT]
 
 
 def test_packed_pruning_applies_the_register_budget_then_shared_memory(monkeypatch):
