@@ -52,9 +52,7 @@ def test_the_autotuner_prunes_by_the_current_device_before_compiling(monkeypatch
     configs = attention.TUNING["_flash_backward_dkdv"].configs("default", "hip")
     prune = attention._flash_backward_dkdv.early_config_prune
     kept = prune(configs, {"N": 4096, "Q": torch.empty(0, dtype=torch.float32)}, BLOCK_D=128)
-    fitting = [c for c in configs if _estimate("_flash_backward_dkdv", c, 4, 128) <= 64 * KB]
-    # Less the last-resort blocks, since larger ones fit.
-    assert kept == [c for c in fitting if attention._blocks(c) != attention._LAST_RESORT] != fitting
+    assert kept == [c for c in configs if _estimate("_flash_backward_dkdv", c, 4, 128) <= 64 * KB]
     assert kept and len(kept) < len(configs)
     # Short sequences still drop blocks longer than the padded sequence first.
     short = prune(configs, {"N": 20, "Q": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_D=16)
@@ -96,16 +94,16 @@ def test_amd_estimate_bounds_one_staged_operand_tile():
     )
 
 
-def test_the_last_resort_blocks_run_only_where_nothing_larger_fits(monkeypatch):
-    configs = attention.TUNING["_flash_forward"].configs("default", "cuda")
-    prune = attention._flash_forward.early_config_prune
-    monkeypatch.setattr(attention, "_current_shared_limit", lambda: 99 * KB)
-    f32 = {"N": 4096, "Q": torch.empty(0, dtype=torch.float32)}
-    assert [attention._blocks(c) for c in prune(configs, f32, BLOCK_D=256)] == [attention._LAST_RESORT]
-    at_128 = prune(configs, f32, BLOCK_D=128)
-    assert at_128 and attention._LAST_RESORT not in [attention._blocks(c) for c in at_128]
-    # A sequence of at most 16 tokens: no longer block is left, so the 16 x 16 blocks run.
-    assert [attention._blocks(c) for c in prune(configs, {**f32, "N": 9}, BLOCK_D=16)] == [attention._LAST_RESORT]
+@pytest.mark.parametrize("kernel", FLASH)
+@pytest.mark.parametrize("target", ["cuda", "hip"])
+def test_every_default_list_ends_with_16_by_16_blocks(kernel, target):
+    """The blocks that fit float32 at d = 256 on 99 KB parts and spill nowhere at d = 256
+    (offline compiles, benchmarks/RESULTS.md); the tiniest sequences run them alone."""
+    configs = attention.TUNING[kernel].configs("default", target)
+    assert attention._blocks(configs[-1]) == (16, 16)
+    assert _estimate(kernel, configs[-1], 4, 256) <= 99 * KB
+    prune = getattr(attention, kernel).early_config_prune
+    assert prune(configs, {"N": 9, "Q": torch.empty(0, dtype=torch.float32)}, BLOCK_D=16) == [configs[-1]]
 
 
 def test_packed_pruning_applies_the_register_budget_then_shared_memory(monkeypatch):

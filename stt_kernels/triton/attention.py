@@ -179,7 +179,8 @@ def _union(*spaces: dict[str, list[triton.Config]]) -> dict[str, list[triton.Con
 #   64 KB need the 32- and 16-row blocks, which also never spill; the run-time pruning keeps
 #   only what fits the device;
 # * 16 x 16 blocks last of all: at d = 256 (BLOCK_D 256) in float32 nothing larger fits 99 KB
-#   parts, nor the forward AMD's 64 KB; they are dropped wherever a larger block fits.
+#   parts, and in bf16 on gfx90a the 32 x 32 forward spills 176 B per thread; 16 x 16 blocks
+#   spill nothing at d = 256 (bf16 on sm_80, sm_90, gfx90a; float32 on sm_80, gfx90a).
 TUNING: dict[str, Tuning] = {
     "_flash_forward": Tuning(
         _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 32, 4), (16, 16, 4)])),
@@ -210,10 +211,6 @@ def _configs(kernel: str) -> list[triton.Config]:
     return TUNING[kernel].configs(_mode(), "hip" if _HIP else "cuda")
 
 
-# The blocks of last resort (see TUNING): tuned only where no larger block is left.
-_LAST_RESORT = (_MIN_TILE, _MIN_TILE)
-
-
 def _blocks(config: triton.Config) -> tuple[int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
 
@@ -228,10 +225,9 @@ def _prune_flash(kernel: str):
         if not fitting:
             smallest = min(_blocks(c) for c in configs)
             fitting = [c for c in configs if _blocks(c) == smallest]
-        kept = prune_shared(
+        return prune_shared(
             kernel, fitting, named_args["Q"].element_size(), kwargs["BLOCK_D"], 0, _current_shared_limit(), _target()
         )
-        return [c for c in kept if _blocks(c) != _LAST_RESORT] or kept
 
     return prune
 

@@ -479,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nargs="+",
         type=int,
         choices=HEAD_DIMS_FULL,
-        help="padded head dims (BLOCK_D), each with every --dtypes (all four if not given)",
+        help="padded head dims (BLOCK_D), each with every --dtypes (all five if not given)",
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument(
