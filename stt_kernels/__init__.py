@@ -9,6 +9,7 @@ Ops (``(B, T, H, W, heads, d)`` attention layout, ``(N, C, H, W)`` convolution l
 
 from importlib import metadata as _metadata
 
+from ._compile_cache import tag_compile_caches as _tag_compile_caches
 from .backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, use_backend
 from .nn import DeformableFusion, SpatialAttention, SSTAttention, TemporalAttention
 from .ops import deform_conv2d, spatial_attention, temporal_attention
@@ -19,6 +20,8 @@ try:
     __version__ = _metadata.version("stt-kernels")
 except _metadata.PackageNotFoundError:  # a source tree put on sys.path, never installed
     __version__ = "0+unknown"
+
+_tag_compile_caches()
 
 __all__ = [
     "BACKENDS",

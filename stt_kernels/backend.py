@@ -52,7 +52,7 @@ CAPABILITIES: dict[str, Capability] = {
     "triton": Capability(
         ("cuda",),
         {"attention": _FLOATS[:1] + _FLOATS[2:], "deform_conv2d": _FLOATS[:1] + _FLOATS[2:]},
-        max_head_dim=128,
+        max_head_dim=256,
         atomic_backward=("deform_conv2d",),
     ),
     # The CUDA attention backward owns its rows of dQ (a pass of its own) and of dK, dV: no atomics.
@@ -60,7 +60,7 @@ CAPABILITIES: dict[str, Capability] = {
     "cuda": Capability(
         ("cuda",),
         {"attention": _FLOATS, "deform_conv2d": _FLOATS},
-        max_head_dim=128,
+        max_head_dim=256,
         atomic_backward=("deform_conv2d",),
     ),
     # The CPU kernels compute 16-bit inputs in float32.

@@ -164,9 +164,7 @@ def volume(shape: Shape) -> Path:
 def _predict_step(backend: str, shape: Shape, leaves: Tensors, pass_: str) -> Step:
     from .cli import main
 
-    config = load_config("tiny-cpu")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backend=backend))
-    work = Path(_scratch().name)
+    config, work = _config(preset_shape("tiny-cpu"), backend), Path(_scratch().name)
     torch.manual_seed(0)
     atomic_save({"config": config.to_dict(), "model": build_model(config).state_dict()}, work / f"{backend}.pt")
     command = ["predict", f"--checkpoint={work / f'{backend}.pt'}", f"--image={volume(shape)}:image"]
@@ -182,7 +180,5 @@ def _predict_step(backend: str, shape: Shape, leaves: Tensors, pass_: str) -> St
 register_case(PredictVolumeCase())
 register_backends(PredictVolumeCase.name, lambda backend: functools.partial(_predict_step, backend))
 _VOLUME_OF_TIER = {"quick": (32, 512, 512), "default": (32, 2048, 2048), "full": (256, 2048, 2048)}
-register_suite(
-    "predict-volume",
-    lambda tier: [(PredictVolumeCase.name, Shape(1, *_VOLUME_OF_TIER[tier], 1, 1, "volume"), ("forward",))],
-)
+_volume = lambda tier: Shape(1, *_VOLUME_OF_TIER[tier], 1, 1, "volume")
+register_suite("predict-volume", lambda tier: [(PredictVolumeCase.name, _volume(tier), ("forward",))])

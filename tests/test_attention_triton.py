@@ -75,6 +75,18 @@ def test_float32_values_and_gradients(path, kind, shape):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 3, 7, 1, 160)), ("temporal", (1, 9, 2, 1, 2, 256))])
+def test_float32_head_dims_above_128(path, kind, shape):
+    """BLOCK_D = 256 (d = 160 pads to it, 256 is the largest any backend takes); at d = 160 the
+    default path runs the packed forward and the tiled backward."""
+    op, spec = OPS[kind]
+    q, k, v = packed_qkv(shape)
+    grad = torch.randn(shape, device=DEVICE)
+    ours = run(op, q, k, v, grad, backend="triton")
+    for name, got, want in zip(("out", "grad_q", "grad_k", "grad_v"), ours, oracle(spec, q, k, v, grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("kind", ["spatial", "temporal"])
 def test_strided_head_dim_and_grad_out(path, kind):
     """Head dim with stride 2, and an incoming gradient that is itself a strided view."""
@@ -180,6 +192,8 @@ def _flash_rule(kind, shape, dtype, slack=1e-3):
         ("spatial", (2, 3, 9, 13, 2, 24)),
         ("temporal", (1, 32, 24, 24, 2, 32)),  # packed kernels
         ("temporal", (1, 100, 4, 5, 2, 72)),  # tiled kernels
+        ("spatial", (1, 2, 9, 13, 1, 256)),  # the largest head dim
+        ("temporal", (1, 24, 4, 5, 2, 200)),  # BLOCK_D = 256: packed forward, tiled backward
     ],
 )
 def test_low_precision_flash_rule(kind, shape, dtype):

@@ -1,5 +1,5 @@
 """``--threads`` and the busy-machine warning of ``stt train`` / ``stt predict`` (stt_model/threads.py),
-the load figure injected; and benchmarks/threads.py run dry."""
+the load figure injected; and docs/threads/measure.py run dry."""
 
 import io
 import os
@@ -142,7 +142,7 @@ def test_benchmark_script_dry(tmp_path):
     config.write_text(TINY_YAML)
     cores = [str(c) for c in sorted(os.sched_getaffinity(0))[:2]]
     variants = ["2 threads + hog, PASSIVE"]  # the hog, an environment and 2 threads: one run (a process start)
-    command = [sys.executable, str(ROOT / "benchmarks" / "threads.py"), f"--config={config}", "--seconds=0.05"]
+    command = [sys.executable, str(ROOT / "docs" / "threads" / "measure.py"), f"--config={config}", "--seconds=0.05"]
     command += ["--warmup=0", "--repeats=1", "--cores", *cores, "--only", *variants]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -155,6 +155,6 @@ def test_benchmark_script_dry(tmp_path):
 def test_benchmark_script_refuses_cpus_it_may_not_use():
     bad = str(max(os.sched_getaffinity(0)) + 1)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "threads.py"), "--cores", "0", bad], capture_output=True, text=True
+        [sys.executable, str(ROOT / "docs" / "threads" / "measure.py"), "--cores", "0", bad], capture_output=True, text=True
     )
     assert done.returncode == 2 and "--cores must be two different CPUs this process may use" in done.stderr

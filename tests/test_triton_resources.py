@@ -59,6 +59,53 @@ def test_the_autotuner_prunes_by_the_current_device_before_compiling(monkeypatch
     assert short and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in short)
 
 
+# (target, device): shared memory per block of the devices each autotuning list runs on.
+DEVICES = [("cuda", 163 * KB), ("cuda", 99 * KB), ("cuda", 227 * KB), ("hip", 64 * KB)]
+
+
+@pytest.mark.parametrize("kernel", FLASH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target, limit", DEVICES, ids=[f"{t}-{limit // KB}KB" for t, limit in DEVICES])
+def test_the_largest_head_dim_keeps_a_configuration_on_every_device(monkeypatch, kernel, dtype, target, limit):
+    """BLOCK_D = 256 (d = 129..256), a long sequence: the kernel's own pruning leaves a config."""
+    monkeypatch.setattr(attention, "_current_shared_limit", lambda: limit)
+    monkeypatch.setattr(attention, "_HIP", target == "hip")
+    configs = attention.TUNING[kernel].configs("default", target)
+    prune = getattr(attention, kernel).early_config_prune
+    kept = prune(configs, {"N": 4096, "Q": torch.empty(0, dtype=dtype)}, BLOCK_D=256)
+    assert kept and all(attention.fits_shared(kernel, c, dtype.itemsize, 256, 0, limit, target) for c in kept)
+
+
+def test_amd_estimate_bounds_one_staged_operand_tile():
+    """On AMD the tiled kernels' estimate is twice the largest operand tile, where that is lower:
+    float32 16 x 16 dK/dV at d = 256 compiled to 16 KB on gfx90a, above 64 KB by the general rule."""
+    config = _flash(16, 16)
+    assert _estimate("_flash_backward_dkdv", config, 4, 256) > 64 * KB
+    amd = attention.shared_estimate("_flash_backward_dkdv", config, 4, 256, 0, "hip")
+    assert amd == 2 * 4 * 16 * 256 + 16 * 32
+    # A 128 x 32 forward stages less than twice its 128-row tile by the general rule: that one holds.
+    tall = _flash(128, 32)
+    assert attention.shared_estimate("_flash_forward", tall, 2, 128, 0, "hip") == _estimate(
+        "_flash_forward", tall, 2, 128
+    )
+    packed = triton.Config({"SEQS": 2}, num_warps=4)
+    assert attention.shared_estimate("_packed_forward", packed, 2, 64, 32, "hip") == _estimate(
+        "_packed_forward", packed, 2, 64, 32
+    )
+
+
+@pytest.mark.parametrize("kernel", FLASH)
+@pytest.mark.parametrize("target", ["cuda", "hip"])
+def test_every_default_list_ends_with_16_by_16_blocks(kernel, target):
+    """The blocks that fit float32 at d = 256 on 99 KB parts and spill nowhere at d = 256
+    (offline compiles, benchmarks/RESULTS.md); the tiniest sequences run them alone."""
+    configs = attention.TUNING[kernel].configs("default", target)
+    assert attention._blocks(configs[-1]) == (16, 16)
+    assert _estimate(kernel, configs[-1], 4, 256) <= 99 * KB
+    prune = getattr(attention, kernel).early_config_prune
+    assert prune(configs, {"N": 9, "Q": torch.empty(0, dtype=torch.float32)}, BLOCK_D=16) == [configs[-1]]
+
+
 def test_packed_pruning_applies_the_register_budget_then_shared_memory(monkeypatch):
     configs = attention.TUNING["_packed_forward"].configs("default", "cuda")
     prune = attention._packed_forward.early_config_prune

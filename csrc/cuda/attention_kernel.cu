@@ -6,20 +6,23 @@
 // each with its own shared-memory tiles, so no block-wide barrier is needed and the last
 // block may hold idle warps. A key tile is up to 32 keys, one per lane: 32 unless the device's
 // shared memory cannot hold such tiles (choose_tiling below).
-//   forward   task = (sequence, kRows query rows); lane j scores key j of the tile, the warp
-//             reduces max/sum with shuffles, and each lane accumulates d/32 output columns
-//             with the online softmax of stt/online_softmax.h. Short sequences (N <= one key
-//             tile, the temporal case) take one task per sequence: the whole T x T problem is
-//             one tile loaded once, and the grid is just the batch of sequences.
-//   dQ        task = (sequence, kRows query rows), the forward's shape: it owns its rows of dQ
-//             and loops over the key tiles, recomputing P from the saved lse and dP = dO V^T
-//             (FlashAttention-2's split), so dQ needs no atomics.
+//   forward   task = (sequence, a group of query rows); lane j scores key j of the tile, the
+//             warp reduces max/sum with shuffles, and each lane accumulates d/32 output columns
+//             with the online softmax of stt/online_softmax.h. A group is 8 rows of up to 4
+//             chunks of 32 columns (d <= 128) or 4 rows of up to 8 chunks (d <= 256): the same
+//             32 accumulators per lane, so the two instances need the same registers. Short
+//             sequences (N <= one key tile, the temporal case) take one task per sequence: the
+//             whole T x T problem is one tile loaded once, and the grid is just the batch of
+//             sequences.
+//   dQ        task = (sequence, a group of query rows), the forward's shape: it owns its rows
+//             of dQ and loops over the key tiles, recomputing P from the saved lse and
+//             dP = dO V^T (FlashAttention-2's split), so dQ needs no atomics.
 //   dK, dV    task = (sequence, key tile, column block); the tile's dK, dV accumulate in shared
 //             memory over the query rows in order. Column blocks narrower than d (P and dS
 //             recomputed per block) only where full-width tiles do not fit the device.
 // Every sum of the backward thus runs in one fixed order: it is deterministic, run to run.
 // The grid is one-dimensional (axis x holds up to 2^31 - 1 blocks; y and z cap at 65,535).
-// Accumulation and the saved lse are float32 (float64 for float64 inputs); head dims up to 128.
+// Accumulation and the saved lse are float32 (float64 for float64 inputs); head dims up to 256.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,6 +33,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include "stt/attention_checks.h"
 #include "stt/online_softmax.h"
@@ -37,10 +41,10 @@
 namespace stt {
 namespace {
 
-constexpr int kLanes = 32;    // threads of a warp task = the most keys of a tile
-constexpr int kRows = 8;      // query rows a forward or dQ task carries in registers
-constexpr int kChunks = 4;    // output columns per lane: d <= kChunks * kLanes = 128
-constexpr int kMaxWarps = 4;  // warp tasks per block
+constexpr int kLanes = 32;         // threads of a warp task = the most keys of a tile
+constexpr int kAccumulators = 32;  // output (or dQ) accumulators per lane: rows x chunks of a row group
+constexpr int kMaxChunks = 8;      // columns per lane and row: d <= kMaxChunks * kLanes = 256
+constexpr int kMaxWarps = 4;       // warp tasks per block
 // The kernels' __launch_bounds__(kMaxWarps * kLanes, 1): one resident block is enough, so
 // ptxas may use the registers the accumulators need. Without the 1, CUDA 13's ptxas capped the
 // float32 forward and dQ kernels at 128 registers and spilled 48-124 bytes
@@ -49,6 +53,11 @@ constexpr int kMaxWarps = 4;  // warp tasks per block
 struct Geometry {
   int64_t B, Z, N, H, D;
 };
+
+// Columns per lane (chunks of 32) of the forward and dQ instance that takes head dim d, and the
+// query rows of its row group: 4 x 8 or 8 x 4, kAccumulators either way.
+__host__ __device__ constexpr int chunks_for(int64_t d) { return d <= 4 * kLanes ? 4 : kMaxChunks; }
+__host__ __device__ constexpr int rows_for(int chunks) { return kAccumulators / chunks; }
 
 // Strides of a (B, Z, N, heads, d) view; base() is the first element of sequence s.
 struct Strides5 {
@@ -76,6 +85,30 @@ Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.str
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Which warp task of the launch this warp runs, and its lane.
+struct WarpTask {
+  int warp, lane;
+  int64_t task;
+};
+
+__device__ __forceinline__ WarpTask warp_task() {
+  const int warp = threadIdx.x / kLanes;
+  return {warp, static_cast<int>(threadIdx.x % kLanes),
+          static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp};
+}
+
+// The query rows [begin, end) of sequence s a forward or dQ task owns, and the key tiles it
+// walks for them.
+struct QueryRows {
+  int64_t s, begin, end, k_tiles;
+};
+
+__device__ __forceinline__ QueryRows query_rows(int64_t task, const Geometry& g, int keys, int64_t rows_per_task,
+                                                int64_t tasks_per_seq) {
+  const int64_t begin = (task % tasks_per_seq) * rows_per_task;
+  return {task / tasks_per_seq, begin, min64(g.N, begin + rows_per_task), (g.N + keys - 1) / keys};
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_max(T x) {
 #pragma unroll
@@ -101,13 +134,23 @@ __device__ __forceinline__ void load_rows(const scalar_t* src, int64_t s_row, in
   }
 }
 
-// kRows query rows of q (pre-scaled, so that scores come out of the dot product ready) or
-// of dO at row r0, of which nr exist; absent rows are zeros.
+// A row group (`rows` query rows) of q (pre-scaled, so that scores come out of the dot product
+// ready) or of dO at row r0, of which nr exist; absent rows are zeros.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_row_group(const scalar_t* src, int64_t s_row, int64_t s_col, int nr, int d,
-                                               acc_t* dst, int lane, acc_t factor) {
+__device__ __forceinline__ void load_row_group(const scalar_t* src, int64_t s_row, int64_t s_col, int nr, int rows,
+                                               int d, acc_t* dst, int lane, acc_t factor) {
   load_rows(src, s_row, s_col, nr, d, dst, d, lane, factor);
-  for (int e = nr * d + lane; e < kRows * d; e += kLanes) dst[e] = acc_t(0);
+  for (int e = nr * d + lane; e < rows * d; e += kLanes) dst[e] = acc_t(0);
+}
+
+// The key tile [k0, k0 + nk) of one sequence (kb, vb its first elements): K into ks with row
+// pitch ldk, V into vs with row pitch ldv.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_key_tile(const scalar_t* kb, const Strides5& sk, const scalar_t* vb,
+                                              const Strides5& sv, int64_t k0, int nk, int d, acc_t* ks, int ldk,
+                                              acc_t* vs, int ldv, int lane) {
+  load_rows(kb + k0 * sk.n, sk.n, sk.d, nk, d, ks, ldk, lane);
+  load_rows(vb + k0 * sv.n, sv.n, sv.d, nk, d, vs, ldv, lane);
 }
 
 template <typename acc_t>
@@ -123,11 +166,13 @@ __host__ __device__ inline int padded_pitch(int64_t d) { return static_cast<int>
 
 // Shared memory of one warp task, in units of acc_t, for key tiles of `keys` keys.
 __host__ __device__ inline int64_t forward_smem_per_warp(int64_t d, int keys) {
-  return keys * padded_pitch(d) + keys * d + kRows * d;  // K tile (padded rows), V tile, q rows
+  // K tile (padded rows), V tile, the row group of q
+  return keys * padded_pitch(d) + keys * d + rows_for(chunks_for(d)) * d;
 }
 
 __host__ __device__ inline int64_t dq_smem_per_warp(int64_t d, int keys) {
-  return 2 * keys * padded_pitch(d) + 2 * kRows * d;  // K, V tiles (padded rows), q and dO rows
+  // K, V tiles (padded rows), the row groups of q and dO
+  return 2 * keys * padded_pitch(d) + 2 * rows_for(chunks_for(d)) * d;
 }
 
 // cols: the width of the task's column block of dK and dV.
@@ -138,34 +183,34 @@ __host__ __device__ inline int64_t dkdv_smem_per_warp(int64_t d, int keys, int c
 // ---------------------------------------------------------------------------------------
 // Forward.
 
-template <typename scalar_t, typename acc_t>
+// kChunks: chunks_for(d), which the launch picks; the row group is rows_for(kChunks) rows.
+template <typename scalar_t, typename acc_t, int kChunks>
 __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
     attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                              const scalar_t* __restrict__ v, scalar_t* __restrict__ out, acc_t* __restrict__ lse,
                              Strides5 sq, Strides5 sk, Strides5 sv, Strides5 so, Strides4 sl, Geometry g, int keys,
                              int64_t rows_per_task, int64_t tasks_per_seq, int64_t tasks, acc_t scale) {
+  constexpr int kRows = rows_for(kChunks);
   extern __shared__ __align__(sizeof(double)) unsigned char smem_bytes[];
-  const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
-  if (task >= tasks) return;  // whole warps only: nothing below waits on other warps
+  const WarpTask w = warp_task();
+  const int lane = w.lane;
+  if (w.task >= tasks) return;  // whole warps only: nothing below waits on other warps
 
   const int d = static_cast<int>(g.D), ldk = padded_pitch(d);
-  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * forward_smem_per_warp(d, keys);
+  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + w.warp * forward_smem_per_warp(d, keys);
   acc_t* vs = ks + keys * ldk;
   acc_t* qs = vs + keys * d;
 
-  const int64_t s = task / tasks_per_seq;
-  const int64_t row_begin = (task % tasks_per_seq) * rows_per_task;
-  const int64_t row_end = min64(g.N, row_begin + rows_per_task);
+  const QueryRows rows = query_rows(w.task, g, keys, rows_per_task, tasks_per_seq);
+  const int64_t s = rows.s;
   const scalar_t* qb = q + sq.base(s, g);
   const scalar_t* kb = k + sk.base(s, g);
   const scalar_t* vb = v + sv.base(s, g);
-  const int64_t k_tiles = (g.N + keys - 1) / keys;
 
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
-    const int nr = static_cast<int>(min64(kRows, row_end - r0));
+  for (int64_t r0 = rows.begin; r0 < rows.end; r0 += kRows) {
+    const int nr = static_cast<int>(min64(kRows, rows.end - r0));
     WARP_SYNC();
-    load_row_group(qb + r0 * sq.n, sq.n, sq.d, nr, d, qs, lane, scale);
+    load_row_group(qb + r0 * sq.n, sq.n, sq.d, nr, kRows, d, qs, lane, scale);
 
     OnlineSoftmaxRow<acc_t> row[kRows];
     acc_t o[kRows][kChunks];
@@ -176,13 +221,12 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
       for (int t = 0; t < kChunks; ++t) o[r][t] = acc_t(0);
     }
 
-    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    for (int64_t kt = 0; kt < rows.k_tiles; ++kt) {
       const int64_t k0 = kt * keys;
       const int nk = static_cast<int>(min64(keys, g.N - k0));
-      if (k_tiles > 1 || r0 == row_begin) {  // a single tile stays loaded for all row groups
+      if (rows.k_tiles > 1 || r0 == rows.begin) {  // a single tile stays loaded for all row groups
         WARP_SYNC();
-        load_rows(kb + k0 * sk.n, sk.n, sk.d, nk, d, ks, ldk, lane);
-        load_rows(vb + k0 * sv.n, sv.n, sv.d, nk, d, vs, d, lane);
+        load_key_tile(kb, sk, vb, sv, k0, nk, d, ks, ldk, vs, d, lane);
       }
       WARP_SYNC();
 #pragma unroll
@@ -224,7 +268,7 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
 // ---------------------------------------------------------------------------------------
 // Backward: dQ.
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int kChunks>
 __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
     attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                  const scalar_t* __restrict__ v, const scalar_t* __restrict__ grad_out,
@@ -232,31 +276,30 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
                                  scalar_t* __restrict__ grad_q, Strides5 sq, Strides5 sk, Strides5 sv, Strides5 sdo,
                                  Strides4 sl, Strides4 sdelta, Strides5 sdq, Geometry g, int keys,
                                  int64_t rows_per_task, int64_t tasks_per_seq, int64_t tasks, acc_t scale) {
+  constexpr int kRows = rows_for(kChunks);
   extern __shared__ __align__(sizeof(double)) unsigned char smem_bytes[];
-  const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
-  if (task >= tasks) return;
+  const WarpTask w = warp_task();
+  const int lane = w.lane;
+  if (w.task >= tasks) return;
 
   const int d = static_cast<int>(g.D), ld = padded_pitch(d);
-  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * dq_smem_per_warp(d, keys);
+  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + w.warp * dq_smem_per_warp(d, keys);
   acc_t* vs = ks + keys * ld;
   acc_t* qs = vs + keys * ld;
   acc_t* dos = qs + kRows * d;
 
-  const int64_t s = task / tasks_per_seq;
-  const int64_t row_begin = (task % tasks_per_seq) * rows_per_task;
-  const int64_t row_end = min64(g.N, row_begin + rows_per_task);
+  const QueryRows rows = query_rows(w.task, g, keys, rows_per_task, tasks_per_seq);
+  const int64_t s = rows.s;
   const scalar_t* kb = k + sk.base(s, g);
   const scalar_t* vb = v + sv.base(s, g);
   const acc_t* lb = lse + sl.base(s, g);
   const acc_t* deltab = delta + sdelta.base(s, g);
-  const int64_t k_tiles = (g.N + keys - 1) / keys;
 
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
-    const int nr = static_cast<int>(min64(kRows, row_end - r0));
+  for (int64_t r0 = rows.begin; r0 < rows.end; r0 += kRows) {
+    const int nr = static_cast<int>(min64(kRows, rows.end - r0));
     WARP_SYNC();
-    load_row_group(q + sq.base(s, g) + r0 * sq.n, sq.n, sq.d, nr, d, qs, lane, scale);
-    load_row_group(grad_out + sdo.base(s, g) + r0 * sdo.n, sdo.n, sdo.d, nr, d, dos, lane, acc_t(1));
+    load_row_group(q + sq.base(s, g) + r0 * sq.n, sq.n, sq.d, nr, kRows, d, qs, lane, scale);
+    load_row_group(grad_out + sdo.base(s, g) + r0 * sdo.n, sdo.n, sdo.d, nr, kRows, d, dos, lane, acc_t(1));
 
     acc_t lse_r[kRows], delta_r[kRows], dq[kRows][kChunks];
 #pragma unroll
@@ -267,13 +310,12 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
       for (int t = 0; t < kChunks; ++t) dq[r][t] = acc_t(0);
     }
 
-    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    for (int64_t kt = 0; kt < rows.k_tiles; ++kt) {
       const int64_t k0 = kt * keys;
       const int nk = static_cast<int>(min64(keys, g.N - k0));
-      if (k_tiles > 1 || r0 == row_begin) {
+      if (rows.k_tiles > 1 || r0 == rows.begin) {
         WARP_SYNC();
-        load_rows(kb + k0 * sk.n, sk.n, sk.d, nk, d, ks, ld, lane);
-        load_rows(vb + k0 * sv.n, sv.n, sv.d, nk, d, vs, ld, lane);
+        load_key_tile(kb, sk, vb, sv, k0, nk, d, ks, ld, vs, ld, lane);
       }
       WARP_SYNC();
 #pragma unroll
@@ -325,12 +367,12 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
                                    Strides5 sdv, Geometry g, int keys, int cols, int64_t k_tiles, int64_t col_blocks,
                                    int64_t tasks, acc_t scale) {
   extern __shared__ __align__(sizeof(double)) unsigned char smem_bytes[];
-  const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + warp;
-  if (task >= tasks) return;
+  const WarpTask w = warp_task();
+  const int lane = w.lane;
+  if (w.task >= tasks) return;
 
   const int d = static_cast<int>(g.D), ld = padded_pitch(d), ldc = padded_pitch(cols);
-  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + warp * dkdv_smem_per_warp(d, keys, cols);
+  acc_t* ks = reinterpret_cast<acc_t*>(smem_bytes) + w.warp * dkdv_smem_per_warp(d, keys, cols);
   acc_t* vs = ks + keys * ld;
   acc_t* dks = vs + keys * ld;
   acc_t* dvs = dks + keys * ldc;
@@ -338,8 +380,8 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
   acc_t* dorow = qrow + d;
 
   // The column blocks of one key tile are neighbours in launch order: they share K, V in L2.
-  const int64_t s = task / (k_tiles * col_blocks);
-  const int64_t tile = task % (k_tiles * col_blocks);
+  const int64_t s = w.task / (k_tiles * col_blocks);
+  const int64_t tile = w.task % (k_tiles * col_blocks);
   const int64_t k0 = (tile / col_blocks) * keys;
   const int c0 = static_cast<int>(tile % col_blocks) * cols;
   const int nk = static_cast<int>(min64(keys, g.N - k0));
@@ -349,8 +391,7 @@ __global__ void __launch_bounds__(kMaxWarps* kLanes, 1)
   const acc_t* lb = lse + sl.base(s, g);
   const acc_t* deltab = delta + sdelta.base(s, g);
 
-  load_rows(k + sk.base(s, g) + k0 * sk.n, sk.n, sk.d, nk, d, ks, ld, lane);
-  load_rows(v + sv.base(s, g) + k0 * sv.n, sv.n, sv.d, nk, d, vs, ld, lane);
+  load_key_tile(k + sk.base(s, g), sk, v + sv.base(s, g), sv, k0, nk, d, ks, ld, vs, ld, lane);
   for (int e = lane; e < keys * ldc; e += kLanes) {
     dks[e] = acc_t(0);
     dvs[e] = acc_t(0);
@@ -484,30 +525,47 @@ struct RowTasks {
 };
 
 RowTasks row_tasks(const Geometry& g, int keys) {
-  const int64_t rows_per_task = g.N <= keys ? g.N : kRows;
+  const int64_t rows_per_task = g.N <= keys ? g.N : rows_for(chunks_for(g.D));
   const int64_t tasks_per_seq = (g.N + rows_per_task - 1) / rows_per_task;
   return {rows_per_task, tasks_per_seq, g.B * g.Z * g.H * tasks_per_seq};
+}
+
+void check_head_dim(const at::Tensor& q) {
+  TORCH_CHECK(q.size(4) <= kMaxChunks * kLanes, "stt::_attention (cuda): head dim d must be <= ", kMaxChunks * kLanes,
+              "; got ", q.size(4));
+}
+
+// Calls f with the chunk count of head dim d as a compile-time constant (the forward and dQ
+// kernels' template argument): one instance per register shape, not per d.
+template <typename F>
+void with_chunks(int64_t d, F&& f) {
+  if (chunks_for(d) == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, kMaxChunks>{});
+  }
 }
 
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                             const at::Tensor& lse, double scale) {
   check_attention_forward(q, k, v, out, lse, scale, c10::DeviceType::CUDA);
-  TORCH_CHECK(q.size(4) <= kChunks * kLanes, "stt::_attention (cuda): head dim d must be <= ", kChunks * kLanes,
-              "; got ", q.size(4));
+  check_head_dim(q);
   if (empty_problem(q)) return;
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   const Geometry g = geometry(q);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "stt_attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = attention_forward_kernel<scalar_t, acc_t>;
-    const LaunchConfig cfg = launch_config(kernel, Pass::kForward, g.D, sizeof(acc_t), q.scalar_type());
-    const RowTasks rt = row_tasks(g, cfg.tiling.keys);
-    kernel<<<grid_blocks(rt.tasks, cfg.warps), cfg.warps * kLanes, cfg.smem, at::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-        lse.data_ptr<acc_t>(), strides5(q), strides5(k), strides5(v), strides5(out), strides4(lse), g, cfg.tiling.keys,
-        rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_chunks(g.D, [&](auto chunks) {
+      auto kernel = attention_forward_kernel<scalar_t, acc_t, decltype(chunks)::value>;
+      const LaunchConfig cfg = launch_config(kernel, Pass::kForward, g.D, sizeof(acc_t), q.scalar_type());
+      const RowTasks rt = row_tasks(g, cfg.tiling.keys);
+      kernel<<<grid_blocks(rt.tasks, cfg.warps), cfg.warps * kLanes, cfg.smem, at::cuda::getCurrentCUDAStream()>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          lse.data_ptr<acc_t>(), strides5(q), strides5(k), strides5(v), strides5(out), strides4(lse), g,
+          cfg.tiling.keys, rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -515,8 +573,7 @@ void attention_backward_cuda(const at::Tensor& q, const at::Tensor& k, const at:
                              const at::Tensor& grad_out, const at::Tensor& lse, double scale, const at::Tensor& grad_q,
                              const at::Tensor& grad_k, const at::Tensor& grad_v) {
   check_attention_backward(q, k, v, out, grad_out, lse, scale, grad_q, grad_k, grad_v, c10::DeviceType::CUDA);
-  TORCH_CHECK(q.size(4) <= kChunks * kLanes, "stt::_attention (cuda): head dim d must be <= ", kChunks * kLanes,
-              "; got ", q.size(4));
+  check_head_dim(q);
   if (empty_problem(q)) return;
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   const Geometry g = geometry(q);
@@ -527,15 +584,17 @@ void attention_backward_cuda(const at::Tensor& q, const at::Tensor& k, const at:
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "stt_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto dq_kernel = attention_backward_dq_kernel<scalar_t, acc_t>;
-    const LaunchConfig dq_cfg = launch_config(dq_kernel, Pass::kDq, g.D, sizeof(acc_t), q.scalar_type());
-    const RowTasks rt = row_tasks(g, dq_cfg.tiling.keys);
-    dq_kernel<<<grid_blocks(rt.tasks, dq_cfg.warps), dq_cfg.warps * kLanes, dq_cfg.smem, stream>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-        lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), grad_q.data_ptr<scalar_t>(), strides5(q), strides5(k),
-        strides5(v), strides5(grad_out), strides4(lse), strides4(delta), strides5(grad_q), g, dq_cfg.tiling.keys,
-        rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_chunks(g.D, [&](auto chunks) {
+      auto dq_kernel = attention_backward_dq_kernel<scalar_t, acc_t, decltype(chunks)::value>;
+      const LaunchConfig dq_cfg = launch_config(dq_kernel, Pass::kDq, g.D, sizeof(acc_t), q.scalar_type());
+      const RowTasks rt = row_tasks(g, dq_cfg.tiling.keys);
+      dq_kernel<<<grid_blocks(rt.tasks, dq_cfg.warps), dq_cfg.warps * kLanes, dq_cfg.smem, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+          lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), grad_q.data_ptr<scalar_t>(), strides5(q), strides5(k),
+          strides5(v), strides5(grad_out), strides4(lse), strides4(delta), strides5(grad_q), g, dq_cfg.tiling.keys,
+          rt.rows_per_task, rt.tasks_per_seq, rt.tasks, static_cast<acc_t>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
 
     auto dkdv_kernel = attention_backward_dkdv_kernel<scalar_t, acc_t>;
     const LaunchConfig cfg = launch_config(dkdv_kernel, Pass::kDkDv, g.D, sizeof(acc_t), q.scalar_type());

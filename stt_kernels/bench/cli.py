@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(tier="default")
     add = parser.add_argument
     add("--out", type=Path, required=True, help="folder for results.json and report.md")
-    suites = ", ".join(SUITES)
-    add("--suite", dest="suites", nargs="+", default=["levels"], help=f"default: levels; {suites} (stt: train-step)")
+    suites = f"what to run (default: levels): {', '.join(SUITES)}; stt bench adds train-step, predict-volume"
+    add("--suite", dest="suites", metavar="SUITE", nargs="+", default=["levels"], help=suites)
     add("--ops", nargs="+", help="only these cases of the suites (default: all)")
     add("--backends", nargs="+", choices=OUR_BACKENDS, help="which of ours, and the reference (default: all)")
     peers = "sdpa, sdpa:flash, flex_attention, torchvision, stock"
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--repeats", type=int, help="timing samples per row at least")
     add("--warmup", type=int, help="untimed calls per row first")
     cap = "MiB of working memory per row beyond which it counts as OOM"
-    add("--memory-cap-mb", dest="memory_cap_bytes", type=mib, help=cap)
+    add("--memory-cap-mb", dest="memory_cap_bytes", metavar="MIB", type=mib, help=cap)
     no_probe = "CPU: no fresh process per row (no peak memory, no OOM guard)"
     add("--no-memory-subprocess", dest="cpu_memory", action="store_false", help=no_probe)
     add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

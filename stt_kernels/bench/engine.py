@@ -222,12 +222,6 @@ def plan(suites: Sequence[str], tier: str, device: torch.device, dtypes: list, k
     return rows
 
 
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":  # an OOM's traceback frames hold tensors in reference cycles
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 def _measure(row: Row, planned: tuple, device: torch.device, options: Options, cap: Optional[int]) -> None:
     """Fills in ``row`` of ``planned`` (an entry of :func:`plan`): its figures, or its status and reason."""
     case, implementation, shape, dtype, _ = planned
@@ -264,7 +258,9 @@ def _measure(row: Row, planned: tuple, device: torch.device, options: Options, c
         row.status, row.reason = classify(exc)
     finally:
         del step
-        _free(device)
+        if device.type == "cuda":  # an OOM's traceback frames hold tensors in reference cycles
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def run(options: Options) -> Path:

@@ -11,7 +11,6 @@ with them (a view for spatial attention, a copy for temporal attention).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -135,8 +134,7 @@ def in_sequences(op: str, attend: Callable[..., torch.Tensor], qkv: torch.Tensor
     return out.transpose(1, 2).reshape(b, h, w, t, heads, d).permute(0, 3, 1, 2, 4, 5).contiguous()
 
 
-SDPA_BACKENDS = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
-SDPA_BACKENDS["cudnn"] = "CUDNN_ATTENTION"
+SDPA_BACKENDS = dict(math="MATH", efficient="EFFICIENT_ATTENTION", flash="FLASH_ATTENTION", cudnn="CUDNN_ATTENTION")
 
 
 def _sdpa(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -161,10 +159,10 @@ def _flex() -> Callable[..., torch.Tensor]:
 
 
 def _no_torchvision(dtype: torch.dtype) -> Optional[str]:
-    if importlib.util.find_spec("torchvision") is None:
+    try:
+        import torchvision  # noqa: F401  (loads its compiled ops, or fails to)
+    except ImportError:
         return "torchvision is not installed"
-    import torchvision  # noqa: F401  (loads its compiled ops, or fails to)
-
     loaded = hasattr(torch.ops.torchvision, "deform_conv2d")
     return None if loaded else "torchvision's compiled ops did not load (built for another torch?)"
 
@@ -187,11 +185,11 @@ def stock_sst_attention(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
         return attention.proj(in_sequences(op, F.scaled_dot_product_attention, qkv).flatten(-2))
 
     spatial, temporal = branch(block.spatial, "spatial_attention"), branch(block.temporal, "temporal_attention")
-    fusion, k = block.fusion, block.fusion.kernel_size
+    fusion, taps = block.fusion, block.fusion.offset_groups * block.fusion.kernel_size**2
     predicted = fusion.predictor(temporal.reshape(b * t, h, w, c).permute(0, 3, 1, 2))
-    offset, mask = predicted[:, : 2 * fusion.offset_groups * k * k], predicted[:, 2 * fusion.offset_groups * k * k :]
+    offset, mask = predicted.split([2 * taps, taps], dim=1)
     slices = spatial.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
-    y = deform_conv2d(slices, offset, fusion.weight, fusion.bias, padding=k // 2, mask=mask.sigmoid())
+    y = deform_conv2d(slices, offset, fusion.weight, fusion.bias, padding=fusion.kernel_size // 2, mask=mask.sigmoid())
     return x + y.unflatten(0, (b, t)).transpose(1, 2)
 
 

@@ -177,21 +177,24 @@ def _union(*spaces: dict[str, list[triton.Config]]) -> dict[str, list[triton.Con
 # * small fallbacks last: float32 IEEE products stage every operand through shared memory
 #   (72-256 KB at d = 128 for 64-128 row blocks, sm_80), so 99 KB parts (sm_86/89) and AMD's
 #   64 KB need the 32- and 16-row blocks, which also never spill; the run-time pruning keeps
-#   only what fits the device.
+#   only what fits the device;
+# * 16 x 16 blocks last of all: at d = 256 (BLOCK_D 256) in float32 nothing larger fits 99 KB
+#   parts, and in bf16 on gfx90a the 32 x 32 forward spills 176 B per thread; 16 x 16 blocks
+#   spill nothing at d = 256 (bf16 on sm_80, sm_90, gfx90a; float32 on sm_80, gfx90a).
 TUNING: dict[str, Tuning] = {
     "_flash_forward": Tuning(
-        _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 32, 4)])),
-        _flash_list([(128, 64, 8), (64, 64, 8), (64, 32, 4), (32, 32, 4)]),
+        _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 32, 4), (16, 16, 4)])),
+        _flash_list([(128, 64, 8), (64, 64, 8), (64, 32, 4), (32, 32, 4), (16, 16, 4)]),
         {"BLOCK_M": 16, "BLOCK_N": 16},
     ),
     "_flash_backward_dkdv": Tuning(
-        _union(_flash_space((32, 64, 128), (64, 128)), _flash_list([(16, 32, 4)])),
-        _flash_list([(32, 64, 4), (64, 64, 8), (16, 32, 4)]),
+        _union(_flash_space((32, 64, 128), (64, 128)), _flash_list([(16, 32, 4), (16, 16, 4)])),
+        _flash_list([(32, 64, 4), (64, 64, 8), (16, 32, 4), (16, 16, 4)]),
         {"BLOCK_M": 16, "BLOCK_N": 16},
     ),
     "_flash_backward_dq": Tuning(
-        _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 16, 4)])),
-        _flash_list([(64, 64, 8), (128, 64, 8), (64, 32, 4), (32, 16, 4)]),
+        _union(_flash_space((64, 128), (32, 64, 128)), _flash_list([(32, 16, 4), (16, 16, 4)])),
+        _flash_list([(64, 64, 8), (128, 64, 8), (64, 32, 4), (32, 16, 4), (16, 16, 4)]),
         {"BLOCK_M": 16, "BLOCK_N": 16},
     ),
     # The register budget prunes SEQS to what a shape affords; warps do not change what fits.
@@ -208,6 +211,10 @@ def _configs(kernel: str) -> list[triton.Config]:
     return TUNING[kernel].configs(_mode(), "hip" if _HIP else "cuda")
 
 
+def _blocks(config: triton.Config) -> tuple[int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+
+
 def _prune_flash(kernel: str):
     def prune(configs, named_args, **kwargs):
         # Blocks longer than the padded sequence only add masked work; keep the configs that
@@ -216,10 +223,10 @@ def _prune_flash(kernel: str):
         n = _tile(named_args["N"])
         fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= n and c.kwargs["BLOCK_N"] <= n]
         if not fitting:
-            smallest = min((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
-            fitting = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == smallest]
+            smallest = min(_blocks(c) for c in configs)
+            fitting = [c for c in configs if _blocks(c) == smallest]
         return prune_shared(
-            kernel, fitting, named_args["Q"].element_size(), kwargs["BLOCK_D"], 0, _current_shared_limit()
+            kernel, fitting, named_args["Q"].element_size(), kwargs["BLOCK_D"], 0, _current_shared_limit(), _target()
         )
 
     return prune
@@ -251,22 +258,44 @@ def _tiles(kernel: str, config: triton.Config, block_d: int, t_pad: int) -> tupl
     return 2 * m * block_d + 2 * n * block_d, 2 * m * n, m + n
 
 
-def shared_estimate(kernel: str, config: triton.Config, element_size: int, block_d: int, t_pad: int = 0) -> int:
+def _target() -> str:
+    return "hip" if _HIP else "cuda"
+
+
+def shared_estimate(
+    kernel: str, config: triton.Config, element_size: int, block_d: int, t_pad: int = 0, target: str = "cuda"
+) -> int:
     """Upper bound on the shared memory (bytes) ``kernel`` needs with ``config`` for inputs of
-    ``element_size`` bytes, padded head dim ``block_d`` and (packed kernels) padded length ``t_pad``.
+    ``element_size`` bytes, padded head dim ``block_d`` and (packed kernels) padded length ``t_pad``,
+    compiled for ``target`` ("cuda" or "hip").
 
     Every dot operand is staged through shared memory once (the loads are not multi-buffered:
     the compiled usage does not change with num_stages), and so are the score-sized operands
     (p, dS): in float32 the IEEE products run on FMA units with both operands from shared
     memory, 16-bit tiles at their own size; row reductions (max, sum) take a few words per
-    row. Checked against the compiled kernels by ``stt_kernels.triton.resources`` (CI)."""
+    row. AMD's compiles of the tiled kernels stage one operand tile at a time: every one
+    compiled for gfx90a (bf16 at d = 128, float32 at d = 256) used max(BLOCK_M, BLOCK_N) x
+    BLOCK_D elements exactly, so twice that bounds them there. Checked against the compiled
+    kernels by ``stt_kernels.triton.resources`` (CI)."""
     operands, scores, rows = _tiles(kernel, config, block_d, t_pad)
-    return element_size * (operands + scores) + 16 * rows
+    estimate = element_size * (operands + scores) + 16 * rows
+    if target == "hip" and not kernel.startswith("_packed"):
+        staged = 2 * element_size * max(_blocks(config)) * block_d + 16 * rows
+        estimate = min(estimate, staged)
+    return estimate
 
 
-def fits_shared(kernel: str, config: triton.Config, element_size: int, block_d: int, t_pad: int, limit: int) -> bool:
-    """Whether ``config`` of ``kernel`` fits a device with ``limit`` bytes of shared memory per block."""
-    return shared_estimate(kernel, config, element_size, block_d, t_pad) <= limit
+def fits_shared(
+    kernel: str,
+    config: triton.Config,
+    element_size: int,
+    block_d: int,
+    t_pad: int,
+    limit: int,
+    target: str = "cuda",
+) -> bool:
+    """Whether ``config`` of ``kernel`` fits a ``target`` device with ``limit`` bytes of shared memory per block."""
+    return shared_estimate(kernel, config, element_size, block_d, t_pad, target) <= limit
 
 
 @functools.cache
@@ -281,19 +310,25 @@ def _current_shared_limit() -> Optional[int]:
 
 
 def prune_shared(
-    kernel: str, configs: list[triton.Config], element_size: int, block_d: int, t_pad: int, limit: Optional[int]
+    kernel: str,
+    configs: list[triton.Config],
+    element_size: int,
+    block_d: int,
+    t_pad: int,
+    limit: Optional[int],
+    target: str = "cuda",
 ) -> list[triton.Config]:
     """The configs of ``kernel`` that fit ``limit`` bytes of shared memory (all if ``limit`` is None;
     the first of them under ``STT_TRITON_QUICK_TUNE=1``). None fitting is an error naming the kernel and the limit, before any compile."""
     if limit is None:
         return configs
-    fitting = [c for c in configs if fits_shared(kernel, c, element_size, block_d, t_pad, limit)]
+    fitting = [c for c in configs if fits_shared(kernel, c, element_size, block_d, t_pad, limit, target)]
     if fitting and _mode() == "quick":
         # A first GPU session (make gpu-check) cannot afford minutes of tuning per sequence
         # length: the default list's first configuration that fits.
         return fitting[:1]
     if not fitting:
-        smallest = min(shared_estimate(kernel, c, element_size, block_d, t_pad) for c in configs)
+        smallest = min(shared_estimate(kernel, c, element_size, block_d, t_pad, target) for c in configs)
         raise RuntimeError(
             f"triton {kernel}: no autotuning configuration fits this GPU's {limit // 1024} KB of "
             f"shared memory per block (the smallest needs ~{smallest // 1024} KB at head dim "
@@ -314,7 +349,7 @@ def _prune_packed(kernel: str):
         fitting = fitting or [c for c in configs if c.kwargs["SEQS"] == 1]
         if "Q" not in named_args:  # the offline resource check asks for the shape pruning alone
             return fitting
-        return prune_shared(kernel, fitting, named_args["Q"].element_size(), d, t, _current_shared_limit())
+        return prune_shared(kernel, fitting, named_args["Q"].element_size(), d, t, _current_shared_limit(), _target())
 
     return prune
 

@@ -86,10 +86,12 @@ def _corners(y, x, H, W):
 
 
 @triton.jit
-def _point(
-    off_ptr, mask_ptr, n, pix, ok, g, k, ho, wo, G, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr
-):
-    """Sampling coordinates and modulation of tap k, offset group g, at the given pixels."""
+def _point(off_ptr, mask_ptr, n, pix, ok, g, k, ho, wo, sizes, sampling, HAS_MASK: tl.constexpr):
+    """Sampling coordinates and modulation of tap k, offset group g, at the given pixels.
+    ``sizes`` and ``sampling`` are the kernels' tuples (:func:`_shapes`)."""
+    C, H, W, Ho, Wo, C_out, G, WG, K, Kw = sizes
+    sh, sw, ph, pw, dh, dw = sampling
+    HWo = Ho * Wo
     kh = k // Kw
     kw = k % Kw
     och = (n * G + g) * (2 * K) + 2 * k
@@ -115,30 +117,24 @@ def _columns(
     p_ok,
     ho,
     wo,
-    c,
-    c_ok,
+    wg,
+    c0,
     k,
-    C,
-    G,
-    CPG,
-    K,
-    Kw,
-    HWo,
-    H,
-    W,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
+    sizes,
+    sampling,
     HAS_MASK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Modulated samples (pixels x channels) of tap k: the implicit column tile."""
-    ok = p_ok & c_ok
-    y, x, m = _point(
-        off_ptr, mask_ptr, n, pix, ok, c // CPG, k, ho, wo, G, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK
-    )
+    """The implicit column tile of tap k: modulated samples (pixels x channels) of the
+    channels ``c0 .. c0 + BLOCK_C`` of weight group wg; with those channels (within the
+    group, (BLOCK_C,)) and their validity."""
+    C, H, W, Ho, Wo, C_out, G, WG, K, Kw = sizes
+    CG = C // WG  # input channels per weight group
+    cl = c0 + tl.arange(0, BLOCK_C)
+    c_ok = cl < CG
+    c = wg * CG + cl[None, :]
+    ok = p_ok & c_ok[None, :]
+    y, x, m = _point(off_ptr, mask_ptr, n, pix, ok, c // (C // G), k, ho, wo, sizes, sampling, HAS_MASK)
     y0, x0, fy, fx, v00, v01, v10, v11 = _corners(y, x, H, W)
     plane = x_ptr + (n * C + c).to(tl.int64) * (H * W)
     a = y0 * W + x0
@@ -146,14 +142,16 @@ def _columns(
     val += (1.0 - fy) * fx * tl.load(plane + a + 1, mask=ok & v01, other=0.0).to(tl.float32)
     val += fy * (1.0 - fx) * tl.load(plane + a + W, mask=ok & v10, other=0.0).to(tl.float32)
     val += fy * fx * tl.load(plane + a + W + 1, mask=ok & v11, other=0.0).to(tl.float32)
-    return m * val
+    return m * val, cl, c_ok
 
 
 @triton.jit
-def _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+def _output_tile(NP, sizes, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
     """This program's (pixels x output channels of one weight group) tile: validity, image,
     flat pixel, row and column of its pixels (BLOCK_P, 1); its weight group; its output
     channels and their validity (1, BLOCK_CO)."""
+    C, H, W, Ho, Wo, C_out, G, WG, K, Kw = sizes
+    HWo = Ho * Wo
     COG = C_out // WG  # output channels per weight group
     co_blocks = tl.cdiv(COG, BLOCK_CO)
     wg = tl.program_id(1) // co_blocks
@@ -172,22 +170,8 @@ def _forward_kernel(
     b_ptr,
     out_ptr,
     NP,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    C_out,
-    G,
-    K,
-    Kw,
-    WG,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
+    sizes,
+    sampling,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -195,42 +179,15 @@ def _forward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
+    C, H, W, Ho, Wo, C_out, G, WG, K, Kw = sizes
     HWo = Ho * Wo
     CG = C // WG  # input channels per weight group
-    CPG = C // G  # input channels per offset group
-    p_ok, n, pix, ho, wo, wg, co, co_ok = _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P, BLOCK_CO)
+    p_ok, n, pix, ho, wo, wg, co, co_ok = _output_tile(NP, sizes, BLOCK_P, BLOCK_CO)
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
     for k in range(0, K):
         for c0 in range(0, CG, BLOCK_C):
-            cl = c0 + tl.arange(0, BLOCK_C)
-            c_ok = cl < CG
-            cols = _columns(
-                x_ptr,
-                off_ptr,
-                mask_ptr,
-                n,
-                pix,
-                p_ok,
-                ho,
-                wo,
-                wg * CG + cl[None, :],
-                c_ok[None, :],
-                k,
-                C,
-                G,
-                CPG,
-                K,
-                Kw,
-                HWo,
-                H,
-                W,
-                sh,
-                sw,
-                ph,
-                pw,
-                dh,
-                dw,
-                HAS_MASK,
+            cols, cl, c_ok = _columns(
+                x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, wg, c0, k, sizes, sampling, HAS_MASK, BLOCK_C
             )
             w = tl.load(w_ptr + (co * CG + cl[:, None]) * K + k, mask=co_ok & c_ok[:, None], other=0.0)
             acc = tl.dot(cols.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
@@ -248,65 +205,24 @@ def _grad_weight_kernel(
     gout_ptr,
     gw_ptr,
     NP,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    C_out,
-    G,
-    K,
-    Kw,
-    WG,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
+    sizes,
+    sampling,
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
+    C, H, W, Ho, Wo, C_out, G, WG, K, Kw = sizes
     HWo = Ho * Wo
     CG = C // WG
-    CPG = C // G
-    p_ok, n, pix, ho, wo, wg, co, co_ok = _output_tile(NP, Wo, HWo, C_out, WG, BLOCK_P, BLOCK_CO)
+    p_ok, n, pix, ho, wo, wg, co, co_ok = _output_tile(NP, sizes, BLOCK_P, BLOCK_CO)
     gout = tl.load(gout_ptr + (n * C_out + co).to(tl.int64) * HWo + pix, mask=p_ok & co_ok, other=0.0)
     gout_t = tl.trans(gout)
     for k in range(0, K):
         for c0 in range(0, CG, BLOCK_C):
-            cl = c0 + tl.arange(0, BLOCK_C)
-            c_ok = cl < CG
-            cols = _columns(
-                x_ptr,
-                off_ptr,
-                mask_ptr,
-                n,
-                pix,
-                p_ok,
-                ho,
-                wo,
-                wg * CG + cl[None, :],
-                c_ok[None, :],
-                k,
-                C,
-                G,
-                CPG,
-                K,
-                Kw,
-                HWo,
-                H,
-                W,
-                sh,
-                sw,
-                ph,
-                pw,
-                dh,
-                dw,
-                HAS_MASK,
+            cols, cl, c_ok = _columns(
+                x_ptr, off_ptr, mask_ptr, n, pix, p_ok, ho, wo, wg, c0, k, sizes, sampling, HAS_MASK, BLOCK_C
             )
             gw = tl.dot(gout_t, cols.to(gout.dtype), input_precision=DOT_PRECISION)  # (co, c)
             dst = gw_ptr + (tl.trans(co) * CG + cl[None, :]) * K + k
@@ -324,28 +240,15 @@ def _grad_input_kernel(
     goff_ptr,
     gmask_ptr,
     NP,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    C_out,
-    G,
-    K,
-    Kw,
-    WG,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
+    sizes,
+    sampling,
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
+    C, H, W, Ho, Wo, C_out, G, WG, K, Kw = sizes
     HWo = Ho * Wo
     CG = C // WG
     COG = C_out // WG
@@ -358,9 +261,7 @@ def _grad_input_kernel(
     ho = pix // Wo
     wo = pix % Wo
     for k in range(0, K):
-        y, x, m = _point(
-            off_ptr, mask_ptr, n, pix, p_ok, g, k, ho, wo, G, K, Kw, HWo, H, W, sh, sw, ph, pw, dh, dw, HAS_MASK
-        )
+        y, x, m = _point(off_ptr, mask_ptr, n, pix, p_ok, g, k, ho, wo, sizes, sampling, HAS_MASK)
         y0, x0, fy, fx, v00, v01, v10, v11 = _corners(y, x, H, W)
         a = (y0 * W + x0)[:, None]
         fy = fy[:, None]
@@ -424,27 +325,18 @@ def _check_dtype(x: torch.Tensor) -> None:
     )
 
 
-def _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups):
+def _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups) -> dict:
+    """The kernels' shape arguments: the pixel count ``NP`` and two tuples, ``sizes`` (C, H, W,
+    Ho, Wo, C_out, offset groups G, weight groups WG, taps K, kernel width Kw) and ``sampling``
+    (stride, padding, dilation, each (h, w)). Triton specialises each element as it would a
+    scalar argument (a stride of 1 becomes a constant)."""
     n, c, h, w = x.shape
-    kh, kw = weight.shape[2:]
+    c_out, _, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
     return dict(
-        NP=n * offset.shape[2] * offset.shape[3],
-        C=c,
-        H=h,
-        W=w,
-        Ho=offset.shape[2],
-        Wo=offset.shape[3],
-        C_out=weight.shape[0],
-        G=offset_groups,
-        K=kh * kw,
-        Kw=kw,
-        WG=weight_groups,
-        sh=sh,
-        sw=sw,
-        ph=ph,
-        pw=pw,
-        dh=dh,
-        dw=dw,
+        NP=n * ho * wo,
+        sizes=(c, h, w, ho, wo, c_out, offset_groups, weight_groups, kh * kw, kw),
+        sampling=(sh, sw, ph, pw, dh, dw),
     )
 
 
@@ -464,10 +356,10 @@ def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, offset_groups
     x, offset, weight = x.contiguous(), offset.contiguous(), weight.contiguous()
     mask = mask.contiguous() if mask is not None else None
     s = _shapes(x, offset, weight, sh, sw, ph, pw, dh, dw, offset_groups, weight_groups)
-    out = x.new_empty((x.shape[0], weight.shape[0], s["Ho"], s["Wo"]))
+    out = x.new_empty((x.shape[0], weight.shape[0], *offset.shape[2:]))
     if out.numel() == 0:
         return out
-    cog = s["C_out"] // weight_groups
+    cog = weight.shape[0] // weight_groups
     grid = (triton.cdiv(s["NP"], _BLOCK_P), weight_groups * triton.cdiv(cog, _BLOCK_CO))
     _forward_kernel[grid](
         x,
@@ -495,7 +387,7 @@ def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, offset_g
     grad_offset = torch.zeros(offset.shape, **f32)
     grad_mask = torch.zeros(mask.shape, **f32) if mask is not None else None
     grad_weight = torch.zeros(weight.shape, **f32)
-    if s["NP"] > 0 and s["C_out"] > 0:
+    if s["NP"] > 0 and weight.shape[0] > 0:
         meta = dict(HAS_MASK=mask is not None, DOT_PRECISION=_precision(x.dtype))
         m = mask if mask is not None else offset
         grid = (triton.cdiv(s["NP"], _BLOCK_P), offset_groups)
@@ -512,7 +404,7 @@ def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, offset_g
             **meta,
             **_launch("_grad_input_kernel"),
         )
-        cog = s["C_out"] // weight_groups
+        cog = weight.shape[0] // weight_groups
         grid = (triton.cdiv(s["NP"], _BLOCK_P), weight_groups * triton.cdiv(cog, _BLOCK_CO))
         _grad_weight_kernel[grid](x, offset, m, grad_out, grad_weight, **s, **meta, **_launch("_grad_weight_kernel"))
     grad_mask = grad_mask.to(x.dtype) if grad_mask is not None else x.new_empty((0,))

@@ -186,7 +186,7 @@ class KernelSpec:
     """How to compile one kernel offline: which arguments are tensors of the input dtype or of
     float32, which are float scalars, which the common call passes as 1 (Triton specialises
     those into constants, so the binary that runs is the one without them), and which are
-    stride tuples: name -> (length, index of the element that is 1)."""
+    tuples of ints (strides, sizes): name -> (length, indices of the elements that are 1)."""
 
     module: str
     name: str
@@ -194,7 +194,7 @@ class KernelSpec:
     float32_tensors: tuple[str, ...]
     float_scalars: tuple[str, ...]
     unit: tuple[str, ...]
-    stride_tuples: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    int_tuples: dict[str, tuple[int, tuple[int, ...]]] = dataclasses.field(default_factory=dict)
 
     def kernel(self):
         from . import attention, deform_conv2d
@@ -217,10 +217,10 @@ class KernelSpec:
         signature: dict[str, object] = {}
         attrs: dict[tuple[int], list] = {}
         for index, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-            if name in self.stride_tuples:
-                length, unit = self.stride_tuples[name]
-                signature[name] = tuple("constexpr" if i == unit else "i32" for i in range(length))
-                constexprs[(index, unit)] = 1
+            if name in self.int_tuples:
+                length, units = self.int_tuples[name]
+                signature[name] = tuple("constexpr" if i in units else "i32" for i in range(length))
+                constexprs.update({(index, unit): 1 for unit in units})
             elif param.is_constexpr or name in self.unit:
                 signature[name] = "constexpr"
                 if name in self.unit:
@@ -251,22 +251,24 @@ class KernelSpec:
 _Q = ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")
 # (B, Z, N, heads, d) strides, whose head-dim stride is 1 for the views of a packed projection,
 # and the contiguous (B, Z, heads, N) lse's.
-_STRIDES = {**{name: (5, 4) for name in ("sq", "sk", "sv", "so", "sg", "sdq", "sdk", "sdv")}, "sl": (4, 3)}
+_STRIDES = {**{name: (5, (4,)) for name in ("sq", "sk", "sv", "so", "sg", "sdq", "sdk", "sdv")}, "sl": (4, (3,))}
 _ATTENTION = dict(
     module="attention",
     tensors=_Q,
     float32_tensors=("LSE", "DELTA"),
     float_scalars=("qk_scale", "scale"),
     unit=(),
-    stride_tuples=_STRIDES,
+    int_tuples=_STRIDES,
 )
-# The deformable convolutions of the model: 3x3, stride 1, padding 1, dilation 1.
+# The deformable convolutions of the model: 3x3, stride 1, padding 1, dilation 1 (every
+# element of `sampling`; `sizes` has none that is 1).
 _DEFORM = dict(
     module="deform_conv2d",
     tensors=("x_ptr", "off_ptr", "mask_ptr", "w_ptr", "b_ptr", "out_ptr", "gout_ptr"),
     float32_tensors=("gx_ptr", "goff_ptr", "gmask_ptr", "gw_ptr"),
     float_scalars=(),
-    unit=("sh", "sw", "ph", "pw", "dh", "dw"),
+    unit=(),
+    int_tuples={"sizes": (10, ()), "sampling": (6, (0, 1, 2, 3, 4, 5))},
 )
 
 _ATTENTION_KERNELS = (
@@ -283,7 +285,7 @@ KERNELS: dict[str, KernelSpec] = {
 }
 
 
-HEAD_DIMS_FULL = (16, 32, 64, 128)
+HEAD_DIMS_FULL = (16, 32, 64, 128, 256)
 DTYPES_FULL = ("float32", "float32+tf32", "float16", "bfloat16")
 # The (dtype, padded head dim) pairs of --defaults: 16-bit at the largest head dim (every tile,
 # and with them shared memory and registers, grows with d), and float32 IEEE (FMA products,
@@ -368,7 +370,7 @@ def judge(case: Case, usage: Optional[Usage], error: Optional[str]) -> Result:
     for device, limit in target.shared_limits:
         if KERNELS[case.kernel].module == "attention":
             keep = attention.fits_shared(
-                case.kernel, case.config, _element_size(case.dtype), case.head_dim, case.t_pad, limit
+                case.kernel, case.config, _element_size(case.dtype), case.head_dim, case.t_pad, limit, target.backend
             )
         else:
             keep = True  # fixed blocks: nothing to fall back on
@@ -477,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nargs="+",
         type=int,
         choices=HEAD_DIMS_FULL,
-        help="padded head dims (BLOCK_D), each with every --dtypes (all four if not given)",
+        help="padded head dims (BLOCK_D), each with every --dtypes (all five if not given)",
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument(

@@ -1,8 +1,8 @@
 """Training steps/s of a preset (tiny-cpu) with 1 or 2 threads, with and without a busy process on
 one of the two cores, under libgomp's wait policies: the table of docs/threads.md.
 
-    python benchmarks/threads.py                      # on an otherwise idle machine, ~6 minutes
-    python benchmarks/threads.py --seconds 1 --repeats 1 --only "1 thread" --config tiny.yaml  # dry
+    python docs/threads/measure.py                      # on an otherwise idle machine, ~6 minutes
+    python docs/threads/measure.py --seconds 1 --repeats 1 --only "1 thread" --config tiny.yaml  # dry
 
 Each run is a fresh process (libgomp reads OMP_WAIT_POLICY/GOMP_SPINCOUNT when it loads) pinned to
 --cores; the hog is a Python busy loop pinned to the last of them. Runs are interleaved and the
