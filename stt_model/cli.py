@@ -87,7 +87,7 @@ class UsageError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     from .threads import add_threads_argument
-    from .tune import add_prediction_arguments, add_threshold_arguments, add_tune_arguments
+    from .tune import add_bridge_argument, add_prediction_arguments, add_threshold_arguments, add_tune_arguments
 
     parser = argparse.ArgumentParser(prog="stt", description="STT-UNET: 3D mitochondria instance segmentation in EM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the outputs of an earlier demo in --out (other files there are left alone)",
     )
+    add_bridge_argument(demo)
 
     train = command("train", "Train STT-UNET on a labelled volume.")
     train.add_argument(
@@ -443,6 +444,7 @@ def _predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         tta_reduce=args.tta_reduce,
         block=tuple(args.block) if args.block else None,
+        bridge_blank=args.bridge_blank,
     )
     if args.instances and rank == 0:
         print(f"stt predict: instances will be decoded with {threshold_source}", file=sys.stderr)
@@ -474,6 +476,8 @@ def _predict(args: argparse.Namespace) -> int:
             ranks.barrier()
         if rank == 0:
             print(f"probabilities {shape} -> {args.out}" + (f" ({world} ranks)" if world > 1 else ""))
+            if world > 1 and args.bridge_blank:
+                print("stt predict: blank slices are not bridged across several ranks", file=sys.stderr)
         if args.instances and rank == 0:
             writing = args.instances
             probs = open_volume(args.out)
@@ -511,6 +515,7 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         train=train,
+        bridge_blank=args.bridge_blank,
     )
     return 0
 

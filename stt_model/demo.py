@@ -191,10 +191,12 @@ def run_demo(
     overwrite: bool = False,
     train: bool = False,
     model: str = DEMO_MODEL,
+    bridge_blank: bool = True,
 ) -> dict[str, float]:
     """The whole demo into the folder ``out`` (see the module doc): the shipped ``model`` on the
     held-out volume, or (``train``) a ``minutes``-long tiny-cpu run first; ``overwrite`` replaces
-    the outputs of an earlier demo there, which are refused otherwise."""
+    the outputs of an earlier demo there, which are refused otherwise; ``bridge_blank`` interpolates
+    the probabilities of blank test slices from their neighbours (:mod:`stt_model.infer`)."""
     import tifffile
 
     from .pretrained import load_pretrained
@@ -213,7 +215,7 @@ def run_demo(
     if cleaned:
         print(f"stt demo: left by killed runs: {'; '.join(cleaned)}")
     train_image, train_labels, test_image, gt = _volumes(data, seed, train)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"bridge_blank": bridge_blank}
     if train:
         config = load_config("tiny-cpu")
         config.train.seed = seed
@@ -229,7 +231,7 @@ def run_demo(
         shipped = load_pretrained(model)
         config, net, thresholds = shipped.config, shipped.model, shipped.thresholds
         prediction = shipped.card["held_out"].get("prediction", {})
-        options = {key: prediction[key] for key in ("tta", "tta_reduce", "overlap") if key in prediction}
+        options.update({key: prediction[key] for key in ("tta", "tta_reduce", "overlap") if key in prediction})
         print(
             f"stt demo: the shipped {model} v{shipped.card['version']} model on a held-out synthetic EM volume "
             f"(seed {seed + 1}), tta {options.get('tta', 1)} -> {out}/"

@@ -25,11 +25,21 @@ with (``data.intensity``; :mod:`stt_model.data.intensity`), and checked first in
 the volume in output blocks: NaN/Inf, or values the rule cannot map, are refused with their
 location before any window runs. Probabilities that come out non-finite (a diverged model)
 are refused too, naming the block, rather than written as 0.
+
+Missing sections (``InferOptions.bridge_blank``, on by default): a slice of the input that is
+blank or nearly constant (its standard deviation, in the [0, 1] range, under
+``BLANK_SLICE_STD``) holds nothing the model can read, so its probabilities drop and any 3D
+decoding cuts every object that crosses it in two. Such a slice's probabilities are replaced
+by those interpolated linearly in z between the nearest non-blank slices below and above
+(copied from the one there is at the volume's ends), before anything decodes them; the
+indices are kept in :attr:`SlidingWindow.bridged`. A real section with structure has a
+standard deviation tens of times larger than the threshold.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -44,6 +54,11 @@ from .progress import Progress
 Triple = tuple[int, int, int]
 TTA_VARIANTS = (1, 4, 8, 16)
 TTA_REDUCTIONS = ("mean", "min", "max")
+# A slice whose intensities (mapped to [0, 1]) vary by less than this is a missing section: an
+# EM section with membranes has a standard deviation of about 0.05-0.2; a blank one, filled
+# with one value (0, 255, or the stack's mean) or with faint compression noise, stays under
+# 1 % of the range.
+BLANK_SLICE_STD = 0.01
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class InferOptions:
     world: int = 1
     progress: bool = True
     intensity: IntensitySpec = "dtype"  # the model's data.intensity: how stored values map to [0, 1]
+    bridge_blank: bool = True  # fill blank input slices' probabilities from their neighbours (module doc)
 
     def __post_init__(self) -> None:
         if len(self.window) != 3 or min(self.window) < 1:
@@ -163,6 +179,7 @@ class SlidingWindow:
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weight = torch.from_numpy(gaussian_weight(options.window)).to(self.device)
         self.variants = tta_variants(options.tta)
+        self.bridged: list[int] = []  # the blank slices :meth:`run` bridged
 
     def _autocast(self):
         use = self.options.amp and self.device.type == "cuda"
@@ -254,6 +271,10 @@ class SlidingWindow:
                 progress.update(done)
         if progress is not None:
             progress.close()
+        # With several ranks no rank holds the slices on both sides of a blank one for sure: the
+        # ranks' parts are left unbridged (stt predict says so).
+        if self.options.bridge_blank and self.options.world == 1:
+            self.bridged = bridge_blank_slices(out, blank_slices(volume, self.options.intensity))
         return out
 
 
@@ -267,11 +288,60 @@ def rank_blocks(shape: Triple, options: InferOptions) -> list[tuple[slice, slice
     return _blocks(shape, block_size(shape, options))[options.rank :: options.world]
 
 
+def blank_slices(volume: Any, intensity: IntensitySpec = "dtype", max_std: float = BLANK_SLICE_STD) -> list[int]:
+    """The z indices of ``volume (Z, Y, X)`` whose slice, mapped to [0, 1] by ``intensity``, has a
+    standard deviation under ``max_std`` (missing sections); read one slice at a time."""
+    if len(volume.shape) != 3:
+        raise UserInputError(f"volume must be 3-d (Z, Y, X); got shape {tuple(volume.shape)}")
+    if not max_std >= 0:
+        raise UserInputError(f"max_std must be >= 0 (a standard deviation in [0, 1] units); got {max_std}")
+    return [z for z in range(volume.shape[0]) if float(to_unit_range(np.asarray(volume[z]), intensity).std()) < max_std]
+
+
+def bridge_blank_slices(probs: Any, blank: Sequence[int]) -> list[int]:
+    """Replace, in ``probs (C, Z, Y, X)`` (array-like, written in place), each slice ``z`` of
+    ``blank`` by the linear interpolation in z between the nearest slices not in ``blank``
+    (a copy of the nearest one at either end of the volume). Returns the bridged indices, sorted;
+    none when every slice is blank (there is nothing to bridge from)."""
+    depth = int(probs.shape[1])
+    blank_set = {int(z) for z in blank}
+    outside = sorted(z for z in blank_set if not 0 <= z < depth)
+    if outside:
+        raise UserInputError(f"blank slice {outside[0]} is outside the volume's {depth} slices")
+    valid = [z for z in range(depth) if z not in blank_set]
+    if not valid or not blank_set:
+        return []
+    integer = np.dtype(probs.dtype).kind in "ui"
+    for z in sorted(blank_set):
+        below = max((v for v in valid if v < z), default=None)
+        above = min((v for v in valid if v > z), default=None)
+        if below is None or above is None:
+            filled = np.asarray(probs[:, below if above is None else above], np.float32)
+        else:
+            w = (z - below) / (above - below)
+            filled = (1 - w) * np.asarray(probs[:, below], np.float32) + w * np.asarray(probs[:, above], np.float32)
+        probs[:, z] = np.rint(filled).astype(probs.dtype) if integer else filled.astype(probs.dtype)
+    return sorted(blank_set)
+
+
 def _batched(items: Sequence[Triple], size: int) -> Iterator[Sequence[Triple]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
 def predict(model: nn.Module, volume: Any, out: Any, options: InferOptions) -> Any:
-    """Sliding-window prediction of ``volume (Z, Y, X)`` into ``out (C, Z, Y, X)``; see the module doc."""
-    return SlidingWindow(model, options).run(volume, out)
+    """Sliding-window prediction of ``volume (Z, Y, X)`` into ``out (C, Z, Y, X)``; see the module doc.
+    Blank slices it bridged are reported in one line on stderr."""
+    window = SlidingWindow(model, options)
+    window.run(volume, out)
+    if window.bridged:
+        print(bridged_line(window.bridged), file=sys.stderr)
+    return out
+
+
+def bridged_line(bridged: Sequence[int]) -> str:
+    """The report of bridged slices: ``bridged N blank slices at z=...``."""
+    return (
+        f"bridged {len(bridged)} blank slice{'s' if len(bridged) != 1 else ''} at z={','.join(map(str, bridged))} "
+        f"(input std < {BLANK_SLICE_STD:g}: probabilities interpolated from the neighbouring slices)"
+    )

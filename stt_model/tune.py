@@ -396,6 +396,19 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the variants' probabilities are combined (default mean)",
     )
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    add_bridge_argument(parser)
+
+
+def add_bridge_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-bridge-blank-slices`` (``args.bridge_blank``, default True): see
+    :data:`stt_model.infer.BLANK_SLICE_STD`."""
+    parser.add_argument(
+        "--no-bridge-blank-slices",
+        dest="bridge_blank",
+        action="store_false",
+        help="keep the probabilities of blank input slices (missing sections: std under 0.01 of the "
+        "range) as predicted; by default they are interpolated from the neighbouring slices before decoding",
+    )
 
 
 def tune_command(args: argparse.Namespace) -> int:
@@ -446,6 +459,7 @@ def tune_command(args: argparse.Namespace) -> int:
         tta_reduce=args.tta_reduce,
         device=args.device,
         progress=False,
+        bridge_blank=args.bridge_blank,
     )
     print(
         f"stt tune: predicted {args.image} {tuple(image.shape)} in {time.monotonic() - started:.0f} s "
@@ -466,7 +480,12 @@ def tune_command(args: argparse.Namespace) -> int:
     print("  all scores after: " + ", ".join(f"{k}={v:.3f}" for k, v in result.after.items()))
     details = {
         "validation": {"image": args.image, "label": args.label, "shape": list(image.shape)},
-        "prediction": {"tta": args.tta, "tta_reduce": args.tta_reduce, "overlap": args.overlap},
+        "prediction": {
+            "tta": args.tta,
+            "tta_reduce": args.tta_reduce,
+            "overlap": args.overlap,
+            "bridge_blank": args.bridge_blank,
+        },
     }
     write_sidecar(out, result, args.checkpoint, details, overwrite=args.overwrite)
     print(
