@@ -40,6 +40,7 @@ class Thresholds:
     decoder: str = "watershed"  # with a contour channel: "watershed" (bc_watershed) or "distance"
     peak_height: float = 2.0  # "distance": h-maxima height of the seeds, in xy voxels
     anisotropy: float = 1.0  # "distance": z voxel size / xy voxel size
+    merge_ratio: float = 1.0  # "distance": merge regions whose neck exceeds this x the lower peak (1: none)
 
 
 def infer_options(config: Config, **overrides: Any) -> InferOptions:
@@ -73,6 +74,7 @@ def instances(probs: Any, thresholds: Thresholds = Thresholds()) -> np.ndarray:
             peak_height=thresholds.peak_height,
             anisotropy=thresholds.anisotropy,
             min_size=thresholds.min_size,
+            merge_ratio=thresholds.merge_ratio,
         )
     if probs.shape[0] > 1:
         return bc_watershed(

@@ -3,7 +3,7 @@
 ``stt tune`` predicts a labelled validation volume once, then searches the thresholds that turn
 those probabilities into the answer: for a model with a contour channel, the seeded watershed's
 foreground, seed and contour thresholds by MitoEM AP-75, and those of the distance-transform
-watershed (foreground, contour, peak height; ``Thresholds.decoder = "distance"``), keeping the
+watershed (foreground, contour, peak height, neck merge ratio; ``Thresholds.decoder = "distance"``), keeping the
 decoder that scores better, and the semantic mask threshold by Jaccard; for a one-channel
 (Lucchi-style, semantic) model, the mask threshold by Jaccard, which then also cuts the
 foreground its instances are the connected components of. The search is a grid (the
@@ -46,6 +46,7 @@ THRESHOLD_FLAGS = {
     "--decoder": "decoder",
     "--peak-height": "peak_height",
     "--anisotropy": "anisotropy",
+    "--merge-ratio": "merge_ratio",
 }
 DECODERS = ("watershed", "distance")
 # Search ranges (inclusive) of the tuned fields.
@@ -55,6 +56,7 @@ RANGES = {
     "contour": (0.2, 0.8),
     "mask": (0.1, 0.9),
     "peak_height": (1.0, 4.0),
+    "merge_ratio": (0.5, 1.0),  # 1 merges nothing; under 0.5 a touching pair's contact merges too
 }
 
 
@@ -144,7 +146,7 @@ def describe(thresholds: Thresholds) -> str:
     names = (
         ("foreground", "seed", "contour", "mask", "min_size")
         if thresholds.decoder == "watershed"
-        else ("foreground", "contour", "peak_height", "anisotropy", "mask", "min_size")
+        else ("foreground", "contour", "peak_height", "merge_ratio", "anisotropy", "mask", "min_size")
     )
     return f"decoder={thresholds.decoder}, " + ", ".join(f"{name}={getattr(thresholds, name):g}" for name in names)
 
@@ -162,6 +164,8 @@ def add_threshold_arguments(parser: argparse.ArgumentParser, mask: bool = True) 
         "watershed of the mask-and-not-contour core: splits touching instances at their neck)",
         "peak_height": "distance decoder: how far (xy voxels) a distance peak must rise to seed an instance",
         "anisotropy": "distance decoder: z voxel size / xy voxel size",
+        "merge_ratio": "distance decoder: touching regions merge where their neck's distance exceeds this "
+        "times the lower of their peaks (in [0, 1]; 1 merges none)",
     }
     for flag, name in THRESHOLD_FLAGS.items():
         if name == "mask" and not mask:
@@ -311,7 +315,7 @@ def search_thresholds(
         # Each decoder's own search; the start's decoder first, so a tie keeps it.
         searches = {
             "watershed": ("foreground", "seed", "contour"),
-            "distance": ("foreground", "contour", "peak_height"),
+            "distance": ("foreground", "contour", "peak_height", "merge_ratio"),
         }
         order = sorted(DECODERS, key=lambda d: d != start.decoder)
         results = [best_of(instance_score, searches[d], {"decoder": d}) for d in order]
