@@ -10,7 +10,7 @@
 #                   runs/synthetic-demo and install it into stt_model/models (MODEL_ARGS=--overwrite to replace)
 #   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
 #   make cmake      build the same sources with CMake (the LibTorch library)
-#   make gpu-check  on a GPU machine, with its own python3: build, GPU tests, probe, sanitizer, bench
+#   make gpu-check  on a GPU machine, with its own python3: build, GPU tests, sanitizer, bench
 #                   into OUT (benchmarks/gpu_check.py; 9 minutes at most); CI runs it dry
 PYTHON_BOOTSTRAP ?= python3.11
 VENV ?= .venv

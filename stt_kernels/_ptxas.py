@@ -4,17 +4,29 @@
 source's ptxas report under ``build/`` (ninja rebuilds only what changed, so a report lives as
 long as its object) and records the parsed figures in ``_build_info.json`` as
 ``cuda_resources``. ``tests/test_cuda_resources.py`` fails on a spill or a figure over the
-target's limits; ``benchmarks/cuda_resources.py`` prints the table of ``benchmarks/RESULTS.md``.
-Stdlib only: ``setup.py`` loads this file by path while the package is being built.
+target's limits. Stdlib only at import: ``setup.py`` loads this file by path while the package is
+being built. As a command it prints the table of ``benchmarks/RESULTS.md``:
+
+    python -m stt_kernels._ptxas                      # the figures of the last build
+    python -m stt_kernels._ptxas build.log            # a saved build log (make gpu-check's)
+    python -m stt_kernels._ptxas --results-md benchmarks/RESULTS.md   # replace its section
+
+A build log is the output of ``setup.py build_ext`` with the CUDA kernels. Exits 1 when a kernel
+spills or exceeds its target's limits (:data:`LIMITS`).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Optional
 
 # Per-thread registers and static shared memory per block that a kernel may use, per target.
@@ -150,3 +162,89 @@ def markdown_table(by_source: dict[str, list[KernelResources]]) -> str:
                 )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+HEADING = "## CUDA kernels: registers, shared memory, spills (ptxas, no GPU needed)"
+_MARK = "<!-- results: cuda-resources -->"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def figures(log: Optional[Path]) -> dict[str, list[KernelResources]]:
+    """The kernels by source file: of a build log, or of the last build's ``_build_info.json``."""
+    if log is not None:
+        by_source = split_by_source(log.read_text(errors="replace"))
+        return {source.rsplit("/", 1)[-1]: parse(text) for source, text in by_source.items()}
+    resources = json.loads((_PACKAGE / "_build_info.json").read_text()).get("cuda_resources")
+    if not resources:
+        sys.exit(
+            "stt_kernels/_build_info.json has no cuda_resources: build with the CUDA kernels "
+            "(STT_BUILD_CUDA=1 python setup.py build_ext --inplace)"
+        )
+    if missing := [source for source, records in resources.items() if records is None]:
+        sys.exit(f"no ptxas report for {', '.join(missing)}: rebuild them (rm -r build/temp-cuda-*)")
+    return {source: from_records(records) for source, records in resources.items()}
+
+
+def _provenance() -> str:
+    """The toolkit and commit the figures come from."""
+
+    def run(*command: str) -> str:
+        try:
+            return subprocess.run(command, cwd=_PACKAGE.parent, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    nvcc = run("nvcc", "--version").splitlines()
+    commit = run("git", "rev-parse", "--short=12", "HEAD")
+    return f"nvcc: {nvcc[-1] if nvcc else 'unknown'}; commit: `{commit or 'unknown'}`"
+
+
+def section(by_source: dict[str, list[KernelResources]]) -> str:
+    """The table's section of ``benchmarks/RESULTS.md``, with its heading, provenance and command."""
+    archs = ", ".join(sorted({k.arch for kernels in by_source.values() for k in kernels}))
+    prose = textwrap.fill(
+        f"From `-Xptxas -v` (`--resource-usage`) of the build for {archs}, recorded by `setup.py` in "
+        "`stt_kernels/_build_info.json` and checked by `tests/test_cuda_resources.py` (no spills, at most "
+        "255 registers, static shared memory within 48 KB). The attention kernels' tiles are dynamic "
+        "shared memory, sized at launch to the device (`choose_tiling` in `csrc/cuda/attention_kernel.cu`), "
+        "so ptxas reports none. Spills are bytes stored plus bytes loaded.",
+        100,
+    )
+    command = "`python -m stt_kernels._ptxas --results-md benchmarks/RESULTS.md`"
+    command += " (after `STT_BUILD_CUDA=1 python setup.py build_ext --inplace`)"
+    return f"{_MARK}\n{HEADING}\n\n{prose}\n\n- {_provenance()}\n- Command: {command}\n\n" + markdown_table(by_source)
+
+
+def replace_section(results: Path, text: str) -> None:
+    """Replaces this table's section of ``results`` (up to the next ``<!-- results:`` mark or
+    the end), or appends it; written atomically."""
+    from stt_kernels.atomic_file import atomic_write_text  # the package, not needed by setup.py
+
+    old = results.read_text() if results.exists() else ""
+    if _MARK in old:
+        before, _, after = old.partition(_MARK)
+        rest = after.find("<!-- results:")
+        new = before + text + ("\n" + after[rest:] if rest >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    atomic_write_text(results, new)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stt_kernels._ptxas", description=__doc__.split("\n\n")[0])
+    parser.add_argument("log", nargs="?", type=Path, help="a build log (default: the last build's record)")
+    parser.add_argument("--results-md", type=Path, help="replace the table's section of this file")
+    args = parser.parse_args(argv)
+    by_source = figures(args.log)
+    text = section(by_source)
+    if args.results_md:
+        replace_section(args.results_md, text)
+    print(text)
+    problems = violations(k for kernels in by_source.values() for k in kernels)
+    for problem in problems:
+        print(f"over the limits: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,10 +4,11 @@ Precedence, first match wins: the ``backend=`` argument of a call (or of a modul
 innermost :func:`use_backend` context, the ``STT_BACKEND`` environment variable, ``"auto"``.
 ``"auto"`` picks by device and dtype: a GPU tensor gets ``triton``, else ``cuda``; a CPU tensor
 gets ``cpu``; in each case the first one that is available, implements the op and takes the
-tensors' dtype (:data:`CAPABILITIES`), else ``reference``. A backend asked for by name that cannot
-run raises :class:`BackendUnavailableError` saying why and how to get it; one that cannot take
-the dtype raises ``TypeError`` naming the backends that can, on that device; one that runs but
-lacks the op raises ``NotImplementedError``.
+tensors' dtype and (attention) head dim (:data:`CAPABILITIES`), else ``reference``. A backend
+asked for by name that cannot run raises :class:`BackendUnavailableError` saying why and how to
+get it; one that cannot take the dtype raises ``TypeError``, or the head dim ``ValueError``,
+naming the backends that can, on that device; one that runs but lacks the op raises
+``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Capability:
 
     devices: tuple[str, ...]
     dtypes: dict[str, tuple[torch.dtype, ...]]
+    # The largest attention head dim d its kernels take (their register tiles are sized for it).
+    max_head_dim: int
     # Ops whose backward accumulates with atomics (sums in a run-dependent order): under
     # torch.use_deterministic_algorithms(True) they raise torch's standard error.
     atomic_backward: tuple[str, ...] = ()
@@ -49,15 +52,29 @@ CAPABILITIES: dict[str, Capability] = {
     "triton": Capability(
         ("cuda",),
         {"attention": _FLOATS[:1] + _FLOATS[2:], "deform_conv2d": _FLOATS[:1] + _FLOATS[2:]},
+        max_head_dim=128,
         atomic_backward=("deform_conv2d",),
     ),
     # The CUDA attention backward owns its rows of dQ (a pass of its own) and of dK, dV: no atomics.
     # Its deform_conv2d backward scatters grad_x with atomics (grad_weight: cuBLAS, fixed order).
-    "cuda": Capability(("cuda",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}, atomic_backward=("deform_conv2d",)),
+    "cuda": Capability(
+        ("cuda",),
+        {"attention": _FLOATS, "deform_conv2d": _FLOATS},
+        max_head_dim=128,
+        atomic_backward=("deform_conv2d",),
+    ),
     # The CPU attention kernels compute 16-bit inputs in float32; no 16-bit deform_conv2d yet.
-    "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS[:2]}),
-    "reference": Capability(("cpu", "cuda", "meta"), {"attention": _FLOATS, "deform_conv2d": _FLOATS}),
+    "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS[:2]}, max_head_dim=128),
+    # Plain PyTorch takes any d; 256 is the cap the ops promise (flash-attention's), so every
+    # backend can be brought to it.
+    "reference": Capability(
+        ("cpu", "cuda", "meta"), {"attention": _FLOATS, "deform_conv2d": _FLOATS}, max_head_dim=256
+    ),
 }
+
+# The largest head dim any backend takes: what validation and the nn modules accept before a
+# backend is chosen.
+MAX_HEAD_DIM = max(capability.max_head_dim for capability in CAPABILITIES.values())
 
 
 def claimed_dtypes(name: str, op: str) -> tuple[torch.dtype, ...]:
@@ -244,15 +261,20 @@ def resolve(
     op: str,
     implemented: frozenset[str],
     dtype: Optional[torch.dtype] = None,
+    head_dim: Optional[int] = None,
 ) -> str:
     """Pick the concrete backend for one call of ``op`` on ``dtype`` tensors living on ``device``.
 
     ``implemented`` names the backends that have a kernel for ``op``; ``dtype=None`` skips the
-    dtype check (callers that have no tensor yet).
+    dtype check (callers that have no tensor yet), ``head_dim=None`` the head dim check (ops
+    other than attention).
     """
 
+    def fits(candidate: str) -> bool:
+        return head_dim is None or head_dim <= CAPABILITIES[candidate].max_head_dim
+
     def takes(candidate: str) -> bool:
-        return dtype is None or dtype in claimed_dtypes(candidate, op)
+        return (dtype is None or dtype in claimed_dtypes(candidate, op)) and fits(candidate)
 
     name = requested_backend(backend)
     if name == "auto":
@@ -267,8 +289,13 @@ def resolve(
         raise NotImplementedError(
             f"{op} has no '{name}' kernel yet; available for it: {', '.join(sorted(implemented))}"
         )
+    able = [c for c in BACKENDS if c != name and c in implemented and _runs_on(c, device) is None and takes(c)]
+    if not fits(name):
+        raise ValueError(
+            f"backend '{name}' takes head dims d up to {CAPABILITIES[name].max_head_dim} for {op}; got "
+            f"d = {head_dim}: on {device.type} tensors use {' or '.join(repr(c) for c in able)}, or 'auto'"
+        )
     if not takes(name):
-        able = [c for c in BACKENDS if c != name and c in implemented and _runs_on(c, device) is None and takes(c)]
         why = (
             " under TRITON_INTERPRET=1: Triton's interpreter computes bfloat16 tl.dot wrongly (errors of ~1e9)"
             if name == "triton" and _interpreting() and dtype == torch.bfloat16

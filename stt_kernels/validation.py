@@ -14,8 +14,9 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from .backend import MAX_HEAD_DIM
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 128
 
 # Sequences of two ints come as tuples or lists; TorchScript has no Sequence type.
 IntPair = Union[int, Tuple[int, int], List[int]]
@@ -81,8 +82,9 @@ def check_attention(q: object, k: object, v: object, scale: Optional[float]) -> 
 
 
 def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_head_dim: int = MAX_HEAD_DIM) -> int:
-    """``k, v`` like ``q``, 6-d ``(B, T, H, W, heads, d)`` with a head dim ``d`` the kernels take,
-    returned. (``max_head_dim`` is an argument because TorchScript reads no globals.)"""
+    """``k, v`` like ``q``, 6-d ``(B, T, H, W, heads, d)`` with a head dim ``d`` some backend takes,
+    returned; each backend's own limit is checked when it is chosen (``backend.resolve``).
+    (``max_head_dim`` is an argument because TorchScript reads no globals.)"""
     check_rank("q", q, 6, "(B, T, H, W, heads, d)")
     for name, t in (("k", k), ("v", v)):
         check_rank(name, t, 6, "(B, T, H, W, heads, d)")

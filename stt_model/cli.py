@@ -86,6 +86,7 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .threads import add_threads_argument
     from .tune import add_prediction_arguments, add_threshold_arguments, add_tune_arguments
 
     parser = argparse.ArgumentParser(prog="stt", description="STT-UNET: 3D mitochondria instance segmentation in EM.")
@@ -171,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train the network through torch.compile (inductor): a minute or more of compiling "
         "first, faster steps after",
     )
+    add_threads_argument(train)
 
     predict = command("predict", "Segment a volume with a trained checkpoint (sliding windows, out of core).")
     which = predict.add_mutually_exclusive_group(required=True)
@@ -198,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         help="output block predicted at a time; memory grows with it (default: 4 windows per axis)",
     )
     add_prediction_arguments(predict)
+    add_threads_argument(predict)
     add_threshold_arguments(predict, mask=False)
 
     evaluate = command("evaluate", "Score instances against ground truth: MitoEM AP and Lucchi Jaccard/DSC.")
@@ -306,11 +309,13 @@ def _train(args: argparse.Namespace) -> int:
     from .data import PatchSampler, ZRange, check_labels, instances_from_binary, open_volume
     from .run_folder import RunFolder
     from .segment import validator
+    from .threads import set_threads
     from .train import Trainer, TrainOptions, check_backend, check_resumable, training_device
     from .train_report import TensorBoardUnavailable, require_tensorboard
 
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise UsageError(f"--minutes must be a time budget > 0 minutes; got {args.minutes:g}")
+    set_threads("stt train", args.threads)
     if args.iterations is not None and args.iterations < 1:
         raise UsageError(f"--iterations must be >= 1; got {args.iterations}")
     if args.tensorboard:
@@ -398,10 +403,12 @@ def _predict(args: argparse.Namespace) -> int:
     from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
     from .pretrained import verified_weights
     from .segment import instances_into, probabilities
+    from .threads import set_threads
     from .tune import decode_thresholds
 
     # Everything that can be refused is refused here, before the model is built or a window runs.
     _check_predict_options(args)
+    set_threads("stt predict", args.threads)
     if args.model is not None:
         args.checkpoint = verified_weights(args.model)
     thresholds, threshold_source = decode_thresholds(args, checkpoint=args.checkpoint)

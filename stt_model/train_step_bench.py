@@ -1,6 +1,7 @@
 """Cases of ``stt_model`` for the ``stt_kernels.bench`` engine, and their suites, registered on
 import (``stt bench`` imports this before reading its options). The kernel package never imports
-it: the dependency runs one way, from ``stt_model`` to ``stt_kernels``.
+it: the dependency runs one way, from ``stt_model`` to ``stt_kernels``. Both cases run in float32
+only: the network trains in float32 parameters (with the preset's AMP on GPU).
 
 ``train-step``: one STT-UNET training step on a preset's batch (``Shape.name``: ``tiny-cpu`` in the
 ``quick`` and ``default`` tiers, ``mitoem-r``, the paper's 2 x 32 x 320 x 320, in ``full``).
@@ -21,21 +22,13 @@ import functools
 import itertools
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stt_kernels.bench import (
-    Case,
-    Shape,
-    Unsupported,
-    backend_unsupported,
-    register_backends,
-    register_case,
-    register_suite,
-)
+from stt_kernels.bench import Case, Shape, register_backends, register_case, register_suite
 from stt_kernels.bench.cases import Tensors
+from stt_kernels.bench.impls import Step
 
 from .build import build_model
 from .checkpoint import atomic_save
@@ -44,7 +37,6 @@ from .train import Trainer, TrainOptions
 
 NAME = "stt_unet_train_step"
 _PRESET_OF_TIER = {"quick": "tiny-cpu", "default": "tiny-cpu", "full": "mitoem-r"}
-_FLOAT32_ONLY = "the network trains in float32 parameters (with the preset's AMP on GPU)"
 
 
 def preset_shape(preset: str) -> Shape:
@@ -71,17 +63,16 @@ def _flops(shape: Shape, pass_: str) -> float:
     with torch.device("meta"):
         model = build_model(config)
         x = torch.empty(shape.batch, config.model.in_channels, shape.t, shape.h, shape.w)
-    with FlopCounterMode(display=False) as counter:
-        if pass_ == "forward":
-            with torch.no_grad():
-                model(x)
-        else:
-            model(x).sum().backward()
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(pass_ != "forward"):
+        out = model(x)
+        if pass_ != "forward":
+            out.sum().backward()
     return float(counter.get_total_flops())
 
 
 class TrainStepCase(Case):
     name = NAME
+    dtypes = (torch.float32,)
     description = (
         "`forward`: the STT-UNET segmentation network's inference forward. `forward+backward`: one "
         "whole training step (network, BCE, FG-BG discriminator update and adversarial term, "
@@ -106,38 +97,24 @@ class TrainStepCase(Case):
         return _flops(shape, pass_)
 
 
-def _make_step(backend: str, shape: Shape, leaves: Sequence[torch.Tensor], pass_: str) -> Callable[[], None]:
-    image, target = leaves
-    if image.dtype != torch.float32:
-        raise Unsupported(_FLOAT32_ONLY)
-    config = _config(shape, backend)
+def _train_step(backend: str, shape: Shape, leaves: Tensors, pass_: str) -> Step:
+    (image, target), config = leaves, _config(shape, backend)
     if pass_ == "forward":
         model = build_model(config).to(image.device).eval()
-
-        def forward() -> None:
-            with torch.no_grad():
-                model(image)
-
-        return forward
-    trainer = Trainer(
-        config,
-        source=None,  # type: ignore[arg-type]  # batches come from the case
-        options=TrainOptions(out_dir=Path(tempfile.gettempdir()), device=str(image.device), progress=False),
-    )
+        return torch.no_grad()(lambda: model(image))
+    options = TrainOptions(out_dir=Path(tempfile.gettempdir()), device=str(image.device), progress=False)
+    trainer = Trainer(config, source=None, options=options)  # type: ignore[arg-type]  # batches come from the case
     return lambda: trainer.train_step(image, target)
 
 
-def _step_unsupported(backend: str, device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
-    return _FLOAT32_ONLY if dtype != torch.float32 else backend_unsupported(backend, device, dtype, pass_)
-
-
 register_case(TrainStepCase())
-register_backends(NAME, make_step=_make_step, unsupported=_step_unsupported)
+register_backends(NAME, lambda backend: functools.partial(_train_step, backend))
 register_suite("train-step", lambda tier: [(NAME, preset_shape(_PRESET_OF_TIER[tier]), None)])
 
 
 class PredictVolumeCase(Case):
     name = "stt_predict_volume"
+    dtypes = (torch.float32,)
     description = (
         "One `stt predict --instances` of a chunked (16 x 128 x 128, gzip) synthetic HDF5 volume by a "
         "fresh `tiny-cpu` network (window 8 x 64 x 64, overlap 0.25), probabilities and instances "
@@ -160,11 +137,10 @@ class PredictVolumeCase(Case):
 TILE = (32, 512, 512)  # the volume repeats one synthetic tile: generating a tile costs seconds
 
 
-@functools.lru_cache(maxsize=1)
-def _work() -> Path:
+@functools.cache
+def _scratch() -> tempfile.TemporaryDirectory:
     """A folder for the volumes and outputs, removed when the process exits."""
-    _work.folder = tempfile.TemporaryDirectory(prefix="stt-bench-")
-    return Path(_work.folder.name)
+    return tempfile.TemporaryDirectory(prefix="stt-bench-")
 
 
 def volume(shape: Shape) -> Path:
@@ -173,7 +149,7 @@ def volume(shape: Shape) -> Path:
 
     from .data import synthetic_volume
 
-    size, path = (shape.t, shape.h, shape.w), _work() / f"volume_{shape.t}x{shape.h}x{shape.w}.h5"
+    size, path = (shape.t, shape.h, shape.w), Path(_scratch().name) / f"volume_{shape.t}x{shape.h}x{shape.w}.h5"
     if not path.exists():
         tile = synthetic_volume(tuple(min(n, m) for n, m in zip(size, TILE)), seed=0).image
         with h5py.File(path, "w") as f:
@@ -185,16 +161,14 @@ def volume(shape: Shape) -> Path:
     return path
 
 
-def _predict_step(backend: str, shape: Shape, leaves: Sequence[torch.Tensor], pass_: str) -> Callable[[], None]:
+def _predict_step(backend: str, shape: Shape, leaves: Tensors, pass_: str) -> Step:
     from .cli import main
 
-    config = load_config("tiny-cpu")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, backend=backend))
-    checkpoint = _work() / f"tiny-cpu-{backend}.pt"
+    config, work = _config(preset_shape("tiny-cpu"), backend), Path(_scratch().name)
     torch.manual_seed(0)
-    atomic_save({"config": config.to_dict(), "model": build_model(config).state_dict()}, checkpoint)
-    out = [f"--out={_work() / 'probs.h5'}", f"--instances={_work() / 'instances.h5'}", "--overwrite"]
-    command = ["predict", f"--checkpoint={checkpoint}", f"--image={volume(shape)}:image", *out]
+    atomic_save({"config": config.to_dict(), "model": build_model(config).state_dict()}, work / f"{backend}.pt")
+    command = ["predict", f"--checkpoint={work / f'{backend}.pt'}", f"--image={volume(shape)}:image"]
+    command += [f"--out={work / 'probs.h5'}", f"--instances={work / 'instances.h5'}", "--overwrite"]
 
     def step() -> None:
         if (code := main(command)) != 0:
@@ -204,9 +178,7 @@ def _predict_step(backend: str, shape: Shape, leaves: Sequence[torch.Tensor], pa
 
 
 register_case(PredictVolumeCase())
-register_backends(PredictVolumeCase.name, make_step=_predict_step, unsupported=_step_unsupported)
+register_backends(PredictVolumeCase.name, lambda backend: functools.partial(_predict_step, backend))
 _VOLUME_OF_TIER = {"quick": (32, 512, 512), "default": (32, 2048, 2048), "full": (256, 2048, 2048)}
-register_suite(
-    "predict-volume",
-    lambda tier: [(PredictVolumeCase.name, Shape(1, *_VOLUME_OF_TIER[tier], 1, 1, "volume"), ("forward",))],
-)
+_volume = lambda tier: Shape(1, *_VOLUME_OF_TIER[tier], 1, 1, "volume")
+register_suite("predict-volume", lambda tier: [(PredictVolumeCase.name, _volume(tier), ("forward",))])

@@ -16,6 +16,7 @@ from stt_kernels.bench import (
     Implementation,
     Options,
     Shape,
+    differentiable,
     engine,
     impls,
     measure,
@@ -23,8 +24,8 @@ from stt_kernels.bench import (
     register_suite,
     run,
 )
-from stt_kernels.bench.cases import CASES, levels
-from stt_kernels.bench.engine import Row, add_speedups
+from stt_kernels.bench.cases import CASES, levels, sst_module
+from stt_kernels.bench.engine import Row, add_speedups, plan
 from stt_kernels.bench.report import update_results_md
 
 METADATA_FIELDS = (
@@ -57,9 +58,9 @@ def small_ceilings(monkeypatch):
 @pytest.fixture
 def fake_implementations(monkeypatch):
     op = "temporal_attention"
-    oom = Implementation("fake:oom", op, "peer", _raise_oom)
+    oom = Implementation("fake:oom", op, "peer", differentiable(_raise_oom))
     declines = Implementation(
-        "fake:skip", op, "peer", _raise_oom, unsupported=lambda device, dtype, pass_: "needs hardware we lack"
+        "fake:skip", op, "peer", differentiable(_raise_oom), unsupported=lambda dtype: "needs hardware we lack"
     )
     monkeypatch.setattr(impls, "IMPLEMENTATIONS", impls.IMPLEMENTATIONS + [oom, declines])
     monkeypatch.setattr(engine, "IMPLEMENTATIONS", impls.IMPLEMENTATIONS)
@@ -175,7 +176,7 @@ def test_cpu_memory_cap_records_oom_in_the_subprocess():
         "pass": "forward+backward",
         "seed": 0,
     }
-    probe = measure.probe_cpu(spec, cap_bytes=1, timeout_s=120)
+    probe = measure.probe_cpu(spec, cap_bytes=1)
     assert probe["status"] == "OOM" and "memory cap" in probe["reason"], probe
 
 
@@ -257,6 +258,9 @@ def test_training_step_suite_runs_on_every_backend_here(tmp_path, small_ceilings
     assert 0 < flops["forward"] < flops["forward+backward"]
     assert all(r.gbytes_per_s is None and r.shape == "tiny-cpu B1 T2 16x16" for r in rows)
     assert train_step_bench.TrainStepCase.description in (tmp_path / "out" / "report.md").read_text()
+    # The network trains in float32 parameters: no row in another dtype, whatever the run asks for.
+    asked = plan(["train-step"], "quick", torch.device("cpu"), [torch.float16, torch.float32])
+    assert asked and {dtype for _, _, _, dtype, _ in asked} == {torch.float32}
 
 
 def test_the_kernel_package_never_imports_stt_model():
@@ -268,11 +272,9 @@ def test_the_kernel_package_never_imports_stt_model():
     assert done.stdout.strip() == "[] ['issue-scale', 'issue-shapes', 'levels']"  # the model's suites come from stt
 
 
-def test_an_implementation_takes_either_call_or_make_step():
-    with pytest.raises(ValueError, match="exactly one of call and make_step"):
-        Implementation("neither", "temporal_attention", "peer")
-    with pytest.raises(ValueError, match="exactly one of call and make_step"):
-        Implementation("both", "temporal_attention", "peer", _raise_oom, make_step=lambda *a: None)
+def test_an_implementation_is_ours_the_reference_or_a_peer():
+    with pytest.raises(ValueError, match="kind must be one of ours, reference, peer; got 'theirs'"):
+        Implementation("x", "temporal_attention", "theirs", differentiable(_raise_oom))
 
 
 def test_register_suite_makes_a_suite_selectable(tmp_path):
@@ -321,3 +323,29 @@ def test_building_the_stt_parser_leaves_the_timers_unimported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_stock_block_is_our_block_from_stock_parts():
+    """The ``stock`` peer of ``sst_attention`` (SDPA and torchvision's deform_conv2d on the block's
+    own weights) computes what SSTAttention computes, forward and every gradient: the ratio
+    against it compares the same work."""
+    pytest.importorskip("torchvision")
+    block = sst_module(8, 2, torch.float64, torch.device("cpu"))
+    x = torch.randn(2, 8, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    wrt, grad = [x, *block.parameters()], torch.randn(x.shape, dtype=torch.float64)
+    with stt_kernels.use_backend("reference"):
+        ours = block(x)
+    stock = impls.stock_sst_attention(block, x)
+    assert block.fusion.predictor.weight.abs().max() > 0  # the offsets sample between pixels
+    torch.testing.assert_close(stock, ours, rtol=1e-10, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(stock, wrt, grad), torch.autograd.grad(ours, wrt, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_the_block_is_timed_against_the_stock_block(tmp_path, small_ceilings, monkeypatch):
+    monkeypatch.setitem(SUITES, "block", lambda tier: [("sst_attention", Shape(1, 2, 6, 6, 8, 2, "tiny"), None)])
+    rows = read_results(run(_options(tmp_path, suites=["block"], backends=["reference"], peers=["stock"])))["rows"]
+    assert [(r.implementation, r.status) for r in rows] == [("reference", "ok"), ("stock", "ok")]
+    assert rows[0].best_peer == "stock" and rows[0].speedup_vs_best_peer == pytest.approx(
+        rows[1].time_median_s / rows[0].time_median_s
+    )

@@ -89,3 +89,17 @@ def test_no_cuda_kernel_spills_or_exceeds_its_target():
     resources = _build_record().get("cuda_resources") or {}
     kernels = [k for records in resources.values() for k in _ptxas.from_records(records or [])]
     assert _ptxas.violations(kernels) == []
+
+
+def test_the_command_writes_the_table_into_its_section_and_keeps_the_rest(tmp_path, capsys):
+    """``python -m stt_kernels._ptxas LOG --results-md FILE``: the table of the log, in its own
+    section of FILE (replaced on a second run, never duplicated; the other sections kept), and exit 1
+    for the helper's spill."""
+    log, results = tmp_path / "build.log", tmp_path / "RESULTS.md"
+    log.write_text(NINJA_OUTPUT)
+    results.write_text("# Results\n\n<!-- results: cpu -->\nkept\n<!-- end results: cpu -->\n")
+    assert _ptxas.main([str(log), "--results-md", str(results)]) == 1
+    assert _ptxas.main([str(log), "--results-md", str(results)]) == 1
+    text = results.read_text()
+    assert text.count(_ptxas.HEADING) == 1 and "kept" in text and "| `k.cu` |" in text
+    assert "spills 8 bytes stored, 12 loaded" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def _stt(argv, capsys):
         (["--warmup", "-1"], "warmup (--warmup) must be an int >= 0; got -1"),
         (["--threads", "-2"], "threads (--threads) must be an int >= 1; got -2"),
         (["--threads", "0"], "threads (--threads) must be an int >= 1; got 0"),
-        (["--memory-cap-mb", "0"], "memory_cap_bytes (--memory-cap-mb) must be positive; got 0"),
+        (["--memory-cap-mb", "0"], "memory_cap_bytes (--memory-cap-mb) must be an int >= 1; got 0"),
         (
             ["--suite", "issue-shape"],
             "suites (--suite) must be among levels, issue-shapes, issue-scale, train-step, "

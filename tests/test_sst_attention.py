@@ -116,8 +116,8 @@ def test_construction_errors():
         stt_kernels.SSTAttention(8, 2, offset_groups=3)
     with pytest.raises(ValueError, match="backend must be one of"):
         stt_kernels.SSTAttention(8, 2, backend="gpu")
-    with pytest.raises(ValueError, match="head dim limit 128"):
-        stt_kernels.SSTAttention(512, 2)
+    with pytest.raises(ValueError, match="head dim limit 256"):
+        stt_kernels.SSTAttention(1024, 2)
 
 
 def test_call_errors():

@@ -35,8 +35,8 @@ class TestAttentionInput:
             op(q, k, v.double(), backend=backend)
 
     def test_head_dim_too_large(self, op, backend):
-        q, k, v = _qkv((1, 1, 2, 2, 1, 129))
-        with pytest.raises(ValueError, match=r"head dim d .* must be in 1..128; got 129"):
+        q, k, v = _qkv((1, 1, 2, 2, 1, 257))
+        with pytest.raises(ValueError, match=r"head dim d .* must be in 1..256; got 257"):
             op(q, k, v, backend=backend)
 
     def test_not_a_tensor(self, op, backend):

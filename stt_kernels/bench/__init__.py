@@ -15,8 +15,8 @@ A new case is a :class:`Case` given to :func:`register_case`, its implementation
 
 from .cases import CASES, SUITES, Case, Shape, register_case, register_suite
 from .engine import NothingMeasured, Options, Row, read_results, run, run_measuring
-from .impls import Implementation, Unsupported, backend_unsupported, register_backends, register_implementation
+from .impls import Implementation, Unsupported, differentiable, register_backends, register_implementation
 
 __all__ = ["CASES", "SUITES", "Case", "Shape", "register_case", "register_suite", "NothingMeasured", "Options"]
-__all__ += ["Row", "read_results", "run", "run_measuring", "Implementation", "Unsupported", "backend_unsupported"]
+__all__ += ["Row", "read_results", "run", "run_measuring", "Implementation", "Unsupported", "differentiable"]
 __all__ += ["register_backends", "register_implementation"]

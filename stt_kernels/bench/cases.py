@@ -48,6 +48,7 @@ class Case(ABC):
 
     name: str
     description = ""  # what the rows measure, under the case's heading in report.md
+    dtypes: Optional[tuple[torch.dtype, ...]] = None  # the only dtypes it runs in; None: any asked for
 
     def label(self, s: Shape) -> str:
         return f"{s.name} B{s.batch} T{s.t} {s.h}x{s.w} C{s.channels} h{s.heads}".strip()
@@ -59,10 +60,6 @@ class Case(ABC):
     @abstractmethod
     def leaves(self, shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Tensors:
         """Fresh inputs (those gradients are taken for)."""
-
-    def arguments(self, leaves: Tensors) -> Tensors:
-        """The call's arguments made from ``leaves``: views only, cheap enough to time along."""
-        return tuple(leaves)
 
     @abstractmethod
     def flops(self, shape: Shape, pass_: str) -> float: ...
@@ -78,7 +75,7 @@ def randn(size: Sequence[int], dtype: torch.dtype, device: torch.device, gen: to
 
 
 class AttentionCase(Case):
-    """q, k, v unbound from one packed ``(B, T, H, W, 3, heads, d)`` projection, as the block makes them."""
+    """One packed ``(B, T, H, W, 3, heads, d)`` projection, unbound into q, k, v views as the block does."""
 
     def __init__(self, name: str):
         self.name = name
@@ -86,9 +83,6 @@ class AttentionCase(Case):
     def leaves(self, shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Tensors:
         s = shape
         return (randn((s.batch, s.t, s.h, s.w, 3, s.heads, s.channels // s.heads), dtype, device, gen),)
-
-    def arguments(self, leaves: Tensors) -> Tensors:
-        return leaves[0].unbind(4)
 
     def flops(self, shape: Shape, pass_: str) -> float:
         n = shape.h * shape.w if self.name == "spatial_attention" else shape.t
@@ -109,13 +103,8 @@ class DeformConvCase(Case):
         n, c, h, w = shape.batch * shape.t, shape.channels, shape.h, shape.w
         x, offset = randn((n, c, h, w), dtype, device, gen), randn((n, 18, h, w), dtype, device, gen, 2.0)
         mask = torch.sigmoid(randn((n, 9, h, w), torch.float32, torch.device("cpu"), gen)).to(device, dtype)
-        return (
-            x,
-            offset,
-            mask,
-            randn((c, c, 3, 3), dtype, device, gen, (c * 9) ** -0.5),
-            randn((c,), dtype, device, gen),
-        )
+        weight, bias = randn((c, c, 3, 3), dtype, device, gen, (c * 9) ** -0.5), randn((c,), dtype, device, gen)
+        return x, offset, mask, weight, bias
 
     def flops(self, shape: Shape, pass_: str) -> float:
         per_output = 2.0 * shape.channels * 9 * shape.channels + 9.0 * shape.channels * 9
@@ -130,7 +119,7 @@ class DeformConvCase(Case):
 
 @functools.lru_cache(maxsize=16)
 def sst_module(channels: int, heads: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """One seeded ``SSTAttention`` per configuration, so that every backend runs the same weights."""
+    """One seeded ``SSTAttention`` per configuration, so that every implementation runs the same weights."""
     import stt_kernels
 
     state = torch.get_rng_state()
@@ -194,19 +183,11 @@ for _case in _KERNELS:
 register_suite("levels", lambda tier: [(case.name, shape, None) for case in _KERNELS for shape in levels(tier)])
 # The sizes the kernels' claims were made at, whatever the tier: 32 sequences of 4,096 tokens (d = 32),
 # T = 32 at 64 x 64 pixels, 16 frames of 32 channels at 64 x 64, the block at C = 32, T = 8, 64 x 64.
-_ISSUE = [
-    ("spatial_attention", 8, 128),
-    ("temporal_attention", 32, 128),
-    ("deform_conv2d", 16, 32),
-    ("sst_attention", 8, 32),
-]
+_ISSUE = [("spatial_attention", 8, 128), ("temporal_attention", 32, 128), ("deform_conv2d", 16, 32)]
+_ISSUE.append(("sst_attention", 8, 32))
 register_suite("issue-shapes", lambda tier: [(op, Shape(1, t, 64, 64, c, 4, "issue"), None) for op, t, c in _ISSUE])
 # Memory at full resolution: one 320 x 320 slice (102,400 tokens, 1 head, d = 32) forward+backward, and
 # one full-resolution block forward (half an hour on 2 CPU cores); the reference is OOM in both.
-register_suite(
-    "issue-scale",
-    lambda tier: [
-        ("spatial_attention", Shape(1, 1, 320, 320, 32, 1, "slice"), ("forward+backward",)),
-        ("sst_attention", Shape(1, 32, 320, 320, 32, 4, "full"), ("forward",)),
-    ],
-)
+_SCALE = [("spatial_attention", Shape(1, 1, 320, 320, 32, 1, "slice"), ("forward+backward",))]
+_SCALE.append(("sst_attention", Shape(1, 32, 320, 320, 32, 4, "full"), ("forward",)))
+register_suite("issue-scale", lambda tier: _SCALE)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,62 +12,44 @@ from typing import Optional, Sequence
 from .cases import PASSES, SUITES
 from .engine import OUR_BACKENDS, NothingMeasured, Options, run_measuring
 
-_ARGUMENTS = [  # (flags, argparse settings)
-    ("--out", dict(type=Path, required=True, help="folder for results.json and report.md")),
-    (
-        "--suite",
-        dict(
-            dest="suites",
-            nargs="+",
-            default=["levels"],
-            help=f"what to run (default: levels): {', '.join(SUITES)}; stt bench adds train-step",
-        ),
-    ),
-    ("--ops", dict(nargs="+", help="only these cases of the suites (default: all)")),
-    ("--backends", dict(nargs="+", choices=OUR_BACKENDS, help="which of ours, and the reference (default: all)")),
-    (
-        "--peers",
-        dict(
-            nargs="*",
-            help="peers by name or prefix: sdpa, sdpa:flash, flex_attention, torchvision; "
-            "the flag alone for none (default: all)",
-        ),
-    ),
-    ("--dtypes", dict(nargs="+", help="default: float32 on a CPU; float32 float16 bfloat16 on a GPU")),
-    ("--passes", dict(nargs="+", choices=PASSES, default=list(PASSES))),
-    ("--device", dict(help="cpu, cuda, cuda:1 ... (default: cuda if visible)")),
-    ("--repeats", dict(type=int, help="timing samples per row at least")),
-    ("--warmup", dict(type=int, help="untimed calls per row first")),
-    ("--memory-cap-mb", dict(type=float, help="working memory per row beyond which it counts as OOM")),
-    (
-        "--no-memory-subprocess",
-        dict(
-            dest="cpu_memory", action="store_false", help="CPU: no fresh process per row (no peak memory, no OOM guard)"
-        ),
-    ),
-    ("--threads", dict(type=int, help="CPU threads for torch (default: torch's choice)")),
-    ("--overwrite", dict(action="store_true", help="replace an earlier run's results in --out")),
-    ("--results-md", dict(type=Path, help="also replace this device's section of this file (benchmarks/RESULTS.md)")),
-]
+
+def mib(text: str) -> int:
+    """Bytes of a number of MiB (argparse names the type, ``invalid mib value``, when it is none)."""
+    return int(float(text) * 2**20)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options, each stored under the name of its :class:`Options` field."""
     tier = parser.add_mutually_exclusive_group()
     tier.add_argument("--quick", dest="tier", action="store_const", const="quick", help="small shapes, short timing")
     tier.add_argument("--full", dest="tier", action="store_const", const="full", help="the paper's sizes (GPUs)")
     parser.set_defaults(tier="default")
-    for flag, settings in _ARGUMENTS:
-        parser.add_argument(flag, **settings)
+    add = parser.add_argument
+    add("--out", type=Path, required=True, help="folder for results.json and report.md")
+    suites = f"what to run (default: levels): {', '.join(SUITES)}; stt bench adds train-step, predict-volume"
+    add("--suite", dest="suites", metavar="SUITE", nargs="+", default=["levels"], help=suites)
+    add("--ops", nargs="+", help="only these cases of the suites (default: all)")
+    add("--backends", nargs="+", choices=OUR_BACKENDS, help="which of ours, and the reference (default: all)")
+    peers = "sdpa, sdpa:flash, flex_attention, torchvision, stock"
+    add("--peers", nargs="*", help=f"peers by name or prefix: {peers}; the flag alone for none (default: all)")
+    add("--dtypes", nargs="+", help="default: float32 on a CPU; float32 float16 bfloat16 on a GPU")
+    add("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if visible)")
+    add("--repeats", type=int, help="timing samples per row at least")
+    add("--warmup", type=int, help="untimed calls per row first")
+    cap = "MiB of working memory per row beyond which it counts as OOM"
+    add("--memory-cap-mb", dest="memory_cap_bytes", metavar="MIB", type=mib, help=cap)
+    no_probe = "CPU: no fresh process per row (no peak memory, no OOM guard)"
+    add("--no-memory-subprocess", dest="cpu_memory", action="store_false", help=no_probe)
+    add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add("--overwrite", action="store_true", help="replace an earlier run's results in --out")
+    add("--results-md", type=Path, help="also replace this device's section of this file (benchmarks/RESULTS.md)")
 
 
 def options_from_args(args: argparse.Namespace, command: Optional[list[str]] = None) -> Options:
     """The :class:`Options` of parsed arguments; ``ValueError`` naming the option if one is bad."""
-    memory_cap = None if args.memory_cap_mb is None else int(args.memory_cap_mb * 2**20)
-    names = "tier suites ops backends peers dtypes passes device warmup repeats cpu_memory threads results_md"
-    names += " overwrite out"
-    return Options(
-        **{name: getattr(args, name) for name in names.split()}, memory_cap_bytes=memory_cap, command=command
-    )
+    names = {f.name for f in dataclasses.fields(Options)} - {"command", "progress"}
+    return Options(**{name: value for name, value in vars(args).items() if name in names}, command=command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

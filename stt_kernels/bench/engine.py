@@ -33,10 +33,15 @@ from .report import render, update_results_md
 OUR_BACKENDS = ("triton", "cuda", "cpu", "reference")
 DTYPES = ("float32", "float16", "bfloat16", "float64")  # what --dtypes may name
 EFFORT = {"quick": (1, 3, 0.1), "default": (2, 5, 0.5), "full": (3, 5, 1.0)}  # warm-up, samples, s per round
+_FLAGS = {"suites": "--suite", "memory_cap_bytes": "--memory-cap-mb", "tier": "--quick/--full"}
 
 
 class NothingMeasured(RuntimeError):
     """A run finished without timing a single row."""
+
+
+def _named(name: str) -> str:
+    return f"{name} ({_FLAGS.get(name, '--' + name)})"
 
 
 @dataclass
@@ -59,7 +64,6 @@ class Options:
     repeats: Optional[int] = None
     memory_cap_bytes: Optional[int] = None
     cpu_memory: bool = True
-    probe_timeout_s: float = 3600.0
     threads: Optional[int] = None
     results_md: Optional[Path] = None
     command: Optional[list[str]] = None
@@ -68,29 +72,14 @@ class Options:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        for name, values, allowed in (
-            ("tier", [self.tier], TIERS),
-            ("suites (--suite)", self.suites, list(SUITES)),
-            ("ops (--ops)", self.ops or (), list(CASES)),
-            ("passes", self.passes, PASSES),
-            ("backends", self.backends or (), OUR_BACKENDS),
-            ("dtypes (--dtypes)", self.dtypes or (), DTYPES),
-        ):
+        choices = dict(tier=TIERS, suites=SUITES, ops=CASES, passes=PASSES, backends=OUR_BACKENDS, dtypes=DTYPES)
+        for name, allowed in choices.items():
+            values = [self.tier] if name == "tier" else getattr(self, name) or ()
             if bad := [value for value in values if value not in allowed]:
-                raise ValueError(f"{name} must be among {', '.join(allowed)}; got {bad[0]!r}")
-        for name, value, least in (
-            ("repeats", self.repeats, 1),
-            ("warmup", self.warmup, 0),
-            ("threads", self.threads, 1),
-        ):
-            if value is not None and (type(value) is not int or value < least):
-                raise ValueError(f"{name} (--{name}) must be an int >= {least}; got {value!r}")
-        for name, value in (
-            ("memory_cap_bytes (--memory-cap-mb)", self.memory_cap_bytes),
-            ("probe_timeout_s", self.probe_timeout_s),
-        ):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive; got {value!r}")
+                raise ValueError(f"{_named(name)} must be among {', '.join(allowed)}; got {bad[0]!r}")
+        for name, least in (("repeats", 1), ("warmup", 0), ("threads", 1), ("memory_cap_bytes", 1)):
+            if (value := getattr(self, name)) is not None and (type(value) is not int or value < least):
+                raise ValueError(f"{_named(name)} must be an int >= {least}; got {value!r}")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(
                 f"out (--out) must be a directory for results.json and report.md; {str(self.out)!r} is an existing file"
@@ -105,8 +94,8 @@ class Options:
         """Whether the filters keep this row."""
         if (self.ops is not None and op not in self.ops) or pass_ not in self.passes:
             return False
-        name, kind = implementation.name, implementation.kind
-        if kind == "peer":
+        name = implementation.name
+        if implementation.kind == "peer":
             return self.peers is None or any(name == p or name.startswith(p + ":") for p in self.peers)
         return self.backends is None or name.removeprefix("ours:") in self.backends
 
@@ -162,7 +151,7 @@ def read_results(path: Path) -> dict[str, Any]:
     return document
 
 
-def _output(command: list[str]) -> Optional[str]:
+def _output(*command: str) -> Optional[str]:
     source = Path(stt_kernels.__file__).resolve().parent.parent
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=source)
@@ -189,7 +178,7 @@ def _cpu() -> str:
 def environment(device: torch.device, command: Optional[list[str]]) -> dict[str, Any]:
     """What a reader needs to trust or reproduce the figures."""
     gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-    commit = _output(["git", "rev-parse", "HEAD"])
+    commit = _output("git", "rev-parse", "HEAD")
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(command if command is not None else [sys.executable, *sys.argv]),
@@ -200,13 +189,13 @@ def environment(device: torch.device, command: Optional[list[str]]) -> dict[str,
         "torch_threads": torch.get_num_threads(),
         "load_average": [os.getloadavg()[0]],
         "gpu_compute_capability": gpu and f"{gpu.major}.{gpu.minor}",
-        "driver": gpu and _output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "driver": gpu and _output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
         **{"cuda": torch.version.cuda, "rocm": torch.version.hip, "torch": torch.__version__},
         **{name: _version(name) for name in ("triton", "torchvision", "stt-kernels")},
         "python": platform.python_version(),
         "backends": {name: None if s.available else s.reason for name, s in stt_kernels.backends().items()},
         "commit": commit,
-        "dirty": bool(commit and _output(["git", "status", "--porcelain", "--untracked-files=no"])),
+        "dirty": bool(commit and _output("git", "status", "--porcelain", "--untracked-files=no")),
     }
 
 
@@ -221,92 +210,80 @@ Keep = Callable[[str, Implementation, str], bool]  # (case name, implementation,
 
 def plan(suites: Sequence[str], tier: str, device: torch.device, dtypes: list, keep: Optional[Keep] = None) -> list:
     """The rows of a run in order, ``(case, implementation, shape, dtype, pass)``: every entry of
-    ``suites`` at ``tier``, by every implementation listed for ``device``, that ``keep``s. The
-    pytest-benchmark suite runs the same list."""
+    ``suites`` at ``tier``, in the ``dtypes`` its case runs in, by every implementation listed for
+    ``device``, that ``keep``s. The pytest-benchmark suite runs the same list."""
     rows = []
     for op, shape, only in [entry for suite in suites for entry in SUITES[suite](tier)]:
-        for dtype, pass_ in [(d, p) for d in dtypes for p in PASSES if only is None or p in only]:
-            listed = [
-                i
-                for i in IMPLEMENTATIONS
-                if i.op == op and device.type in i.devices and (keep is None or keep(op, i, pass_))
-            ]
-            rows += [(CASES[op], i, shape, dtype, pass_) for i in listed]
+        case, passes = CASES[op], [p for p in PASSES if only is None or p in only]
+        for dtype in [d for d in dtypes if case.dtypes is None or d in case.dtypes]:
+            for pass_, i in [(p, i) for p in passes for i in IMPLEMENTATIONS if i.op == op]:
+                if device.type in i.devices and (keep is None or keep(op, i, pass_)):
+                    rows.append((case, i, shape, dtype, pass_))
     return rows
 
 
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":  # an OOM's traceback frames hold tensors in reference cycles
-        gc.collect()
-        torch.cuda.empty_cache()
+def _measure(row: Row, planned: tuple, device: torch.device, options: Options, cap: Optional[int]) -> None:
+    """Fills in ``row`` of ``planned`` (an entry of :func:`plan`): its figures, or its status and reason."""
+    case, implementation, shape, dtype, _ = planned
+    if device.type == "cpu" and options.cpu_memory:
+        # Whether the implementation declines is asked on a tiny input first: cheap, and it spares
+        # the memory probe. Failures that depend on the size show at the real size.
+        try:
+            prepare(case, implementation, case.small(shape), dtype, device, row.pass_)
+        except Unsupported as exc:
+            row.status, row.reason = "skipped", str(exc)
+            return
+        except Exception:
+            pass
+        spec = {"module": type(case).__module__, "op": case.name, "implementation": implementation.name}
+        probe = probe_cpu({**spec, "shape": row.dims, "dtype": row.dtype, "pass": row.pass_}, cap, options.threads)
+        row.peak_memory_bytes, row.baseline_memory_bytes = probe.get("peak_bytes"), probe.get("baseline_bytes")
+        if probe["status"] != "ok":
+            row.status, row.reason = probe["status"], probe["reason"]
+            return
+    warmup, repeats, min_run_time = EFFORT[options.tier]
+    warmup, repeats = warmup if options.warmup is None else options.warmup, options.repeats or repeats
+    step = None
+    try:
+        baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        step = prepare(case, implementation, shape, dtype, device, row.pass_)
+        timing = time_step(step, device, warmup, repeats, min_run_time)
+        row.timer, row.repeats = timing.timer, timing.repeats
+        row.time_median_s, row.time_q1_s, row.time_q3_s = timing.median, timing.q1, timing.q3
+        row.gflops_per_s = row.flops / timing.median / 1e9 if row.flops else None
+        row.gbytes_per_s = None if row.bytes is None else row.bytes / timing.median / 1e9
+        if device.type == "cuda":
+            row.baseline_memory_bytes, row.peak_memory_bytes = baseline, gpu_peak(step, device, baseline)
+    except Exception as exc:  # recorded in the row; the run goes on
+        row.status, row.reason = classify(exc)
+    finally:
+        del step
+        if device.type == "cuda":  # an OOM's traceback frames hold tensors in reference cycles
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def run(options: Options) -> Path:
     """Run ``options``; returns the path of ``results.json`` (``report.md`` beside it, each
     written atomically)."""
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtypes, threads = default_dtypes(device, options.dtypes), torch.get_num_threads()
-    cap = options.memory_cap_bytes
+    dtypes, threads, cap = default_dtypes(device, options.dtypes), torch.get_num_threads(), options.memory_cap_bytes
     if device.type == "cpu" and cap is None:
         cap = default_cpu_cap()
     elif device.type == "cuda" and cap is not None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.mem_get_info(device)[1]), device)
     started, metadata = time.monotonic(), environment(device, options.command)
     options.progress(f"stt bench: {' '.join(options.suites)} ({options.tier}) on {metadata['device']} -> {options.out}")
-    warmup, repeats, min_run_time = EFFORT[options.tier]
-    warmup, repeats = options.warmup if options.warmup is not None else warmup, options.repeats or repeats
-    declined: dict[tuple, Optional[str]] = {}
-
-    def measure(row: Row, case, implementation, shape, dtype: torch.dtype) -> None:
-        # Whether the implementation declines is asked on a tiny input, once per combination: cheap,
-        # and it spares the memory probe. Failures that depend on the size show at the real size.
-        key = (implementation.name, case.name, case.small(shape), dtype, row.pass_)
-        if key not in declined:
-            try:
-                prepare(case, implementation, case.small(shape), dtype, device, row.pass_)
-                declined[key] = None
-            except Unsupported as exc:
-                declined[key] = str(exc)
-            except Exception:
-                declined[key] = None
-            _free(device)
-        if declined[key] is not None:
-            row.status, row.reason = "skipped", declined[key]
-            return
-        if device.type == "cpu" and options.cpu_memory:
-            spec = {"module": type(case).__module__, "op": case.name, "implementation": implementation.name}
-            spec.update(shape=row.dims, dtype=row.dtype, **{"pass": row.pass_})
-            probe = probe_cpu(spec, cap, options.probe_timeout_s, options.threads)
-            row.peak_memory_bytes, row.baseline_memory_bytes = probe.get("peak_bytes"), probe.get("baseline_bytes")
-            if probe["status"] != "ok":
-                row.status, row.reason = probe["status"], probe["reason"]
-                return
-        step = None
-        try:
-            baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            step = prepare(case, implementation, shape, dtype, device, row.pass_)
-            timing = time_step(step, device, warmup, repeats, min_run_time)
-            row.timer, row.repeats = timing.timer, timing.repeats
-            row.time_median_s, row.time_q1_s, row.time_q3_s = timing.median, timing.q1, timing.q3
-            row.gflops_per_s = row.flops / timing.median / 1e9 if row.flops else None
-            row.gbytes_per_s = None if row.bytes is None else row.bytes / timing.median / 1e9
-            if device.type == "cuda":
-                row.baseline_memory_bytes, row.peak_memory_bytes = baseline, gpu_peak(step, device, baseline)
-        except Exception as exc:  # recorded in the row; the run goes on
-            row.status, row.reason = classify(exc)
-        finally:
-            del step
-            _free(device)
-
     rows: list[Row] = []
     try:
         torch.set_num_threads(options.threads or threads)
         ceiling = ceilings(device, dtypes, options.tier)
-        for case, impl, shape, dtype, pass_ in plan(options.suites, options.tier, device, dtypes, options.keep):
+        for planned in plan(options.suites, options.tier, device, dtypes, options.keep):
+            case, impl, shape, dtype, pass_ = planned
             dims, flops, traffic = dataclasses.asdict(shape), case.flops(shape, pass_), case.bytes(shape, dtype, pass_)
             row = Row(case.name, impl.name, impl.kind, case.label(shape), dims, str(dtype)[6:], pass_, flops, traffic)
             began = time.perf_counter()
-            measure(row, case, impl, shape, dtype)
+            _measure(row, planned, device, options, cap)
             figure = f"{row.time_median_s * 1e3:.3g} ms" if row.status == "ok" else row.reason[:100]
             took = time.perf_counter() - began
             options.progress(f"[{took:5.1f}s] {row.op} {row.shape} {row.dtype} {pass_} {row.implementation}: {figure}")
@@ -319,9 +296,9 @@ def run(options: Options) -> Path:
     metadata["load_average"].append(os.getloadavg()[0])
     metadata["duration_s"] = round(time.monotonic() - started, 1)
     settings = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("progress", "command")}
-    rows_json = [{("pass" if k == "pass_" else k): v for k, v in vars(r).items()} for r in rows]
-    options_json = {**settings, "memory_cap_bytes": cap}
-    document = dict(schema=2, metadata=metadata, options=options_json, ceilings=ceiling, rows=rows_json)
+    settings["memory_cap_bytes"] = cap
+    document = {"schema": 2, "metadata": metadata, "options": settings, "ceilings": ceiling}
+    document["rows"] = [{("pass" if k == "pass_" else k): v for k, v in vars(r).items()} for r in rows]
     results = atomic_write_text(options.out / "results.json", json.dumps(document, indent=1, default=str) + "\n")
     report = render(metadata, ceiling, rows, {name: CASES[name].description for name in CASES})
     atomic_write_text(options.out / "report.md", report)

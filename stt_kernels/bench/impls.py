@@ -1,31 +1,32 @@
 """The implementations under test, ours (every case on every backend, ``reference`` among them) and
-the peers (torch's SDPA on each of its backends, FlexAttention on GPUs, torchvision's deformable
-convolution), and :func:`prepare`, which makes one combination a step to time or says why not.
+the peers: torch's SDPA on each of its backends, FlexAttention on GPUs, torchvision's deformable
+convolution, and for the block ``stock``, the same block built from those stock parts. And
+:func:`prepare`, which makes one combination a step to time or says why not.
 
-Attention peers get the strided ``(B, T, H, W, heads, d)`` views ours get and return the same
-contiguous layout: the permutes and copies their layouts need are timed with them (a view for
-spatial attention, a copy for temporal attention).
+Attention peers get the packed ``(B, T, H, W, 3, heads, d)`` projection ours get and return the
+same contiguous ``(B, T, H, W, heads, d)``: the permutes and copies their layouts need are timed
+with them (a view for spatial attention, a copy for temporal attention).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib.util
 import warnings
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import stt_kernels
 from stt_kernels.backend import CAPABILITIES, BackendUnavailableError, claimed_dtypes
 
 from ..ops.kernels import attention_kernels, deform_conv2d_kernels
-from .cases import Case, Shape, sst_module
+from .cases import Case, Shape, Tensors, sst_module
 
-Declines = Callable[[torch.device, torch.dtype, str], Optional[str]]
+Step = Callable[[], object]
+MakeStep = Callable[[Shape, Tensors, str], Step]  # (shape, leaves, pass) -> the step, set up
 
 
 class Unsupported(Exception):
@@ -34,24 +35,18 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Implementation:
-    """One way to compute a case: ``call(*case.arguments(leaves))``, or for work that is not one
-    differentiable call (a training step) ``make_step(shape, leaves, pass)``, which sets up and
-    returns the step. ``devices``: the device types it is listed for; ``unsupported(device, dtype,
-    pass)``: why it cannot run a listed combination, or ``None``; ``context``: entered around every
-    call (an SDPA backend choice)."""
+    """One way to compute a case: ``make_step(shape, leaves, pass)`` sets up the step to time
+    (:func:`differentiable` makes it for one call). ``devices``: the device types it is listed
+    for; ``unsupported(dtype)``: why it cannot run in ``dtype`` here, or ``None``."""
 
     name: str
     op: str
     kind: str  # ours | reference | peer
-    call: Optional[Callable[..., torch.Tensor]] = None
+    make_step: MakeStep
     devices: tuple[str, ...] = ("cpu", "cuda")
-    unsupported: Declines = lambda device, dtype, pass_: None
-    context: Callable[[], ContextManager[object]] = contextlib.nullcontext
-    make_step: Optional[Callable[[Shape, Sequence[torch.Tensor], str], Callable[[], None]]] = None
+    unsupported: Callable[[torch.dtype], Optional[str]] = lambda dtype: None
 
     def __post_init__(self) -> None:
-        if (self.call is None) == (self.make_step is None):
-            raise ValueError(f"{self.name}: give exactly one of call and make_step")
         if self.kind not in ("ours", "reference", "peer"):
             raise ValueError(f"kind must be one of ours, reference, peer; got {self.kind!r}")
 
@@ -66,128 +61,136 @@ def register_implementation(implementation: Implementation) -> Implementation:
     return implementation
 
 
-def find(op: str, name: str) -> Implementation:
-    return next(i for i in IMPLEMENTATIONS if i.op == op and i.name == name)
+def differentiable(call: Callable[..., torch.Tensor]) -> MakeStep:
+    """The step of ``call(*leaves)``: the forward without autograd, or the forward and every leaf's
+    gradient by ``torch.autograd.grad`` (nothing accumulates between steps) for a fixed ``dout``."""
+
+    def make_step(shape: Shape, leaves: Tensors, pass_: str) -> Step:
+        if pass_ == "forward":
+            return torch.no_grad()(lambda: call(*leaves))
+        with torch.no_grad():
+            out = call(*leaves)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+        return lambda: torch.autograd.grad(call(*leaves), leaves, grad_out)
+
+    return make_step
 
 
-BOTH_OPS = ("attention", "deform_conv2d")
+_TABLES = {"attention": attention_kernels, "deform_conv2d": deform_conv2d_kernels}
 
 
-def backend_unsupported(backend: str, *combination: object, ops: Sequence[str] = BOTH_OPS) -> Optional[str]:
-    """Why ``backend`` cannot run ``ops`` here in ``dtype``, or ``None``; cases built on both ops
-    (the block, the model's training step) take the default."""
+def backend_unsupported(backend: str, dtype: torch.dtype, ops: Sequence[str] = tuple(_TABLES)) -> Optional[str]:
+    """Why ``backend`` cannot run ``ops`` (``attention``, ``deform_conv2d``) in ``dtype`` here, or
+    ``None``; cases built on both (the block, the model's steps) take the default."""
     status = stt_kernels.backends()[backend]
     if not status.available:
         return f"backend {backend!r} unavailable: {status.reason}"
-    if backend not in attention_kernels.implemented() & deform_conv2d_kernels.implemented() and len(ops) == 2:
-        return f"backend {backend!r} lacks a kernel for one of the block's ops"
-    dtype = combination[1]  # (device, dtype, pass)
+    if missing := [op for op in ops if backend not in _TABLES[op].implemented()]:
+        return f"backend {backend!r} lacks a kernel for {missing[0]}"
     missing = [op for op in ops if dtype not in claimed_dtypes(backend, op)]
     return f"backend {backend!r} does not claim {dtype} for {missing[0]}" if missing else None
 
 
-def register_backends(
-    op: str,
-    call: Optional[Callable] = None,
-    make_step: Optional[Callable] = None,
-    unsupported: Callable[..., Optional[str]] = backend_unsupported,
-) -> None:
-    """``ours:<backend>`` and ``reference`` for ``op``: ``call(backend)`` gives the callable, or
-    ``make_step(backend, shape, leaves, pass)`` the step."""
-    for backend, cap in CAPABILITIES.items():
+def register_backends(op: str, make_step: Callable[[str], MakeStep], ops: Sequence[str] = tuple(_TABLES)) -> None:
+    """``ours:<backend>`` and ``reference`` for ``op``, running ``make_step(backend)``; ``ops``:
+    the ops it is built on (a backend without one of them declines)."""
+    for backend, capability in CAPABILITIES.items():
         name, kind = ("reference", "reference") if backend == "reference" else (f"ours:{backend}", "ours")
-        step = functools.partial(make_step, backend) if make_step else None
-        devices = tuple(d for d in cap.devices if d != "meta")
-        declines = functools.partial(unsupported, backend)
-        register_implementation(
-            Implementation(name, op, kind, call and call(backend), devices, declines, make_step=step)
-        )
+        devices = tuple(d for d in capability.devices if d != "meta")
+        declines = functools.partial(backend_unsupported, backend, ops=ops)
+        register_implementation(Implementation(name, op, kind, make_step(backend), devices, declines))
 
 
-def _op_call(op: str) -> Callable[[str], Callable[..., torch.Tensor]]:
-    return lambda backend: functools.partial(getattr(stt_kernels, op), backend=backend)
+def _block_step(forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], backend: str = "auto") -> MakeStep:
+    """The block's step: ``forward(block, x)`` of the seeded block of the shape on ``backend``, and
+    in ``forward+backward`` the gradients of ``x`` and of every parameter."""
+
+    def make_step(shape: Shape, leaves: Tensors, pass_: str) -> Step:
+        (x,), backward = leaves, pass_ == "forward+backward"
+        block = sst_module(shape.channels, shape.heads, x.dtype, x.device)
+        wrt = [x.requires_grad_(backward), *block.parameters()]
+
+        def step() -> None:
+            with stt_kernels.use_backend(backend), torch.set_grad_enabled(backward):
+                out = forward(block, x)
+                if backward:
+                    torch.autograd.grad(out, wrt, torch.ones_like(out))
+
+        return step
+
+    return make_step
 
 
-def _op_unsupported(op: str) -> Callable[..., Optional[str]]:
-    return lambda backend, *combination: backend_unsupported(backend, *combination, ops=(op,))
-
-
-for _op in ("spatial_attention", "temporal_attention", "deform_conv2d"):
-    register_backends(_op, _op_call(_op), unsupported=_op_unsupported(_op))
-
-
-def _block_step(backend: str, shape: Shape, leaves: Sequence[torch.Tensor], pass_: str) -> Callable[[], None]:
-    module = sst_module(shape.channels, shape.heads, leaves[0].dtype, leaves[0].device)
-    x, backward = leaves[0], pass_ == "forward+backward"
-    wrt = [x.requires_grad_(backward), *module.parameters()]
-
-    def step() -> None:
-        with stt_kernels.use_backend(backend), torch.set_grad_enabled(backward):
-            out = module(x)
-            if backward:
-                torch.autograd.grad(out, wrt, torch.ones_like(out))
-
-    return step
-
-
-register_backends("sst_attention", make_step=_block_step)
-
-
-def to_sequences(x: torch.Tensor, op: str) -> torch.Tensor:
-    """``(B, T, H, W, heads, d)`` -> ``(sequences, heads, N, d)``; a view for spatial attention."""
+def in_sequences(op: str, attend: Callable[..., torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:
+    """``attend(q, k, v)`` on the ``(sequences, heads, N, d)`` layout that SDPA takes, from a packed
+    ``qkv (B, T, H, W, 3, heads, d)``; returns a contiguous ``(B, T, H, W, heads, d)``."""
+    b, t, h, w, _, heads, d = qkv.shape
     if op == "spatial_attention":
-        return x.flatten(0, 1).flatten(1, 2).transpose(1, 2)
-    return x.permute(0, 2, 3, 1, 4, 5).reshape(-1, *x.shape[1:2], *x.shape[4:]).transpose(1, 2)
+        out = attend(*(x.flatten(0, 1).flatten(1, 2).transpose(1, 2) for x in qkv.unbind(4)))  # views
+        return out.transpose(1, 2).reshape(b, t, h, w, heads, d).contiguous()
+    out = attend(*(x.permute(0, 2, 3, 1, 4, 5).flatten(0, 2).transpose(1, 2) for x in qkv.unbind(4)))
+    return out.transpose(1, 2).reshape(b, h, w, t, heads, d).permute(0, 3, 1, 2, 4, 5).contiguous()
 
 
-def from_sequences(out: torch.Tensor, like: torch.Tensor, op: str) -> torch.Tensor:
-    """Back to a contiguous ``(B, T, H, W, heads, d)``."""
-    b, t, h, w, heads, d = like.shape
-    out = out.transpose(1, 2)
-    if op == "spatial_attention":
-        return out.reshape(b, t, h, w, heads, d).contiguous()
-    return out.reshape(b, h, w, t, heads, d).permute(0, 3, 1, 2, 4, 5).contiguous()
+SDPA_BACKENDS = dict(math="MATH", efficient="EFFICIENT_ATTENTION", flash="FLASH_ATTENTION", cudnn="CUDNN_ATTENTION")
 
 
-def _sequences_peer(op: str, attend: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    return lambda q, k, v: from_sequences(attend(*(to_sequences(x, op) for x in (q, k, v))), q, op)
-
-
-def _sdpa(backend: str, *qkv: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings(record=True) as caught:
+def _sdpa(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend])), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            return F.scaled_dot_product_attention(*qkv)
+            return F.scaled_dot_product_attention(q, k, v)
         except RuntimeError as exc:
             if not any(m in str(exc) for m in ("No available kernel", "No viable backend")):
                 raise
             # On a GPU, SDPA says why each backend declined in warnings, not in the exception.
             why = "; ".join(str(w.message).splitlines()[0] for w in caught) or "no kernel for these inputs"
-            where = f"{qkv[0].device.type} ({qkv[0].dtype}, d={qkv[0].shape[-1]})"
+            where = f"{q.device.type} ({q.dtype}, d={q.shape[-1]})"
             raise Unsupported(f"SDPA's {backend} backend declined on {where}: {why}") from None
 
 
-def _sdpa_context(backend: str) -> ContextManager[object]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    names = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
-    return sdpa_kernel(getattr(SDPBackend, names[backend]))
-
-
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _flex() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)  # uncompiled, flex_attention is a slow reference
 
 
-def _torchvision_unsupported(device: torch.device, dtype: torch.dtype, pass_: str) -> Optional[str]:
-    if importlib.util.find_spec("torchvision") is None:
+def _no_torchvision(dtype: torch.dtype) -> Optional[str]:
+    try:
+        import torchvision  # noqa: F401  (loads its compiled ops, or fails to)
+    except ImportError:
         return "torchvision is not installed"
-    import torchvision  # noqa: F401  (loads its compiled ops, or fails to)
-
     loaded = hasattr(torch.ops.torchvision, "deform_conv2d")
     return None if loaded else "torchvision's compiled ops did not load (built for another torch?)"
+
+
+def stock_sst_attention(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` (an ``SSTAttention``, split order, deformable fusion) as a user would write it
+    from stock parts, without stt_kernels: the block's own LayerNorm, projections and offset
+    predictor, ``F.scaled_dot_product_attention`` for both attentions (on the layouts it takes, the
+    copies included) and ``torchvision.ops.deform_conv2d`` for the fusion. The same weights, so the
+    same numbers (``tests/test_bench.py`` checks it, forward and gradients)."""
+    from torchvision.ops import deform_conv2d
+
+    if block.order != "split" or block.fusion_kind != "deformable":
+        raise ValueError(f"the stock block is the paper's (split, deformable); got {block.extra_repr()}")
+    b, c, t, h, w = x.shape
+    u = block.norm(x.permute(0, 2, 3, 4, 1))  # (B, T, H, W, C)
+
+    def branch(attention: torch.nn.Module, op: str) -> torch.Tensor:
+        qkv = attention.qkv(u).unflatten(-1, (3, attention.heads, attention.head_dim))
+        return attention.proj(in_sequences(op, F.scaled_dot_product_attention, qkv).flatten(-2))
+
+    spatial, temporal = branch(block.spatial, "spatial_attention"), branch(block.temporal, "temporal_attention")
+    fusion, taps = block.fusion, block.fusion.offset_groups * block.fusion.kernel_size**2
+    predicted = fusion.predictor(temporal.reshape(b * t, h, w, c).permute(0, 3, 1, 2))
+    offset, mask = predicted.split([2 * taps, taps], dim=1)
+    slices = spatial.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+    y = deform_conv2d(slices, offset, fusion.weight, fusion.bias, padding=fusion.kernel_size // 2, mask=mask.sigmoid())
+    return x + y.unflatten(0, (b, t)).transpose(1, 2)
 
 
 def _torchvision(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *weight_bias: torch.Tensor) -> torch.Tensor:
@@ -197,16 +200,22 @@ def _torchvision(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *wei
 
 
 for _op in ("spatial_attention", "temporal_attention"):
-    for _backend in ("math", "efficient", "flash", "cudnn"):
-        _context = functools.partial(_sdpa_context, _backend)
-        _call = _sequences_peer(_op, functools.partial(_sdpa, _backend))
-        register_implementation(Implementation(f"sdpa:{_backend}", _op, "peer", _call, context=_context))
-    register_implementation(
-        Implementation("flex_attention", _op, "peer", _sequences_peer(_op, lambda *qkv: _flex()(*qkv)), ("cuda",))
+    _ours = lambda backend, op=_op: differentiable(
+        lambda qkv: getattr(stt_kernels, op)(*qkv.unbind(4), backend=backend)
     )
-register_implementation(
-    Implementation("torchvision", "deform_conv2d", "peer", _torchvision, unsupported=_torchvision_unsupported)
-)
+    register_backends(_op, _ours, ops=("attention",))
+    for _backend in SDPA_BACKENDS:
+        _call = functools.partial(in_sequences, _op, functools.partial(_sdpa, _backend))
+        register_implementation(Implementation(f"sdpa:{_backend}", _op, "peer", differentiable(_call)))
+    _call = functools.partial(in_sequences, _op, lambda *qkv: _flex()(*qkv))
+    register_implementation(Implementation("flex_attention", _op, "peer", differentiable(_call), ("cuda",)))
+_ours = lambda backend: differentiable(functools.partial(stt_kernels.deform_conv2d, backend=backend))
+register_backends("deform_conv2d", _ours, ops=("deform_conv2d",))
+_peer = differentiable(_torchvision)
+register_implementation(Implementation("torchvision", "deform_conv2d", "peer", _peer, unsupported=_no_torchvision))
+register_backends("sst_attention", lambda backend: _block_step(lambda block, x: block(x), backend))
+_peer = _block_step(stock_sst_attention)
+register_implementation(Implementation("stock", "sst_attention", "peer", _peer, unsupported=_no_torchvision))
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -227,32 +236,15 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 def prepare(
     case: Case, implementation: Implementation, shape: Shape, dtype: torch.dtype, device: torch.device, pass_: str
-) -> Callable[[], None]:
-    """The step of one pass (gradients of every leaf by ``torch.autograd.grad``, so nothing
-    accumulates between steps), run once here so that a combination that cannot run fails now:
+) -> Step:
+    """The step of one pass, run once here so that a combination that cannot run fails now:
     :class:`Unsupported` where the implementation declines (any failure of a peer's first call too:
     their limits are theirs to document); OOM and our own errors go through."""
-    if (reason := implementation.unsupported(device, dtype, pass_)) is not None:
+    if (reason := implementation.unsupported(dtype)) is not None:
         raise Unsupported(reason)
-    generator = torch.Generator().manual_seed(0)
-    leaves = case.leaves(shape, dtype, device, generator)
-
-    def forward() -> torch.Tensor:
-        with implementation.context():
-            return implementation.call(*case.arguments(leaves))
-
+    leaves = case.leaves(shape, dtype, device, torch.Generator().manual_seed(0))
     try:
-        if implementation.make_step is not None:
-            step = implementation.make_step(shape, leaves, pass_)
-        elif pass_ == "forward":
-            step = torch.no_grad()(forward)
-        else:
-            with torch.no_grad():
-                out = forward()
-            grad_out = torch.randn(out.shape, generator=generator).to(device=device, dtype=out.dtype)
-            for leaf in leaves:
-                leaf.requires_grad_(True)
-            step = lambda: torch.autograd.grad(forward(), leaves, grad_out)
+        step = implementation.make_step(shape, leaves, pass_)
         step()
     except (NotImplementedError, BackendUnavailableError) as exc:
         raise Unsupported(str(exc)) from None

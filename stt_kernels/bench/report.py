@@ -16,6 +16,8 @@ LEGEND = (
     "the ceilings. Speedups: the reference's (resp. the fastest peer's) median time over this row's; above 1 means "
     "this row is faster."
 )
+HEADER = "| shape | dtype | pass | implementation | median ms | IQR ms | peak MiB | GFLOP/s | GB/s | vs reference "
+HEADER += "| vs best peer |\n| --- | --- | --- | --- |" + " ---: |" * 7
 
 
 def _num(value: Optional[float], unit: float = 1.0) -> str:
@@ -33,71 +35,61 @@ def _times(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _row(r: Any, ceiling: dict[str, Any]) -> str:
+    """One table line of ``r`` (an ``engine.Row``)."""
+    head, peak = f"| {r.shape} | {r.dtype} | {r.pass_} | {r.implementation} |", _num(r.peak_memory_bytes, 2**20)
+    if r.status != "ok":
+        return f"{head} **{r.status}** | | {peak} | | | | |"
+    peer = _times(r.speedup_vs_best_peer) + (f" ({r.best_peer})" if r.best_peer and r.kind != "peer" else "")
+    cells = [_num(r.time_median_s, 1e-3), f"{_num(r.time_q1_s, 1e-3)}-{_num(r.time_q3_s, 1e-3)}", peak]
+    cells += [_rate(r.gflops_per_s, ceiling["matmul_gflops"].get(r.dtype)), _rate(r.gbytes_per_s, ceiling["copy_gbps"])]
+    return f"{head} {' | '.join([*cells, _times(r.speedup_vs_reference), peer])} |"
+
+
 def render(m: dict[str, Any], ceiling: dict[str, Any], rows: list, descriptions: dict[str, str]) -> str:
     """The metadata ``m``, the legend, then per case a table of ``rows`` (``engine.Row``) and what
     did not run, each reason once."""
     gpu = m["gpu_compute_capability"]
-    device = (
-        f"{m['device']} (compute {gpu}, driver {m['driver']}, CUDA {m['cuda']}, ROCm {m['rocm']})"
-        if gpu
-        else (f"{m['cpu']}, {m['cpu_cores_usable']} usable cores, torch threads: {m['torch_threads']}")
-    )
+    device = f"{m['device']} (compute {gpu}, driver {m['driver']}, CUDA {m['cuda']}, ROCm {m['rocm']})"
+    device = device if gpu else f"{m['cpu']}, {m['cpu_cores_usable']} usable cores, torch threads: {m['torch_threads']}"
     matmul = ", ".join(f"{dtype} {_num(v)} GFLOP/s" for dtype, v in ceiling["matmul_gflops"].items())
-    timers = ", ".join(sorted({r.timer for r in rows if r.timer})) or "none (nothing timed)"
+    commit = f"`{(m['commit'] or 'not a git checkout')[:12]}`" + (" (uncommitted changes)" if m["dirty"] else "")
     lines = [
         "# stt-kernels benchmark",
         "",
         f"- Device: {device}",
         f"- Versions: torch {m['torch']}, Triton {m['triton']}, torchvision {m['torchvision']}, Python {m['python']}",
         "- stt_kernels backends: " + ", ".join(f"{n}: {'no' if r else 'yes'}" for n, r in m["backends"].items()),
-        f"- Commit: `{(m['commit'] or 'not a git checkout')[:12]}`" + (" (uncommitted changes)" if m["dirty"] else ""),
+        f"- Commit: {commit}",
         f"- Date: {m['date']}, measuring took {m['duration_s']:.0f} s",
         f"- Command: `{m['command']}`",
-        f"- Timer: {timers}",
+        f"- Timer: {', '.join(sorted({r.timer for r in rows if r.timer})) or 'none (nothing timed)'}",
         f"- Ceilings measured in this run: matmul {ceiling['matmul_n']}^3 {matmul}; "
         f"copy {ceiling['copy_bytes'] >> 20} MiB {_num(ceiling['copy_gbps'])} GB/s",
     ]
     if baselines := [r.baseline_memory_bytes >> 20 for r in rows if r.baseline_memory_bytes and not gpu]:
         lines.append(
-            f"- Baseline RSS of a measuring process (interpreter, torch, the implementation warmed up), "
+            "- Baseline RSS of a measuring process (interpreter, torch, the implementation warmed up), "
             f"not in the peak memory column: {min(baselines)}-{max(baselines)} MiB"
         )
     lines += ["", LEGEND, ""]
-    if not gpu and max(m["load_average"]) > m["cpu_cores_usable"]:
-        lines += [
-            f"> The machine was busy with other work (1-minute load average up to {max(m['load_average']):.1f} "
-            f"on {m['cpu_cores_usable']} cores): CPU times are noisy, compare within a run only.",
-            "",
-        ]
+    if not gpu and (load := max(m["load_average"])) > m["cpu_cores_usable"]:
+        lines.append(
+            f"> The machine was busy with other work (1-minute load average up to {load:.1f} on "
+            f"{m['cpu_cores_usable']} cores): CPU times are noisy, compare within a run only.\n"
+        )
     for op in dict.fromkeys(r.op for r in rows):
-        lines += [f"## {op}", ""] + ([descriptions[op], ""] if descriptions.get(op) else [])
-        lines += [
-            "| shape | dtype | pass | implementation | median ms | IQR ms | peak MiB | GFLOP/s | GB/s "
-            "| vs reference | vs best peer |",
-            "| --- | --- | --- | --- |" + " ---: |" * 7,
-        ]
+        ran = [r for r in rows if r.op == op]
+        lines += [f"## {op}", ""] + ([descriptions[op], ""] if descriptions.get(op) else []) + [HEADER]
+        lines += [_row(r, ceiling) for r in ran if r.status != "skipped"]
         reasons: dict[tuple[str, str, str], list] = {}
-        for r in [r for r in rows if r.op == op]:
-            head = f"| {r.shape} | {r.dtype} | {r.pass_} | {r.implementation} |"
+        for r in ran:
             if r.status != "ok":
                 reasons.setdefault((r.status, r.implementation, r.reason), []).append(r)
-                if r.status != "skipped":
-                    lines.append(f"{head} **{r.status}** | | {_num(r.peak_memory_bytes, 2**20)} | | | | |")
-                continue
-            peer = _times(r.speedup_vs_best_peer) + (f" ({r.best_peer})" if r.best_peer and r.kind != "peer" else "")
-            iqr = f"{_num(r.time_q1_s, 1e-3)}-{_num(r.time_q3_s, 1e-3)}"
-            lines.append(
-                f"{head} {_num(r.time_median_s, 1e-3)} | {iqr} | {_num(r.peak_memory_bytes, 2**20)} "
-                f"| {_rate(r.gflops_per_s, ceiling['matmul_gflops'].get(r.dtype))} "
-                f"| {_rate(r.gbytes_per_s, ceiling['copy_gbps'])} | {_times(r.speedup_vs_reference)} | {peer} |"
-            )
         lines += ["", "Not run:", ""] if reasons else []
         for (status, name, reason), where in sorted(reasons.items()):
-            scope = (
-                f"{where[0].dtype} {where[0].pass_} {where[0].shape}"
-                if len(where) == 1
-                else f"{len(where)} combinations"
-            )
+            first = where[0]
+            scope = f"{first.dtype} {first.pass_} {first.shape}" if len(where) == 1 else f"{len(where)} combinations"
             lines.append(f"- {status}: `{name}` ({scope}): {reason}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

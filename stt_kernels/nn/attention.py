@@ -16,13 +16,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..backend import requested_backend
+from ..backend import MAX_HEAD_DIM, requested_backend
 from ..ops import spatial_attention, temporal_attention
-from ..validation import MAX_HEAD_DIM, shape_text
+from ..validation import shape_text
 
 
 def check_heads(dim: int, heads: int) -> int:
-    """The head dim ``dim // heads``, or a ValueError naming what is wrong."""
+    """The head dim ``dim // heads``, or a ValueError naming what is wrong. The limit is the
+    largest any backend takes; the backend chosen at each call checks its own."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int; got {dim!r}")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
@@ -31,7 +32,8 @@ def check_heads(dim: int, heads: int) -> int:
         raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
     if dim // heads > MAX_HEAD_DIM:
         raise ValueError(
-            f"dim / heads = {dim // heads} exceeds the kernels' head dim limit {MAX_HEAD_DIM}; use more heads"
+            f"dim / heads = {dim // heads} exceeds the head dim limit {MAX_HEAD_DIM} (the largest any "
+            "backend takes); use more heads"
         )
     return dim // heads
 

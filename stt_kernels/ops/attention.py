@@ -72,7 +72,7 @@ class _AttentionOp:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(_lse_shape(self.view(q)), dtype=_lse_dtype(q), device=q.device)
-        kernels = attention_kernels.for_call(backend, q.device, q.dtype)
+        kernels = attention_kernels.for_call(backend, q.device, q.dtype, q.shape[-1])
         kernels.forward(self.view(q), self.view(k), self.view(v), self.view(out), lse, scale)
         return out, lse
 
@@ -97,7 +97,7 @@ class _AttentionOp:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         views = [self.view(t) for t in (q, k, v, out, grad_out)]
-        backward = attention_kernels.backward_for_call(backend, q.device, q.dtype, self.name)
+        backward = attention_kernels.backward_for_call(backend, q.device, q.dtype, self.name, q.shape[-1])
         backward(*views, lse, scale, *(self.view(g) for g in grads))
         return grads[0], grads[1], grads[2]
 
@@ -184,7 +184,7 @@ def _run(
     if name != "auto":
         # A backend asked for (argument, context or STT_BACKEND) is checked now and recorded in
         # a traced graph; "auto" is passed on and resolved by the op when it runs.
-        name = resolve(name, q.device, op.name, attention_kernels.implemented(), q.dtype)
+        name = resolve(name, q.device, op.name, attention_kernels.implemented(), q.dtype, q.shape[-1])
         if name == "reference":
             return spec(q, k, v, scale)
     return op.forward(q, k, v, scale, name)[0]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -91,20 +91,23 @@ class KernelTable:
             return Kernels(getattr(ops, f"_{self.op}_forward"), getattr(ops, f"_{self.op}_backward"))
         raise NotImplementedError(f"{self.op} has no '{backend}' kernel")
 
-    def for_call(self, backend: str, device: torch.device, dtype: torch.dtype) -> Kernels:
-        """The kernels a custom op runs for ``backend`` (a name or ``auto``) on ``dtype`` tensors on ``device``.
+    def for_call(
+        self, backend: str, device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None
+    ) -> Kernels:
+        """The kernels a custom op runs for ``backend`` (a name or ``auto``) on ``dtype`` tensors on
+        ``device`` (attention: of head dim ``head_dim``).
 
         Called inside the op's implementation, so an ``auto`` recorded in a traced or exported
         graph is resolved where and when the graph runs, not where it was traced.
         """
-        return self(resolve(backend, device, self.op, self.implemented(), dtype))
+        return self(resolve(backend, device, self.op, self.implemented(), dtype, head_dim))
 
     def backward_for_call(
-        self, backend: str, device: torch.device, dtype: torch.dtype, op: str
+        self, backend: str, device: torch.device, dtype: torch.dtype, op: str, head_dim: Optional[int] = None
     ) -> Callable[..., object]:
         """The backward kernel of :meth:`for_call`, refused under deterministic mode where it is
         not deterministic (``op`` names the public op in the error)."""
-        name = resolve(backend, device, self.op, self.implemented(), dtype)
+        name = resolve(backend, device, self.op, self.implemented(), dtype, head_dim)
         check_deterministic_backward(name, op)
         return self(name).backward
 

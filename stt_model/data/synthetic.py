@@ -3,12 +3,14 @@
 Objects are capsules (tubes with round ends) measured in physical units with a z voxel
 ``anisotropy`` times the xy voxel (MitoEM: 30 nm vs 8 nm), lying mostly in the section plane so
 they run through several slices; some are placed in touching pairs, where each voxel goes to the
-nearer axis, so instance interfaces exist. Their look: a dark double membrane (two dark rims), a
-darker matrix with cristae-like stripes across the long axis. Around them: smooth cytoplasm
-texture, a network of thin dark cell membranes and dark-rimmed vesicles (unlabelled distractors),
-blur and noise, and section artefacts: per-slice brightness/contrast jumps, a small slice
-misalignment (applied to the labels too: annotations follow the image), an occasional blurred
-or missing (blank) slice whose labels are kept, as annotators interpolate across them.
+nearer axis (relative to the radii), so instance interfaces exist. Their look: a dark double
+membrane (two dark rims) all round each object, along an interface with a touching neighbour too
+(two membranes side by side there, as in EM), a darker matrix with cristae-like stripes across
+the long axis. Around them: smooth cytoplasm texture, a network of thin dark cell membranes and
+dark-rimmed vesicles (unlabelled distractors), blur and noise, and section artefacts: per-slice
+brightness/contrast jumps, a small slice misalignment (applied to the labels too: annotations
+follow the image), an occasional blurred or missing (blank) slice whose labels are kept, as
+annotators interpolate across them.
 """
 
 from __future__ import annotations
@@ -108,7 +110,10 @@ def synthetic_volume(
 
     labels = np.zeros(shape, np.uint32)
     best = np.full(shape, np.inf, np.float32)  # normalised distance of the nearest object so far
-    rim = np.zeros(shape, np.float32)  # depth inside the object (physical units)
+    second = np.full(shape, np.inf, np.float32)  # ... and of the next nearest, for interfaces
+    slope = np.zeros(shape, np.float32)  # 1 / radius of the nearest object
+    second_slope = np.zeros(shape, np.float32)
+    depth = np.zeros(shape, np.float32)  # depth below the object's own surface (physical units)
     stripes = np.zeros(shape, np.float32)
     for ident, capsule in enumerate(capsules, start=1):
         reach = capsule.radius + 1
@@ -120,15 +125,30 @@ def synthetic_volume(
         grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), -1)
         distance, along = _capsule_distance(grid * spacing, capsule)
         score = (distance / capsule.radius).astype(np.float32)
-        mine = (score < 1) & (score < best[box])
-        best[box] = np.where(mine, score, best[box])
+        # Scores of 1 or more (outside the object) are ranked too, so that the voxels beside
+        # an interface know the neighbour across it; a label still goes to the nearest object
+        # that holds the voxel, as the ranking never lets a score >= 1 beat one below 1.
+        nearest = score < best[box]
+        runner_up = ~nearest & (score < second[box])
+        second[box] = np.where(nearest, best[box], np.where(runner_up, score, second[box]))
+        second_slope[box] = np.where(nearest, slope[box], np.where(runner_up, 1 / capsule.radius, second_slope[box]))
+        best[box] = np.where(nearest, score, best[box])
+        slope[box] = np.where(nearest, 1 / capsule.radius, slope[box])
+        mine = (score < 1) & nearest
         labels[box] = np.where(mine, ident, labels[box])
-        rim[box] = np.where(mine, capsule.radius - distance, rim[box])
+        depth[box] = np.where(mine, capsule.radius - distance, depth[box])
         length = np.linalg.norm(capsule.b - capsule.a) + 2 * capsule.radius
         period = rng.uniform(5.0, 8.0)
         phase = rng.uniform(0, 2 * np.pi)
         stripes[box] = np.where(mine, np.cos(2 * np.pi * along * length / period + phase), stripes[box])
     labels = _compact_ids(labels)
+    # Depth below the interface with the next object, where the two normalised distances are
+    # equal: their difference over its gradient, whose norm is 1/r1 + 1/r2 where the two axes
+    # face each other (exact for parallel capsules). So a touching pair shows both membranes
+    # between them, as in EM, where every mitochondrion has its own.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        interface = (second - best) / (slope + second_slope)
+    rim = np.minimum(depth, np.where(np.isfinite(interface), interface, np.inf))
 
     image = 165 + 18 * _smooth_field(rng, shape, (2, 12, 12)) + 8 * _smooth_field(rng, shape, (1, 3, 3))
     membranes = np.abs(_smooth_field(rng, shape, (3, 40, 40))) < 0.05
