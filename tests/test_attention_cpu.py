@@ -137,3 +137,21 @@ def test_backward_is_bitwise_repeatable_on_both_engines(oneDNN):
         second = kernels(q, k, v, grad, 0.2)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
+
+
+@pytest.mark.parametrize(
+    "kind, shape",
+    [("spatial", (1, 2, 13, 11, 1, 256)), ("temporal", (1, 9, 3, 2, 2, 200)), ("spatial", (1, 1, 25, 23, 1, 160))],
+    ids=["spatial-143-d256", "temporal-9-d200", "spatial-575-d160"],
+)
+def test_public_ops_take_head_dims_to_256_on_cpu(kind, shape):
+    qkv = torch.randn(*shape[:4], 3, *shape[4:], requires_grad=True)
+    op = stt_kernels.spatial_attention if kind == "spatial" else stt_kernels.temporal_attention
+    grad = torch.randn(*shape)
+    out = op(*qkv.unbind(4), backend="cpu")
+    (dx,) = torch.autograd.grad(out, qkv, grad)
+    x = qkv.detach().double().requires_grad_()
+    want = op(*x.unbind(4), backend="reference")
+    (want_dx,) = torch.autograd.grad(want, x, grad.double())
+    assert max_error(out, want) <= 2e-5 * want.abs().max().item()
+    assert max_error(dx, want_dx) <= 2e-5 * want_dx.abs().max().item()
