@@ -63,8 +63,9 @@ CAPABILITIES: dict[str, Capability] = {
         max_head_dim=256,
         atomic_backward=("deform_conv2d",),
     ),
-    # The CPU kernels compute 16-bit inputs in float32.
-    "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}, max_head_dim=128),
+    # The CPU kernels compute 16-bit inputs in float32; attention takes d up to 256 (tiles sized
+    # from the cache, tests/test_attention_cpu.py).
+    "cpu": Capability(("cpu",), {"attention": _FLOATS, "deform_conv2d": _FLOATS}, max_head_dim=256),
     # Plain PyTorch takes any d; 256 is the cap the ops promise (flash-attention's), so every
     # backend can be brought to it.
     "reference": Capability(

@@ -1,36 +1,50 @@
 // CPU kernels of stt::_attention_forward / _attention_backward (schemas in ../attention.cpp).
 //
 // Flash style: queries and keys are tiled and a tile of scores lives in a per-thread buffer,
-// so memory is O(N) per sequence and no N x N matrix ever exists. Every tile product is one
-// register-blocked at::vec microkernel (rows of C += scalar(A) * vector rows of B) over a
-// small packed copy of the key/value tile; q, k, v themselves are read in place through their
-// strides. A BLAS call per tile was tried first: on the AVX2 (Zen) machine this was tuned on,
-// torch's MKL ran these thin d = 32 products at ~10 GFLOP/s a core against 33-45 for the
-// microkernel, and a call per 32 x 32 tile is mostly overhead for the short temporal sequences. float16/bfloat16 inputs
-// are upcast to float32 (a copy): the CPU path is for float32 and float64.
+// so memory is O(N) per sequence and no N x N matrix ever exists. q, k, v are read in place
+// through their strides and packed tile by tile into contiguous float32 (float64 for float64
+// inputs) buffers; float16/bfloat16 are converted while packing, so no upcast copy of a whole
+// input exists, and outputs are rounded once, when a finished tile is stored.
+//
+// Tile products run on one of two engines (`Engine`):
+// - torch's cpublas::brgemm, oneDNN's JIT batch-reduce GEMM micro-kernel, for float32 on CPUs
+//   with AVX2 (what oneDNN needs for it); it runs the 128 x 512 x 32 score tiles at close to
+//   the FMA peak (about 110 GFLOP/s a core on Zen 4 against 75-90 for the at::vec kernel);
+// - a register-blocked at::vec micro-kernel (rows of C += scalar(A) * vector rows of B), for
+//   float64, for CPUs or builds without it, and for the products whose A operand is a
+//   transposed tile (dV, dK), which brgemm (row-major A only) cannot read.
+// bfloat16/float16 brgemm needs VNNI-packed B, which torch packs only on AMX CPUs; elsewhere it
+// falls back to a plain loop slower than float32 brgemm, so 16-bit inputs use the float32 one.
+//
+// Tile sizes follow the L2 cache of the CPU running the kernel (stt/cpu_cache.h, read once).
 #include "stt/cpu_vec.h"  // first: it selects the SIMD width of at::vec
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "stt/attention_checks.h"
+#include "stt/cpu_cache.h"
 #include "stt/online_softmax.h"
 
 namespace stt {
 namespace {
 
-// ---------------------------------------------------------------------------------------
-// Vectorised row operations of the softmax.
-
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+
+// ---------------------------------------------------------------------------------------
+// Vectorised row operations of the softmax.
 
 template <typename T>
 T row_max(const T* x, int64_t n) {
@@ -40,9 +54,7 @@ T row_max(const T* x, int64_t n) {
   if (n >= W) {
     Vec<T> m = Vec<T>::loadu(x);
     for (j = W; j + W <= n; j += W) m = at::vec::maximum(m, Vec<T>::loadu(x + j));
-    T lanes[W];
-    m.store(lanes);
-    for (int64_t l = 0; l < W; ++l) best = std::max(best, lanes[l]);
+    best = at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return at::vec::maximum(a, b); }, m);
   }
   for (; j < n; ++j) best = std::max(best, x[j]);
   return best;
@@ -61,10 +73,7 @@ T exp_sum_inplace(T* x, int64_t n, T sub) {
     e.store(x + j);
     acc = acc + e;
   }
-  T lanes[W];
-  acc.store(lanes);
-  T sum = 0;
-  for (int64_t l = 0; l < W; ++l) sum += lanes[l];
+  T sum = at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, acc);
   for (; j < n; ++j) {
     x[j] = softmax_exp<T>(x[j] - sub);
     sum += x[j];
@@ -81,25 +90,33 @@ void scale_inplace(T* x, int64_t n, T factor) {
   for (; j < n; ++j) x[j] *= factor;
 }
 
-// ds <- p * (ds - delta), with ds holding dP on entry.
+// ds <- factor * p * (ds - delta), with ds holding dP on entry.
 template <typename T>
-void softmax_grad_inplace(const T* p, T* ds, int64_t n, T delta) {
+void softmax_grad_inplace(const T* p, T* ds, int64_t n, T delta, T factor) {
   constexpr int64_t W = Vec<T>::size();
-  const Vec<T> vd(delta);
+  const Vec<T> vd(delta), vf(factor);
   int64_t j = 0;
-  for (; j + W <= n; j += W) (Vec<T>::loadu(p + j) * (Vec<T>::loadu(ds + j) - vd)).store(ds + j);
-  for (; j < n; ++j) ds[j] = softmax_grad<T>(p[j], ds[j], delta);
+  for (; j + W <= n; j += W) (Vec<T>::loadu(p + j) * (Vec<T>::loadu(ds + j) - vd) * vf).store(ds + j);
+  for (; j < n; ++j) ds[j] = softmax_grad<T>(p[j], ds[j], delta) * factor;
 }
 
 // ---------------------------------------------------------------------------------------
-// Tile products. C is row-major with a padded width n (a multiple of the vector width W);
-// B is a packed row-major tile with the same padded width; A is read element by element
-// through (row, column) strides, which covers A, A^T and strided views of q and dO alike:
+// The at::vec micro-kernel. C is row-major with a padded width n (a multiple of the vector
+// width W); B is a packed row-major tile with the same padded width; A is read element by
+// element through (row, column) strides, which covers A and A^T alike:
 //
 //   C[r][0:n] = alpha * sum_{l < L} A(r, l) * B[l][0:n]   (+ C[r][0:n] when accumulating)
 //
-// The microkernel keeps an R x NV block of C in vector registers (R * NV <= 12 of the 16
-// AVX2 registers) and streams l: NV loads of B and R broadcasts of A feed R * NV FMAs.
+// An R x NV block of C stays in vector registers while l streams: NV loads of B and R
+// broadcasts of A feed R * NV FMAs. The block holds kAccumulators vectors: 12 of AVX2's 16
+// registers, 24 of AVX-512's 32. With 3 rows of 4 AVX-512 vectors (the AVX2 shape) a 128 x
+// 128 x 32 score tile ran at 75 GFLOP/s on Zen 4, with 6 rows at 90: more rows per loaded B
+// vector is what the wider registers buy.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kAccumulators = 24;
+#else
+constexpr int kAccumulators = 12;
+#endif
 
 template <typename T, int R, int NV>
 void micro_tile(int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c, int64_t ldc, T alpha,
@@ -139,25 +156,27 @@ void column_block(int64_t m, int64_t L, const T* a, int64_t ars, int64_t acs, co
   }
 }
 
-// Column blocks of 4, 3, 2 or 1 vectors, each with as many rows as keep 8-12 accumulators;
-// a width of 4 vectors (d = 32 in float32, every score tile) splits evenly into 3 x 4 tiles.
-template <typename T>
+// Column blocks of 4, 3, 2 or 1 vectors, each with as many rows as fill Acc accumulators.
+// The short path's whole-sequence tiles (32 x 32 x 32 for T = 32) keep the 12-accumulator
+// blocks it was tuned with; 24 is for the long tiles, where it measured faster.
+template <typename T, int Acc = kAccumulators>
 void tile_product(int64_t m, int64_t n, int64_t L, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,
                   int64_t ldc, T alpha, bool accumulate) {
   constexpr int64_t W = Vec<T>::size();
+  constexpr int kRows1 = Acc > 12 ? 12 : 8;
   for (int64_t col = 0; col < n;) {
     const int64_t rest = n - col;
     if (rest % (4 * W) == 0) {
-      column_block<T, 3, 4>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      column_block<T, Acc / 4, 4>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
       col += 4 * W;
     } else if (rest >= 3 * W) {
-      column_block<T, 4, 3>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      column_block<T, Acc / 3, 3>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
       col += 3 * W;
     } else if (rest == 2 * W) {
-      column_block<T, 6, 2>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      column_block<T, Acc / 2, 2>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
       col += 2 * W;
     } else {
-      column_block<T, 8, 1>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
+      column_block<T, kRows1, 1>(m, L, a, ars, acs, b + col, ldb, c + col, ldc, alpha, accumulate);
       col += W;
     }
   }
@@ -169,43 +188,108 @@ int64_t padded(int64_t n) {
   return (n + W - 1) / W * W;
 }
 
-// Packs rows [0, rows) x [0, d) of a strided matrix, row-major with width dp (zero padding).
-// Rows are short (d <= 128): an inline vector copy, where std::copy's memmove call per row
-// cost as much as the copy itself.
+// Which engine runs the products of row-major packed tiles.
+struct Engine {
+  bool brgemm;
+};
+
+Engine choose_engine(at::ScalarType compute) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // torch.backends.mkldnn.enabled = False turns oneDNN off; cpublas::brgemm then falls back
+  // to a GEMM call per tile, slower than the micro-kernel on these thin tiles.
+  return Engine{compute == at::kFloat && at::globalContext().userEnabledMkldnn()};
+#else
+  (void)compute;
+  return Engine{false};
+#endif
+}
+
+// C[0:m][0:n] (+)= A[0:m][0:k] B[0:k][0:n], all row-major with leading dimensions. The
+// micro-kernel computes up to the next multiple of the vector width: B and C must be padded
+// that far (their padding columns of B zero, so those of C are too).
 template <typename T>
-void pack_rows(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t dp) {
+void matmul(const Engine& e, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+            int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (e.brgemm) {
+      at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
+      return;
+    }
+  }
+  tile_product<T>(m, padded<T>(n), k, a, lda, 1, b, ldb, c, ldc, T(1), accumulate);
+}
+
+// ---------------------------------------------------------------------------------------
+// Packing: strided storage-type (S) rows into contiguous compute-type (T) tiles.
+
+// Packs rows [0, rows) x [0, d) of a strided matrix times `factor`, row-major with width dp
+// (zero padding). Rows are short: an inline vector copy, where std::copy's memmove call per
+// row cost as much as the copy itself.
+template <typename S, typename T>
+void pack_rows(const S* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t dp,
+               T factor = T(1)) {
   constexpr int64_t W = Vec<T>::size();
+  const Vec<T> f(factor);
   for (int64_t j = 0; j < rows; ++j) {
-    const T* in = src + j * s_row;
+    const S* in = src + j * s_row;
     T* out = dst + j * dp;
+    int64_t c = 0;
+    if constexpr (std::is_same_v<S, T>) {
+      if (s_col == 1) {
+        for (; c + W <= d; c += W) (Vec<T>::loadu(in + c) * f).store(out + c);
+      }
+    }
     if (s_col == 1) {
-      int64_t c = 0;
-      for (; c + W <= d; c += W) Vec<T>::loadu(in + c).store(out + c);
-      for (; c < d; ++c) out[c] = in[c];
+      for (; c < d; ++c) out[c] = static_cast<T>(in[c]) * factor;
     } else {
-      for (int64_t c = 0; c < d; ++c) out[c] = in[c * s_col];
+      for (; c < d; ++c) out[c] = static_cast<T>(in[c * s_col]) * factor;
     }
     std::fill(out + d, out + dp, T(0));
   }
 }
 
-// Packs the transpose: dst[c][j] = src[j][c], width np (padded key count, zero columns).
-// Contiguous rows go through at::vec's 8 x 8 register transposes, the edges element by
-// element, row by row: the rows of one sequence can be far apart in the packed projection,
-// and reading each row's elements together touches each of its pages once.
-template <typename T>
-void pack_transposed(const T* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t np) {
+// Packs the transpose times `factor`: dst[c][j] = factor * src[j][c], width np (padded key
+// count, zero columns). Contiguous same-type rows go through at::vec's 8 x 8 register
+// transposes, the rest element by element, row by row: the rows of one sequence can be far
+// apart in the packed projection, and reading each row's elements together touches each of
+// its pages once.
+template <typename S, typename T>
+void pack_transposed(const S* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t d, T* dst, int64_t np,
+                     T factor = T(1)) {
   constexpr int64_t B = 8;
-  const int64_t rows_b = s_col == 1 ? rows / B * B : 0, d_b = s_col == 1 ? d / B * B : 0;
-  for (int64_t j = 0; j < rows_b; j += B) {
-    for (int64_t c = 0; c < d_b; c += B)
-      at::vec::transpose_mxn<T, B, B>(src + j * s_row + c, s_row, dst + c * np + j, np);
+  int64_t rows_b = 0, d_b = 0;
+  if constexpr (std::is_same_v<S, T>) {
+    if (s_col == 1) {
+      rows_b = rows / B * B;
+      d_b = d / B * B;
+      for (int64_t j = 0; j < rows_b; j += B) {
+        for (int64_t c = 0; c < d_b; c += B)
+          at::vec::transpose_mxn<T, B, B>(src + j * s_row + c, s_row, dst + c * np + j, np);
+      }
+      if (factor != T(1)) {
+        for (int64_t c = 0; c < d_b; ++c) scale_inplace(dst + c * np, rows_b, factor);
+      }
+    }
   }
   for (int64_t j = 0; j < rows; ++j) {
-    const T* in = src + j * s_row;
-    for (int64_t c = j < rows_b ? d_b : 0; c < d; ++c) dst[c * np + j] = in[c * s_col];
+    const S* in = src + j * s_row;
+    for (int64_t c = j < rows_b ? d_b : 0; c < d; ++c) dst[c * np + j] = static_cast<T>(in[c * s_col]) * factor;
   }
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * np + rows, dst + (c + 1) * np, T(0));
+}
+
+// dst[c * sd] = factor * src[c] for c < d, rounded to the storage type.
+template <typename S, typename T>
+void store_row(S* dst, int64_t sd, const T* src, int64_t d, T factor) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<S, T>) {
+    if (sd == 1) {
+      constexpr int64_t W = Vec<T>::size();
+      const Vec<T> f(factor);
+      for (; c + W <= d; c += W) (Vec<T>::loadu(src + c) * f).store(dst + c);
+    }
+  }
+  for (; c < d; ++c) dst[c * sd] = static_cast<S>(src[c] * factor);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -223,7 +307,12 @@ struct View {
   int64_t sb, sz, sn, sh, sd;
 
   explicit View(const at::Tensor& t)
-      : data(t.data_ptr<T>()), sb(t.stride(0)), sz(t.stride(1)), sn(t.stride(2)), sh(t.stride(3)), sd(t.stride(4)) {}
+      : data(static_cast<T*>(t.data_ptr())),
+        sb(t.stride(0)),
+        sz(t.stride(1)),
+        sn(t.stride(2)),
+        sh(t.stride(3)),
+        sd(t.stride(4)) {}
 
   // First element of sequence s.
   T* seq(int64_t s, const Geometry& g) const {
@@ -247,45 +336,45 @@ struct LseView {
   }
 };
 
-// The kernels read any strides; only another dtype needs a converted copy.
-at::Tensor in_compute_type(const at::Tensor& t, at::ScalarType compute) {
-  return t.scalar_type() == compute ? t : t.to(compute);
-}
-
-// Where the kernel writes `target`: itself when it has the compute dtype, else a buffer that
-// is copied back (with the dtype cast) once the kernel is done.
-struct Output {
-  at::Tensor target, buffer;
-
-  Output(const at::Tensor& t, at::ScalarType compute)
-      : target(t), buffer(t.scalar_type() == compute ? t : at::empty(t.sizes(), t.options().dtype(compute))) {}
-
-  void finish() {
-    if (!buffer.is_same(target)) target.copy_(buffer);
-  }
+// ---------------------------------------------------------------------------------------
+// Tile sizes, from the L2 cache of this CPU.
+//
+// Forward: the packed key and value tiles (2 x nk x dp) take a quarter of L2, so they stay
+// there while the query tiles of a sequence stream past; the score tile, the packed query tile
+// and the output accumulator (mq x (nk + 2 dp)) another half. Backward: the five key-side
+// tiles (K^T, V^T, K, dK, dV: 5 x nk x dp) a quarter, the query-side ones (Q, dO, P, dS:
+// mq x 2 (dp + nk)) another. Powers of two, at most 512 keys and 256 queries (longer tiles
+// gain nothing once a product runs at the FMA peak) and at least 16 of each.
+struct Tiles {
+  int64_t q, k;
 };
 
-template <typename T>
-void store_row(T* dst, int64_t sd, const T* src, int64_t d, T factor) {
-  if (sd == 1) {
-    constexpr int64_t W = Vec<T>::size();
-    const Vec<T> f(factor);
-    int64_t c = 0;
-    for (; c + W <= d; c += W) (Vec<T>::loadu(src + c) * f).store(dst + c);
-    for (; c < d; ++c) dst[c] = src[c] * factor;
-  } else {
-    for (int64_t c = 0; c < d; ++c) dst[c * sd] = src[c] * factor;
-  }
+int64_t fitting_power_of_two(int64_t budget_elems, int64_t per_row, int64_t lo, int64_t hi) {
+  int64_t n = hi;
+  while (n > lo && n * per_row > budget_elems) n /= 2;
+  return n;
 }
 
-// Tile sizes: a score tile plus the packed key/value tiles and the output accumulator stay in
-// L2; short sequences (the temporal case) are a single tile, so one task solves a whole
-// T x T problem in cache.
-constexpr int64_t kQTile = 128;
-constexpr int64_t kKTile = 128;
-constexpr int64_t kBwdQTile = 64;
-constexpr int64_t kBwdKTile = 128;
-// Up to this length a sequence is one tile of transposed scores (64 KiB in float32, in L2).
+template <typename T>
+Tiles forward_tiles(const Geometry& g) {
+  const int64_t l2 = cpu_cache_sizes().l2 / static_cast<int64_t>(sizeof(T)), dp = padded<T>(g.D);
+  const int64_t k = fitting_power_of_two(l2 / 4, 2 * dp, 16, 512);
+  const int64_t q = fitting_power_of_two(l2 / 2, k + 2 * dp, 16, 256);
+  return Tiles{q, k};
+}
+
+template <typename T>
+Tiles backward_tiles(const Geometry& g) {
+  const int64_t l2 = cpu_cache_sizes().l2 / static_cast<int64_t>(sizeof(T)), dp = padded<T>(g.D);
+  const int64_t k = fitting_power_of_two(l2 / 4, 5 * dp, 16, 512);
+  const int64_t q = fitting_power_of_two(l2 / 4, 2 * (dp + padded<T>(k)), 16, 256);
+  return Tiles{q, k};
+}
+
+// The most a thread spends on a whole sequence's packed K^T and V in the forward.
+constexpr int64_t kWholeSequenceBytes = 16 << 20;
+
+// Up to this length a sequence is one tile of transposed scores (64 KiB in float32).
 constexpr int64_t kShortSequence = 128;
 
 // at::parallel_for splits a range evenly up front, so a thread that loses its core for a while
@@ -337,11 +426,12 @@ struct ShortForwardScratch {
   T* rows(std::vector<T>& buf, int64_t local) { return buf.data() + local * n * dp; }
 };
 
-// Sequences per block: their q, k, v and output rows fill about half of a 512 KiB L2.
+// Sequences per block: their q, k, v and output rows fill about a quarter of L2 (16 sequences
+// of T = 32, d = 32 on a 1 MiB L2, the block this path was tuned with).
 template <typename T>
 int64_t short_block(const Geometry& g) {
   const int64_t bytes = 4 * g.N * padded<T>(g.D) * static_cast<int64_t>(sizeof(T));
-  return std::max<int64_t>(1, (256 << 10) / bytes);
+  return std::max<int64_t>(1, cpu_cache_sizes().l2 / 4 / bytes);
 }
 
 // P^T <- exp(S^T - max) for every column of an n x np tile, with each column's max and sum.
@@ -367,10 +457,10 @@ template <typename T>
 void short_sequence(ShortForwardScratch<T>& w, int64_t local, int64_t d, T scale) {
   const int64_t n = w.n, np = w.np, dp = w.dp;
   pack_transposed(w.rows(w.q, local), dp, int64_t(1), n, d, w.qt.data(), np);
-  tile_product<T>(n, np, d, w.rows(w.k, local), dp, 1, w.qt.data(), np, w.st.data(), np, scale, false);
+  tile_product<T, 12>(n, np, d, w.rows(w.k, local), dp, 1, w.qt.data(), np, w.st.data(), np, scale, false);
 
   column_softmax(w.st.data(), n, np, w.max.data(), w.sum.data());
-  tile_product<T>(n, dp, n, w.st.data(), 1, np, w.rows(w.v, local), dp, w.rows(w.o, local), dp, T(1), false);
+  tile_product<T, 12>(n, dp, n, w.st.data(), 1, np, w.rows(w.v, local), dp, w.rows(w.o, local), dp, T(1), false);
   T* o = w.rows(w.o, local);
   for (int64_t i = 0; i < n; ++i) {
     const OnlineSoftmaxRow<T> row{w.max[i], w.sum[i]};
@@ -378,8 +468,8 @@ void short_sequence(ShortForwardScratch<T>& w, int64_t local, int64_t d, T scale
   }
 }
 
-template <typename T>
-void forward_short_block(const View<T>& q, const View<T>& k, const View<T>& v, const View<T>& out,
+template <typename S, typename T>
+void forward_short_block(const View<const S>& q, const View<const S>& k, const View<const S>& v, const View<S>& out,
                          const LseView<T>& lse, const Geometry& g, int64_t s0, int64_t s1, T scale,
                          ShortForwardScratch<T>& w) {
   const int64_t dp = w.dp;
@@ -403,13 +493,13 @@ void forward_short_block(const View<T>& q, const View<T>& k, const View<T>& v, c
   }
 }
 
-template <typename T>
+template <typename S, typename T>
 void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& out_t,
                     const at::Tensor& lse_t, T scale) {
   const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
-  const View<T> q(q_t), k(k_t), v(v_t), out(out_t);
+  const View<const S> q(q_t), k(k_t), v(v_t);
+  const View<S> out(out_t);
   const LseView<T> lse(lse_t);
-  const int64_t q_tiles = (g.N + kQTile - 1) / kQTile;
   const int64_t dp = padded<T>(g.D);
 
   if (g.N <= kShortSequence) {
@@ -423,33 +513,54 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
     return;
   }
 
+  const Engine engine = choose_engine(c10::CppTypeToScalarType<T>::value);
+  const Tiles tiles = forward_tiles<T>(g);
+  const int64_t q_tiles = (g.N + tiles.q - 1) / tiles.q, n_pad = padded<T>(g.N);
+  // Consecutive tasks mostly share a sequence (tasks are numbered sequence-major and a thread
+  // takes a run of them), so a thread packs a sequence's K^T and V whole, once, and its query
+  // tiles all read them, instead of repeating every transpose once per query tile. Very long
+  // sequences, whose packed keys would not fit the budget, pack tile by tile instead.
+  const bool whole = 2 * n_pad * dp * static_cast<int64_t>(sizeof(T)) <= kWholeSequenceBytes;
   balanced_parallel_for(g.sequences() * q_tiles, [&](int64_t begin, int64_t end) {
-    const int64_t mq_max = std::min(kQTile, g.N), np_max = padded<T>(std::min(kKTile, g.N));
-    std::vector<T> scores(mq_max * np_max), kt(g.D * np_max), vp(np_max * dp), acc(mq_max * dp);
+    const int64_t mq_max = std::min(tiles.q, g.N), np_max = padded<T>(std::min(tiles.k, g.N));
+    const int64_t kv_cols = whole ? n_pad : np_max;
+    std::vector<T> scores(mq_max * np_max), qp(mq_max * dp), acc(mq_max * dp), kt(g.D * kv_cols), vp(kv_cols * dp);
     std::vector<OnlineSoftmaxRow<T>> rows(mq_max);
+    int64_t packed_sequence = -1;
 
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / q_tiles, q0 = (task % q_tiles) * kQTile, mq = std::min(kQTile, g.N - q0);
-      const T* qs = q.seq(s, g) + q0 * q.sn;
-      const T* ks = k.seq(s, g);
-      const T* vs = v.seq(s, g);
+      const int64_t s = task / q_tiles, q0 = (task % q_tiles) * tiles.q, mq = std::min(tiles.q, g.N - q0);
+      const S* ks = k.seq(s, g);
+      const S* vs = v.seq(s, g);
+      if (whole && s != packed_sequence) {
+        pack_transposed(ks, k.sn, k.sd, g.N, g.D, kt.data(), n_pad);
+        pack_rows(vs, v.sn, v.sd, g.N, g.D, vp.data(), dp);
+        packed_sequence = s;
+      }
+      // The scale goes into the packed queries: brgemm has no alpha.
+      pack_rows(q.seq(s, g) + q0 * q.sn, q.sn, q.sd, mq, g.D, qp.data(), dp, scale);
       std::fill(rows.begin(), rows.begin() + mq, online_softmax_init<T>());
 
-      for (int64_t k0 = 0; k0 < g.N; k0 += kKTile) {
-        const int64_t nk = std::min(kKTile, g.N - k0), np = padded<T>(nk);
-        pack_transposed(ks + k0 * k.sn, k.sn, k.sd, nk, g.D, kt.data(), np);
-        pack_rows(vs + k0 * v.sn, v.sn, v.sd, nk, g.D, vp.data(), dp);
-        tile_product<T>(mq, np, g.D, qs, q.sn, q.sd, kt.data(), np, scores.data(), np, scale, false);
+      for (int64_t k0 = 0; k0 < g.N; k0 += tiles.k) {
+        const int64_t nk = std::min(tiles.k, g.N - k0), np = padded<T>(nk);
+        const T* kt_tile = whole ? kt.data() + k0 : kt.data();
+        const T* v_tile = whole ? vp.data() + k0 * dp : vp.data();
+        const int64_t ldk = whole ? n_pad : np;
+        if (!whole) {
+          pack_transposed(ks + k0 * k.sn, k.sn, k.sd, nk, g.D, kt.data(), np);
+          pack_rows(vs + k0 * v.sn, v.sn, v.sd, nk, g.D, vp.data(), dp);
+        }
+        matmul(engine, mq, nk, g.D, qp.data(), dp, kt_tile, ldk, scores.data(), np, false);
         for (int64_t i = 0; i < mq; ++i) {
           T* row = scores.data() + i * np;
           const T new_max = online_softmax_new_max(rows[i], row_max(row, nk));
           const T alpha = online_softmax_update(rows[i], new_max, exp_sum_inplace(row, nk, new_max));
           if (k0 > 0 && alpha != T(1)) scale_inplace(acc.data() + i * dp, dp, alpha);
         }
-        tile_product<T>(mq, dp, nk, scores.data(), np, 1, vp.data(), dp, acc.data(), dp, T(1), k0 > 0);
+        matmul(engine, mq, dp, nk, scores.data(), np, v_tile, dp, acc.data(), dp, k0 > 0);
       }
 
-      T* os = out.seq(s, g) + q0 * out.sn;
+      S* os = out.seq(s, g) + q0 * out.sn;
       T* ls = lse.seq(s, g) + q0 * lse.sn;
       for (int64_t i = 0; i < mq; ++i) {
         store_row(os + i * out.sn, out.sd, acc.data() + i * dp, g.D, online_softmax_inv_sum(rows[i]));
@@ -464,11 +575,14 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
 // accumulate dV = P^T dO, dK = scale * dS^T Q in the tile's own buffers (so parallel tasks
 // own disjoint rows of grad_k / grad_v) and dQ += scale * dS K into a caller-owned buffer.
 
-template <typename T>
+template <typename S, typename T>
 struct BackwardArgs {
   Geometry g;
-  View<T> q, k, v, grad_out, grad_k, grad_v;
+  View<const S> q, k, v, grad_out;
+  View<S> grad_k, grad_v;
   T scale;
+  Tiles tiles;
+  Engine engine;
 };
 
 template <typename T>
@@ -476,8 +590,8 @@ struct BackwardScratch {
   int64_t dp;
   std::vector<T> kt, vt, kp, qp, dop, p, ds, dk, dv;
 
-  explicit BackwardScratch(const Geometry& g) : dp(padded<T>(g.D)) {
-    const int64_t mq = std::min(kBwdQTile, g.N), nk = std::min(kBwdKTile, g.N), np = padded<T>(nk);
+  BackwardScratch(const Geometry& g, const Tiles& tiles) : dp(padded<T>(g.D)) {
+    const int64_t mq = std::min(tiles.q, g.N), nk = std::min(tiles.k, g.N), np = padded<T>(nk);
     kt.resize(g.D * np);
     vt.resize(g.D * np);
     kp.resize(nk * dp);
@@ -491,43 +605,42 @@ struct BackwardScratch {
 };
 
 // dq_acc: N rows of width dp.
-template <typename T>
-void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T* lse_seq, const T* delta_seq, T* dq_acc,
-                       BackwardScratch<T>& w) {
+template <typename S, typename T>
+void backward_key_tile(const BackwardArgs<S, T>& a, int64_t s, int64_t k0, const T* lse_seq, const T* delta_seq,
+                       T* dq_acc, BackwardScratch<T>& w) {
   const Geometry& g = a.g;
-  const int64_t dp = w.dp;
-  const int64_t nk = std::min(kBwdKTile, g.N - k0), np = padded<T>(nk);
-  const T* qs = a.q.seq(s, g);
-  const T* dos = a.grad_out.seq(s, g);
-  const T* ks = a.k.seq(s, g) + k0 * a.k.sn;
-  const T* vs = a.v.seq(s, g) + k0 * a.v.sn;
-  pack_transposed(ks, a.k.sn, a.k.sd, nk, g.D, w.kt.data(), np);
+  const int64_t dp = w.dp, tq = a.tiles.q;
+  const int64_t nk = std::min(a.tiles.k, g.N - k0), np = padded<T>(nk);
+  const S* qs = a.q.seq(s, g);
+  const S* dos = a.grad_out.seq(s, g);
+  const S* ks = a.k.seq(s, g) + k0 * a.k.sn;
+  const S* vs = a.v.seq(s, g) + k0 * a.v.sn;
+  // S = Q (scale K)^T; dS carries the scale too, so dQ = dS K and dK = dS^T Q need no alpha.
+  pack_transposed(ks, a.k.sn, a.k.sd, nk, g.D, w.kt.data(), np, a.scale);
   pack_transposed(vs, a.v.sn, a.v.sd, nk, g.D, w.vt.data(), np);
   pack_rows(ks, a.k.sn, a.k.sd, nk, g.D, w.kp.data(), dp);
 
-  for (int64_t q0 = 0; q0 < g.N; q0 += kBwdQTile) {
-    const int64_t mq = std::min(kBwdQTile, g.N - q0);
-    const T* qt = qs + q0 * a.q.sn;
-    const T* dot = dos + q0 * a.grad_out.sn;
-    pack_rows(qt, a.q.sn, a.q.sd, mq, g.D, w.qp.data(), dp);
-    pack_rows(dot, a.grad_out.sn, a.grad_out.sd, mq, g.D, w.dop.data(), dp);
+  for (int64_t q0 = 0; q0 < g.N; q0 += tq) {
+    const int64_t mq = std::min(tq, g.N - q0);
+    pack_rows(qs + q0 * a.q.sn, a.q.sn, a.q.sd, mq, g.D, w.qp.data(), dp);
+    pack_rows(dos + q0 * a.grad_out.sn, a.grad_out.sn, a.grad_out.sd, mq, g.D, w.dop.data(), dp);
 
-    tile_product<T>(mq, np, g.D, w.qp.data(), dp, 1, w.kt.data(), np, w.p.data(), np, a.scale, false);
+    matmul(a.engine, mq, nk, g.D, w.qp.data(), dp, w.kt.data(), np, w.p.data(), np, false);
     for (int64_t i = 0; i < mq; ++i) {
       // P = exp(S - lse); the row sum exp_sum_inplace returns is not needed here.
       exp_sum_inplace(w.p.data() + i * np, nk, lse_seq[q0 + i]);
     }
     tile_product<T>(nk, dp, mq, w.p.data(), 1, np, w.dop.data(), dp, w.dv.data(), dp, T(1), q0 > 0);
-    tile_product<T>(mq, np, g.D, w.dop.data(), dp, 1, w.vt.data(), np, w.ds.data(), np, T(1), false);
+    matmul(a.engine, mq, nk, g.D, w.dop.data(), dp, w.vt.data(), np, w.ds.data(), np, false);
     for (int64_t i = 0; i < mq; ++i) {
-      softmax_grad_inplace(w.p.data() + i * np, w.ds.data() + i * np, nk, delta_seq[q0 + i]);
+      softmax_grad_inplace(w.p.data() + i * np, w.ds.data() + i * np, nk, delta_seq[q0 + i], a.scale);
     }
-    tile_product<T>(mq, dp, nk, w.ds.data(), np, 1, w.kp.data(), dp, dq_acc + q0 * dp, dp, a.scale, true);
-    tile_product<T>(nk, dp, mq, w.ds.data(), 1, np, w.qp.data(), dp, w.dk.data(), dp, a.scale, q0 > 0);
+    matmul(a.engine, mq, dp, nk, w.ds.data(), np, w.kp.data(), dp, dq_acc + q0 * dp, dp, true);
+    tile_product<T>(nk, dp, mq, w.ds.data(), 1, np, w.qp.data(), dp, w.dk.data(), dp, T(1), q0 > 0);
   }
 
-  T* dks = a.grad_k.seq(s, g) + k0 * a.grad_k.sn;
-  T* dvs = a.grad_v.seq(s, g) + k0 * a.grad_v.sn;
+  S* dks = a.grad_k.seq(s, g) + k0 * a.grad_k.sn;
+  S* dvs = a.grad_v.seq(s, g) + k0 * a.grad_v.sn;
   for (int64_t j = 0; j < nk; ++j) {
     store_row(dks + j * a.grad_k.sn, a.grad_k.sd, w.dk.data() + j * dp, g.D, T(1));
     store_row(dvs + j * a.grad_v.sn, a.grad_v.sd, w.dv.data() + j * dp, g.D, T(1));
@@ -535,37 +648,46 @@ void backward_key_tile(const BackwardArgs<T>& a, int64_t s, int64_t k0, const T*
 }
 
 // delta_i = rowsum(dO_i * O_i) and the saved lse of one sequence, in the compute type.
-template <typename T>
-void row_terms(const Geometry& g, const View<T>& out, const View<T>& grad_out, const LseView<T>& lse, int64_t s,
-               T* delta, T* lse_row) {
-  const T* os = out.seq(s, g);
-  const T* dos = grad_out.seq(s, g);
+template <typename S, typename T>
+void row_terms(const Geometry& g, const View<const S>& out, const View<const S>& grad_out, const LseView<T>& lse,
+               int64_t s, T* delta, T* lse_row) {
+  const S* os = out.seq(s, g);
+  const S* dos = grad_out.seq(s, g);
   const T* ls = lse.seq(s, g);
   for (int64_t i = 0; i < g.N; ++i) {
-    const T* o = os + i * out.sn;
-    const T* d = dos + i * grad_out.sn;
+    const S* o = os + i * out.sn;
+    const S* d = dos + i * grad_out.sn;
     T acc = 0;
-    for (int64_t c = 0; c < g.D; ++c) acc += o[c * out.sd] * d[c * grad_out.sd];
+    for (int64_t c = 0; c < g.D; ++c) acc += static_cast<T>(o[c * out.sd]) * static_cast<T>(d[c * grad_out.sd]);
     delta[i] = acc;
     lse_row[i] = ls[i * lse.sn];
   }
 }
 
-template <typename T>
+template <typename S, typename T>
 void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& out_t,
                      const at::Tensor& grad_out_t, const at::Tensor& lse_t, T scale, const at::Tensor& grad_q_t,
                      const at::Tensor& grad_k_t, const at::Tensor& grad_v_t) {
   const Geometry g{q_t.size(0), q_t.size(1), q_t.size(2), q_t.size(3), q_t.size(4)};
-  const View<T> out(out_t), grad_q(grad_q_t);
+  const View<const S> out(out_t);
+  const View<S> grad_q(grad_q_t);
   const LseView<T> lse(lse_t);
-  const BackwardArgs<T> a{
-      g, View<T>(q_t), View<T>(k_t), View<T>(v_t), View<T>(grad_out_t), View<T>(grad_k_t), View<T>(grad_v_t), scale};
-  const int64_t k_tiles = (g.N + kBwdKTile - 1) / kBwdKTile;
+  const BackwardArgs<S, T> a{g,
+                             View<const S>(q_t),
+                             View<const S>(k_t),
+                             View<const S>(v_t),
+                             View<const S>(grad_out_t),
+                             View<S>(grad_k_t),
+                             View<S>(grad_v_t),
+                             scale,
+                             backward_tiles<T>(g),
+                             choose_engine(c10::CppTypeToScalarType<T>::value)};
+  const int64_t tk = a.tiles.k, k_tiles = (g.N + tk - 1) / tk;
   const int64_t threads = at::get_num_threads();
   const int64_t dp = padded<T>(g.D);
 
   auto store_dq = [&](int64_t s, int64_t i0, int64_t i1, const T* dq) {
-    T* dqs = grad_q.seq(s, g);
+    S* dqs = grad_q.seq(s, g);
     for (int64_t i = i0; i < i1; ++i) store_row(dqs + i * grad_q.sn, grad_q.sd, dq + i * dp, g.D, T(1));
   };
 
@@ -573,13 +695,13 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
     // Enough sequences to keep every thread busy: a task owns whole sequences, so dQ, dK and
     // dV are all private to it.
     balanced_parallel_for(g.sequences(), [&](int64_t begin, int64_t end) {
-      BackwardScratch<T> w(g);
+      BackwardScratch<T> w(g, a.tiles);
       std::vector<T> delta(g.N), lse_row(g.N), dq(g.N * dp);
       for (int64_t s = begin; s < end; ++s) {
         row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
         std::fill(dq.begin(), dq.end(), T(0));
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
-          backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), dq.data(), w);
+          backward_key_tile(a, s, kt * tk, lse_row.data(), delta.data(), dq.data(), w);
         }
         store_dq(s, 0, g.N, dq.data());
       }
@@ -597,11 +719,11 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
     row_terms(g, out, a.grad_out, lse, s, delta.data(), lse_row.data());
     std::fill(dq.begin(), dq.end(), T(0));
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      BackwardScratch<T> w(g);
+      BackwardScratch<T> w(g, a.tiles);
       for (int64_t group = begin; group < end; ++group) {
         T* mine = dq.data() + group * g.N * dp;
         for (int64_t kt = group * k_tiles / groups; kt < (group + 1) * k_tiles / groups; ++kt) {
-          backward_key_tile(a, s, kt * kBwdKTile, lse_row.data(), delta.data(), mine, w);
+          backward_key_tile(a, s, kt * tk, lse_row.data(), delta.data(), mine, w);
         }
       }
     });
@@ -616,9 +738,7 @@ void backward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Ten
 }
 
 // ---------------------------------------------------------------------------------------
-// Dispatcher entry points.
-
-at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+// Dispatcher entry points. float16/bfloat16 compute in float32 (at::opmath_type).
 
 bool empty_problem(const at::Tensor& q) { return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0; }
 
@@ -626,13 +746,10 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& lse, double scale) {
   check_attention_forward(q, k, v, out, lse, scale, c10::DeviceType::CPU);
   if (empty_problem(q)) return;
-  const auto compute = compute_type(q);
-  Output o(out, compute);
-  AT_DISPATCH_FLOATING_TYPES(compute, "stt_attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(in_compute_type(q, compute), in_compute_type(k, compute), in_compute_type(v, compute),
-                             o.buffer, lse, static_cast<scalar_t>(scale));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "stt_attention_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, T>(q, k, v, out, lse, static_cast<T>(scale));
   });
-  o.finish();
 }
 
 void attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -640,16 +757,10 @@ void attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& grad_k, const at::Tensor& grad_v) {
   check_attention_backward(q, k, v, out, grad_out, lse, scale, grad_q, grad_k, grad_v, c10::DeviceType::CPU);
   if (empty_problem(q)) return;
-  const auto compute = compute_type(q);
-  Output dq(grad_q, compute), dk(grad_k, compute), dv(grad_v, compute);
-  AT_DISPATCH_FLOATING_TYPES(compute, "stt_attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(in_compute_type(q, compute), in_compute_type(k, compute), in_compute_type(v, compute),
-                              in_compute_type(out, compute), in_compute_type(grad_out, compute), lse,
-                              static_cast<scalar_t>(scale), dq.buffer, dk.buffer, dv.buffer);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "stt_attention_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, T>(q, k, v, out, grad_out, lse, static_cast<T>(scale), grad_q, grad_k, grad_v);
   });
-  dq.finish();
-  dk.finish();
-  dv.finish();
 }
 
 }  // namespace
