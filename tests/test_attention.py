@@ -270,7 +270,7 @@ def test_compile_fullgraph_matches_eager_cpu():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["float16", "bfloat16"])
-def test_16_bit_on_cpu_is_upcast(dtype, tol):
+def test_16_bit_on_cpu_is_computed_in_float32(dtype, tol):
     if not available("cpu"):
         pytest.skip(stt_kernels.backends()["cpu"].reason)
     qkv, q, _, _ = packed_qkv((1, 2, 3, 5, 2, 16), dtype, "cpu")

@@ -50,7 +50,7 @@ class SSTAttention(nn.Module):
     result is added to ``x``.
 
     Args:
-        dim: channels ``C``; ``heads`` must divide it (head dim ``C / heads`` <= 128).
+        dim: channels ``C``; ``heads`` must divide it (head dim ``C / heads`` <= 256).
         offset_groups: offset groups ``G`` of the deformable fusion (must divide ``dim``).
         fusion: ``"deformable"`` (the paper's), ``"add"`` or ``"concat"`` (Table 4 ablations).
         order: ``"split"`` (both branches from ``u``, in parallel: the paper's), or a cascade,
