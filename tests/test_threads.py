@@ -155,6 +155,8 @@ def test_benchmark_script_dry(tmp_path):
 def test_benchmark_script_refuses_cpus_it_may_not_use():
     bad = str(max(os.sched_getaffinity(0)) + 1)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "docs" / "threads" / "measure.py"), "--cores", "0", bad], capture_output=True, text=True
+        [sys.executable, str(ROOT / "docs" / "threads" / "measure.py"), "--cores", "0", bad],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2 and "--cores must be two different CPUs this process may use" in done.stderr
