@@ -72,7 +72,8 @@ def set_threads(
     ``requested`` is ``--threads`` (None: torch's choice, capped at the usable CPUs). ``load``
     (the 1-minute load average), ``usable`` and ``machine`` (CPU counts) default to this
     machine's; tests pass their own. The busy warning goes to ``stream`` (stderr) only when the
-    count was not chosen (neither ``--threads`` nor ``OMP_NUM_THREADS``)."""
+    count was not chosen (neither ``--threads`` nor ``OMP_NUM_THREADS``) and ``STT_BUSY_WARNING``
+    is not ``0`` (scripts and test suites that parse the output set it)."""
     import torch
 
     usable = usable_cpus() if usable is None else usable
@@ -89,7 +90,7 @@ def set_threads(
     else:
         threads = min(torch.get_num_threads(), usable)
     torch.set_num_threads(threads)
-    if requested is None and "OMP_NUM_THREADS" not in os.environ:
+    if requested is None and "OMP_NUM_THREADS" not in os.environ and os.environ.get("STT_BUSY_WARNING") != "0":
         if load is None:
             try:
                 load = os.getloadavg()[0]

@@ -50,6 +50,7 @@ def test_busy_warning_names_the_threads_to_use():
 
 def test_set_threads_default_warns_on_a_busy_machine(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("STT_BUSY_WARNING", "1")
     torch.set_num_threads(2)
     out = io.StringIO()
     assert th.set_threads("stt train", None, load=1.0, usable=2, machine=2, stream=out) == 2
@@ -62,6 +63,7 @@ def test_set_threads_default_warns_on_a_busy_machine(monkeypatch):
 
 def test_default_is_capped_at_the_usable_cpus(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("STT_BUSY_WARNING", "1")
     torch.set_num_threads(2)
     assert th.set_threads("stt train", None, load=0.0, usable=1, machine=2, stream=io.StringIO()) == 1
     assert torch.get_num_threads() == 1
@@ -70,6 +72,7 @@ def test_default_is_capped_at_the_usable_cpus(monkeypatch):
 def test_a_chosen_count_is_kept_without_warning(monkeypatch):
     out = io.StringIO()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("STT_BUSY_WARNING", "1")
     assert th.set_threads("stt train", 2, load=6.0, usable=2, machine=2, stream=out) == 2
     assert torch.get_num_threads() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -111,6 +114,7 @@ def test_cli_refuses_bad_threads_before_any_work(tmp_path, capsys):
 
 def test_cli_warns_with_the_machines_load(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("STT_BUSY_WARNING", "1")
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -160,3 +164,12 @@ def test_benchmark_script_refuses_cpus_it_may_not_use():
         text=True,
     )
     assert done.returncode == 2 and "--cores must be two different CPUs this process may use" in done.stderr
+
+
+def test_stt_busy_warning_0_silences_it(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("STT_BUSY_WARNING", "0")
+    torch.set_num_threads(2)
+    out = io.StringIO()
+    assert th.set_threads("stt train", None, load=6.0, usable=2, machine=2, stream=out) == 2
+    assert out.getvalue() == ""
