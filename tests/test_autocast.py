@@ -95,3 +95,10 @@ def test_sst_attention_bfloat16_autocast_matches_float32():
         scale = expected_grads[name].abs().max().item()
         error = (grad - expected_grads[name]).abs().max().item()
         assert error <= 0.1 * scale + 1e-3, (name, error, scale)
+
+
+def test_meta_tensors_have_no_autocast_and_pass_through():
+    """Meta tensors (shape inference, the bench's planning) have no autocast state to read."""
+    x, offset = torch.empty(2, 16, 4, 4, device="meta"), torch.empty(2, 18, 4, 4, device="meta")
+    mask, weight = torch.empty(2, 9, 4, 4, device="meta"), torch.empty(8, 16, 3, 3, device="meta")
+    assert stt_kernels.deform_conv2d(x, offset, mask, weight).shape == (2, 8, 4, 4)

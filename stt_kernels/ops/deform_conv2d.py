@@ -172,7 +172,11 @@ def _autocast(
     float32 gradients. The C++ op's Autocast kernel (``csrc/ops/deform_conv2d.cpp``) casts the
     same way for graphs that call ``torch.ops.stt.deform_conv2d`` itself."""
     # Anything but tensors is left for the checks to refuse.
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    if (
+        not isinstance(x, torch.Tensor)
+        or not torch.amp.is_autocast_available(x.device.type)  # meta tensors have no autocast
+        or not torch.is_autocast_enabled(x.device.type)
+    ):
         return x, offset, mask, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
 
