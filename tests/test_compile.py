@@ -145,8 +145,8 @@ def test_auto_is_resolved_when_the_op_runs(monkeypatch):
     seen = []
     original = kernel_tables.KernelTable.for_call
 
-    def recording(self, backend, device, dtype):
-        kernels = original(self, backend, device, dtype)
+    def recording(self, backend, device, dtype, head_dim=None):
+        kernels = original(self, backend, device, dtype, head_dim)
         seen.append((self.op, backend, kernels))
         return kernels
 
