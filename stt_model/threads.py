@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from typing import Optional, TextIO
 
 from .errors import UserInputError
@@ -44,6 +46,27 @@ def free_cpus(load: float, usable: int, machine: int) -> int:
     Half a task counts as one: the measurements in docs/threads.md show one competing runnable
     task on one of two cores already costs a 2-thread step more than dropping to one thread."""
     return max(1, min(usable, int(machine - load + 0.5)))
+
+
+def machine_load(samples: int = 5) -> Optional[float]:
+    """The runnable tasks of other processes: the 1-minute load average, but no more than the
+    tasks runnable at this moment besides this one (``/proc/loadavg``, the median of a few samples
+    10 ms apart). The average alone still counts, for a minute, work that has just ended, such as
+    the user's previous command; the instant alone would catch a passing spike. None without a
+    load average (some platforms)."""
+    try:
+        average = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    others = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as file:
+                others.append(int(file.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):  # no /proc (macOS, BSD): the average alone
+            return average
+        time.sleep(0.01)
+    return min(average, float(statistics.median(others)))
 
 
 def busy_warning(command: str, threads: int, load: float, usable: int, machine: int) -> Optional[str]:
@@ -91,11 +114,9 @@ def set_threads(
         threads = min(torch.get_num_threads(), usable)
     torch.set_num_threads(threads)
     if requested is None and "OMP_NUM_THREADS" not in os.environ and os.environ.get("STT_BUSY_WARNING") != "0":
-        if load is None:
-            try:
-                load = os.getloadavg()[0]
-            except OSError:  # no load average here (some platforms): nothing to judge by
-                return threads
+        load = machine_load() if load is None else load
+        if load is None:  # no load figures on this platform: nothing to judge by
+            return threads
         if (line := busy_warning(command, threads, load, usable, machine)) is not None:
             print(line, file=stream or sys.stderr)
     return threads

@@ -115,7 +115,7 @@ def test_cli_refuses_bad_threads_before_any_work(tmp_path, capsys):
 def test_cli_warns_with_the_machines_load(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("STT_BUSY_WARNING", "1")
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(th, "machine_load", lambda: 3.0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     torch.set_num_threads(2)
@@ -173,3 +173,20 @@ def test_stt_busy_warning_0_silences_it(monkeypatch):
     out = io.StringIO()
     assert th.set_threads("stt train", None, load=6.0, usable=2, machine=2, stream=out) == 2
     assert out.getvalue() == ""
+
+
+def test_machine_load_is_the_average_bounded_by_what_runs_now(monkeypatch, tmp_path):
+    """A load average left by work that has ended (nothing else runnable now) is not a busy machine."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.7, 1.0, 0.5))
+    real_open = open
+
+    def proc_loadavg(running):
+        def fake_open(path, *args, **kwargs):
+            return io.StringIO(f"1.70 1.00 0.50 {running}/300 4242\n") if path == "/proc/loadavg" else real_open(path)
+
+        return fake_open
+
+    monkeypatch.setattr("builtins.open", proc_loadavg(1))  # only this process runs
+    assert th.machine_load(samples=3) == 0.0
+    monkeypatch.setattr("builtins.open", proc_loadavg(3))  # two others run now
+    assert th.machine_load(samples=3) == 1.7
