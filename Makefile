@@ -8,6 +8,8 @@
 #                   evaluate -> demo_out/ (DEMO_ARGS="--train" trains tiny-cpu from scratch first)
 #   make model-synthetic-demo  retrain the shipped synthetic-demo model (35 minutes, one thread) into
 #                   runs/synthetic-demo and install it into stt_model/models (MODEL_ARGS=--overwrite to replace)
+#   make model-lucchi-tiny  retrain the shipped lucchi-tiny model from LUCCHI (the Lucchi++ training volume;
+#                   three runs side by side, ~100 minutes on 2 cores) into runs/lucchi-tiny and install it
 #   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
 #   make cmake      build the same sources with CMake (the LibTorch library)
 #   make gpu-check  on a GPU machine, with its own python3: build, GPU tests, sanitizer, bench
@@ -18,7 +20,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all test test-install demo model-synthetic-demo build build-cpu cmake clean venv gpu-check
+.PHONY: all test test-install demo model-synthetic-demo model-lucchi-tiny build build-cpu cmake clean venv gpu-check
 
 all: test
 
@@ -61,6 +63,10 @@ demo: build
 
 model-synthetic-demo: build
 	OMP_NUM_THREADS=1 $(PY) -m stt_model.model_recipe --out runs/synthetic-demo --minutes 35 --install $(MODEL_ARGS)
+
+LUCCHI ?= ../shared/data/lucchi_pp_train.h5
+model-lucchi-tiny: build
+	$(PY) -m stt_model.lucchi_recipe --data $(LUCCHI) --out runs/lucchi-tiny --jobs 3 --install $(MODEL_ARGS)
 
 cmake: $(DEPS)
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"

@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("Z", "Y", "X"),
         help="output block predicted at a time; memory grows with it (default: 4 windows per axis)",
     )
-    add_prediction_arguments(predict)
+    add_prediction_arguments(predict, model_defaults=True)
     add_threads_argument(predict)
     add_threshold_arguments(predict, mask=False)
 
@@ -402,7 +402,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from .data import create_output, open_volume
     from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
-    from .pretrained import verified_weights
+    from .pretrained import model_card, verified_weights
     from .segment import instances_into, probabilities
     from .threads import set_threads
     from .tune import decode_thresholds
@@ -412,6 +412,13 @@ def _predict(args: argparse.Namespace) -> int:
     set_threads("stt predict", args.threads)
     if args.model is not None:
         args.checkpoint = verified_weights(args.model)
+    if args.tta is None:
+        args.tta = model_card(args.model)["held_out"].get("prediction", {}).get("tta", 1) if args.model else 1
+        if args.tta > 1:
+            print(
+                f"stt predict: test-time augmentation {args.tta} (as {args.model}'s card; --tta 1 for none)",
+                file=sys.stderr,
+            )
     thresholds, threshold_source = decode_thresholds(args, checkpoint=args.checkpoint)
     device = ranks.device_for_rank(args.device)
     image = open_volume(args.image)

@@ -15,8 +15,9 @@
 6. with ``--install``, copies weights, thresholds and card into ``stt_model/models/`` (an
    installed model is replaced only with ``--overwrite``).
 
-``--retune`` runs steps 4-6 only, on the weights already in ``--out`` (``synthetic-demo.pt``,
-with its card there for the training figures): the decoding changed, the weights did not.
+``--retune --overwrite`` runs steps 4-6 only, on the weights already in ``--out``
+(``synthetic-demo.pt``, with its card there for the training figures), replacing its card and
+thresholds: the decoding changed, the weights did not.
 
 Nothing in ``--out`` is replaced without ``--overwrite`` either; the run folder is ``stt
 train``'s own, with its lock and refusal.
@@ -65,10 +66,12 @@ def _volume(folder: Path, name: str) -> Path:
 
 def training_seconds(log: Path) -> tuple[int, float]:
     """(last step, training seconds) of a ``train_log.csv``, summing the segments of a resumed
-    run (each restarts its clock)."""
+    run (each restarts its clock); validation rows carry no time."""
     total, segment, step = 0.0, 0.0, 0
     with open(log) as f:
         for row in csv.DictReader(f):
+            if not row["seconds"]:
+                continue
             seconds = float(row["seconds"])
             if seconds < segment:
                 total += segment
@@ -116,6 +119,8 @@ def make(
         raise SystemExit(
             f"--retune needs the weights and card of an earlier run in {out} ({weights.name}, {previous.name})"
         )
+    if retune and not overwrite:
+        raise SystemExit(f"--retune replaces the card and thresholds of the run in {out}; --overwrite says to")
     if not skip_training and not retune:
         args = [
             "train",
@@ -218,8 +223,8 @@ def make(
     if retune:
         card["notes"] = (
             f"v{VERSION}: the weights of v{earlier['version']} (made {earlier['made']}) unchanged, tuned and scored "
-            "again by python -m stt_model.model_recipe --retune, with the decoding of this version (blank input "
-            "slices bridged from their neighbours; the distance decoder's neck merging, merge_ratio, in the "
+            "again by python -m stt_model.model_recipe --retune --overwrite, with the decoding of this version (blank "
+            "input slices bridged from their neighbours; the distance decoder's neck merging, merge_ratio, in the "
             "search). " + earlier.get("notes", "")
         ).strip()
     card_path = out / f"{NAME}.card.json"

@@ -377,9 +377,10 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     add_threshold_arguments(parser)
 
 
-def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
+def add_prediction_arguments(parser: argparse.ArgumentParser, model_defaults: bool = False) -> None:
     """Sliding-window flags shared by ``stt predict`` and ``stt tune`` (thresholds are tuned on
-    probabilities predicted the way ``stt predict`` will predict them)."""
+    probabilities predicted the way ``stt predict`` will predict them). With ``model_defaults``,
+    ``--tta`` defaults to None: the shipped model's choice with ``--model``, else 1."""
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument(
@@ -387,11 +388,12 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs="?",
         const=4,
-        default=1,
+        default=None if model_defaults else 1,
         choices=(1, 4, 8, 16),
         metavar="N",
         help="test-time augmentation: 4 (xy flips; --tta alone), 8 (and z flips) or 16 (and the "
-        "xy transpose; square windows), N times slower (default 1: none)",
+        "xy transpose; square windows), N times slower (default 1: none"
+        + ("; with --model, the variants its card was scored with)" if model_defaults else ")"),
     )
     parser.add_argument(
         "--tta-reduce",

@@ -1,0 +1,83 @@
+"""lucchi_recipe: the three training runs, the choice of test-time augmentation and mask
+threshold on the validation runs, and a card the registry loads; at toy scale (2 steps)."""
+
+import json
+
+import h5py
+import pytest
+
+from stt_model import lucchi_recipe, pretrained
+from stt_model.data import synthetic_volume
+from stt_model.pretrained import list_models, load_pretrained
+from stt_model.tune import read_sidecar, sidecar_path
+
+TOY = [
+    "train.iterations=2",
+    "train.warmup=1",
+    "train.lr_steps=[1]",
+    "train.val_every=2",
+    "train.checkpoint_every=2",
+    "data.patch=[16,64,64]",
+]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lucchi")
+    volume = synthetic_volume((40, 64, 64), seed=3)
+    data = folder / "lucchi.h5"
+    with h5py.File(data, "w") as f:
+        f["image"], f["label"] = volume.image, (volume.labels > 0).astype("uint8")
+    out = folder / "out"
+    args = ["--data", str(data), "--out", str(out), "--val-z", "24:40", "--jobs", "3"]
+    lucchi_recipe.main([*args, *(a for o in TOY for a in ("--set", o))])
+    return data, out, args
+
+
+def test_the_card_reports_both_seeds_and_the_choice_it_made(made):
+    _, out, _ = made
+    card = json.loads((out / "lucchi-tiny.card.json").read_text())
+    held = card["held_out"]
+    assert sorted(held["seeds"]) == ["0", "1"] and card["steps"] == 2
+    assert all(run["steps"] == 2 and run["training_seconds"] > 0 for run in held["seeds"].values())
+    table = held["jaccard_by_tta_and_mask"]
+    tta, mask = held["prediction"]["tta"], held["thresholds"]["mask"]
+    assert sorted(map(int, table)) == list(lucchi_recipe.TTA_CHOICES)
+    assert table[str(tta)][str(mask)] == max(v for row in table.values() for v in row.values())
+    assert held["scores"]["jaccard"] == pytest.approx(table[str(tta)][str(mask)], abs=1e-4)
+    mean = sum(run["scores"]["jaccard"] for run in held["seeds"].values()) / 2
+    assert held["scores"]["jaccard"] == pytest.approx(mean)
+    assert "Lucchi" in card["citation"] and "Casser" in card["citation"] and "research use" in card["license"]
+    assert read_sidecar(sidecar_path(out / "lucchi-tiny.pt"))["thresholds"]["mask"] == mask
+
+
+def test_the_registry_loads_the_packaged_model(made):
+    _, out, _ = made
+    (card,) = list_models(out)
+    model = load_pretrained("lucchi-tiny", folder=out)
+    assert model.thresholds.mask == card["held_out"]["thresholds"]["mask"] and model.config.model.out_channels == 1
+    assert model.config.train.seed == 0 and model.config.data.patch == [16, 64, 64]
+
+
+def test_nothing_is_replaced_without_overwrite(made, tmp_path, monkeypatch):
+    _, out, args = made
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="already holds a packaged lucchi-tiny .* --overwrite replaces it"):
+        lucchi_recipe.main(args)
+    installed = tmp_path / "models"
+    installed.mkdir()
+    (installed / "lucchi-tiny.card.json").write_text("a user's")
+    monkeypatch.setattr(pretrained, "MODELS_DIR", installed)
+    with pytest.raises(SystemExit, match="already holds lucchi-tiny; --overwrite replaces it"):
+        lucchi_recipe.main([*args, "--install"])
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert (installed / "lucchi-tiny.card.json").read_text() == "a user's"
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--data .* is not a file"):
+        lucchi_recipe.main(["--data", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        lucchi_recipe.main(["--data", "x.h5", "--val-z", "9:3"])
+    assert "--val-z must satisfy 0 <= z0 < z1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
