@@ -402,6 +402,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from .data import create_output, open_volume
     from .data.outputs import DISK_ERRNOS, check_outputs, check_space, output_target, remove_leftovers
+    from .infer import bridged_line
     from .pretrained import model_card, verified_weights
     from .segment import instances_into, probabilities
     from .threads import set_threads
@@ -479,12 +480,21 @@ def _predict(args: argparse.Namespace) -> int:
         if world > 1:
             ranks.barrier()
             if rank == 0:
-                ranks.merge(args.out, shape, config.data.patch, options, world, overwrite=args.overwrite)
+                bridged = ranks.merge(
+                    args.out,
+                    shape,
+                    config.data.patch,
+                    options,
+                    world,
+                    overwrite=args.overwrite,
+                    image=image,
+                    intensity=config.data.intensity,
+                )
+                if bridged:
+                    print(bridged_line(bridged), file=sys.stderr)
             ranks.barrier()
         if rank == 0:
             print(f"probabilities {shape} -> {args.out}" + (f" ({world} ranks)" if world > 1 else ""))
-            if world > 1 and args.bridge_blank:
-                print("stt predict: blank slices are not bridged across several ranks", file=sys.stderr)
         if args.instances and rank == 0:
             writing = args.instances
             probs = open_volume(args.out)

@@ -272,7 +272,7 @@ class SlidingWindow:
         if progress is not None:
             progress.close()
         # With several ranks no rank holds the slices on both sides of a blank one for sure: the
-        # ranks' parts are left unbridged (stt predict says so).
+        # ranks' parts are bridged by the merge (stt_model.parallel_predict.merge).
         if self.options.bridge_blank and self.options.world == 1:
             self.bridged = bridge_blank_slices(out, blank_slices(volume, self.options.intensity))
         return out

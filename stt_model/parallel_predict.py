@@ -3,8 +3,9 @@
 Each rank predicts its share of the output blocks (:func:`stt_model.infer.rank_blocks`: block
 ``i`` goes to rank ``i % world``) into a part file of its own beside the output, because an
 HDF5 file takes one writer at a time. After a barrier, rank 0 copies every part's blocks into
-the output, publishes it atomically and deletes the parts; the blocks are predicted exactly as
-one process predicts them, so the result is the same whatever the number of ranks.
+the output, bridges the blank input slices (which the parts cannot: no rank holds both sides of
+one for sure), publishes it atomically and deletes the parts; the blocks are predicted exactly
+as one process predicts them, so the result is the same whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from .data import create_output, open_volume
-from .data.outputs import output_target, reserved_bytes
+from .data.intensity import IntensitySpec
+from .data.outputs import reserved_bytes
 from .data.volumes import split_spec
 from .errors import UserInputError
-from .infer import InferOptions, rank_blocks
+from .infer import InferOptions, blank_slices, bridge_blank_slices, rank_blocks
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -84,12 +86,22 @@ def part_bytes(nbytes: int, world: int) -> int:
 
 
 def merge(
-    spec: str, shape: Sequence[int], window: Sequence[int], options: dict[str, Any], world: int, overwrite: bool = True
-) -> Path:
+    spec: str,
+    shape: Sequence[int],
+    window: Sequence[int],
+    options: dict[str, Any],
+    world: int,
+    overwrite: bool = True,
+    image: Any = None,
+    intensity: IntensitySpec = "dtype",
+) -> list[int]:
     """Copy every rank's blocks from its part file into the output ``spec`` ``(C, Z, Y, X)``
-    uint8, publish it, delete the parts; returns the output's path. ``options``: the
-    :class:`~stt_model.infer.InferOptions` fields the ranks ran with (they fix the blocks)."""
+    uint8, bridge the blank slices of ``image (Z, Y, X)`` when ``options["bridge_blank"]`` (read
+    with ``intensity``, as the ranks read it), publish it, delete the parts; returns the bridged
+    slices. ``options``: the :class:`~stt_model.infer.InferOptions` fields the ranks ran with
+    (they fix the blocks)."""
     parts = [part_spec(spec, rank, world) for rank in range(world)]
+    bridged: list[int] = []
     with create_output(spec, shape, np.uint8, overwrite=overwrite) as out:
         for rank, part in enumerate(parts):
             volume = open_volume(part)
@@ -104,13 +116,15 @@ def merge(
             )
             for block in blocks:
                 out[(slice(None), *block)] = volume[(slice(None), *block)]
+        if options.get("bridge_blank", True) and image is not None:
+            bridged = bridge_blank_slices(out, blank_slices(image, intensity))
     for part in parts:
         path = Path(part)
         if path.is_dir():
             shutil.rmtree(path)  # zarr
         else:
             path.unlink(missing_ok=True)
-    return output_target(spec).path
+    return bridged
 
 
 def barrier() -> None:

@@ -120,14 +120,18 @@ def _train_tiny(tmp_path, path):
 
 
 def test_predict_under_torchrun_matches_one_process(tmp_path, volume_file):
-    path, _ = volume_file
+    path, volume = volume_file
     run = _train_tiny(tmp_path, path)
+    blank = tmp_path / "blank.h5"
+    with h5py.File(blank, "w") as f:
+        f["image"] = volume.image
+        f["image"][3] = 120  # a missing section: both bridge it, the same way
     common = [
         "predict",
         "--checkpoint",
         str(run / "last.pt"),
         "--image",
-        f"{path}:image",
+        f"{blank}:image",
         "--overlap",
         "0.5",
         "--block",
@@ -158,12 +162,19 @@ def test_predict_under_torchrun_matches_one_process(tmp_path, volume_file):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(2 ranks)" in done.stdout
+    assert "(2 ranks)" in done.stdout and "bridged 1 blank slice at z=3" in done.stderr
     with h5py.File(tmp_path / "one.h5") as f:
         one = f["main"][:]
     two = zarr.open_group(str(tmp_path / "two.zarr"), mode="r")["main"][:]
     np.testing.assert_array_equal(one, two)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["inst.h5", "one.h5", "run", "tiny.yaml", "two.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "blank.h5",
+        "inst.h5",
+        "one.h5",
+        "run",
+        "tiny.yaml",
+        "two.zarr",
+    ]
 
 
 def test_evaluate_perfect_prediction_from_tiff(tmp_path, volume_file, capsys):

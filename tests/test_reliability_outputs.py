@@ -535,6 +535,32 @@ def test_ranks_parts_merge_into_a_dataset_of_an_existing_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"], "parts deleted"
 
 
+def test_ranks_parts_merge_bridges_blank_slices(tmp_path):
+    from stt_model import parallel_predict as ranks
+    from stt_model.infer import InferOptions, rank_blocks
+
+    shape, window = (1, 8, 32, 32), (4, 16, 16)
+    image = np.random.default_rng(0).integers(0, 255, shape[1:], dtype=np.uint8)
+    image[5] = 77  # a missing section
+    options = dict(overlap=0.25, batch_size=1, block=(4, 16, 16), bridge_blank=True)
+    spec = f"{tmp_path / 'p.h5'}"
+
+    def parts() -> None:  # probabilities 10 * z: bridged, slice 5 becomes the mean of slices 4 and 6
+        for rank in range(2):
+            with create_output(ranks.part_spec(spec, rank, 2), shape, np.uint8) as part:
+                for block in rank_blocks(shape[1:], InferOptions(window=window, rank=rank, world=2, **options)):
+                    z = np.arange(block[0].start, block[0].stop, dtype=np.uint8)[:, None, None]
+                    part[(slice(None), *block)] = np.broadcast_to(10 * z, part[(slice(None), *block)].shape[1:])
+
+    parts()
+    assert ranks.merge(spec, shape, window, options, 2, image=image) == [5]
+    pred = _read(f"{spec}:main")[0]
+    assert (pred[5] == 50).all() and (pred[4] == 40).all() and (pred[6] == 60).all()
+    parts()
+    assert ranks.merge(spec, shape, window, {**options, "bridge_blank": False}, 2, image=image) == []
+    assert (_read(f"{spec}:main")[0] == 10 * np.arange(8, dtype=np.uint8)[:, None, None]).all()
+
+
 def test_demo_removes_leftovers_of_a_killed_demo(tmp_path, monkeypatch, capsys):
     from stt_model import demo
 
