@@ -134,6 +134,7 @@ def make(
     overrides: Sequence[str] = (),
     overwrite: bool = False,
     install: bool = False,
+    notes: str = "",
 ) -> dict[str, Any]:
     """Steps 1-5 of the module doc; returns the card."""
     from .checkpoint import atomic_save, load_checkpoint
@@ -236,6 +237,8 @@ def make(
         "thresholds_file": f"{NAME}.thresholds.json",
         "made": time.strftime("%Y-%m-%d", time.gmtime()),
     }
+    if notes:
+        card["notes"] = notes
     card_path = out / f"{NAME}.card.json"
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=1) + "\n"))
     print(
@@ -263,12 +266,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe (a trial, not the model)"
     )
+    parser.add_argument("--notes", default="", help="a line for the card: how the runs went, beyond its fields")
     parser.add_argument("--install", action="store_true", help="copy the model into stt_model/models/")
     parser.add_argument("--overwrite", action="store_true", help="replace a packaged / installed model")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1; got {args.jobs}")
-    make(args.data, args.out, args.val_z, args.jobs, args.set, args.overwrite, args.install)
+    make(args.data, args.out, args.val_z, args.jobs, args.set, args.overwrite, args.install, args.notes)
     return 0
 
 

@@ -30,7 +30,7 @@ def made(tmp_path_factory):
         f["image"], f["label"] = volume.image, (volume.labels > 0).astype("uint8")
     out = folder / "out"
     args = ["--data", str(data), "--out", str(out), "--val-z", "24:40", "--jobs", "3"]
-    lucchi_recipe.main([*args, *(a for o in TOY for a in ("--set", o))])
+    lucchi_recipe.main([*args, "--notes", "a toy run", *(a for o in TOY for a in ("--set", o))])
     return data, out, args
 
 
@@ -47,6 +47,7 @@ def test_the_card_reports_both_seeds_and_the_choice_it_made(made):
     assert held["scores"]["jaccard"] == pytest.approx(table[str(tta)][str(mask)], abs=1e-4)
     mean = sum(run["scores"]["jaccard"] for run in held["seeds"].values()) / 2
     assert held["scores"]["jaccard"] == pytest.approx(mean)
+    assert card["notes"] == "a toy run"
     assert "Lucchi" in card["citation"] and "Casser" in card["citation"] and "research use" in card["license"]
     assert read_sidecar(sidecar_path(out / "lucchi-tiny.pt"))["thresholds"]["mask"] == mask
 
