@@ -139,7 +139,7 @@ def make(
     """Steps 1-5 of the module doc; returns the card."""
     from .checkpoint import atomic_save, load_checkpoint
     from .config import apply_overrides, load_config
-    from .data import open_volume
+    from .data import instances_from_binary, open_volume
     from .metrics import jaccard
     from .pretrained import CARD_FORMAT, MODELS_DIR
     from .segment import Thresholds, score
@@ -171,8 +171,8 @@ def make(
     _train(runs, jobs)
 
     image = np.asarray(open_volume(f"{val}:image")[:])
-    labels = np.asarray(open_volume(f"{val}:label")[:])
-    truth = labels > 0
+    truth = np.asarray(open_volume(f"{val}:label")[:]) > 0
+    labels = instances_from_binary(truth)  # Lucchi's labels are a mask: its instances, as training validates
     probs = {(t, s): _probabilities(out / f"val-seed{s}" / "last.pt", image, t) for t in TTA_CHOICES for s in SEEDS}
     unit = {key: p[0].astype(np.float32) / 255.0 for key, p in probs.items()}  # as score() thresholds
     mean = {

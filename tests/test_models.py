@@ -25,16 +25,23 @@ def registry(tmp_path, monkeypatch):
     return folder
 
 
-def test_the_shipped_demo_model_matches_its_card_and_predicts():
-    cards = {card["name"]: card for card in list_models()}
-    card = cards["synthetic-demo"]
+SHIPPED = ("lucchi-tiny", "synthetic-demo")
+
+
+def test_the_registry_ships_its_models():
+    assert [card["name"] for card in list_models()] == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_shipped_model_matches_its_card_and_predicts(name):
+    card = {card["name"]: card for card in list_models()}[name]
     weights = pretrained.MODELS_DIR / card["weights"]["file"]
     assert file_sha256(weights) == card["weights"]["sha256"] and weights.stat().st_size == card["weights"]["bytes"]
     assert card["weights"]["bytes"] < 1_000_000, "small enough to ship in the wheel"
     for key in ("data", "recipe", "command", "steps", "training_seconds", "held_out"):
         assert card[key], key
     assert (pretrained.MODELS_DIR.parent.parent / card["recipe"]).is_file()
-    shipped = stt_model.load_pretrained("synthetic-demo")
+    shipped = stt_model.load_pretrained(name)
     assert not shipped.model.training and shipped.thresholds.__dict__ == {
         **shipped.thresholds.__dict__,
         **card["held_out"]["thresholds"],
@@ -62,7 +69,9 @@ def test_a_damaged_or_replaced_model_is_refused(registry, tmp_path, capsys):
     weights.unlink()
     with pytest.raises(ModelRegistryError, match="its weights .* are missing"):
         verified_weights("synthetic-demo", folder=registry)
-    with pytest.raises(ModelRegistryError, match="no shipped model named 'nope'; the models are: synthetic-demo"):
+    with pytest.raises(
+        ModelRegistryError, match="no shipped model named 'nope'; the models are: lucchi-tiny, synthetic-demo"
+    ):
         load_pretrained("nope", folder=registry)
 
 
@@ -77,8 +86,8 @@ def test_a_card_without_its_fields_is_refused(registry):
 def test_stt_models_lists_the_cards(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("synthetic-demo  v") and "held out: ap75" in out
-    assert "made by: make model-synthetic-demo" in out
+    assert out.startswith("lucchi-tiny  v") and "\nsynthetic-demo  v" in out and "held out: ap75" in out
+    assert "made by: make model-synthetic-demo" in out and "made by: make model-lucchi-tiny" in out
     assert main(["models", "synthetic-demo"]) == 0
     assert '"sha256"' in capsys.readouterr().out
     assert main(["models", "nope"]) == 2
@@ -127,3 +136,20 @@ def test_the_demo_montage_marks_true_and_false_positives(tmp_path):
     probs = np.zeros((2, 4, 32, 32), np.uint8)
     _montage(tmp_path / "m.png", gt.astype(np.uint8), probs, pred, gt)
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_with_a_shipped_model_uses_its_test_time_augmentation(registry, tmp_path, capsys):
+    card_path = registry / "synthetic-demo.card.json"
+    card = json.loads(card_path.read_text())
+    card["held_out"]["prediction"]["tta"] = 4
+    card_path.write_text(json.dumps(card))
+    image = tmp_path / "v.h5"
+    with h5py.File(image, "w") as f:
+        f["image"] = np.random.default_rng(0).integers(0, 255, (8, 64, 64), dtype=np.uint8)
+    args = ["predict", "--model", "synthetic-demo", "--image", f"{image}:image"]
+    assert main([*args, "--out", str(tmp_path / "a.h5")]) == 0
+    assert "test-time augmentation 4 (as synthetic-demo's card; --tta 1 for none)" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b.h5"), "--tta", "1"]) == 0
+    assert "test-time augmentation" not in capsys.readouterr().err
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert not np.array_equal(a["main"][:], b["main"][:])  # the four flips were averaged in one
