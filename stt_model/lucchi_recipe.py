@@ -67,15 +67,26 @@ def _validation_volume(data: Path, out: Path, val_z: tuple[int, int]) -> Path:
     import h5py
 
     path = out / "val.h5"
-    if not path.exists():
-        with h5py.File(data, "r") as source:
-            image, label = source["image"], source["label"]
-            if image.shape[0] < val_z[1]:
-                raise SystemExit(f"--val-z {val_z[0]}:{val_z[1]} is past the {image.shape[0]} slices of {data}")
+    with h5py.File(data, "r") as source:
+        missing = [name for name in ("image", "label") if name not in source]
+        if missing:
+            raise SystemExit(f"--data {data} has no dataset {' or '.join(missing)} (it needs image and label)")
+        image, label = source["image"], source["label"]
+        if image.shape[0] < val_z[1]:
+            raise SystemExit(f"--val-z {val_z[0]}:{val_z[1]} is past the {image.shape[0]} slices of {data}")
+        out.mkdir(parents=True, exist_ok=True)
+        source_of = {"data": str(data.resolve()), "val_z": list(val_z)}
+        if not path.exists():
             tmp = path.with_suffix(".h5.tmp")
             with h5py.File(tmp, "w") as f:
                 f["image"], f["label"] = image[val_z[0] : val_z[1]], label[val_z[0] : val_z[1]]
-        tmp.rename(path)
+                f.attrs["source"] = json.dumps(source_of)
+            tmp.rename(path)
+    with h5py.File(path, "r") as f:
+        if json.loads(f.attrs.get("source", "{}")) != source_of:
+            raise SystemExit(
+                f"{path} holds other slices than --val-z {val_z[0]}:{val_z[1]} of {data}; use another --out"
+            )
     return path
 
 
@@ -154,7 +165,6 @@ def make(
         raise SystemExit(f"{out} already holds a packaged {NAME} ({weights.name}); --overwrite replaces it")
     if not data.is_file():
         raise SystemExit(f"--data {data} is not a file (the Lucchi++ training volume, an HDF5 with image and label)")
-    out.mkdir(parents=True, exist_ok=True)
     val = _validation_volume(data, out, val_z)
     sets = [arg for o in overrides for arg in ("--set", o)]
     iterations = apply_overrides(load_config(RECIPE), overrides).train.iterations

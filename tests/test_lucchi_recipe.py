@@ -4,6 +4,7 @@ threshold on the validation runs, and a card the registry loads; at toy scale (2
 import json
 
 import h5py
+import numpy as np
 import pytest
 
 from stt_model import lucchi_recipe, pretrained
@@ -71,6 +72,9 @@ def test_nothing_is_replaced_without_overwrite(made, tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "MODELS_DIR", installed)
     with pytest.raises(SystemExit, match="already holds lucchi-tiny; --overwrite replaces it"):
         lucchi_recipe.main([*args, "--install"])
+    other_slices = [a if a != "24:40" else "20:40" for a in args]
+    with pytest.raises(SystemExit, match="val.h5 holds other slices than --val-z 20:40 .* use another --out"):
+        lucchi_recipe.main([*other_slices, "--overwrite"])
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert (installed / "lucchi-tiny.card.json").read_text() == "a user's"
 
@@ -78,6 +82,11 @@ def test_nothing_is_replaced_without_overwrite(made, tmp_path, monkeypatch):
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--data .* is not a file"):
         lucchi_recipe.main(["--data", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "o")])
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["image"] = np.zeros((4, 8, 8), np.uint8)
+    with pytest.raises(SystemExit, match="has no dataset label"):
+        lucchi_recipe.main(["--data", str(other), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         lucchi_recipe.main(["--data", "x.h5", "--val-z", "9:3"])
     assert "--val-z must satisfy 0 <= z0 < z1" in capsys.readouterr().err
