@@ -381,6 +381,12 @@ def test_zarr_backup_of_a_killed_replacement_is_put_back(tmp_path):
 # --- signals and kill -9 in a real process ----------------------------------------------------
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A background job (`cmd &` without job control, nohup) starts with SIGINT ignored, and
+    # stt respects that; the test's process must get Ctrl-C as a foreground one does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(checkpoint, image, out, *extra):
     return subprocess.Popen(
         [
@@ -400,6 +406,7 @@ def _spawn(checkpoint, image, out, *extra):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
 
 

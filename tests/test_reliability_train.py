@@ -211,6 +211,12 @@ def test_resume_from_another_folder_into_a_run_is_refused(tmp_path):
 # -- 3. signals --------------------------------------------------------------------------------
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A background job (`cmd &` without job control, nohup) starts with SIGINT ignored, and
+    # stt respects that; the test's process must get Ctrl-C as a foreground one does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(volume, run, config, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "stt_model.cli", *_train_args(volume, run, "--config", str(config), *extra)],
@@ -218,6 +224,7 @@ def _start(volume, run, config, *extra):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
 
 
