@@ -96,6 +96,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: bool = True
     seed: int = 0
+    # > 0: validate and save an exponential moving average of the weights (stt_model.weight_average)
+    ema_decay: float = 0.0
     val_every: int = 5000
     checkpoint_every: int = 5000
 
@@ -164,6 +166,11 @@ class Config:
         if not 0 < t.lr_gamma <= 1:
             raise ConfigError(
                 f"train.lr_gamma must be in (0, 1] (the LR's factor at each of train.lr_steps); got {t.lr_gamma}"
+            )
+        if not 0 <= t.ema_decay < 1:
+            raise ConfigError(
+                f"train.ema_decay must be in [0, 1) (0: no weight average; 0.999: about the last 1000 steps); "
+                f"got {t.ema_decay}"
             )
         if t.warmup < 0:
             raise ConfigError(f"train.warmup must be >= 0 steps; got {t.warmup}")

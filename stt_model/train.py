@@ -41,6 +41,7 @@ from .losses import discriminator_loss, generator_loss, segmentation_loss, strai
 from .progress import Progress
 from .run_folder import RunFolder, RunLog
 from .train_report import RunReport, require_tensorboard
+from .weight_average import WeightAverage
 
 
 class BatchSource(Protocol):
@@ -196,6 +197,9 @@ class Trainer:
         schedule = lambda step: lr_factor(step, t.warmup, t.lr_steps, t.lr_gamma)  # noqa: E731
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, schedule) if self.opt_d else None
+        # Inference's network: the average when train.ema_decay is set (checkpoints store it as
+        # "model", the weights every reader loads), else the trained network itself.
+        self.average = WeightAverage(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
         self._saved: Optional[tuple[Path, int]] = None  # the checkpoint this run last wrote or resumed, its step
         self._report: Optional[RunReport] = None  # rank 0's, while run() runs
@@ -223,12 +227,14 @@ class Trainer:
         state = {
             "config": self.cfg.to_dict(),
             "step": self.step,
-            "model": self.model.state_dict(),
+            "model": self.inference_model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": _rng_state(),
             "source": self.source.state_dict(),
         }
+        if self.average is not None:
+            state.update(training_model=self.model.state_dict(), weight_average=self.average.state_dict())
         if self.disc is not None:
             state.update(
                 discriminator=self.disc.state_dict(),
@@ -244,7 +250,15 @@ class Trainer:
                 f"{path} was trained with another model config; resume it with the config stored inside it"
             )
         check_resumable(state, path, adversarial=self.disc is not None)
-        load_model_weights(self.model, state, path)
+        # A checkpoint written with a weight average holds the trained weights beside it; one
+        # written without starts the average (if this run keeps one) from its weights.
+        trained = {"model": state["training_model"]} if "training_model" in state else state
+        load_model_weights(self.model, trained, path)
+        if self.average is not None:
+            if "weight_average" in state:
+                self.average.load(state["model"], state["weight_average"])
+            else:
+                self.average.load(self.model.state_dict(), {"updates": 0})
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.disc is not None:
@@ -262,6 +276,7 @@ class Trainer:
         if folder is None:
             return None
         nets = [("model", self.model)] + ([("discriminator", self.disc)] if self.disc is not None else [])
+        nets += [("weight average", self.average.model)] if self.average is not None else []
         for net_name, net in nets:
             for name, tensor in net.state_dict().items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -337,6 +352,8 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
+        if self.average is not None:
+            self.average.update(self.model)
         values.update(loss=loss.item(), grad_norm=grad_norm, lr=self.sched.get_last_lr()[0])
         return values
 
@@ -450,10 +467,15 @@ class Trainer:
             return "no step was finished, nothing saved"
         return f"checkpoint {self._saved[0]} at step {self._saved[1]}"
 
+    @property
+    def inference_model(self) -> nn.Module:
+        """The network validation scores and checkpoints store as ``"model"``."""
+        return self.average.model if self.average is not None else self.model
+
     def _validate(self, log: Optional[RunLog]) -> dict[str, float]:
         self.model.eval()
         with torch.no_grad():
-            metrics = self.options.validate(self.model)
+            metrics = self.options.validate(self.inference_model)
         self.model.train()
         if log is not None:
             log.write(step=self.step, **{f"val_{k}": v for k, v in metrics.items()})
