@@ -4,8 +4,8 @@
 
 1. writes ``val.h5``: slices 130-164 of the Lucchi++ training volume (``--val-z``), the
    validation slices of ``docs/lucchi.md``;
-2. trains ``stt_model/models/lucchi-tiny.yaml`` three times (``stt train``, one CPU thread each,
-   ``--jobs`` of them at once): seeds 0 and 1 on slices 0-129 only (``val-seed0``, ``val-seed1``:
+2. trains ``stt_model/models/lucchi-tiny.yaml`` three times (``stt train``, ``--threads`` CPU
+   threads each, ``--jobs`` of them at once): seeds 0 and 1 on slices 0-129 only (``val-seed0``, ``val-seed1``:
    the runs that measure the recipe) and seed 0 on all 165 slices (``all``: the shipped weights).
    A finished run is kept, a stopped one resumed;
 3. predicts the validation slices with each validation run for each test-time augmentation of
@@ -97,10 +97,11 @@ def _finished(run: Path, iterations: int) -> bool:
     return (run / "last.pt").is_file() and log.is_file() and training_seconds(log)[0] >= iterations
 
 
-def _train(runs: dict[str, list[str]], jobs: int) -> None:
-    """Run the ``stt train`` argument lists of ``runs`` as processes, ``jobs`` at a time, one
-    thread each (so that they do not slow each other); each logs to ``<run>.log``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _train(runs: dict[str, list[str]], jobs: int, threads: int) -> None:
+    """Run the ``stt train`` argument lists of ``runs`` as processes, ``jobs`` at a time,
+    ``threads`` threads each (jobs x threads at most the cores, or they slow each other); each
+    logs to ``<run>.log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     pending, active = list(runs.items()), []
     while pending or active:
         while pending and len(active) < jobs:
@@ -144,6 +145,7 @@ def make(
     out: Path,
     val_z: tuple[int, int] = (130, 165),
     jobs: int = 1,
+    threads: int = 1,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
     install: bool = False,
@@ -180,7 +182,7 @@ def make(
             continue
         resume = ["--resume", str(run / "last.pt")] if (run / "last.pt").is_file() else []
         runs[name] = [*args, "--out", str(run), *resume]
-    _train(runs, jobs)
+    _train(runs, jobs, threads)
 
     image = np.asarray(open_volume(f"{val}:image")[:])
     truth = np.asarray(open_volume(f"{val}:label")[:]) > 0
@@ -274,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="lucchi_pp_train.h5 (datasets image and label)")
     parser.add_argument("--out", type=Path, default=Path("runs") / NAME)
     parser.add_argument("--val-z", type=_z_range, default=(130, 165), help="validation slices z0:z1 (default 130:165)")
-    parser.add_argument("--jobs", type=int, default=1, help="training runs at once, one thread each (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at once (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each training run (default 1)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe (a trial, not the model)"
     )
@@ -282,9 +285,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--install", action="store_true", help="copy the model into stt_model/models/")
     parser.add_argument("--overwrite", action="store_true", help="replace a packaged / installed model")
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1; got {args.jobs}")
-    make(args.data, args.out, args.val_z, args.jobs, args.set, args.overwrite, args.install, args.notes)
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+    make(args.data, args.out, args.val_z, args.jobs, args.threads, args.set, args.overwrite, args.install, args.notes)
     return 0
 
 

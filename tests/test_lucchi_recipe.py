@@ -91,3 +91,29 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
         lucchi_recipe.main(["--data", "x.h5", "--val-z", "9:3"])
     assert "--val-z must satisfy 0 <= z0 < z1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--jobs", "--threads"])
+def test_jobs_and_threads_must_be_positive(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lucchi_recipe.main(["--data", str(tmp_path / "x.h5"), flag, "0"])
+    assert f"{flag} must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_each_run_gets_the_threads_asked_for(tmp_path, monkeypatch):
+    seen = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, args, env, **_):
+            seen.append(env["OMP_NUM_THREADS"])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(lucchi_recipe.subprocess, "Popen", Finished)
+    monkeypatch.setattr(lucchi_recipe.time, "sleep", lambda _: None)
+    runs = {name: ["train", "--out", str(tmp_path / name)] for name in ("a", "b")}
+    lucchi_recipe._train(runs, jobs=1, threads=2)
+    assert seen == ["2", "2"]
