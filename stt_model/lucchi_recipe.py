@@ -17,6 +17,9 @@
 5. with ``--install``, copies weights, thresholds and card into ``stt_model/models/`` (an
    installed model is replaced only with ``--overwrite``).
 
+``--validation-only`` stops after step 3 for the validation runs, a trial of the recipe (with
+``--set``), their scores in ``validation.json``.
+
 The shipped weights saw every slice, so the card's held-out scores are those of the same recipe
 trained without slices 130-164, two seeds, and the threshold was chosen on those slices too.
 """
@@ -44,6 +47,7 @@ NAME = "lucchi-tiny"
 VERSION = "1.0.0"
 RECIPE = Path(__file__).with_name("models") / f"{NAME}.yaml"
 SEEDS = (0, 1)
+VALIDATION = "validation.json"  # --validation-only's report
 # 16 (the xy transposes too) would double every later prediction's time over 8 for what is left
 # after the flips; the choice is between none and the flips.
 TTA_CHOICES = (1, 8)
@@ -90,6 +94,36 @@ def _validation_volume(data: Path, out: Path, val_z: tuple[int, int]) -> Path:
                 f"{path} holds other slices than --val-z {val_z[0]}:{val_z[1]} of {data}; use another --out"
             )
     return path
+
+
+def _held_out(out: Path, val: Path) -> tuple[int, float, dict, dict[str, Any]]:
+    """Step 3: the validation runs' predictions of ``val``; the test-time augmentation and mask
+    threshold of best mean Jaccard, the Jaccard of every pair and each seed's scores."""
+    from .data import instances_from_binary, open_volume
+    from .metrics import jaccard
+    from .segment import Thresholds, score
+
+    image = np.asarray(open_volume(f"{val}:image")[:])
+    truth = np.asarray(open_volume(f"{val}:label")[:]) > 0
+    labels = instances_from_binary(truth)  # Lucchi's labels are a mask: its instances, as training validates
+    probs = {(t, s): _probabilities(out / f"val-seed{s}" / "last.pt", image, t) for t in TTA_CHOICES for s in SEEDS}
+    unit = {key: p[0].astype(np.float32) / 255.0 for key, p in probs.items()}  # as score() thresholds
+    mean = {
+        (t, m): float(np.mean([jaccard(unit[t, s] >= m, truth) for s in SEEDS]))
+        for t in TTA_CHOICES
+        for m in MASK_THRESHOLDS
+    }
+    tta, mask = max(mean, key=lambda k: (round(mean[k], 3), -k[0], -abs(k[1] - 0.5)))
+    per_seed = {}
+    for s in SEEDS:
+        steps, seconds = training_seconds(out / f"val-seed{s}" / "train_log.csv")
+        per_seed[str(s)] = {
+            "steps": steps,
+            "training_seconds": round(seconds, 1),
+            "scores_tta1_mask0.5": score(probs[1, s], labels, Thresholds(mask=0.5, foreground=0.5)),
+            "scores": score(probs[tta, s], labels, Thresholds(mask=mask, foreground=mask)),
+        }
+    return tta, mask, mean, per_seed
 
 
 def _finished(run: Path, iterations: int) -> bool:
@@ -150,23 +184,26 @@ def make(
     overwrite: bool = False,
     install: bool = False,
     notes: str = "",
+    validation_only: bool = False,
 ) -> dict[str, Any]:
-    """Steps 1-5 of the module doc; returns the card."""
+    """Steps 1-5 of the module doc; returns the card. ``validation_only``: steps 1-3 for the
+    validation runs only (a trial of the recipe), their scores written to ``validation.json``."""
     from .checkpoint import atomic_save, load_checkpoint
     from .config import apply_overrides, load_config
-    from .data import instances_from_binary, open_volume
-    from .metrics import jaccard
     from .pretrained import CARD_FORMAT, MODELS_DIR
-    from .segment import Thresholds, score
+    from .segment import Thresholds
     from .tune import TuneResult, file_sha256, sidecar_path, write_sidecar
 
     targets = [MODELS_DIR / f"{NAME}{suffix}" for suffix in (".pt", ".thresholds.json", ".card.json")]
+    if install and validation_only:
+        raise SystemExit("--install needs the shipped run; --validation-only trains none")
     if install and not overwrite and any(t.exists() for t in targets):
         raise SystemExit(f"{MODELS_DIR} already holds {NAME}; --overwrite replaces it")
     weights = out / f"{NAME}.pt"
-    outputs = [weights, sidecar_path(weights), out / f"{NAME}.card.json"]
+    outputs = [out / VALIDATION] if validation_only else [weights, sidecar_path(weights), out / f"{NAME}.card.json"]
     if not overwrite and any(p.exists() for p in outputs):
-        raise SystemExit(f"{out} already holds a packaged {NAME} ({weights.name}); --overwrite replaces it")
+        held = f"the {VALIDATION} of an earlier trial" if validation_only else f"a packaged {NAME} ({weights.name})"
+        raise SystemExit(f"{out} already holds {held}; --overwrite replaces it")
     if not data.is_file():
         raise SystemExit(f"--data {data} is not a file (the Lucchi++ training volume, an HDF5 with image and label)")
     val = _validation_volume(data, out, val_z)
@@ -174,7 +211,8 @@ def make(
     iterations = apply_overrides(load_config(RECIPE), overrides).train.iterations
     common = ["train", "--config", str(RECIPE), "--image", f"{data}:image", "--label", f"{data}:label", *sets]
     plan = {f"val-seed{s}": [*common, "--val-z", f"{val_z[0]}:{val_z[1]}", "--set", f"train.seed={s}"] for s in SEEDS}
-    plan["all"] = [*common, "--set", "train.seed=0"]
+    if not validation_only:
+        plan["all"] = [*common, "--set", "train.seed=0"]
     runs = {}
     for name, args in plan.items():
         run = out / name
@@ -183,29 +221,18 @@ def make(
         resume = ["--resume", str(run / "last.pt")] if (run / "last.pt").is_file() else []
         runs[name] = [*args, "--out", str(run), *resume]
     _train(runs, jobs, threads)
-
-    image = np.asarray(open_volume(f"{val}:image")[:])
-    truth = np.asarray(open_volume(f"{val}:label")[:]) > 0
-    labels = instances_from_binary(truth)  # Lucchi's labels are a mask: its instances, as training validates
-    probs = {(t, s): _probabilities(out / f"val-seed{s}" / "last.pt", image, t) for t in TTA_CHOICES for s in SEEDS}
-    unit = {key: p[0].astype(np.float32) / 255.0 for key, p in probs.items()}  # as score() thresholds
-    mean = {
-        (t, m): float(np.mean([jaccard(unit[t, s] >= m, truth) for s in SEEDS]))
-        for t in TTA_CHOICES
-        for m in MASK_THRESHOLDS
-    }
-    tta, mask = max(mean, key=lambda k: (round(mean[k], 3), -k[0], -abs(k[1] - 0.5)))
-    per_seed = {}
-    for s in SEEDS:
-        steps, seconds = training_seconds(out / f"val-seed{s}" / "train_log.csv")
-        per_seed[str(s)] = {
-            "steps": steps,
-            "training_seconds": round(seconds, 1),
-            "scores_tta1_mask0.5": score(probs[1, s], labels, Thresholds(mask=0.5, foreground=0.5)),
-            "scores": score(probs[tta, s], labels, Thresholds(mask=mask, foreground=mask)),
-        }
+    tta, mask, mean, per_seed = _held_out(out, val)
     scores = {k: float(np.mean([run["scores"][k] for run in per_seed.values()])) for k in per_seed["0"]["scores"]}
     untuned = {k: float(np.mean([run["scores_tta1_mask0.5"][k] for run in per_seed.values()])) for k in scores}
+    summary = ", ".join(f"seed {s} {per_seed[s]['scores']['jaccard']:.3f}" for s in per_seed)
+    summary += f" (at tta 1 and 0.5: {untuned['jaccard']:.3f} on average)"
+    table = {str(t): {str(m): round(mean[t, m], 4) for m in MASK_THRESHOLDS} for t in TTA_CHOICES}
+    if validation_only:
+        report = {"tta": tta, "mask": mask, "scores": scores, "scores_tta1_mask0.5": untuned, "seeds": per_seed}
+        report["jaccard_by_tta_and_mask"] = table
+        atomic_write(out / VALIDATION, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+        print(f"validation runs: tta {tta}, mask >= {mask}: Jaccard {summary}")
+        return report
 
     state = load_checkpoint(out / "all" / "last.pt")
     steps, seconds = training_seconds(out / "all" / "train_log.csv")
@@ -233,7 +260,8 @@ def make(
         f"--jobs {jobs} --install)",
         "steps": steps,
         "training_seconds": round(seconds, 1),
-        "trained_on": f"1 CPU thread (OMP_NUM_THREADS=1) each, {jobs} run(s) at once on a 2-core machine",
+        "trained_on": f"{threads} CPU thread(s) (OMP_NUM_THREADS={threads}) each, {jobs} run(s) at once on a "
+        f"{os.cpu_count()}-core machine",
         "held_out": {
             "volume": f"Lucchi++ training volume slices {val_z[0]}-{val_z[1] - 1}, held out from the validation "
             "runs (the same recipe trained on the other slices); the shipped weights trained on them too",
@@ -243,9 +271,7 @@ def make(
             "scores": scores,
             "scores_tta1_mask0.5": untuned,
             "seeds": per_seed,
-            "jaccard_by_tta_and_mask": {
-                str(t): {str(m): round(mean[t, m], 4) for m in MASK_THRESHOLDS} for t in TTA_CHOICES
-            },
+            "jaccard_by_tta_and_mask": table,
         },
         "weights": {"file": f"{NAME}.pt", "sha256": file_sha256(weights), "bytes": weights.stat().st_size},
         "thresholds_file": f"{NAME}.thresholds.json",
@@ -256,9 +282,7 @@ def make(
     card_path = out / f"{NAME}.card.json"
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=1) + "\n"))
     print(
-        f"{NAME}: {steps} steps, {seconds / 60:.1f} min; tta {tta}, mask >= {mask}; validation runs: Jaccard "
-        + ", ".join(f"seed {s} {per_seed[s]['scores']['jaccard']:.3f}" for s in per_seed)
-        + f" (at tta 1 and 0.5: {untuned['jaccard']:.3f} on average)"
+        f"{NAME}: {steps} steps, {seconds / 60:.1f} min; tta {tta}, mask >= {mask}; validation runs: Jaccard {summary}"
     )
     if install:
         for source, target in zip(outputs, targets):
@@ -282,13 +306,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe (a trial, not the model)"
     )
     parser.add_argument("--notes", default="", help="a line for the card: how the runs went, beyond its fields")
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help=f"train and score the validation runs only (a trial of the recipe), into {VALIDATION}",
+    )
     parser.add_argument("--install", action="store_true", help="copy the model into stt_model/models/")
     parser.add_argument("--overwrite", action="store_true", help="replace a packaged / installed model")
     args = parser.parse_args(argv)
     for flag in ("jobs", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
-    make(args.data, args.out, args.val_z, args.jobs, args.threads, args.set, args.overwrite, args.install, args.notes)
+    make(
+        args.data,
+        args.out,
+        args.val_z,
+        args.jobs,
+        args.threads,
+        args.set,
+        args.overwrite,
+        args.install,
+        args.notes,
+        args.validation_only,
+    )
     return 0
 
 

@@ -117,3 +117,22 @@ def test_each_run_gets_the_threads_asked_for(tmp_path, monkeypatch):
     runs = {name: ["train", "--out", str(tmp_path / name)] for name in ("a", "b")}
     lucchi_recipe._train(runs, jobs=1, threads=2)
     assert seen == ["2", "2"]
+
+
+def test_a_validation_only_trial_scores_the_two_seeds_and_packages_nothing(made, tmp_path):
+    data, _, _ = made
+    out = tmp_path / "trial"
+    args = ["--data", str(data), "--out", str(out), "--val-z", "24:40", "--jobs", "2", "--validation-only"]
+    args += [a for o in TOY for a in ("--set", o)]
+    report = lucchi_recipe.main(args)
+    assert report == 0
+    written = json.loads((out / "validation.json").read_text())
+    assert sorted(written["seeds"]) == ["0", "1"] and written["tta"] in lucchi_recipe.TTA_CHOICES
+    assert written["jaccard_by_tta_and_mask"][str(written["tta"])][str(written["mask"])] == pytest.approx(
+        written["scores"]["jaccard"], abs=1e-4
+    )
+    assert not (out / "all").exists() and not (out / "lucchi-tiny.pt").exists()
+    with pytest.raises(SystemExit, match="already holds the validation.json of an earlier trial; --overwrite"):
+        lucchi_recipe.main(args)
+    with pytest.raises(SystemExit, match="--install needs the shipped run; --validation-only trains none"):
+        lucchi_recipe.main([*args, "--install"])
