@@ -76,7 +76,8 @@ inline Vec<T> shifted_exp(const Vec<T>& x, const Vec<T>& sub) {
   if constexpr (std::is_same_v<T, float>) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
     __m512 t = _mm512_fmadd_ps(x, log2e, _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), sub), log2e));
-    t = _mm512_max_ps(t, _mm512_set1_ps(-150.f));
+    // maxps returns its second operand when either is NaN: t second keeps a NaN score NaN.
+    t = _mm512_max_ps(_mm512_set1_ps(-150.f), t);
     const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, whole);
     __m512 p = _mm512_set1_ps(1.3274837e-3f);
