@@ -52,7 +52,7 @@ class DataConfig:
     patch: list[int] = field(default_factory=lambda: [32, 320, 320])  # (T, H, W)
     foreground_bias: float = 0.5  # probability that a patch is centred on foreground
     augment: bool = True
-    augmentations: Literal["full", "light"] = "full"  # with augment: every EM transform, or symmetries + jitter
+    augmentations: Literal["full", "medium", "light"] = "full"  # all EM transforms; no section artefacts; symmetries
     contour_width: int = 1
     # Stored intensities to [0, 1], the same in training and prediction (stt_model.data.intensity):
     # "dtype" (integers / their dtype's maximum, floats already in [0, 1]) or [min, max] (linear, clipped).

@@ -349,3 +349,20 @@ def test_the_block_is_timed_against_the_stock_block(tmp_path, small_ceilings, mo
     assert rows[0].best_peer == "stock" and rows[0].speedup_vs_best_peer == pytest.approx(
         rows[1].time_median_s / rows[0].time_median_s
     )
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("fpu avx2 fma", "AMD EPYC (family 25 model 1, AVX2)"),
+        ("avx2 avx512f avx512_bf16", "AMD EPYC (family 25 model 1, AVX-512, AVX512-BF16)"),
+        ("avx2 avx512f avx512_bf16 amx_tile", "AMD EPYC (family 25 model 1, AVX-512, AVX512-BF16, AMX)"),
+        ("sse2", "AMD EPYC (family 25 model 1)"),
+    ],
+)
+def test_the_cpu_is_named_with_family_model_and_isa(monkeypatch, flags, expected):
+    from stt_kernels.bench import engine
+
+    cpuinfo = f"processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
+    monkeypatch.setattr(engine.Path, "read_text", lambda self: cpuinfo)
+    assert engine._cpu() == expected

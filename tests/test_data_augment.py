@@ -95,8 +95,16 @@ def test_light_augmentations_are_symmetries_and_jitter_only(labels):
     assert [type(t).__name__ for t, _ in light.steps] == ["Flip", "Rotate90", "GrayJitter"]
     image, moved = light(as_image(labels), labels, np.random.default_rng(3))
     assert sorted(np.unique(moved)) == sorted(np.unique(labels)) and image.shape == moved.shape
-    with pytest.raises(ValueError, match="strength must be 'full' or 'light'"):
+    with pytest.raises(ValueError, match="strength must be 'full', 'medium' or 'light'"):
         default_augmentations("heavy")
+
+
+def test_medium_augmentations_warp_without_section_artefacts(labels):
+    medium = default_augmentations("medium")
+    names = [type(t).__name__ for t, _ in medium.steps]
+    assert names == ["Flip", "Rotate90", "Rescale", "Elastic", "GrayJitter"]
+    image, moved = medium(as_image(labels), labels, np.random.default_rng(5))
+    assert set(np.unique(moved)) <= set(np.unique(labels)) and image.shape == moved.shape
 
 
 def test_fast_on_a_training_patch(labels):

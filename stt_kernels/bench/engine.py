@@ -168,11 +168,25 @@ def _version(distribution: str) -> Optional[str]:
 
 
 def _cpu() -> str:
+    """The CPU's name with its family and model numbers and widest vector ISA: vendors give one name
+    ("AMD EPYC") to generations on which the same kernel runs at different speeds."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.machine()
-    return next((line.split(":")[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']}"
+        flags = set(fields.get("flags", "").split())
+        vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+        isa = [vector] if vector else []
+        isa += [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX")) if flag in flags]
+        name += "".join(f", {label}" for label in isa) + ")"
+    return name
 
 
 def environment(device: torch.device, command: Optional[list[str]]) -> dict[str, Any]:

@@ -245,11 +245,15 @@ def default_augmentations(strength: str = "full") -> Compose:
     """``full``: all the transforms above, the set the MitoEM baseline (pytorch_connectomics)
     trains with; the probabilities are ours: symmetries always, the rest often enough to
     matter. ``light``: the symmetries and grayscale jitter only, for short training budgets
-    (the section artefacts and warps slow early learning) and well-aligned volumes."""
+    (the section artefacts and warps slow early learning) and well-aligned volumes. ``medium``:
+    the symmetries, rescaling, elastic warps and jitter, without the section artefacts
+    (missing and misaligned sections, motion blur, cut noise) a well-aligned volume never shows."""
     if strength == "light":
         return Compose([(Flip(), 1.0), (Rotate90(), 1.0), (GrayJitter(), 0.5)])
+    if strength == "medium":
+        return Compose([(Flip(), 1.0), (Rotate90(), 1.0), (Rescale(), 0.5), (Elastic(), 0.75), (GrayJitter(), 0.75)])
     if strength != "full":
-        raise ValueError(f"strength must be 'full' or 'light'; got {strength!r}")
+        raise ValueError(f"strength must be 'full', 'medium' or 'light'; got {strength!r}")
     return Compose(
         [
             (Flip(), 1.0),
