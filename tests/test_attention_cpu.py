@@ -87,6 +87,24 @@ def test_head_dims_to_256_and_odd_sizes_match_float64(shape, dtype, tol, oneDNN)
         assert max_error(got, want) <= tol * max(want.abs().max().item(), 1e-3), f"grad of {name}"
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 33, 2, 32), (1, 1, 300, 2, 32), (1, 1, 300, 1, 8)], ids=str)
+def test_scores_across_the_whole_range_of_the_exponential(shape):
+    """A scale 30 times the usual spreads the scores over hundreds: the exponentials run from
+    1 down past 2^-127, where the vector exponential flushes to 0, on every path."""
+    q, k, v = packed(shape, torch.float32, seed=3)
+    grad = torch.randn(q.shape, dtype=torch.float64).float()
+    scale = 30 * shape[-1] ** -0.5
+    out, lse, grads = kernels(q, k, v, grad, scale)
+    want_out, want_grads = oracle(q, k, v, grad, scale)
+    scores = torch.einsum("bznhd,bzmhd->bzhnm", q.double(), k.double()) * scale
+    assert (scores.amax(-1, keepdim=True) - scores).max() > 127 / 1.4427  # exp(-88): 2^-127
+    rows = torch.logsumexp(scores, -1)
+    assert max_error(lse, rows) <= 1e-5 * rows.abs().max().item()
+    assert max_error(out, want_out) <= 1e-4 * want_out.abs().max().item()
+    for name, got, want in zip("qkv", grads, want_grads):
+        assert max_error(got, want) <= 1e-4 * want.abs().max().item(), f"grad of {name}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [SHAPES[i] for i in (1, 3, 5, 7)], ids=[IDS[i] for i in (1, 3, 5, 7)])
 def test_16_bit_within_twice_the_error_of_a_16_bit_reference(shape, dtype):
