@@ -35,20 +35,24 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         raise UserInputError(f"{path} is not a readable stt checkpoint: {exc}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserInputError(f"{path} is not an stt checkpoint (no 'model' and 'config' entries)")
-    _refuse_non_finite(state["model"], path)
+    # A resumed run continues from the trained weights beside a weight average and from the
+    # discriminator: a damaged one would poison the run as surely as a damaged model.
+    for entry in ("model", "training_model", "discriminator"):
+        if entry in state:
+            _refuse_non_finite(state[entry], path, entry)
     return state
 
 
-def _refuse_non_finite(weights: Any, path: Path) -> None:
+def _refuse_non_finite(weights: Any, path: Path, entry: str) -> None:
     if not isinstance(weights, dict):
-        raise UserInputError(f"{path} is not an stt checkpoint (its 'model' entry is not a state dict)")
+        raise UserInputError(f"{path} is not an stt checkpoint (its {entry!r} entry is not a state dict)")
     for name, value in weights.items():
         if torch.is_tensor(value) and value.is_floating_point():
             bad = int((~torch.isfinite(value)).sum())
             if bad:
                 raise UserInputError(
-                    f"{path}: model parameter {name} holds {bad} NaN/Inf value(s) of {value.numel()}; "
-                    "the checkpoint is damaged or was saved after training diverged"
+                    f"{path}: {entry.replace('_', ' ')} parameter {name} holds {bad} NaN/Inf value(s) of "
+                    f"{value.numel()}; the checkpoint is damaged or was saved after training diverged"
                 )
 
 

@@ -382,6 +382,22 @@ def test_nan_weights_are_refused_at_load_naming_the_parameter(tmp_path, content,
     assert f"model parameter {name} holds 1 NaN/Inf" in one_line_error(capsys, "predict")
 
 
+@pytest.mark.parametrize("entry", ["training_model", "discriminator"])
+def test_nan_weights_beside_the_model_are_refused_at_load(tmp_path, entry):
+    """The trained weights kept beside a weight average, and the discriminator, are what a resumed
+    run continues from."""
+    checkpoint = tiny_checkpoint(tmp_path / "ok.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    name, value = next((k, v) for k, v in state["model"].items() if v.is_floating_point())
+    poisoned = value.clone()
+    poisoned.view(-1)[0] = float("nan")
+    state[entry] = {**state["model"], name: poisoned}
+    torch.save(state, tmp_path / "nan.pt")
+    label = entry.replace("_", " ")
+    with pytest.raises(ValueError, match=rf"{label} parameter {name} holds 1 NaN/Inf value"):
+        load_checkpoint(tmp_path / "nan.pt")
+
+
 # -- damaged data ---------------------------------------------------------------------------------
 
 
