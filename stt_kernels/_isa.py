@@ -126,9 +126,10 @@ class CpuKernels:
     description: str  # one line for the backend report
     error: Optional[str] = None
     compiled_for: Optional[str] = None  # the at::vec capability the library reports it was built with
+    cache_bytes: Optional[dict[str, int]] = None  # {"l1d": ..., "l2": ...}: what the kernels size tiles by
 
     def as_info(self) -> dict[str, Any]:
-        return {"cpu_capability": self.capability, "cpu_compiled_for": self.compiled_for}
+        return {"cpu_capability": self.capability, "cpu_compiled_for": self.compiled_for, "cpu_cache": self.cache_bytes}
 
 
 def load_cpu_kernels(
@@ -155,4 +156,11 @@ def load_cpu_kernels(
     report = library.stt_cpu_kernels_capability
     report.restype = ctypes.c_char_p
     compiled_for = report().decode().removeprefix("stt_")
-    return CpuKernels(choice.name, f"C++ kernels in {module} ({choice.note})", compiled_for=compiled_for)
+    cache = library.stt_cpu_cache_bytes
+    cache.restype, cache.argtypes = ctypes.c_int64, [ctypes.c_int]
+    return CpuKernels(
+        choice.name,
+        f"C++ kernels in {module} ({choice.note})",
+        compiled_for=compiled_for,
+        cache_bytes={"l1d": cache(1), "l2": cache(2)},
+    )

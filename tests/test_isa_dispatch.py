@@ -286,3 +286,47 @@ def test_missing_kernel_library_turns_the_cpu_backend_off_with_a_sentence(tmp_pa
     env.pop("ATEN_CPU_CAPABILITY", None)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+# --- the cache sizes tiles are sized by --------------------------------------------------
+
+needs_cpu_kernels = pytest.mark.skipif(
+    EXTENSION.cpu is None or EXTENSION.cpu.capability is None, reason="no CPU kernel library is loaded"
+)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize(
+    "text, size",
+    [("48K", 48 << 10), ("2048K", 2 << 20), ("1M", 1 << 20), ("32k\n", 32 << 10), ("512", 512), ("", 0), ("n/a", 0)],
+)
+def test_sysfs_cache_sizes_are_parsed(text, size):
+    import ctypes
+
+    parse = _isa._LIBRARIES[-1].stt_parse_cache_size
+    parse.restype, parse.argtypes = ctypes.c_int64, [ctypes.c_char_p]
+    assert parse(text.encode()) == size
+
+
+def _sysfs_cache(level: int):
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            found, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if int(found) == level and kind != "Instruction":
+            units = {"K": 1 << 10, "M": 1 << 20}
+            return int(size.rstrip("KM")) * units.get(size[-1], 1)
+    return None
+
+
+@needs_cpu_kernels
+@pytest.mark.skipif(not Path("/sys/devices/system/cpu/cpu0/cache").is_dir(), reason="no sysfs cache description")
+def test_the_kernels_size_tiles_by_this_cpus_caches():
+    l1, l2 = _sysfs_cache(1), _sysfs_cache(2)
+    if l1 is None or l2 is None:
+        pytest.skip("sysfs describes no level-1 data or level-2 cache here")
+    # The kernels' plausibility bounds (stt/cpu_cache.h): a VM can report 0, or its L3 as L2.
+    l1 = l1 if (8 << 10) <= l1 <= (1 << 20) else 32 << 10
+    l2 = 512 << 10 if l2 < (128 << 10) else min(l2, 4 << 20)
+    assert EXTENSION.info["cpu_cache"] == {"l1d": l1, "l2": l2}

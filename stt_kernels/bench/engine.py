@@ -24,6 +24,7 @@ import torch
 
 import stt_kernels
 
+from .._extension import EXTENSION
 from ..atomic_file import atomic_write_text
 from .cases import CASES, PASSES, SUITES, TIERS
 from .impls import IMPLEMENTATIONS, Implementation, Unsupported, classify, prepare
@@ -200,6 +201,7 @@ def environment(device: torch.device, command: Optional[list[str]]) -> dict[str,
         "cpu": _cpu(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)),
+        "cpu_cache": EXTENSION.info.get("cpu_cache"),  # the per-core sizes the CPU kernels tile by
         "torch_threads": torch.get_num_threads(),
         "load_average": [os.getloadavg()[0]],
         "gpu_compute_capability": gpu and f"{gpu.major}.{gpu.minor}",

@@ -52,6 +52,8 @@ def render(m: dict[str, Any], ceiling: dict[str, Any], rows: list, descriptions:
     gpu = m["gpu_compute_capability"]
     device = f"{m['device']} (compute {gpu}, driver {m['driver']}, CUDA {m['cuda']}, ROCm {m['rocm']})"
     device = device if gpu else f"{m['cpu']}, {m['cpu_cores_usable']} usable cores, torch threads: {m['torch_threads']}"
+    if not gpu and (cache := m.get("cpu_cache")):
+        device += f"; per core as the kernels read them: L1d {cache['l1d'] >> 10} KiB, L2 {cache['l2'] >> 10} KiB"
     matmul = ", ".join(f"{dtype} {_num(v)} GFLOP/s" for dtype, v in ceiling["matmul_gflops"].items())
     commit = f"`{(m['commit'] or 'not a git checkout')[:12]}`" + (" (uncommitted changes)" if m["dirty"] else "")
     lines = [
