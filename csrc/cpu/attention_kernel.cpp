@@ -7,7 +7,7 @@
 // input exists, and outputs are rounded once, when a finished tile is stored.
 //
 // Tile products run on one of three engines (`Engine`):
-// - in the forward under AVX2, MKL's sgemm when torch's BLAS is MKL (`forward_engine`);
+// - in the forward under AVX2 with d >= 32, MKL's sgemm when torch's BLAS is MKL (`forward_engine`);
 // - torch's cpublas::brgemm, oneDNN's JIT batch-reduce GEMM micro-kernel, for float32 on CPUs
 //   with AVX2 (what oneDNN needs for it); it runs the 128 x 512 x 32 score tiles at close to
 //   the FMA peak (about 110 GFLOP/s a core on Zen 4 against 75-90 for the at::vec kernel);
@@ -282,12 +282,15 @@ Engine choose_engine(at::ScalarType compute) {
 // The forward's engine. Under AVX2, MKL's sgemm (its Zen kernels on an AMD CPU) ran the
 // forward's products faster than brgemm on a Zen 3: spatial forward, 32 heads over 4,096
 // tokens, d = 32, 2 threads, 846-920 against 993-1,041 ms (medians of 9, 3 A/B pairs). The backward
-// keeps brgemm, where it wins by 1.24x against SDPA already. torch.backends.mkldnn.enabled =
-// False turns both off, for the at::vec micro-kernel.
-Engine forward_engine(at::ScalarType compute) {
+// keeps brgemm, where it wins by 1.24x against SDPA already; so do heads narrower than 32,
+// whose thin products sgemm runs slowly (the SST block's d = 8: its forward 393 -> 800 ms).
+// torch.backends.mkldnn.enabled = False turns both off, for the at::vec micro-kernel.
+Engine forward_engine(at::ScalarType compute, int64_t d) {
   Engine e = choose_engine(compute);
 #if defined(CPU_CAPABILITY_AVX2)
-  if (e.brgemm) e.sgemm = mkl_sgemm();
+  if (e.brgemm && d >= 32) e.sgemm = mkl_sgemm();
+#else
+  (void)d;
 #endif
   return e;
 }
@@ -615,7 +618,7 @@ void forward_short_block(const View<const S>& q, const View<const S>& k, const V
 template <typename S, typename T>
 void forward_transposed(const View<const S>& q, const View<const S>& k, const View<const S>& v, const View<S>& out,
                         const LseView<T>& lse, const Geometry& g, T scale) {
-  const Engine engine = forward_engine(c10::CppTypeToScalarType<T>::value);
+  const Engine engine = forward_engine(c10::CppTypeToScalarType<T>::value, g.D);
   const Tiles tiles = forward_tiles<T>(g);
   const int64_t q_tiles = (g.N + tiles.q - 1) / tiles.q, n_pad = padded<T>(g.N), dp = padded<T>(g.D);
   // As forward_kernel: a thread packs a sequence's K and V^T once for all its query tiles.
@@ -699,7 +702,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
     forward_transposed(q, k, v, out, lse, g, scale);
     return;
   }
-  const Engine engine = forward_engine(c10::CppTypeToScalarType<T>::value);
+  const Engine engine = forward_engine(c10::CppTypeToScalarType<T>::value, g.D);
   const Tiles tiles = forward_tiles<T>(g);
   const int64_t q_tiles = (g.N + tiles.q - 1) / tiles.q, n_pad = padded<T>(g.N);
   // Consecutive tasks mostly share a sequence (tasks are numbered sequence-major and a thread
