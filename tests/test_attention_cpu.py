@@ -1,17 +1,21 @@
 """The CPU attention kernels beyond what test_attention.py covers through the public ops: head
 dims up to 256 and odd sizes on both code paths (whole short sequences, and tiles of queries and
-keys sized from the L2 cache), both tile-product engines (oneDNN's brgemm for float32, the
-at::vec micro-kernel when oneDNN is off), and float16/bfloat16 converted tile by tile, held to
+keys sized from the L2 cache), every tile-product engine (oneDNN's brgemm for float32, the
+at::vec micro-kernel when oneDNN is off, and MKL's sgemm in the forward of the avx2 library where
+torch's BLAS is MKL), and float16/bfloat16 converted tile by tile, held to
 flash-attention's rule. The kernels are called through their entry points
 (``torch.ops.stt._attention_forward/_backward``, 5-d ``(B, Z, N, heads, d)`` views), so head
 dims the public ops do not yet take are tested as well.
 """
+
+import contextlib
 
 import pytest
 import torch
 from conftest import available
 
 import stt_kernels
+from stt_kernels._extension import EXTENSION
 
 pytestmark = pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not available here")
 
@@ -34,6 +38,27 @@ SHAPES = [
     (1, 1, 777, 1, 8),
 ]
 IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+# The forward takes MKL's sgemm (heads of 32 or more) only in the avx2 library with an MKL torch;
+# elsewhere "sgemm" would repeat "brgemm" (test_isa_dispatch runs the avx2 library on AVX-512 CPUs).
+_SGEMM_HERE = EXTENSION.info.get("cpu_capability") == "avx2" and torch.backends.mkl.is_available()
+ENGINES = [
+    pytest.param("sgemm", marks=pytest.mark.skipif(not _SGEMM_HERE, reason="sgemm runs only in the avx2 library")),
+    "brgemm",
+    "microkernel",
+]
+
+
+@contextlib.contextmanager
+def engine(name, monkeypatch):
+    """Run the kernels on one tile-product engine: oneDNN off for the micro-kernel, and
+    STT_CPU_SGEMM=0 (read at each call) to keep the avx2 forward on brgemm."""
+    if name == "brgemm":
+        monkeypatch.setenv("STT_CPU_SGEMM", "0")
+    else:
+        monkeypatch.delenv("STT_CPU_SGEMM", raising=False)
+    with torch.backends.mkldnn.flags(enabled=name != "microkernel"):
+        yield
 
 
 def packed(shape, dtype, seed=0):
@@ -69,14 +94,14 @@ def max_error(got, want):
     return (got.double() - want.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("oneDNN", [True, False], ids=["brgemm", "microkernel"])
+@pytest.mark.parametrize("name", ENGINES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_head_dims_to_256_and_odd_sizes_match_float64(shape, dtype, tol, oneDNN):
+def test_head_dims_to_256_and_odd_sizes_match_float64(shape, dtype, tol, name, monkeypatch):
     q, k, v = packed(shape, dtype)
     grad = torch.randn(q.shape, dtype=torch.float64).to(dtype)
     scale = shape[-1] ** -0.5
-    with torch.backends.mkldnn.flags(enabled=oneDNN):
+    with engine(name, monkeypatch):
         out, lse, grads = kernels(q, k, v, grad, scale)
     want_out, want_grads = oracle(q, k, v, grad, scale)
     assert out.dtype == dtype
@@ -152,11 +177,11 @@ def test_public_ops_16_bit_follow_the_flash_attention_rule(kind, shape, dtype):
         assert max_error(got, want) <= 2 * max_error(ref, want) + slack * want.abs().max().item(), f"grad of {name}"
 
 
-@pytest.mark.parametrize("oneDNN", [True, False], ids=["brgemm", "microkernel"])
-def test_backward_is_bitwise_repeatable_on_both_engines(oneDNN):
+@pytest.mark.parametrize("name", ENGINES)
+def test_results_are_bitwise_repeatable_on_every_engine(name, monkeypatch):
     q, k, v = packed((1, 2, 600, 2, 48), torch.float32)
     grad = torch.randn(q.shape)
-    with torch.backends.mkldnn.flags(enabled=oneDNN):
+    with engine(name, monkeypatch):
         first = kernels(q, k, v, grad, 0.2)
         second = kernels(q, k, v, grad, 0.2)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -7,7 +7,8 @@
 // input exists, and outputs are rounded once, when a finished tile is stored.
 //
 // Tile products run on one of three engines (`Engine`):
-// - in the forward under AVX2 with d >= 32, MKL's sgemm when torch's BLAS is MKL (`forward_engine`);
+// - in the forward under AVX2 with d >= 32, MKL's sgemm when torch's BLAS is MKL (`forward_engine`;
+//   STT_CPU_SGEMM=0 turns it off, so the tests reach brgemm there too);
 // - torch's cpublas::brgemm, oneDNN's JIT batch-reduce GEMM micro-kernel, for float32 on CPUs
 //   with AVX2 (what oneDNN needs for it); it runs the 128 x 512 x 32 score tiles at close to
 //   the FMA peak (about 110 GFLOP/s a core on Zen 4 against 75-90 for the at::vec kernel);
@@ -32,6 +33,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -285,10 +288,13 @@ Engine choose_engine(at::ScalarType compute) {
 // keeps brgemm, where it wins by 1.24x against SDPA already; so do heads narrower than 32,
 // whose thin products sgemm runs slowly (the SST block's d = 8: its forward 393 -> 800 ms).
 // torch.backends.mkldnn.enabled = False turns both off, for the at::vec micro-kernel.
+// STT_CPU_SGEMM=0 keeps brgemm, read at every call so a test can switch engines in-process.
 Engine forward_engine(at::ScalarType compute, int64_t d) {
   Engine e = choose_engine(compute);
 #if defined(CPU_CAPABILITY_AVX2)
-  if (e.brgemm && d >= 32) e.sgemm = mkl_sgemm();
+  const char* sgemm_setting = std::getenv("STT_CPU_SGEMM");
+  const bool sgemm_allowed = sgemm_setting == nullptr || std::strcmp(sgemm_setting, "0") != 0;
+  if (e.brgemm && d >= 32 && sgemm_allowed) e.sgemm = mkl_sgemm();
 #else
   (void)d;
 #endif
