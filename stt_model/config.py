@@ -44,6 +44,9 @@ class ModelConfig:
     # (T, H, W) factors: the network sees its input average-pooled by them and its logits are
     # upsampled back (trilinear), so a patch covers that much more context at the same cost.
     input_downsample: list[int] = field(default_factory=lambda: [1, 1, 1])
+    # Width of a full-resolution refinement of those upsampled logits (0: none): two convs on the
+    # input beside the logits, so boundaries are placed at full resolution. Needs input_downsample.
+    refine_channels: int = 0
     backend: Literal["auto", "triton", "cuda", "cpu", "reference"] = "auto"
 
 
@@ -143,6 +146,13 @@ class Config:
             raise ConfigError(f"model.input_downsample must be [T, H, W] factors; got {m.input_downsample}")
         for axis, factor in zip("THW", m.input_downsample):
             _positive(f"model.input_downsample ({axis})", factor)
+        if m.refine_channels < 0:
+            raise ConfigError(f"model.refine_channels must be >= 0 (0: no refinement); got {m.refine_channels}")
+        if m.refine_channels and m.input_downsample == [1, 1, 1]:
+            raise ConfigError(
+                "model.refine_channels refines logits upsampled from model.input_downsample, "
+                "which is [1, 1, 1] (nothing to refine): set input_downsample or refine_channels: 0"
+            )
         ft, fh, fw = m.input_downsample
         down = 2 ** (levels - 1)
         multiple = [ft, fh * down, fw * down]

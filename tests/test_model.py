@@ -80,6 +80,28 @@ def test_input_downsample_runs_the_unet_on_pooled_input_and_upsamples_its_logits
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_refinement_starts_as_the_identity_then_learns_at_full_resolution():
+    torch.manual_seed(0)
+    coarse = {"input_downsample": [2, 2, 2], "norm": "group", "interpolation": "none"}
+    plain = build_model({"base": "tiny-cpu", "model": coarse})
+    refined = build_model({"base": "tiny-cpu", "model": {**coarse, "refine_channels": 5}})
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("refine.") for key in missing)
+    x = torch.rand(2, 1, 4, 32, 48)
+    torch.testing.assert_close(refined(x), plain(x))
+    refined(x).square().sum().backward()
+    correction = refined.refine.correction
+    assert correction.weight.grad.abs().sum() > 0 and correction.bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        correction.weight.normal_()
+    # Pooling 2x2x2 gives the 8 voxels of a cell one gradient; the refinement tells them apart.
+    x = torch.rand(1, 1, 4, 32, 48, requires_grad=True)
+    for model, cell_is_one in ((plain, True), (refined, False)):
+        (grad,) = torch.autograd.grad(model(x)[0, 0, 1, 17, 21], x)
+        cell = grad[0, 0, 0:2, 16:18, 20:22].flatten()
+        assert torch.allclose(cell, cell[0].expand(8), rtol=1e-4, atol=1e-7) == cell_is_one
+
+
 def test_input_size_errors():
     model = build_model("tiny-cpu")
     with pytest.raises(ValueError, match=r"\(T, H, W\) divisible by \(1, 8, 8\); got \(4, 30, 32\)"):
@@ -108,6 +130,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_config({"base": "tiny-cpu", "model": {"input_downsample": [1, 0, 2]}})
     with pytest.raises(ConfigError, match=r"model.input_downsample must be \[T, H, W\] factors"):
         load_config({"base": "tiny-cpu", "model": {"input_downsample": [2, 2]}})
+    with pytest.raises(ConfigError, match=r"model.refine_channels refines .*\[1, 1, 1\]"):
+        load_config({"base": "tiny-cpu", "model": {"refine_channels": 4}})
+    with pytest.raises(ConfigError, match="model.refine_channels must be >= 0"):
+        load_config({"base": "tiny-cpu", "model": {"input_downsample": [1, 2, 2], "refine_channels": -1}})
     with pytest.raises(ConfigError, match="train.batch_size must be an integer"):
         load_config({"base": "tiny-cpu", "train": {"batch_size": 2.5}})
     path = tmp_path / "mine.yaml"

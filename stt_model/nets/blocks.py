@@ -94,3 +94,24 @@ class Up(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = nn.functional.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
         return self.block(self.reduce(x) + skip)
+
+
+class Refinement(nn.Module):
+    """Full-resolution correction of logits upsampled from a pooled network.
+
+    ``(B, in, T, H, W)`` input and ``(B, out, T, H, W)`` logits -> refined logits of the logits'
+    shape: a 3x3x3 and a 1x3x3 conv over both, then a 1x1x1 conv added to the logits. The last conv
+    starts at zero, so an untrained refinement leaves the logits as they are.
+    """
+
+    def __init__(self, c_in: int, c_out: int, width: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvNormAct(c_in + c_out, width, (3, 3, 3), norm), ConvNormAct(width, width, (1, 3, 3), norm)
+        )
+        self.correction = Conv3d(width, c_out, 1)
+        nn.init.zeros_(self.correction.weight)
+        nn.init.zeros_(self.correction.bias)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.correction(self.body(torch.cat([x, logits], dim=1)))

@@ -4,8 +4,8 @@
 ``(B, in, T, H, W)`` -> logits ``(B, out, T, H, W)``; H and W must be divisible by
 ``input_downsample * 2 ** (levels - 1)`` and T by its factor. With ``input_downsample`` other
 than 1 the U-Net proper runs on the average-pooled input and its logits are upsampled back
-(trilinear). With every ``sst_levels`` entry false it is the Res-UNET-R-style baseline of
-Table 3 (same network, no SST).
+(trilinear), then refined at full resolution if ``refine_channels`` is set. With every
+``sst_levels`` entry false it is the Res-UNET-R-style baseline of Table 3 (same network, no SST).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from stt_kernels import SSTAttention
 from stt_kernels.validation import shape_text
 
 from ..config import ModelConfig
-from .blocks import AnisotropicResBlock, Down, Up
+from .blocks import AnisotropicResBlock, Down, Refinement, Up
 from .capture import capturing_graph
 from .conv import Conv3d
 from .interpolation import InterpolationNet
@@ -78,6 +78,9 @@ class STTUNet(nn.Module):
         self.up = nn.ModuleList(Up(channels[i + 1], channels[i], cfg.norm) for i in decoder_levels)
         self.decoder_sst = nn.ModuleList(sst(i) for i in decoder_levels)
         self.head = Conv3d(channels[0], cfg.out_channels, 1)
+        self.refine = (
+            Refinement(cfg.in_channels, cfg.out_channels, cfg.refine_channels, cfg.norm) if cfg.refine_channels else None
+        )
         # Channels-last 3D: oneDNN's Conv3d is ~8x faster so on CPUs (its backward above all),
         # and the SST blocks then see (B, T, H, W, C) without a permute copy.
         for module in self.modules():
@@ -99,7 +102,13 @@ class STTUNet(nn.Module):
         if self.input_downsample == (1, 1, 1):
             return self._unet(x)
         logits = self._unet(F.avg_pool3d(x, self.input_downsample))
-        return F.interpolate(logits, size=x.shape[-3:], mode="trilinear", align_corners=False)
+        logits = F.interpolate(logits, size=x.shape[-3:], mode="trilinear", align_corners=False)
+        if self.refine is not None:
+            if not capturing_graph():
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+                logits = logits.contiguous(memory_format=torch.channels_last_3d)
+            logits = self.refine(x, logits)
+        return logits
 
     def _unet(self, x: torch.Tensor) -> torch.Tensor:
         if not capturing_graph():
