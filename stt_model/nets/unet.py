@@ -78,9 +78,9 @@ class STTUNet(nn.Module):
         self.up = nn.ModuleList(Up(channels[i + 1], channels[i], cfg.norm) for i in decoder_levels)
         self.decoder_sst = nn.ModuleList(sst(i) for i in decoder_levels)
         self.head = Conv3d(channels[0], cfg.out_channels, 1)
-        self.refine = (
-            Refinement(cfg.in_channels, cfg.out_channels, cfg.refine_channels, cfg.norm) if cfg.refine_channels else None
-        )
+        self.refine = None
+        if cfg.refine_channels:
+            self.refine = Refinement(cfg.in_channels, cfg.out_channels, cfg.refine_channels, cfg.norm)
         # Channels-last 3D: oneDNN's Conv3d is ~8x faster so on CPUs (its backward above all),
         # and the SST blocks then see (B, T, H, W, C) without a permute copy.
         for module in self.modules():
