@@ -44,7 +44,7 @@ from stt_kernels.atomic_file import atomic_write
 from .model_recipe import training_seconds
 
 NAME = "lucchi-tiny"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 RECIPE = Path(__file__).with_name("models") / f"{NAME}.yaml"
 SEEDS = (0, 1)
 VALIDATION = "validation.json"  # --validation-only's report
@@ -257,7 +257,7 @@ def make(
         "recipe": f"stt_model/models/{RECIPE.name}",
         "config": state["config"],
         "command": f"make model-lucchi-tiny (= python -m stt_model.lucchi_recipe --data {data.name} --out runs/{NAME} "
-        f"--jobs {jobs} --install)",
+        f"--jobs {jobs} --threads {threads} --install)",
         "steps": steps,
         "training_seconds": round(seconds, 1),
         "trained_on": f"{threads} CPU thread(s) (OMP_NUM_THREADS={threads}) each, {jobs} run(s) at once on a "
