@@ -50,7 +50,7 @@ SEEDS = (0, 1)
 VALIDATION = "validation.json"  # --validation-only's report
 # 16 (the xy transposes too) would double every later prediction's time over 8 for what is left
 # after the flips; the choice is between none and the flips.
-TTA_CHOICES = (1, 8)
+TTA_CHOICES = (1, 8, 16)  # 16: the 8 flips, each also with y and x swapped (the training patches are)
 MASK_THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
 CITATION = (
     "Lucchi, Smith, Achanta, Knott, Fua: Supervoxel-based segmentation of mitochondria in EM image stacks "
@@ -204,11 +204,14 @@ def make(
     if not overwrite and any(p.exists() for p in outputs):
         held = f"the {VALIDATION} of an earlier trial" if validation_only else f"a packaged {NAME} ({weights.name})"
         raise SystemExit(f"{out} already holds {held}; --overwrite replaces it")
+    config = apply_overrides(load_config(RECIPE), overrides)
+    iterations, patch = config.train.iterations, config.data.patch
+    if 16 in TTA_CHOICES and patch[1] != patch[2]:
+        raise SystemExit(f"data.patch must have H = W (tta 16 swaps y and x of each window); got {list(patch)}")
     if not data.is_file():
         raise SystemExit(f"--data {data} is not a file (the Lucchi++ training volume, an HDF5 with image and label)")
     val = _validation_volume(data, out, val_z)
     sets = [arg for o in overrides for arg in ("--set", o)]
-    iterations = apply_overrides(load_config(RECIPE), overrides).train.iterations
     common = ["train", "--config", str(RECIPE), "--image", f"{data}:image", "--label", f"{data}:label", *sets]
     plan = {f"val-seed{s}": [*common, "--val-z", f"{val_z[0]}:{val_z[1]}", "--set", f"train.seed={s}"] for s in SEEDS}
     if not validation_only:

@@ -89,6 +89,8 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
         lucchi_recipe.main(["--data", str(other), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         lucchi_recipe.main(["--data", "x.h5", "--val-z", "9:3"])
+    with pytest.raises(SystemExit, match=r"data.patch must have H = W \(tta 16 swaps y and x"):
+        lucchi_recipe.main(["--data", str(other), "--out", str(tmp_path / "o"), "--set", "data.patch=[16,64,48]"])
     assert "--val-z must satisfy 0 <= z0 < z1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
