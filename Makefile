@@ -9,7 +9,7 @@
 #   make model-synthetic-demo  retrain the shipped synthetic-demo model (35 minutes, one thread) into
 #                   runs/synthetic-demo and install it into stt_model/models (MODEL_ARGS=--overwrite to replace)
 #   make model-lucchi-tiny  retrain the shipped lucchi-tiny model from LUCCHI (the Lucchi++ training volume;
-#                   three runs side by side, ~130 minutes on 2 cores) into runs/lucchi-tiny and install it
+#                   three runs side by side, ~120 minutes on 2 cores) into runs/lucchi-tiny and install it
 #   make build-cpu  quick CPU-only rebuild for iteration (STT_BUILD_CUDA=0)
 #   make cmake      build the same sources with CMake (the LibTorch library)
 #   make gpu-check  on a GPU machine, with its own python3: build, GPU tests, sanitizer, bench

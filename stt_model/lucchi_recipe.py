@@ -44,7 +44,7 @@ from stt_kernels.atomic_file import atomic_write
 from .model_recipe import training_seconds
 
 NAME = "lucchi-tiny"
-VERSION = "1.2.0"
+VERSION = "1.3.0"
 RECIPE = Path(__file__).with_name("models") / f"{NAME}.yaml"
 SEEDS = (0, 1)
 VALIDATION = "validation.json"  # --validation-only's report
